@@ -1,0 +1,1 @@
+"""The heatmap model: ONNX export from shipped weights and the runtimes that run it."""

@@ -1,0 +1,74 @@
+"""The one small interface every runtime (ONNX Runtime, TensorRT) implements.
+
+Input is what pyvips hands us: uint8 RGB, NHWC, one of the model's shape buckets. The
+(x - 127) / 128 normalisation lives inside the ONNX graph, so every runtime sees identical
+bytes and preprocessing parity between runtimes holds by construction; uint8 is also a
+quarter of the host-to-device traffic of float32 on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+PROFILES: tuple[str, ...] = ("food", "generic")
+
+# Graph tensor names, shared by the exporter and every runtime.
+INPUT_NAME = "image"
+OUTPUT_NAMES: tuple[str, ...] = ("heatmaps", "food_mass", "logits")
+
+
+@dataclass(frozen=True)
+class HeatmapBatch:
+    """What one inference returns, copied out of any runtime-owned buffer.
+
+    heatmaps: float32 [N, len(PROFILES), h, w], non-negative, one channel per profile,
+        h = H/32 and w = W/32 of the input bucket.
+    food_mass: float32 [N], softmax probability mass on food and dish classes (confidence).
+    logits: float32 [N, 1000], ImageNet logits (checks against the reference model).
+    """
+
+    heatmaps: npt.NDArray[np.float32]
+    food_mass: npt.NDArray[np.float32]
+    logits: npt.NDArray[np.float32]
+
+    def __len__(self) -> int:
+        return int(self.heatmaps.shape[0])
+
+    def profile(self, index: int, name: str) -> npt.NDArray[np.float32]:
+        """The [h, w] heatmap of one image for one profile."""
+        return self.heatmaps[index, PROFILES.index(name)]
+
+
+class Engine(Protocol):
+    """A loaded heatmap model. ``infer`` may be called from a worker thread.
+
+    Implementations document whether concurrent ``infer`` calls are safe; the batcher
+    serialises calls per engine, so none needs to be.
+    """
+
+    name: str  # "ort" or "trt"
+
+    @property
+    def version(self) -> str:
+        """Model content hash (+ runtime detail): part of every heatmap cache key."""
+        ...
+
+    @property
+    def input_shapes(self) -> tuple[tuple[int, int], ...]:
+        """The (height, width) buckets this engine accepts, multiples of 32."""
+        ...
+
+    def warm_up(self) -> None:
+        """Run every shape bucket once so the first real request pays no set-up cost."""
+        ...
+
+    def infer(self, batch: npt.NDArray[np.uint8]) -> HeatmapBatch:
+        """Run a [N, H, W, 3] uint8 batch of one shape bucket."""
+        ...
+
+    def close(self) -> None:
+        ...

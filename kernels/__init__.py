@@ -1,0 +1,1 @@
+"""numba kernels for the window search: summed-area tables and best-window search."""

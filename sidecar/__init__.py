@@ -1,0 +1,1 @@
+"""heatcrop sidecar: decides crop boxes for an existing image server."""

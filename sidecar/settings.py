@@ -1,0 +1,229 @@
+"""One frozen, typed Settings: defaults, then a TOML file, then HEATCROP_* environment.
+
+This is the only module that reads ``os.environ``. Every field is reachable from the
+environment as ``HEATCROP_<SECTION>_<FIELD>`` (e.g. ``HEATCROP_ENGINE_THREADS=2``), and
+``validate()`` names that variable when a value is wrong, because the variable is what an
+operator has to go and fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "HEATCROP_"
+CONFIG_ENV = "HEATCROP_CONFIG"
+
+
+class SettingsError(ValueError):
+    """A setting is wrong; the message names the environment variable that sets it."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8081
+    # Whole budget for one /crop answer; nginx's proxy timeout minus a margin.
+    deadline_ms: int = 120
+    decode_threads: int = 2
+    max_width: int = 4000
+    max_height: int = 4000
+    allowed_sizes: tuple[str, ...] = ()
+    override_token: str = ""
+    max_batch: int = 16
+    max_wait_ms: float = 2.0
+    max_queue: int = 256
+
+
+@dataclass(frozen=True)
+class SourceSettings:
+    kind: str = "folder"  # folder | http
+    root: str = "demo/images"
+    base_url: str = ""
+    max_bytes: int = 30 * 1024 * 1024
+    max_pixels: int = 100_000_000
+    connect_timeout_ms: int = 200
+    read_timeout_ms: int = 1000
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    kind: str = "auto"  # auto | ort | trt
+    model_dir: str = "build/model"
+    plan_dir: str = "build/engines"
+    threads: int = 2
+    profile: str = "food"  # food | generic
+
+
+@dataclass(frozen=True)
+class KernelSettings:
+    min_scale: float = 1.0
+    scales: int = 6
+    steps: int = 64
+    upsample: int = 4
+    cut_weight: float = 1.0
+    cut_band: float = 0.06
+    zoom_weight: float = 0.05
+    center_sigma: float = 0.3
+    center_weight: float = 0.5
+    min_confidence: float = 0.01
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    backend: str = "memory"  # memory | redis
+    redis_url: str = ""
+    heatmap_entries: int = 20_000
+    box_entries: int = 100_000
+    ttl_s: int = 7 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class LegacySettings:
+    dialect: str = "thumbor"  # thumbor | imgproxy | template
+    base_url: str = "http://127.0.0.1:8888"
+    key: str = ""
+    salt: str = ""
+    template: str = ""
+    fallback_max_age_s: int = 30
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    source: SourceSettings = field(default_factory=SourceSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    kernel: KernelSettings = field(default_factory=KernelSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
+    legacy: LegacySettings = field(default_factory=LegacySettings)
+
+    def validate(self) -> Settings:
+        """Raise SettingsError naming the variable of the first wrong value; return self."""
+        for section, name, ok, why in _RULES:
+            value = getattr(getattr(self, section), name)
+            if not ok(value):
+                raise SettingsError(f"{env_name(section, name)}={value!r}: {why}")
+        return self
+
+
+def env_name(section: str, name: str) -> str:
+    return f"{ENV_PREFIX}{section}_{name}".upper()
+
+
+_POS = (lambda v: v > 0, "must be > 0")
+_NONNEG = (lambda v: v >= 0, "must be >= 0")
+_RULES: tuple[tuple[str, str, typing.Callable[[Any], bool], str], ...] = (
+    ("server", "port", lambda v: 0 <= v < 65536, "must be a TCP port"),
+    ("server", "deadline_ms", *_POS),
+    ("server", "decode_threads", *_POS),
+    ("server", "max_width", *_POS),
+    ("server", "max_height", *_POS),
+    ("server", "max_batch", *_POS),
+    ("server", "max_wait_ms", *_NONNEG),
+    ("server", "max_queue", *_POS),
+    ("source", "kind", lambda v: v in ("folder", "http"), "must be folder or http"),
+    ("source", "max_bytes", *_POS),
+    ("source", "max_pixels", *_POS),
+    ("source", "connect_timeout_ms", *_POS),
+    ("source", "read_timeout_ms", *_POS),
+    ("engine", "kind", lambda v: v in ("auto", "ort", "trt"), "must be auto, ort or trt"),
+    ("engine", "threads", *_POS),
+    ("engine", "profile", lambda v: v in ("food", "generic"), "must be food or generic"),
+    ("kernel", "min_scale", lambda v: 0.1 <= v <= 1.0, "must be in [0.1, 1]"),
+    ("kernel", "scales", lambda v: 1 <= v <= 64, "must be in [1, 64]"),
+    ("kernel", "steps", lambda v: 2 <= v <= 1024, "must be in [2, 1024]"),
+    ("kernel", "upsample", lambda v: 1 <= v <= 16, "must be in [1, 16]"),
+    ("kernel", "cut_weight", *_NONNEG),
+    ("kernel", "cut_band", lambda v: 0 <= v <= 0.25, "must be in [0, 0.25]"),
+    ("kernel", "zoom_weight", *_NONNEG),
+    ("kernel", "center_sigma", *_POS),
+    ("kernel", "center_weight", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    ("kernel", "min_confidence", *_NONNEG),
+    ("cache", "backend", lambda v: v in ("memory", "redis"), "must be memory or redis"),
+    ("cache", "heatmap_entries", *_POS),
+    ("cache", "box_entries", *_POS),
+    ("cache", "ttl_s", *_POS),
+    ("legacy", "dialect", lambda v: v in ("thumbor", "imgproxy", "template"), "unknown dialect"),
+    ("legacy", "fallback_max_age_s", lambda v: 0 < v <= 30, "must be in (0, 30]"),
+)
+
+
+def load(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Defaults, overlaid by the TOML file (``path`` or $HEATCROP_CONFIG), then the env."""
+    env = os.environ if environ is None else environ
+    path = path or env.get(CONFIG_ENV) or None
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SettingsError(f"{CONFIG_ENV}={path}: cannot read settings: {exc}") from exc
+    sections = {}
+    for sec in dataclasses.fields(Settings):
+        sections[sec.name] = _section(sec.name, _section_type(sec), data.get(sec.name, {}), env)
+    unknown = set(data) - set(sections)
+    if unknown:
+        raise SettingsError(f"{path}: unknown section(s) {sorted(unknown)}")
+    return Settings(**sections).validate()
+
+
+def _section_type(f: dataclasses.Field[Any]) -> type:
+    hints = typing.get_type_hints(Settings)
+    return typing.cast(type, hints[f.name])
+
+
+def _section(name: str, cls: type, table: Any, env: Mapping[str, str]) -> Any:
+    if not isinstance(table, dict):
+        raise SettingsError(f"[{name}] must be a table")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in known:
+            raise SettingsError(f"{env_name(name, key)}: unknown setting [{name}].{key}")
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        var = env_name(name, f.name)
+        if var in env:
+            values[f.name] = _parse(var, env[var], hints[f.name])
+        elif f.name in table:
+            values[f.name] = _coerce(var, table[f.name], hints[f.name])
+    return cls(**values)
+
+
+def _parse(var: str, text: str, typ: Any) -> Any:
+    if typ is bool:
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{var}={text!r}: must be a boolean")
+    if _is_tuple(typ):
+        return tuple(p.strip() for p in text.split(",") if p.strip())
+    try:
+        return typ(text)
+    except ValueError as exc:
+        raise SettingsError(f"{var}={text!r}: must be {typ.__name__}") from exc
+
+
+def _coerce(var: str, value: Any, typ: Any) -> Any:
+    if _is_tuple(typ):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise SettingsError(f"{var}={value!r}: must be a list of strings")
+        return tuple(value)
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise SettingsError(f"{var}={value!r}: must be {typ.__name__}")
+    return value
+
+
+def _is_tuple(typ: Any) -> bool:
+    return typing.get_origin(typ) is tuple or isinstance(typ, types.GenericAlias) and typ.__origin__ is tuple
