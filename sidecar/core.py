@@ -1,0 +1,96 @@
+"""The crop core: original bytes → heatmap (once per original) → best window (per aspect).
+
+The two halves are apart on purpose: the heatmap is the expensive, cacheable part (one CNN
+run serves every size of an original), the window search is cheap and runs per aspect.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from engines.base import PROFILES, Engine
+from kernels.heat import prepare_heatmap
+from kernels.window import CropBox, SearchParams, best_window, center_box
+from sidecar.decode import decode
+from sidecar.settings import KernelSettings, Settings, SourceSettings
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """Everything the window search needs about one original; cacheable (small)."""
+
+    width: int
+    height: int
+    heatmaps: npt.NDArray[np.float16]  # [len(PROFILES), h, w], raw CNN maps
+    food_mass: float
+    model_version: str
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    def raw(self, profile: str) -> npt.NDArray[np.float32]:
+        return self.heatmaps[PROFILES.index(profile)].astype(np.float32)
+
+
+class CropCore:
+    """Decode + infer + search, synchronous; the service wraps it in pools and caches."""
+
+    def __init__(self, engine: Engine, kernel: KernelSettings, source: SourceSettings,
+                 profile: str = "food") -> None:
+        if profile not in PROFILES:
+            raise ValueError(f"unknown profile {profile!r}; expected one of {PROFILES}")
+        self.engine = engine
+        self.kernel = kernel
+        self.source = source
+        self.profile = profile
+        self.params = search_params(kernel)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, engine: Engine) -> CropCore:
+        return cls(engine, settings.kernel, settings.source, settings.engine.profile)
+
+    def analyse(self, data: bytes) -> Analysis:
+        t0 = time.perf_counter()
+        decoded = decode(data, max_bytes=self.source.max_bytes, max_pixels=self.source.max_pixels)
+        t1 = time.perf_counter()
+        out = self.engine.infer(decoded.pixels[np.newaxis])
+        t2 = time.perf_counter()
+        return Analysis(
+            width=decoded.width,
+            height=decoded.height,
+            heatmaps=out.heatmaps[0].astype(np.float16),
+            food_mass=float(out.food_mass[0]),
+            model_version=self.engine.version,
+            timings_ms={"decode": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3},
+        )
+
+    def prepared(self, analysis: Analysis, profile: str | None = None) -> npt.NDArray[np.float32]:
+        raw = analysis.raw(profile or self.profile)
+        h, w = raw.shape
+        up = self.kernel.upsample
+        return prepare_heatmap(raw, (h * up, w * up), center_sigma=self.kernel.center_sigma,
+                               center_weight=self.kernel.center_weight)
+
+    def box(self, analysis: Analysis, aspect: float, profile: str | None = None,
+            keep: tuple[int, int, int, int] | None = None) -> CropBox:
+        heat = self.prepared(analysis, profile)
+        return best_window(heat, analysis.width, analysis.height, aspect, self.params, keep=keep)
+
+    def is_confident(self, box: CropBox) -> bool:
+        return box.confidence >= self.kernel.min_confidence
+
+    def center(self, analysis: Analysis, aspect: float) -> CropBox:
+        return center_box(analysis.width, analysis.height, aspect)
+
+
+def search_params(kernel: KernelSettings) -> SearchParams:
+    return SearchParams(
+        min_scale=kernel.min_scale,
+        scales=kernel.scales,
+        steps=kernel.steps,
+        cut_weight=kernel.cut_weight,
+        cut_band=kernel.cut_band,
+        zoom_weight=kernel.zoom_weight,
+    )
