@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -226,4 +225,4 @@ def _coerce(var: str, value: Any, typ: Any) -> Any:
 
 
 def _is_tuple(typ: Any) -> bool:
-    return typing.get_origin(typ) is tuple or isinstance(typ, types.GenericAlias) and typ.__origin__ is tuple
+    return typing.get_origin(typ) is tuple

@@ -1,0 +1,173 @@
+"""Speed of the crop core, as ratios against baselines measured in the same run.
+
+    python -m bench.speed [--photos N] [--out bench/results/speed.md]
+
+1. per image, cold path: decode (shrink-on-load) + CNN + window search, against libvips'
+   own smart crop (``thumbnail_buffer(..., crop="attention")``: shrink-on-load + attention)
+   on the same photos. Target ≤ 1.5×.
+2. window search for 5 aspect ratios on one heatmap (target ≤ 1 ms in total).
+3. numba start-up: import + first call with an empty on-disk cache vs a warm one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyvips
+from kernels.window import best_window
+from sidecar.decode import configure_vips
+
+from engines.loader import load_engine
+from sidecar import settings as settings_mod
+from sidecar.core import Analysis, CropCore, search_params
+
+ASPECTS = (1.0, 4 / 5, 16 / 9, 9 / 16, 3 / 2)
+DEFAULT_PHOTOS = Path("../shared/eval/fcdb_dev/images")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--photos", type=int, default=40, help="how many dev photos")
+    parser.add_argument("--dir", type=Path, default=DEFAULT_PHOTOS)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    configure_vips()
+    photos = [p.read_bytes() for p in sorted(args.dir.glob("*.jpg"))[: args.photos]]
+    if not photos:
+        sys.exit(f"no photos in {args.dir}")
+    settings = settings_mod.load()
+    lines = [f"# heatcrop speed ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)", "",
+             f"{len(photos)} photos from `{args.dir}`, {os.cpu_count()} cores, "
+             f"ONNX Runtime threads={settings.engine.threads}, best of {args.rounds} rounds.", ""]
+    lines += _cold_path(photos, settings, args.rounds)
+    lines += _search(photos[0], settings)
+    lines += _numba_startup()
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+
+
+def _per_image(fn: Callable[[bytes], object], photos: list[bytes], rounds: int) -> float:
+    """Median ms per image of the best round (the machine is shared: best round is least noisy)."""
+    best = float("inf")
+    for _ in range(rounds):
+        times = []
+        for data in photos:
+            t0 = time.perf_counter()
+            fn(data)
+            times.append((time.perf_counter() - t0) * 1e3)
+        best = min(best, statistics.median(times))
+    return best
+
+
+def _cold_path(photos: list[bytes], settings: settings_mod.Settings, rounds: int) -> list[str]:
+    engine = load_engine(settings.engine)
+    core = CropCore.from_settings(settings, engine)
+
+    def attention(data: bytes) -> object:
+        return pyvips.Image.thumbnail_buffer(data, 400, height=300, crop="attention").avg()
+
+    def heatcrop(data: bytes) -> object:
+        analysis = core.analyse(data)
+        return core.box(analysis, 4 / 3)
+
+    stages: dict[str, list[float]] = {"decode": [], "infer": []}
+
+    def staged(data: bytes) -> object:
+        analysis = core.analyse(data)
+        for key in stages:
+            stages[key].append(analysis.timings_ms[key])
+        return analysis
+
+    heatcrop(photos[0])
+    attention(photos[0])
+    t_att = _per_image(attention, photos, rounds)
+    t_hc = _per_image(heatcrop, photos, rounds)
+    _per_image(staged, photos, 1)
+    t_dec = statistics.median(stages["decode"])
+    t_inf = statistics.median(stages["infer"])
+    engine.close()
+    return [
+        "## Cold path per image (decode + CNN + search) vs libvips attention", "",
+        "| method | ms/image (median) | ratio to attention |", "|---|---:|---:|",
+        f"| libvips `thumbnail_buffer(crop=attention)` 400x300 | {t_att:.2f} | 1.00 |",
+        f"| heatcrop decode + CNN + search | {t_hc:.2f} | {t_hc / t_att:.2f} |",
+        f"| of which decode (shrink-on-load to 224) | {t_dec:.2f} | {t_dec / t_att:.2f} |",
+        f"| of which CNN (ONNX Runtime) | {t_inf:.2f} | {t_inf / t_att:.2f} |", "",
+    ]
+
+
+def _search(data: bytes, settings: settings_mod.Settings) -> list[str]:
+    engine = load_engine(settings.engine, warm=False)
+    core = CropCore.from_settings(settings, engine)
+    analysis = core.analyse(data)
+    rows = []
+    for label, min_scale in (("largest window only (default)", settings.kernel.min_scale),
+                             ("with zoom, min_scale 0.6", 0.6)):
+        params = search_params(dataclasses.replace(settings.kernel, min_scale=min_scale))
+        heat = core.prepared(analysis)
+        for aspect in ASPECTS:
+            best_window(heat, analysis.width, analysis.height, aspect, params)
+        runs = []
+        for _ in range(200):
+            t0 = time.perf_counter()
+            for aspect in ASPECTS:
+                best_window(heat, analysis.width, analysis.height, aspect, params)
+            runs.append((time.perf_counter() - t0) * 1e3)
+        t_prep = _time_prepare(core, analysis)
+        rows.append(f"| {label} | {statistics.median(runs):.3f} | {t_prep:.3f} |")
+    engine.close()
+    size = f"{analysis.width}x{analysis.height}"
+    return [f"## Window search, 5 aspect ratios on one heatmap ({size})", "",
+            "| search | ms for 5 aspects (median of 200) | heatmap preparation ms |",
+            "|---|---:|---:|", *rows, ""]
+
+
+def _time_prepare(core: CropCore, analysis: Analysis) -> float:
+    runs = []
+    for _ in range(200):
+        t0 = time.perf_counter()
+        core.prepared(analysis)
+        runs.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(runs)
+
+
+_STARTUP = textwrap.dedent("""
+    import time
+    t0 = time.perf_counter()
+    import numpy as np
+    from kernels.window import SearchParams, best_window
+    t1 = time.perf_counter()
+    best_window(np.ones((28, 28), np.float32) / 784, 1600, 1067, 1.0, SearchParams())
+    t2 = time.perf_counter()
+    print(f"{(t1 - t0) * 1e3:.1f} {(t2 - t1) * 1e3:.1f}")
+""")
+
+
+def _numba_startup() -> list[str]:
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        runs = [subprocess.run([sys.executable, "-c", _STARTUP], env=env, check=True,
+                               capture_output=True, text=True).stdout.split() for _ in range(3)]
+    rows = [f"| {'empty cache (compiles)' if i == 0 else 'on-disk cache'} | {r[0]} | {r[1]} |"
+            for i, r in enumerate(runs)]
+    return ["## numba start-up (fresh process each)", "",
+            "| cache | import ms | first call ms |", "|---|---:|---:|", *rows, ""]
+
+
+if __name__ == "__main__":
+    main()
