@@ -1,0 +1,87 @@
+import dataclasses
+
+import pytest
+
+from sidecar import settings as s
+
+
+def test_defaults_are_valid():
+    cfg = s.load(environ={})
+    assert cfg == s.Settings()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.server.port = 1  # type: ignore[misc]
+
+
+def test_toml_then_env_override(tmp_path):
+    path = tmp_path / "heatcrop.toml"
+    path.write_text('[engine]\nthreads = 3\nprofile = "generic"\n[kernel]\nmin_scale = 0.8\n')
+    cfg = s.load(path, environ={"HEATCROP_ENGINE_THREADS": "1"})
+    assert cfg.engine.threads == 1  # env wins over the file
+    assert cfg.engine.profile == "generic"
+    assert cfg.kernel.min_scale == 0.8
+
+
+def test_config_path_from_env(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[server]\nport = 9000\n")
+    assert s.load(environ={"HEATCROP_CONFIG": str(path)}).server.port == 9000
+
+
+def test_tuple_from_env_and_toml(tmp_path):
+    cfg = s.load(environ={"HEATCROP_SERVER_ALLOWED_SIZES": "400x300, 800x600"})
+    assert cfg.server.allowed_sizes == ("400x300", "800x600")
+    path = tmp_path / "c.toml"
+    path.write_text('[server]\nallowed_sizes = ["1x1"]\n')
+    assert s.load(path, environ={}).server.allowed_sizes == ("1x1",)
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("HEATCROP_KERNEL_MIN_SCALE", "5"),
+        ("HEATCROP_ENGINE_KIND", "cuda"),
+        ("HEATCROP_SERVER_PORT", "70000"),
+        ("HEATCROP_LEGACY_FALLBACK_MAX_AGE_S", "3600"),
+        ("HEATCROP_ENGINE_THREADS", "zero"),
+        ("HEATCROP_CACHE_BACKEND", "memcached"),
+    ],
+)
+def test_validate_names_the_variable(var, value):
+    with pytest.raises(s.SettingsError, match=var):
+        s.load(environ={var: value})
+
+
+def test_toml_errors_name_the_variable(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[engine]\nthreads = "two"\n')
+    with pytest.raises(s.SettingsError, match="HEATCROP_ENGINE_THREADS"):
+        s.load(path, environ={})
+    path.write_text("[engine]\nthredas = 2\n")
+    with pytest.raises(s.SettingsError, match="HEATCROP_ENGINE_THREDAS"):
+        s.load(path, environ={})
+    path.write_text("[nope]\n")
+    with pytest.raises(s.SettingsError, match="unknown section"):
+        s.load(path, environ={})
+    path.write_text("not toml [")
+    with pytest.raises(s.SettingsError, match="HEATCROP_CONFIG"):
+        s.load(path, environ={})
+
+
+def test_bool_and_float_parsing():
+    assert s._parse("X", "yes", bool) is True
+    assert s._parse("X", "off", bool) is False
+    with pytest.raises(s.SettingsError):
+        s._parse("X", "maybe", bool)
+    assert s.load(environ={"HEATCROP_SERVER_MAX_WAIT_MS": "1.5"}).server.max_wait_ms == 1.5
+
+
+def test_only_settings_reads_environ():
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    offenders = []
+    service = [p for d in ("sidecar", "engines", "kernels") for p in root.glob(f"{d}/*.py")]
+    for path in service:
+        if path.name != "settings.py" and "os.environ" in path.read_text():
+            offenders.append(path.name)
+    assert offenders == []

@@ -1,0 +1,35 @@
+import pytest
+
+from sidecar.errors import BadSize
+from sidecar.sizes import parse_size
+
+
+def test_parse_plain():
+    size = parse_size("400x300")
+    assert (size.width, size.height, size.crops) == (400, 300, True)
+    assert size.aspect == pytest.approx(4 / 3)
+    assert str(size) == "400x300"
+
+
+@pytest.mark.parametrize("text", ["0x300", "400x0"])
+def test_zero_side_keeps_aspect(text):
+    assert not parse_size(text).crops
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["0x0", "-1x300", "400x-3", "100000x100", "400", "x300", "400x300x2", "ax b", "", "4e2x3"],
+)
+def test_absurd_sizes_are_400(text):
+    with pytest.raises(BadSize) as info:
+        parse_size(text)
+    assert info.value.status == 400
+    assert not info.value.fallback
+
+
+def test_limits_and_allow_list():
+    with pytest.raises(BadSize):
+        parse_size("5000x10", max_width=4000)
+    assert parse_size("400x300", allowed=("400x300",)).width == 400
+    with pytest.raises(BadSize, match="not allowed"):
+        parse_size("401x300", allowed=("400x300",))
