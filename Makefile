@@ -1,5 +1,5 @@
 # heatcrop: `make run` and `make test` on a fresh machine (Python 3.11 + apt).
-PY ?= python3.11
+PY ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL_DIR ?= build/model
@@ -21,8 +21,18 @@ $(STAMP): pyproject.toml
 model: $(STAMP)
 	$(BIN)/python -m engines.export --out $(MODEL_DIR)
 
+# Until the edge (nginx + Thumbor) lands, `make run` crops the demo photos with the CLI and
+# writes debug overlays next to them in build/run/.
+DEMO := demo/images
 run: setup
-	$(BIN)/heatcrop crop demo/coffee.jpg --size 400x300 || true
+	$(BIN)/python -m sidecar.demo --root $(DEMO) >/dev/null
+	mkdir -p build/run
+	for photo in $$(cd $(DEMO) && find . -name '*.jpg' | sort); do \
+	    name=$$(basename $$photo .jpg); \
+	    $(BIN)/heatcrop crop $(DEMO)/$$photo --size 400x300 \
+	        --debug build/run/$$name-debug.png --out build/run/$$name-400x300.jpg || exit 1; \
+	done
+	@echo "crops and debug overlays in build/run/"
 
 test: setup
 	$(BIN)/ruff check .
