@@ -1,0 +1,167 @@
+"""Where originals come from: a local folder or one fixed HTTP origin.
+
+The request only ever names a *path*; the origin's base URL comes from settings, so no
+request can make us fetch an arbitrary URL (no SSRF). Paths are checked after repeated
+percent-decoding, so ``%2e%2e`` or ``%252e%252e`` cannot climb out of the root.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import posixpath
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import quote, unquote
+
+import aiohttp
+
+from sidecar.errors import (
+    BadPath,
+    InputTooLarge,
+    SourceNotFound,
+    SourceTimeout,
+    SourceUnavailable,
+)
+from sidecar.settings import SourceSettings
+
+MAX_PATH = 1024
+
+
+@dataclass(frozen=True)
+class Original:
+    data: bytes
+    identity: str  # path + validators: a changed original gets a new heatmap key
+
+
+class Source(Protocol):
+    async def fetch(self, path: str) -> Original: ...
+
+    async def close(self) -> None: ...
+
+
+def clean_path(raw: str) -> str:
+    """A relative, normalised path inside the root, or BadPath."""
+    path = raw
+    for _ in range(4):  # nested encodings; more than that is not a real image path
+        decoded = unquote(path)
+        if decoded == path:
+            break
+        path = decoded
+    else:
+        raise BadPath(f"path {raw[:64]!r} is encoded too many times")
+    if not path or len(path) > MAX_PATH or "\x00" in path or "\\" in path:
+        raise BadPath(f"path {raw[:64]!r} is empty, too long or has NUL/backslash")
+    if path.startswith("/") or any(part in ("..", ".") for part in path.split("/")):
+        raise BadPath(f"path {raw[:64]!r} is absolute or has dot segments")
+    if any(ord(c) < 32 for c in path):
+        raise BadPath(f"path {raw[:64]!r} has control characters")
+    normal = posixpath.normpath(path)
+    if normal != path.rstrip("/") or normal.startswith(".."):
+        raise BadPath(f"path {raw[:64]!r} is not normalised")
+    return normal
+
+
+class FolderSource:
+    """Originals on a local disk (or a mounted bucket)."""
+
+    def __init__(self, settings: SourceSettings) -> None:
+        self.root = Path(settings.root).resolve()
+        self.max_bytes = settings.max_bytes
+
+    async def fetch(self, path: str) -> Original:
+        rel = clean_path(path)
+        return await asyncio.to_thread(self._read, rel)
+
+    def _read(self, rel: str) -> Original:
+        full = (self.root / rel).resolve()
+        if not full.is_relative_to(self.root):  # a symlink pointing outside the root
+            raise BadPath(f"{rel} resolves outside the root")
+        try:
+            info = full.stat()
+            if not stat.S_ISREG(info.st_mode):
+                raise SourceNotFound(f"{rel} is not a file")
+            if info.st_size > self.max_bytes:
+                raise InputTooLarge(f"{rel}: {info.st_size} bytes")
+            with open(full, "rb") as fh:
+                data = fh.read(self.max_bytes + 1)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise SourceNotFound(rel) from exc
+        except PermissionError as exc:
+            raise SourceNotFound(f"{rel}: {exc}") from exc
+        if len(data) > self.max_bytes:
+            raise InputTooLarge(f"{rel} grew past the limit while reading")
+        return Original(data, f"file:{rel}:{info.st_size}:{info.st_mtime_ns}")
+
+    async def close(self) -> None:
+        return None
+
+
+class HttpSource:
+    """Originals behind one fixed HTTP origin, with a keep-alive pool and hard limits."""
+
+    def __init__(self, settings: SourceSettings) -> None:
+        if not settings.base_url.startswith(("http://", "https://")):
+            raise ValueError("HEATCROP_SOURCE_BASE_URL must be an http(s) URL")
+        self.base = settings.base_url.rstrip("/") + "/"
+        self.max_bytes = settings.max_bytes
+        self.timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=settings.connect_timeout_ms / 1000,
+            sock_read=settings.read_timeout_ms / 1000,
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=64, keepalive_timeout=30)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout,
+                                                  auto_decompress=False)
+        return self._session
+
+    async def fetch(self, path: str) -> Original:
+        rel = clean_path(path)
+        url = self.base + quote(rel, safe="/")
+        try:
+            async with self._client().get(url, allow_redirects=False) as resp:
+                if resp.status == 404 or resp.status == 410:
+                    raise SourceNotFound(f"origin {resp.status} for {rel}")
+                if resp.status != 200:
+                    raise SourceUnavailable(f"origin {resp.status} for {rel}")
+                if (resp.content_length or 0) > self.max_bytes:
+                    raise InputTooLarge(f"{rel}: Content-Length {resp.content_length}")
+                data = await self._read_capped(resp, rel)
+                return Original(data, _http_identity(rel, resp.headers, data))
+        except TimeoutError as exc:
+            raise SourceTimeout(f"origin timed out for {rel}") from exc
+        except aiohttp.ClientError as exc:
+            raise SourceUnavailable(f"origin error for {rel}: {exc}") from exc
+
+    async def _read_capped(self, resp: aiohttp.ClientResponse, rel: str) -> bytes:
+        chunks, size = [], 0
+        async for chunk in resp.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > self.max_bytes:
+                raise InputTooLarge(f"{rel}: body over {self.max_bytes} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _http_identity(rel: str, headers: Mapping[str, str], data: bytes) -> str:
+    etag, modified = headers.get("ETag"), headers.get("Last-Modified")
+    if etag or modified:
+        return f"http:{rel}:{etag or ''}:{modified or ''}:{len(data)}"
+    # No validators: only the content itself tells a changed original apart.
+    return f"http:{rel}:sha1:{hashlib.sha1(data).hexdigest()}"
+
+
+def make_source(settings: SourceSettings) -> Source:
+    return HttpSource(settings) if settings.kind == "http" else FolderSource(settings)
