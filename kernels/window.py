@@ -1,0 +1,445 @@
+"""Best crop window for an aspect ratio on a prepared heatmap: exhaustive, O(1) per window.
+
+Windows live in original-pixel coordinates; the heatmap covers the whole original and is read
+through a summed-area table at fractional cell coordinates (exact for a piecewise-constant
+map, see kernels.sat), so no window is rounded to heatmap cells.
+
+Candidates: scales from 1 (the largest window of the aspect) down to ``min_scale``; at each,
+integer offsets along each free axis (``steps`` evenly spaced ones, always with 0, the maximum
+and the centre offset, so the centre crop competes). Score:
+
+    inside - cut_weight * cut - zoom_weight * (1 - s)
+
+``inside`` is the heat in the window (the map is normalised to sum 1). ``cut`` sums, over the
+window edges not lying on the image border, the heat in a band of ``cut_band`` x the window's
+short side straddling the edge, in excess of what the band would hold on a flat map:
+an edge through background slices nothing, an edge through a hot object slices the excess.
+(Counting the band's whole mass would make a flat map prefer windows pushed against a border,
+one cut edge instead of two: a bias toward corners with no evidence behind it.)
+
+Ties (within 1e-9) go to the window whose centre is closer to the image centre, then to the
+first in a fixed order (largest scale first, then top-to-bottom, left-to-right), so the same
+map, size and aspect always give the same box.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit
+
+from kernels.sat import _locate, _sat_kernel
+
+MAX_SIDE = 1_000_000
+MIN_ASPECT = 1e-3
+MAX_ASPECT = 1e3
+MAX_SCALES = 64
+MAX_STEPS = 1024
+# Scores closer than this are a tie: float noise must not pick between mirror-image windows.
+TIE_EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """Search knobs; the defaults mirror sidecar.settings.KernelSettings."""
+
+    min_scale: float = 1.0
+    scales: int = 6
+    steps: int = 64
+    cut_weight: float = 1.0
+    cut_band: float = 0.06
+    zoom_weight: float = 0.05
+
+    def __post_init__(self) -> None:
+        _check_params(self)
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """A crop in original pixels, x1/y1 exclusive, with its score and its gain over the centre."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    score: float = 0.0
+    center_score: float = 0.0
+    confidence: float = 0.0
+
+    @property
+    def width(self) -> int:
+        return self.x1 - self.x0
+
+    @property
+    def height(self) -> int:
+        return self.y1 - self.y0
+
+    def as_tuple(self) -> tuple[int, int, int, int]:
+        return self.x0, self.y0, self.x1, self.y1
+
+
+def largest_window(width: int, height: int, aspect: float) -> tuple[int, int]:
+    """The (cw, ch) of the largest window of ``aspect`` (= w/h) inside a width x height image.
+
+    The bound side is the image's; the other is rounded to within half a pixel of exact, and
+    both are at least 1 (so on a 1-pixel-wide image a 1:10 request cannot be exact).
+    """
+    _check_size(width, height)
+    _check_aspect(aspect)
+    return _window_size(width, height, aspect, 1.0)
+
+
+def center_box(width: int, height: int, aspect: float) -> CropBox:
+    """The centre crop of the largest window: what the legacy server does, with no scores."""
+    cw, ch = largest_window(width, height, aspect)
+    x0 = (width - cw) // 2
+    y0 = (height - ch) // 2
+    return CropBox(x0, y0, x0 + cw, y0 + ch)
+
+
+def best_window(
+    heat: np.ndarray,
+    width: int,
+    height: int,
+    aspect: float,
+    params: SearchParams,
+    keep: tuple[int, int, int, int] | None = None,
+) -> CropBox:
+    """Best window of ``aspect`` on ``heat`` (covering the whole width x height original).
+
+    ``keep`` (original pixels, x1/y1 exclusive) restricts candidates to windows containing it;
+    when no window of the aspect can, the largest window is centred on it instead, clamped.
+    ``confidence`` is the score gained over the centre crop of the largest window.
+    """
+    _check_size(width, height)
+    _check_aspect(aspect)
+    if not isinstance(params, SearchParams):
+        raise ValueError(f"params must be a SearchParams, got {type(params).__name__}")
+    keep_arr = _check_keep(keep, width, height)
+    sat = _sat_kernel(_normalised(heat))
+    scales = _scale_list(params)
+    sizes = np.array([_window_size(width, height, aspect, s) for s in scales], dtype=np.int64)
+    found, bx, by, bk, score, center = _search_kernel(
+        sat,
+        width,
+        height,
+        sizes[:, 0].copy(),
+        sizes[:, 1].copy(),
+        np.array(scales, dtype=np.float64),
+        params.steps,
+        keep_arr,
+        params.cut_weight,
+        params.cut_band,
+        params.zoom_weight,
+    )
+    cw, ch = int(sizes[bk, 0]), int(sizes[bk, 1])
+    if not found:
+        # No window of this aspect holds the keep box: cover what we can of it, centred on it.
+        bx, by, cw, ch = _keep_fallback(keep_arr, width, height, int(sizes[0, 0]), int(sizes[0, 1]))
+        score = _box_score(
+            sat, width, height, bx, by, cw, ch, 1.0,
+            params.cut_weight, params.cut_band, params.zoom_weight,
+        )  # fmt: skip
+    x0, y0 = int(bx), int(by)
+    return CropBox(
+        x0, y0, x0 + cw, y0 + ch,
+        score=float(score),
+        center_score=float(center),
+        confidence=max(0.0, float(score) - float(center)),
+    )  # fmt: skip
+
+
+def _window_size(width: int, height: int, aspect: float, s: float) -> tuple[int, int]:
+    """Window at scale s: scale the side bound by the image, derive the other from the aspect."""
+    if width >= height * aspect:
+        ch = max(1, math.floor(height * s + 0.5))
+        cw = max(1, min(width, math.floor(ch * aspect + 0.5)))
+    else:
+        cw = max(1, math.floor(width * s + 0.5))
+        ch = max(1, min(height, math.floor(cw / aspect + 0.5)))
+    return cw, ch
+
+
+def _scale_list(params: SearchParams) -> list[float]:
+    n = params.scales
+    if n == 1 or params.min_scale >= 1.0:
+        return [1.0]
+    return [1.0 - (1.0 - params.min_scale) * k / (n - 1) for k in range(n)]
+
+
+def _keep_fallback(
+    keep: np.ndarray, width: int, height: int, cw: int, ch: int
+) -> tuple[int, int, int, int]:
+    """Largest window centred on the keep box, clamped: covers as much of it as the size allows."""
+    x = min(max((int(keep[0]) + int(keep[2]) - cw) // 2, 0), width - cw)
+    y = min(max((int(keep[1]) + int(keep[3]) - ch) // 2, 0), height - ch)
+    return x, y, cw, ch
+
+
+def _normalised(heat: np.ndarray) -> np.ndarray:
+    """float64 copy summing to 1; flat when the map holds no heat at all."""
+    if not isinstance(heat, np.ndarray):
+        raise ValueError(f"heat must be a numpy array, got {type(heat).__name__}")
+    if heat.dtype.kind != "f":
+        raise ValueError(f"heat must be a float array, got dtype {heat.dtype}")
+    if heat.ndim != 2 or heat.shape[0] < 1 or heat.shape[1] < 1:
+        raise ValueError(f"heat must be 2-D and at least 1x1, got shape {heat.shape}")
+    h = np.ascontiguousarray(heat, dtype=np.float64)
+    if not np.isfinite(h).all():
+        raise ValueError("heat must be finite (prepare_heatmap never returns NaN or inf)")
+    if (h < 0.0).any():
+        raise ValueError("heat must be non-negative (prepare_heatmap clips it)")
+    total = float(h.sum())
+    if total <= 0.0 or not math.isfinite(total):
+        return np.full(h.shape, 1.0 / h.size, dtype=np.float64)
+    return h / total
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
+
+
+def _check_size(width: int, height: int) -> None:
+    for name, v in (("width", width), ("height", height)):
+        if not _is_int(v):
+            raise ValueError(f"{name} must be an int, got {v!r}")
+        if not 1 <= v <= MAX_SIDE:
+            raise ValueError(f"{name} must be in [1, {MAX_SIDE}], got {v}")
+
+
+def _check_aspect(aspect: float) -> None:
+    if not _is_number(aspect) or not math.isfinite(aspect):
+        raise ValueError(f"aspect must be a finite number, got {aspect!r}")
+    if not MIN_ASPECT <= aspect <= MAX_ASPECT:
+        raise ValueError(f"aspect must be in [{MIN_ASPECT}, {MAX_ASPECT}], got {aspect!r}")
+
+
+def _check_keep(
+    keep: tuple[int, int, int, int] | None, width: int, height: int
+) -> np.ndarray:
+    """The keep box as int64[4]; -1s when there is none (numba wants one argument type)."""
+    if keep is None:
+        return np.full(4, -1, dtype=np.int64)
+    if not isinstance(keep, tuple | list) or len(keep) != 4 or not all(map(_is_int, keep)):
+        raise ValueError(f"keep must be (x0, y0, x1, y1) ints, got {keep!r}")
+    x0, y0, x1, y1 = (int(v) for v in keep)
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise ValueError(
+            f"keep must lie inside the {width}x{height} image with x0 < x1, y0 < y1, got {keep!r}"
+        )
+    return np.array([x0, y0, x1, y1], dtype=np.int64)
+
+
+def _check_params(p: SearchParams) -> None:
+    numbers = ("min_scale", "cut_weight", "cut_band", "zoom_weight")
+    for name in numbers:
+        v = getattr(p, name)
+        if not _is_number(v) or not math.isfinite(v):
+            raise ValueError(f"SearchParams.{name} must be a finite number, got {v!r}")
+    if not 0.0 < p.min_scale <= 1.0:
+        raise ValueError(f"SearchParams.min_scale must be in (0, 1], got {p.min_scale!r}")
+    if not _is_int(p.scales) or not 1 <= p.scales <= MAX_SCALES:
+        raise ValueError(f"SearchParams.scales must be an int in [1, {MAX_SCALES}], got {p.scales!r}")
+    if not _is_int(p.steps) or not 2 <= p.steps <= MAX_STEPS:
+        raise ValueError(f"SearchParams.steps must be an int in [2, {MAX_STEPS}], got {p.steps!r}")
+    if p.cut_weight < 0.0 or p.zoom_weight < 0.0:
+        raise ValueError("SearchParams.cut_weight and zoom_weight must be >= 0")
+    if not 0.0 <= p.cut_band <= 0.5:
+        raise ValueError(f"SearchParams.cut_band must be in [0, 0.5], got {p.cut_band!r}")
+
+
+@njit(cache=True)
+def _offsets(m: int, steps: int, lo: int, hi: int) -> np.ndarray:
+    """Sorted candidate offsets in [lo, hi] of an axis with offsets 0..m.
+
+    ``steps`` evenly spaced offsets (all of them when there are no more), the centre offset
+    m // 2, and lo and hi themselves, so a keep-restricted range is never left empty.
+    """
+    if m + 1 <= steps:
+        base = np.arange(m + 1)
+    else:
+        base = np.empty(steps + 1, dtype=np.int64)
+        for i in range(steps):
+            # round(i * m / (steps - 1)) in exact integer arithmetic
+            base[i] = (2 * i * m + steps - 1) // (2 * (steps - 1))
+        base[steps] = m // 2
+    out = np.empty(base.size + 2, dtype=np.int64)
+    n = 0
+    for v in base:
+        if lo <= v <= hi:
+            out[n] = v
+            n += 1
+    out[n] = lo
+    out[n + 1] = hi
+    return np.unique(out[: n + 2])
+
+
+@njit(cache=True)
+def _lerp(vec: np.ndarray, c: float, n: int) -> float:
+    j, f = _locate(c, n)
+    return vec[j] + f * (vec[j + 1] - vec[j])
+
+
+@njit(cache=True)
+def _rows_between(sat: np.ndarray, y0: float, y1: float) -> np.ndarray:
+    """Column-cumulative heat between rows y0 and y1 (cell coords): F(., y1) - F(., y0)."""
+    gh = sat.shape[0] - 1
+    i0, f0 = _locate(y0, gh)
+    i1, f1 = _locate(y1, gh)
+    n = sat.shape[1]
+    out = np.empty(n, dtype=np.float64)
+    for j in range(n):
+        a = sat[i0, j] + f0 * (sat[i0 + 1, j] - sat[i0, j])
+        b = sat[i1, j] + f1 * (sat[i1 + 1, j] - sat[i1, j])
+        out[j] = b - a
+    return out
+
+
+@njit(cache=True)
+def _scores(
+    sat: np.ndarray,
+    width: int,
+    height: int,
+    cw: int,
+    ch: int,
+    s: float,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    cut_weight: float,
+    cut_band: float,
+    zoom_weight: float,
+) -> np.ndarray:
+    """Scores of the cw x ch windows at every (ys[b], xs[a]); [b, a] layout.
+
+    Rows are interpolated once per y offset, so each window costs ten 1-D interpolations.
+    """
+    gh = sat.shape[0] - 1
+    gw = sat.shape[1] - 1
+    kx = gw / width
+    ky = gh / height
+    flat = 1.0 / (gw * gh)  # heat per unit of cell area on a flat map
+    hb = 0.5 * cut_band * min(cw, ch)
+    zoom = zoom_weight * (1.0 - s)
+    nx = xs.size
+    # Per x offset, grid x of: left, right, left band lo/hi, right band lo/hi.
+    xc = np.empty((nx, 6), dtype=np.float64)
+    for a in range(nx):
+        x0 = xs[a]
+        x1 = x0 + cw
+        xc[a, 0] = x0 * kx
+        xc[a, 1] = x1 * kx
+        xc[a, 2] = max(x0 - hb, 0.0) * kx
+        xc[a, 3] = min(x0 + hb, width) * kx
+        xc[a, 4] = max(x1 - hb, 0.0) * kx
+        xc[a, 5] = min(x1 + hb, width) * kx
+    out = np.empty((ys.size, nx), dtype=np.float64)
+    for b in range(ys.size):
+        y0 = ys[b]
+        y1 = y0 + ch
+        t_lo, t_hi = max(y0 - hb, 0.0) * ky, min(y0 + hb, height) * ky
+        b_lo, b_hi = max(y1 - hb, 0.0) * ky, min(y1 + hb, height) * ky
+        d_in = _rows_between(sat, y0 * ky, y1 * ky)
+        d_top = _rows_between(sat, t_lo, t_hi)
+        d_bot = _rows_between(sat, b_lo, b_hi)
+        in_h = (y1 - y0) * ky
+        for a in range(nx):
+            gx0 = xc[a, 0]
+            gx1 = xc[a, 1]
+            inside = _lerp(d_in, gx1, gw) - _lerp(d_in, gx0, gw)
+            cut = 0.0
+            if xs[a] > 0:
+                m = _lerp(d_in, xc[a, 3], gw) - _lerp(d_in, xc[a, 2], gw)
+                cut += max(0.0, m - (xc[a, 3] - xc[a, 2]) * in_h * flat)
+            if xs[a] + cw < width:
+                m = _lerp(d_in, xc[a, 5], gw) - _lerp(d_in, xc[a, 4], gw)
+                cut += max(0.0, m - (xc[a, 5] - xc[a, 4]) * in_h * flat)
+            if y0 > 0:
+                m = _lerp(d_top, gx1, gw) - _lerp(d_top, gx0, gw)
+                cut += max(0.0, m - (gx1 - gx0) * (t_hi - t_lo) * flat)
+            if y1 < height:
+                m = _lerp(d_bot, gx1, gw) - _lerp(d_bot, gx0, gw)
+                cut += max(0.0, m - (gx1 - gx0) * (b_hi - b_lo) * flat)
+            out[b, a] = inside - cut_weight * cut - zoom
+    return out
+
+
+@njit(cache=True)
+def _box_score(
+    sat: np.ndarray,
+    width: int,
+    height: int,
+    x: int,
+    y: int,
+    cw: int,
+    ch: int,
+    s: float,
+    cut_weight: float,
+    cut_band: float,
+    zoom_weight: float,
+) -> float:
+    """One window's score, through the same code as the search so equal windows score equal."""
+    xs = np.full(1, x, dtype=np.int64)
+    ys = np.full(1, y, dtype=np.int64)
+    return _scores(sat, width, height, cw, ch, s, xs, ys, cut_weight, cut_band, zoom_weight)[0, 0]
+
+
+@njit(cache=True)
+def _search_kernel(
+    sat: np.ndarray,
+    width: int,
+    height: int,
+    cws: np.ndarray,
+    chs: np.ndarray,
+    scales: np.ndarray,
+    steps: int,
+    keep: np.ndarray,
+    cut_weight: float,
+    cut_band: float,
+    zoom_weight: float,
+) -> tuple[bool, int, int, int, float, float]:
+    """(found, x, y, scale index, score, centre-crop score); found is False only with keep."""
+    has_keep = keep[0] >= 0
+    found = False
+    bx = 0
+    by = 0
+    bk = 0
+    best = -np.inf
+    best_d2 = 0
+    for k in range(scales.size):
+        cw = cws[k]
+        ch = chs[k]
+        lox, hix = 0, width - cw
+        loy, hiy = 0, height - ch
+        if has_keep:
+            lox, hix = max(lox, keep[2] - cw), min(hix, keep[0])
+            loy, hiy = max(loy, keep[3] - ch), min(hiy, keep[1])
+            if lox > hix or loy > hiy:
+                continue
+        xs = _offsets(width - cw, steps, lox, hix)
+        ys = _offsets(height - ch, steps, loy, hiy)
+        sc = _scores(sat, width, height, cw, ch, scales[k], xs, ys, cut_weight, cut_band, zoom_weight)
+        for b in range(ys.size):
+            dy = 2 * ys[b] + ch - height
+            for a in range(xs.size):
+                v = sc[b, a]
+                dx = 2 * xs[a] + cw - width
+                d2 = dx * dx + dy * dy
+                if not found or v > best + TIE_EPS or (v >= best - TIE_EPS and d2 < best_d2):
+                    found = True
+                    best = v
+                    best_d2 = d2
+                    bx = xs[a]
+                    by = ys[b]
+                    bk = k
+    cx = (width - cws[0]) // 2
+    cy = (height - chs[0]) // 2
+    center = _box_score(
+        sat, width, height, cx, cy, cws[0], chs[0], scales[0], cut_weight, cut_band, zoom_weight
+    )
+    return found, bx, by, bk, best, center
