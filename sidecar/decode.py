@@ -1,0 +1,232 @@
+"""Decode an original straight to a model input bucket with pyvips, refusing bad input early.
+
+Order of checks, cheapest first, so hostile input costs next to nothing:
+  1. byte count (``InputTooLarge``), empty body (``NotAnImage``);
+  2. format sniffed from the magic bytes by libvips, before any parser runs: no loader at all is
+     ``NotAnImage``, a loader outside our allow-list (SVG here) is ``UnsupportedFormat``;
+  3. the header only (libvips opens images lazily): a header that does not parse is
+     ``CorruptImage``, width × height over the limit is ``TooManyPixels`` — a 30000×30000
+     "bomb" is refused here without a pixel being decoded;
+  4. ``thumbnail_buffer`` to the bucket size: JPEG shrink-on-load (libjpeg DCT scaling), WebP and
+     HEIF scale-on-load, EXIF orientation applied, colour converted to sRGB.
+
+Facts about pyvips 3.2 / libvips 8.18 this relies on (each is checked in tests/test_decode.py):
+  - ``thumbnail_buffer(..., fail_on=...)`` does not reach the loader; only
+    ``option_string="fail_on=error"`` does. Without it a truncated JPEG or PNG decodes "fine",
+    the missing part grey or black. With it, truncation surfaces as a ``pyvips.Error`` when the
+    pixels are read (not at the call), so the read is inside the same error mapping.
+    ``fail_on="warning"`` would also reject the many real JPEGs with harmless libjpeg warnings.
+  - Without ``export_profile`` the thumbnail keeps an embedded RGB profile's numbers (a Display
+    P3 red stays (234, 51, 35)); with ``export_profile="srgb"`` every image — P3, CMYK with or
+    without a profile, grey, 16-bit, float, Lab — arrives as 8-bit sRGB, 3 bands or 4 with alpha.
+  - The thumbnail premultiplies alpha before resampling, so a fully transparent pixel is black
+    before flattening; we flatten on white, like a browser showing the image on a white page.
+  - Ultra HDR JPEGs are claimed by the ``uhdrload`` loader, which gives the SDR base image; they
+    are JPEGs to everyone else, so they report format "jpeg".
+  - This build's libheif decodes AV1 (AVIF) but has no HEVC decoder: an iPhone HEIC is
+    recognised and its header reads, but decoding fails; that is ``UnsupportedFormat``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+import numpy.typing as npt
+import pyvips
+
+from engines.buckets import bucket_for
+from sidecar.errors import (
+    CorruptImage,
+    HeatcropError,
+    InputTooLarge,
+    NotAnImage,
+    TooManyPixels,
+    UnsupportedFormat,
+)
+
+# libvips loader nickname → the format we report. Anything else libvips can open (SVG, and in
+# other builds PDF, ImageMagick, matrix, CSV, FITS ...) is refused: each loader is attack surface
+# and none is a photo format the legacy server is expected to crop.
+ACCEPTED_LOADERS: dict[str, str] = {
+    "jpegload_buffer": "jpeg",
+    "uhdrload_buffer": "jpeg",
+    "pngload_buffer": "png",
+    "webpload_buffer": "webp",
+    "heifload_buffer": "heif",
+    "gifload_buffer": "gif",
+    "tiffload_buffer": "tiff",
+}
+
+# Orientations 5-8 are the transposing ones: the displayed image is the stored one on its side.
+_TRANSPOSING = frozenset((5, 6, 7, 8))
+_WHITE = 255.0
+# How libheif says it has no decoder for the file's codec (HEVC in this build): the bundled
+# libheif prints "Support for this compression format has not been built in"; the other two are
+# its wordings for the same condition in other libheif versions.
+_HEIF_NO_CODEC = ("has not been built in", "No matching decoder", "Unsupported codec")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """An original, resized (squashed) to exactly its model bucket.
+
+    pixels: uint8 [H, W, 3] sRGB, C-contiguous, (H, W) == bucket_for(width, height) unless an
+        explicit bucket was asked for.
+    width, height: the original's size in display orientation (after EXIF rotation); crop
+        boxes are in these coordinates.
+    format: "jpeg", "png", "webp", "heif", "gif" or "tiff".
+    """
+
+    pixels: npt.NDArray[np.uint8]
+    width: int
+    height: int
+    format: str
+
+
+def configure_vips(concurrency: int = 1, cache_max: int = 0) -> None:
+    """Process-wide libvips policy for the service; call once at start-up.
+
+    concurrency: worker threads per libvips pipeline. The service decodes in its own pool
+        (server.decode_threads), so parallelism comes from there; libvips' default (one thread
+        per core in every pipeline) would multiply into cores² threads fighting over the cores,
+        and a shrink-on-load JPEG is mostly serial entropy decoding anyway.
+    cache_max: operations kept in libvips' operation cache. Every request brings a new original,
+        so the cache would almost never hit, while each entry pins decoded pixels and the source
+        buffer (default: up to 100 MB); 0 turns it off.
+    Untrusted loaders (ImageMagick, PDF, ...) are blocked as a second wall behind the allow-list.
+    """
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    pyvips.concurrency_set(concurrency)
+    pyvips.cache_set_max(cache_max)
+    pyvips.cache_set_max_files(0)
+    if cache_max == 0:
+        pyvips.cache_set_max_mem(0)
+    pyvips.block_untrusted_set(True)
+
+
+def probe(data: bytes, *, max_bytes: int, max_pixels: int) -> tuple[int, int, str]:
+    """(width, height, format) of an original from its header alone, display orientation."""
+    _, width, height, fmt = _checked_header(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    return width, height, fmt
+
+
+def decode(data: bytes, *, max_bytes: int, max_pixels: int) -> Decoded:
+    """Decode an original to its model bucket (see ``bucket_for``); typed errors only."""
+    return decode_to(data, None, max_bytes=max_bytes, max_pixels=max_pixels)
+
+
+def decode_to(data: bytes, bucket: tuple[int, int] | None = None, *, max_bytes: int,
+              max_pixels: int) -> Decoded:
+    """Decode an original to ``bucket`` = (height, width), or to its own bucket when None."""
+    _, width, height, fmt = _checked_header(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    target = bucket_for(width, height) if bucket is None else bucket
+    if target[0] <= 0 or target[1] <= 0:
+        raise ValueError(f"bucket must be positive, got {target}")
+    pixels = _guarded(lambda: _pixels(data, target, fmt), fmt)
+    return Decoded(pixels=pixels, width=width, height=height, format=fmt)
+
+
+def sniff_format(data: bytes) -> str:
+    """Our format name for ``data`` from its magic bytes, or a typed error; parses nothing."""
+    pointer = pyvips.vips_lib.vips_foreign_find_load_buffer(data, len(data))
+    if pointer == pyvips.ffi.NULL:
+        pyvips.vips_lib.vips_error_clear()
+        raise NotAnImage("no image loader recognises the data")
+    class_name = pyvips.ffi.string(pointer).decode()
+    loader = pyvips.nickname_find(pyvips.type_from_name(class_name))
+    fmt = ACCEPTED_LOADERS.get(loader)
+    if fmt is None:
+        raise UnsupportedFormat(f"format {loader.removesuffix('_buffer')!r} is not accepted")
+    return fmt
+
+
+def _checked_header(data: bytes, *, max_bytes: int,
+                    max_pixels: int) -> tuple[pyvips.Image, int, int, str]:
+    if not data:
+        raise NotAnImage("empty body")
+    if len(data) > max_bytes:
+        raise InputTooLarge(f"{len(data)} bytes > limit {max_bytes}")
+    fmt = _guarded(lambda: sniff_format(data), None)
+    # Lazy open: libvips reads the header here and decodes nothing until pixels are asked for.
+    image = _guarded(lambda: pyvips.Image.new_from_buffer(data, "", access="sequential"), fmt)
+    width, height = _display_size(image)
+    if width <= 0 or height <= 0:
+        raise CorruptImage(f"header gives an empty {width}x{height} image")
+    if width * height > max_pixels:
+        raise TooManyPixels(f"{width}x{height} = {width * height} pixels > limit {max_pixels}")
+    return image, width, height, fmt
+
+
+def _display_size(image: pyvips.Image) -> tuple[int, int]:
+    orientation = image.get("orientation") if image.get_typeof("orientation") else 1
+    if orientation in _TRANSPOSING:
+        return image.height, image.width
+    return image.width, image.height
+
+
+def _pixels(data: bytes, bucket: tuple[int, int], fmt: str) -> npt.NDArray[np.uint8]:
+    height, width = bucket
+    image = pyvips.Image.thumbnail_buffer(
+        data, width, height=height, size="force", option_string="fail_on=error",
+        export_profile="srgb",
+    )
+    image = _to_rgb8(image)
+    if (image.height, image.width) != bucket:
+        raise CorruptImage(f"{fmt} decoded to {image.width}x{image.height}, wanted {bucket}")
+    # numpy() evaluates the whole pipeline: truncation and decode errors are raised here.
+    return np.ascontiguousarray(image.numpy(), dtype=np.uint8).reshape(height, width, 3)
+
+
+def _to_rgb8(image: pyvips.Image) -> pyvips.Image:
+    """Any band count / interpretation / format the thumbnail can give → 3-band uchar sRGB."""
+    if image.format != "uchar" or image.interpretation not in ("srgb", "b-w"):
+        # The thumbnail has usually done this already (export_profile); this covers what it
+        # leaves alone, e.g. extra-band TIFFs tagged "multiband".
+        image = _colourspace_or_cast(image)
+    if image.hasalpha():
+        image = image.flatten(background=[_WHITE] * (image.bands - 1))
+    if image.bands < 3:
+        image = image.extract_band(0)
+        image = image.bandjoin([image, image])
+    elif image.bands > 3:
+        image = image.extract_band(0, n=3)
+    return image.cast("uchar")
+
+
+def _colourspace_or_cast(image: pyvips.Image) -> pyvips.Image:
+    try:
+        return image.colourspace("srgb")
+    except pyvips.Error:
+        # Unknown interpretation: treat the first bands as RGB and bring the range to 8 bits.
+        if image.format in ("ushort", "short"):
+            return image.cast("uchar", shift=True)
+        return image.cast("uchar")
+
+
+def _guarded(step: Callable[[], T], fmt: str | None) -> T:
+    """Run a libvips step, turning every failure into a HeatcropError subclass."""
+    try:
+        return step()
+    except HeatcropError:
+        raise
+    except pyvips.Error as exc:
+        raise _vips_error(exc, fmt) from exc
+    except Exception as exc:
+        # Not the image's fault as far as we know; 500 with fallback keeps the page working.
+        raise HeatcropError(f"decoder failed unexpectedly: {exc!r}") from exc
+
+
+def _vips_error(exc: pyvips.Error, fmt: str | None) -> HeatcropError:
+    detail = " ".join(str(exc).split())
+    if fmt == "heif" and any(sign in detail for sign in _HEIF_NO_CODEC):
+        return UnsupportedFormat(f"heif: {detail}")
+    if fmt is None:
+        return NotAnImage(detail)
+    return CorruptImage(f"{fmt}: {detail}")
+
