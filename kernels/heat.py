@@ -93,7 +93,7 @@ def _check_prior(center_sigma: float, center_weight: float) -> None:
 def _source_coord(i: int, scale: float, n: int) -> tuple[int, int, float]:
     """Half-pixel-centre mapping (as OpenCV/torch align_corners=False), clamped at the edges."""
     c = min(max((i + 0.5) * scale - 0.5, 0.0), float(n - 1))
-    lo = int(math.floor(c))
+    lo = math.floor(c)
     hi = min(lo + 1, n - 1)
     return lo, hi, c - lo
 

@@ -18,7 +18,7 @@ from numba import njit
 
 
 def summed_area_table(heat: np.ndarray) -> np.ndarray:
-    """Return the (H+1, W+1) float64 table of a float32/float64 [H, W] map: T[i, j] = heat[:i, :j].sum().
+    """The (H+1, W+1) float64 table of a float32/float64 [H, W] map: T[i, j] = heat[:i, :j].sum().
 
     The zero first row and column make every window sum four lookups with no edge cases.
     """
@@ -64,7 +64,7 @@ def _sat_kernel(heat: np.ndarray) -> np.ndarray:
 def _locate(c: float, n: int) -> tuple[int, float]:
     """Cell index and fraction of coordinate c on an axis of n cells, clamped to [0, n]."""
     c = min(max(c, 0.0), float(n))
-    i = min(int(math.floor(c)), n - 1)
+    i = min(math.floor(c), n - 1)
     return i, c - i
 
 
@@ -80,6 +80,4 @@ def _corner(sat: np.ndarray, x: float, y: float) -> float:
 
 @njit(cache=True)
 def _window_sum(sat: np.ndarray, x0: float, y0: float, x1: float, y1: float) -> float:
-    return (
-        _corner(sat, x1, y1) - _corner(sat, x0, y1) - _corner(sat, x1, y0) + _corner(sat, x0, y0)
-    )
+    return _corner(sat, x1, y1) - _corner(sat, x0, y1) - _corner(sat, x1, y0) + _corner(sat, x0, y0)

@@ -220,9 +220,7 @@ def _check_aspect(aspect: float) -> None:
         raise ValueError(f"aspect must be in [{MIN_ASPECT}, {MAX_ASPECT}], got {aspect!r}")
 
 
-def _check_keep(
-    keep: tuple[int, int, int, int] | None, width: int, height: int
-) -> np.ndarray:
+def _check_keep(keep: tuple[int, int, int, int] | None, width: int, height: int) -> np.ndarray:
     """The keep box as int64[4]; -1s when there is none (numba wants one argument type)."""
     if keep is None:
         return np.full(4, -1, dtype=np.int64)
@@ -245,9 +243,9 @@ def _check_params(p: SearchParams) -> None:
     if not 0.0 < p.min_scale <= 1.0:
         raise ValueError(f"SearchParams.min_scale must be in (0, 1], got {p.min_scale!r}")
     if not _is_int(p.scales) or not 1 <= p.scales <= MAX_SCALES:
-        raise ValueError(f"SearchParams.scales must be an int in [1, {MAX_SCALES}], got {p.scales!r}")
+        raise ValueError(f"SearchParams.scales must be an int in [1, {MAX_SCALES}], got {p.scales}")
     if not _is_int(p.steps) or not 2 <= p.steps <= MAX_STEPS:
-        raise ValueError(f"SearchParams.steps must be an int in [2, {MAX_STEPS}], got {p.steps!r}")
+        raise ValueError(f"SearchParams.steps must be an int in [2, {MAX_STEPS}], got {p.steps}")
     if p.cut_weight < 0.0 or p.zoom_weight < 0.0:
         raise ValueError("SearchParams.cut_weight and zoom_weight must be >= 0")
     if not 0.0 <= p.cut_band <= 0.5:
@@ -423,7 +421,9 @@ def _search_kernel(
                 continue
         xs = _offsets(width - cw, steps, lox, hix)
         ys = _offsets(height - ch, steps, loy, hiy)
-        sc = _scores(sat, width, height, cw, ch, scales[k], xs, ys, cut_weight, cut_band, zoom_weight)
+        sc = _scores(
+            sat, width, height, cw, ch, scales[k], xs, ys, cut_weight, cut_band, zoom_weight
+        )
         for b in range(ys.size):
             dy = 2 * ys[b] + ch - height
             for a in range(xs.size):
