@@ -1,0 +1,434 @@
+"""Crop quality on the dev sets with human ground truth, beside the baselines, in one run.
+
+    python -m bench.quality [--sets fcdb_dev,food_dev,saliency_dev] [--limit N]
+        [--out bench/results/quality.md] [--json PATH] [--eval-dir ../shared/eval]
+        [--profile food --profile generic] [--only-baselines]
+
+The protocol is ../shared/eval/README.md's: fcdb asks for the ground-truth box's aspect (IoU,
+BDE); food and saliency ask for 1:1, 4:5, 16:9 and 9:16 (dish area kept, all dishes kept
+>= 90 %; fixations kept, each subject's first one left out). Rows are methods: the centred
+largest window, libvips smartcrop attention and entropy, and heatcrop per profile, raw and
+with the service's low-confidence rule (centre crop when the box is not confident).
+Heatcrop's settings come from sidecar.settings.load(), so HEATCROP_KERNEL_* variables or
+--config change what is measured; the header of the report records them.
+
+A method is anything with a name and `boxes(ctx, aspects)`; ImageContext caches per-image work
+(bytes, the libvips working copy, heatcrop's analysis) so each is done once per image and
+shared by every method and aspect. Columns are functions of a SetResult, which keeps every
+per-image value, so derived columns (deltas, oracle headroom) need no re-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+import pyvips
+from tqdm import tqdm
+
+from bench.baselines import (
+    SMARTCROP_KINDS,
+    WORKING_LONG_SIDE,
+    centre_box,
+    smartcrop_box,
+    working_image,
+)
+from bench.eval_sets import DEFAULT_SETS, EvalItem, EvalSet, Metric, load_set
+from bench.metrics import Box
+
+T = TypeVar("T")
+CENTRE = "centre"
+
+
+@dataclass
+class ImageContext:
+    """One image under evaluation, with per-image work computed once and shared."""
+
+    item: EvalItem
+    memo_s: dict[str, float] = field(default_factory=dict)
+    _memo: dict[str, Any] = field(default_factory=dict)
+
+    def memo(self, key: str, make: Callable[[], T]) -> T:
+        if key not in self._memo:
+            t0 = time.perf_counter()
+            self._memo[key] = make()
+            self.memo_s[key] = time.perf_counter() - t0
+        return self._memo[key]  # type: ignore[no-any-return]
+
+    @property
+    def data(self) -> bytes:
+        return self.memo("read", self.item.path.read_bytes)
+
+    @property
+    def working(self) -> pyvips.Image:
+        return self.memo("libvips working copy", lambda: working_image(self.data))
+
+
+class Method:
+    """A crop method under test: one box per requested aspect for an image."""
+
+    name: str = ""
+
+    def boxes(self, ctx: ImageContext, aspects: Sequence[float]) -> list[Box]:
+        raise NotImplementedError
+
+    def notes(self) -> str:
+        """Anything the reader needs besides the numbers (e.g. how often a fallback fired)."""
+        return ""
+
+
+class CentreMethod(Method):
+    name = CENTRE
+
+    def boxes(self, ctx: ImageContext, aspects: Sequence[float]) -> list[Box]:
+        return [centre_box(ctx.item.width, ctx.item.height, a) for a in aspects]
+
+
+class SmartcropMethod(Method):
+    def __init__(self, interesting: str) -> None:
+        self.interesting = interesting
+        self.name = f"libvips {interesting}"
+
+    def boxes(self, ctx: ImageContext, aspects: Sequence[float]) -> list[Box]:
+        item = ctx.item
+        return [smartcrop_box(ctx.working, item.width, item.height, a, self.interesting)
+                for a in aspects]
+
+
+class HeatcropMethod(Method):
+    """heatcrop's box per profile; with `fallback`, the service's low-confidence rule."""
+
+    def __init__(self, core: Any, profile: str, fallback: bool) -> None:
+        self.core = core
+        self.profile = profile
+        self.fallback = fallback
+        self.name = f"heatcrop {profile}" + (" (low conf → centre)" if fallback else "")
+        self.counts: Counter[str] = Counter()
+
+    def boxes(self, ctx: ImageContext, aspects: Sequence[float]) -> list[Box]:
+        # Both profiles come out of one CNN run: the analysis is shared across rows.
+        analysis = ctx.memo("heatcrop analyse (decode + CNN)", lambda: self.core.analyse(ctx.data))
+        out = []
+        for aspect in aspects:
+            box = self.core.box(analysis, aspect, self.profile)
+            self.counts["boxes"] += 1
+            if self.fallback and not self.core.is_confident(box):
+                self.counts["fallback"] += 1
+                box = self.core.center(analysis, aspect)
+            out.append(Box.of(box))
+        return out
+
+    def notes(self) -> str:
+        if not self.fallback or not self.counts["boxes"]:
+            return ""
+        share = self.counts["fallback"] / self.counts["boxes"]
+        return f"centre crop used for {share:.0%} of {self.counts['boxes']} boxes"
+
+
+@dataclass
+class SetResult:
+    """Every per-image value of one set: values[method][aspect][metric] -> [n_images]."""
+
+    eval_set: EvalSet
+    methods: list[str]
+    values: dict[str, dict[str, dict[str, npt.NDArray[np.float64]]]]
+    method_s: dict[str, float]
+    shared_s: dict[str, float]
+    seconds: float
+    notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def n_images(self) -> int:
+        return len(self.eval_set.items)
+
+    @property
+    def aspect_labels(self) -> tuple[str, ...]:
+        return self.eval_set.protocol.aspect_labels
+
+    def per_image(self, method: str, metric: str, aspect: str | None = None) -> npt.NDArray[Any]:
+        """Per-image values at one aspect, or averaged over the aspects when aspect is None."""
+        by_aspect = self.values[method]
+        if aspect is not None:
+            return by_aspect[aspect][metric]
+        return np.mean([by_aspect[a][metric] for a in self.aspect_labels], axis=0)
+
+    def mean(self, method: str, metric: str, aspect: str | None = None) -> float:
+        return float(self.per_image(method, metric, aspect).mean())
+
+
+def evaluate(eval_set: EvalSet, methods: Sequence[Method], progress: bool = True) -> SetResult:
+    protocol = eval_set.protocol
+    values = {m.name: {a: {k.key: np.zeros(len(eval_set.items)) for k in protocol.metrics}
+                       for a in protocol.aspect_labels} for m in methods}
+    method_s: Counter[str] = Counter()
+    shared_s: Counter[str] = Counter()
+    bad: Counter[str] = Counter()
+    t0 = time.perf_counter()
+    items = tqdm(eval_set.items, desc=eval_set.name, unit="img", disable=not progress,
+                 mininterval=2.0, file=sys.stderr)
+    for i, item in enumerate(items):
+        ctx = ImageContext(item)
+        aspects = protocol.aspects(item)
+        for method in methods:
+            shared_before = sum(ctx.memo_s.values())
+            t = time.perf_counter()
+            try:
+                boxes = method.boxes(ctx, list(aspects.values()))
+            except Exception as exc:
+                raise RuntimeError(f"{method.name} failed on {item.path}: {exc}") from exc
+            # Time spent computing shared per-image work is reported apart, not charged here.
+            method_s[method.name] += time.perf_counter() - t - (sum(ctx.memo_s.values())
+                                                                - shared_before)
+            for (label, aspect), box in zip(aspects.items(), boxes, strict=True):
+                if not box_ok(box, item.width, item.height, aspect):
+                    bad[method.name] += 1
+                for key, value in protocol.score(item, box).items():
+                    values[method.name][label][key][i] = value
+        shared_s.update(ctx.memo_s)
+    notes = {m.name: m.notes() for m in methods if m.notes()}
+    for name, count in bad.items():
+        extra = f"{count} boxes out of bounds or off-aspect by more than a pixel"
+        notes[name] = f"{notes[name]}; {extra}" if name in notes else extra
+    return SetResult(eval_set, [m.name for m in methods], values, dict(method_s), dict(shared_s),
+                     time.perf_counter() - t0, notes)
+
+
+def box_ok(box: Box, width: int, height: int, aspect: float) -> bool:
+    """Inside the image and at the requested aspect within a pixel on one side."""
+    if not box.inside(width, height):
+        return False
+    return abs(box.width - box.height * aspect) <= 1 or abs(box.height - box.width / aspect) <= 1
+
+
+# --- columns ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Column:
+    """A table column; when `value` is given, the best method's cell is set in bold."""
+
+    header: str
+    text: Callable[[SetResult, str], str]
+    value: Callable[[SetResult, str], float] | None = None
+    higher_is_better: bool = True
+
+
+def metric_columns(result: SetResult, metric: Metric) -> list[Column]:
+    """One column per aspect (when there are several), then the mean over aspects."""
+    labels = result.aspect_labels
+    aspects: list[str | None] = [*labels, None] if len(labels) > 1 else [None]
+    cols = []
+    for label in aspects:
+        def value(r: SetResult, m: str, lb: str | None = label) -> float:
+            return r.mean(m, metric.key, lb)
+
+        arrow = "↑" if metric.higher_is_better else "↓"
+        suffix = label if label is not None else ("mean " + arrow if len(labels) > 1 else arrow)
+        cols.append(Column(f"{metric.title} {suffix}", lambda r, m, v=value: f"{v(r, m):.3f}",
+                           value, metric.higher_is_better))
+    return cols
+
+
+def delta_column(metric: Metric, reference: str = CENTRE) -> Column:
+    """Paired per-image difference of the mean against `reference`, ± 1.96 standard errors."""
+
+    def text(result: SetResult, method: str) -> str:
+        if method == reference or reference not in result.values:
+            return "—"
+        diff = result.per_image(method, metric.key) - result.per_image(reference, metric.key)
+        half = 1.96 * diff.std(ddof=1) / math.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+        return f"{diff.mean():+.3f} ± {half:.3f}"
+
+    return Column(f"Δ {metric.title} vs {reference}", text)
+
+
+def columns_for(result: SetResult) -> list[Column]:
+    cols: list[Column] = []
+    for metric in result.eval_set.protocol.metrics:
+        cols += metric_columns(result, metric)
+    cols += [delta_column(metric) for metric in result.eval_set.protocol.metrics]
+    return cols
+
+
+def markdown_table(result: SetResult) -> str:
+    cols = columns_for(result)
+    cells = {m: [c.text(result, m) for c in cols] for m in result.methods}
+    for j, col in enumerate(cols):
+        if col.value is None or len(result.methods) < 2:
+            continue
+        scores = {m: col.value(result, m) for m in result.methods}
+        best = max(scores.values()) if col.higher_is_better else min(scores.values())
+        for m, score in scores.items():
+            if f"{score:.3f}" == f"{best:.3f}":
+                cells[m][j] = f"**{cells[m][j]}**"
+    lines = ["| method | " + " | ".join(c.header for c in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    lines += [f"| {m} | " + " | ".join(cells[m]) + " |" for m in result.methods]
+    return "\n".join(lines)
+
+
+def set_section(result: SetResult) -> str:
+    es = result.eval_set
+    aspects = ", ".join(result.aspect_labels)
+    head = (f"## {es.name} ({result.n_images} images, kind `{es.protocol.kind}`, "
+            f"aspects: {aspects})")
+    parts = [head, "", es.protocol.legend, "", markdown_table(result), ""]
+    for method, note in result.notes.items():
+        parts.append(f"- {method}: {note}")
+    n = max(result.n_images, 1)
+    timing = ", ".join(f"{name} {1e3 * s / n:.1f}" for name, s in
+                       {**result.shared_s, **result.method_s}.items())
+    parts += [f"- ms per image: {timing}; set total {result.seconds:.1f} s", ""]
+    return "\n".join(parts)
+
+
+# --- run ----------------------------------------------------------------------------------------
+
+def baseline_methods() -> list[Method]:
+    return [CentreMethod(), *(SmartcropMethod(kind) for kind in SMARTCROP_KINDS)]
+
+
+def heatcrop_methods(settings: Any, profiles: Sequence[str]) -> tuple[list[Method], str]:
+    """heatcrop rows, plus a line describing the engine; imports the model stack lazily."""
+    from engines.loader import load_engine
+    from sidecar.core import CropCore
+    from sidecar.decode import configure_vips
+
+    configure_vips()
+    engine = load_engine(settings.engine)
+    core = CropCore(engine, settings.kernel, settings.source, profiles[0])
+    methods: list[Method] = []
+    for profile in profiles:
+        methods += [HeatcropMethod(core, profile, False), HeatcropMethod(core, profile, True)]
+    return methods, f"{engine.name}, model {engine.version}, threads {settings.engine.threads}"
+
+
+def run(args: argparse.Namespace) -> tuple[list[SetResult], dict[str, Any]]:
+    t0 = time.perf_counter()
+    sets = [load_set(args.eval_dir, name, args.limit) for name in args.sets]
+    methods = baseline_methods()
+    info: dict[str, Any] = {"libvips": ".".join(str(pyvips.version(i)) for i in range(3)),
+                            "working_long_side": WORKING_LONG_SIDE}
+    if not args.only_baselines:
+        from sidecar import settings as settings_mod
+
+        settings = settings_mod.load(args.config)
+        extra, engine_line = heatcrop_methods(settings, args.profile)
+        methods += extra
+        info["engine"] = engine_line
+        info["kernel"] = dataclasses.asdict(settings.kernel)
+    results = [evaluate(s, methods, progress=not args.quiet) for s in sets]
+    info["runtime_s"] = time.perf_counter() - t0
+    return results, info
+
+
+def report_header(results: Sequence[SetResult], info: dict[str, Any]) -> str:
+    counts = ", ".join(f"{r.eval_set.name} {r.n_images}" for r in results)
+    lines = [f"# heatcrop crop quality ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)", "",
+             f"- commit: {git_describe()}; {os.cpu_count()} cores",
+             f"- images: {counts} (protocol: ../shared/eval/README.md)",
+             f"- baselines: centred largest window; libvips {info['libvips']} smartcrop on a "
+             f"working copy (long side {info['working_long_side']}), box mapped back to "
+             "original pixels",
+             "- Δ vs centre: mean paired per-image difference (over the mean of the aspects) "
+             "± 1.96 standard errors; bold: best in column"]
+    if "engine" in info:
+        lines.append(f"- heatcrop: {info['engine']}")
+        lines.append("- kernel settings: " + ", ".join(f"{k}={v}" for k, v in
+                                                       info["kernel"].items()))
+    else:
+        lines.append("- heatcrop: not run (--only-baselines)")
+    lines += [f"- total runtime: {info['runtime_s']:.1f} s", ""]
+    return "\n".join(lines)
+
+
+def git_describe() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (" (uncommitted changes)" if dirty else "")
+
+
+def to_json(results: Sequence[SetResult], info: dict[str, Any]) -> dict[str, Any]:
+    sets = {}
+    for r in results:
+        metrics = [m.key for m in r.eval_set.protocol.metrics]
+        sets[r.eval_set.name] = {
+            "kind": r.eval_set.protocol.kind,
+            "n_images": r.n_images,
+            "aspects": list(r.aspect_labels),
+            "images": [item.name for item in r.eval_set.items],
+            "notes": r.notes,
+            "methods": {
+                m: {
+                    "mean": {k: {"mean": r.mean(m, k), **{a: r.mean(m, k, a)
+                                                        for a in r.aspect_labels}}
+                             for k in metrics},
+                    "per_image": {a: {k: r.values[m][a][k].tolist() for k in metrics}
+                                  for a in r.aspect_labels},
+                    "seconds": r.method_s.get(m, 0.0),
+                }
+                for m in r.methods
+            },
+        }
+    return {"date": datetime.now(UTC).isoformat(), "commit": git_describe(), **info,
+            "sets": sets}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sets", type=lambda s: [x for x in s.split(",") if x],
+                        default=list(DEFAULT_SETS), help="comma-separated set names")
+    parser.add_argument("--limit", type=int, help="first N images of each set")
+    parser.add_argument("--eval-dir", type=Path, default=Path("../shared/eval"))
+    parser.add_argument("--out", type=Path, help="write the markdown report here")
+    parser.add_argument("--json", type=Path, help="write machine-readable results ('-': stdout)")
+    parser.add_argument("--profile", action="append", choices=("food", "generic"),
+                        help="heatcrop profile(s) to run (default: both)")
+    parser.add_argument("--only-baselines", action="store_true", help="skip heatcrop")
+    parser.add_argument("--config", help="heatcrop settings TOML (default: $HEATCROP_CONFIG)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    args.profile = args.profile or ["food", "generic"]
+    if args.limit is not None and args.limit <= 0:
+        parser.error("--limit must be positive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    results, info = run(args)
+    text = report_header(results, info) + "\n" + "\n".join(set_section(r) for r in results)
+    if args.json == Path("-"):
+        json.dump(to_json(results, info), sys.stdout, indent=1)
+    else:
+        print(text)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(to_json(results, info), indent=1))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
