@@ -1,0 +1,113 @@
+"""ONNX Runtime (CPU) implementation of the Engine protocol.
+
+``infer`` is safe to call from several threads at once (ONNX Runtime sessions are), although
+the batcher serialises calls anyway.
+
+Worker spinning is on by default: Lite0 is ~100 small operators, and waking sleeping pool
+threads for each one costs more than the operator itself (2 threads at 224²: ~5 ms/image
+spinning, ~9 ms not, i.e. no gain over one thread). ``spin=False`` gives idle cores back
+to decoding at that price.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from engines import buckets
+from engines.base import INPUT_NAME, OUTPUT_NAMES, PROFILES, HeatmapBatch
+from sidecar.errors import EngineError
+
+HASH_CHARS = 12
+
+
+def _session_options(threads: int, spin: bool) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Same bytes in, same heatmap out, run after run: cached heatmaps must not depend on
+    # which run produced them.
+    options.use_deterministic_compute = True
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    options.log_severity_level = 3
+    return options
+
+
+class OrtEngine:
+    """The heatmap model on ONNX Runtime's CPU provider."""
+
+    name = "ort"
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        threads: int = 2,
+        shapes: Sequence[tuple[int, int]] | None = None,
+        *,
+        spin: bool = True,
+    ) -> None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        data = Path(model_path).read_bytes()
+        self._digest = hashlib.sha256(data).hexdigest()
+        self._shapes = tuple(shapes) if shapes is not None else buckets.all_buckets()
+        for h, w in self._shapes:
+            if h % buckets.STRIDE or w % buckets.STRIDE or h <= 0 or w <= 0:
+                raise ValueError(f"shape bucket {h}x{w} is not a positive multiple of 32")
+        self.threads = threads
+        self._session: ort.InferenceSession | None = ort.InferenceSession(
+            data, sess_options=_session_options(threads, spin), providers=["CPUExecutionProvider"]
+        )
+
+    @property
+    def version(self) -> str:
+        return f"{self._digest[:HASH_CHARS]}-ort"
+
+    @property
+    def input_shapes(self) -> tuple[tuple[int, int], ...]:
+        return self._shapes
+
+    def warm_up(self) -> None:
+        for h, w in self._shapes:
+            self.infer(np.zeros((1, h, w, 3), dtype=np.uint8))
+
+    def _check(self, batch: object) -> npt.NDArray[np.uint8]:
+        if not isinstance(batch, np.ndarray):
+            raise ValueError(f"batch must be a numpy array, got {type(batch).__name__}")
+        if batch.dtype != np.uint8:
+            raise ValueError(f"batch must be uint8 RGB, got dtype {batch.dtype}")
+        if batch.ndim != 4 or batch.shape[3] != 3 or batch.shape[0] < 1:
+            raise ValueError(f"batch must be [N>=1, H, W, 3], got shape {batch.shape}")
+        hw = (int(batch.shape[1]), int(batch.shape[2]))
+        if hw not in self._shapes:
+            raise ValueError(f"{hw[0]}x{hw[1]} is not one of this engine's shape buckets")
+        return np.ascontiguousarray(batch)
+
+    def infer(self, batch: npt.NDArray[np.uint8]) -> HeatmapBatch:
+        image = self._check(batch)
+        session = self._session
+        if session is None:
+            raise EngineError("ONNX Runtime engine used after close()")
+        try:
+            heatmaps, food_mass, logits = session.run(list(OUTPUT_NAMES), {INPUT_NAME: image})
+        except Exception as exc:  # ORT raises its own exception types for any failure
+            raise EngineError(f"ONNX Runtime inference failed: {exc}") from exc
+        n, (h, w) = image.shape[0], buckets.heatmap_shape(image.shape[1:3])
+        if heatmaps.shape != (n, len(PROFILES), h, w) or logits.shape[0] != n:
+            raise EngineError(f"unexpected output shapes {heatmaps.shape}, {logits.shape}")
+        # Own copies: nothing handed out may alias a runtime buffer.
+        return HeatmapBatch(
+            heatmaps=np.array(heatmaps, dtype=np.float32),
+            food_mass=np.array(food_mass, dtype=np.float32),
+            logits=np.array(logits, dtype=np.float32),
+        )
+
+    def close(self) -> None:
+        self._session = None
