@@ -10,6 +10,7 @@ of the original, so aspect and clamping are exact in original pixels.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +32,10 @@ def largest_window(width: int, height: int, aspect: float) -> tuple[int, int]:
     """(w, h) of the largest window of aspect w/h inside width x height, within a pixel."""
     if width <= 0 or height <= 0 or aspect <= 0:
         raise ValueError(f"bad size or aspect: {width}x{height}, {aspect}")
+    # Half-up rounding, as kernels.window does: this centre crop is the service's, to the pixel.
     if width >= height * aspect:
-        return max(1, min(width, round(height * aspect))), height
-    return width, max(1, min(height, round(width / aspect)))
+        return max(1, min(width, math.floor(height * aspect + 0.5))), height
+    return width, max(1, min(height, math.floor(width / aspect + 0.5)))
 
 
 def place_window(cx: float, cy: float, width: int, height: int, aspect: float) -> Box:

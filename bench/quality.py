@@ -90,6 +90,9 @@ class Method:
         """Anything the reader needs besides the numbers (e.g. how often a fallback fired)."""
         return ""
 
+    def reset(self) -> None:
+        """Forget what notes() would report (after the warm-up, between sets)."""
+
 
 class CentreMethod(Method):
     name = CENTRE
@@ -131,6 +134,9 @@ class HeatcropMethod(Method):
                 box = self.core.center(analysis, aspect)
             out.append(Box.of(box))
         return out
+
+    def reset(self) -> None:
+        self.counts.clear()
 
     def notes(self) -> str:
         if not self.fallback or not self.counts["boxes"]:
@@ -177,6 +183,8 @@ def evaluate(eval_set: EvalSet, methods: Sequence[Method], progress: bool = True
     method_s: Counter[str] = Counter()
     shared_s: Counter[str] = Counter()
     bad: Counter[str] = Counter()
+    for method in methods:
+        method.reset()  # notes are per set
     t0 = time.perf_counter()
     items = tqdm(eval_set.items, desc=eval_set.name, unit="img", disable=not progress,
                  mininterval=2.0, file=sys.stderr)
@@ -330,9 +338,19 @@ def run(args: argparse.Namespace) -> tuple[list[SetResult], dict[str, Any]]:
         methods += extra
         info["engine"] = engine_line
         info["kernel"] = dataclasses.asdict(settings.kernel)
+    warm_up(sets, methods)
     results = [evaluate(s, methods, progress=not args.quiet) for s in sets]
     info["runtime_s"] = time.perf_counter() - t0
     return results, info
+
+
+def warm_up(sets: Sequence[EvalSet], methods: Sequence[Method]) -> None:
+    """One untimed pass on one image, so JIT compilation is not charged to the first set."""
+    item = next((s.items[0] for s in sets if s.items), None)
+    if item is not None:
+        for method in methods:
+            method.boxes(ImageContext(item), [1.0])
+            method.reset()
 
 
 def report_header(results: Sequence[SetResult], info: dict[str, Any]) -> str:

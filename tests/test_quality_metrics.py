@@ -272,3 +272,13 @@ def test_evaluate_scores_baselines_per_image(tmp_path):
     table = markdown_table(result)
     assert "| libvips entropy | **1.000** |" in table
     assert "+0.500 ±" in table  # entropy minus centre on 1:1 / 4:5 drives the paired delta
+
+
+def test_centre_box_is_the_services_centre_crop():
+    # The "low conf → centre" rows use the service's centre; the baseline must be the same box.
+    from kernels.window import center_box
+
+    rng = np.random.default_rng(3)
+    for w, h in rng.integers(1, 4000, (500, 2)):
+        for aspect in (1.0, 4 / 5, 16 / 9, 9 / 16, 1.3):
+            assert Box.of(center_box(int(w), int(h), aspect)) == centre_box(int(w), int(h), aspect)
