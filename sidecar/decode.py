@@ -15,7 +15,9 @@ Facts about pyvips 3.2 / libvips 8.18 this relies on (each is checked in tests/t
     ``option_string="fail_on=error"`` does. Without it a truncated JPEG or PNG decodes "fine",
     the missing part grey or black. With it, truncation surfaces as a ``pyvips.Error`` when the
     pixels are read (not at the call), so the read is inside the same error mapping.
-    ``fail_on="warning"`` would also reject the many real JPEGs with harmless libjpeg warnings.
+    ``fail_on="warning"`` would also reject the many real JPEGs with harmless libjpeg warnings;
+    the price is that a JPEG whose end marker comes before its scan is complete (libjpeg:
+    "premature end of data segment", a warning) decodes with the missing part grey.
   - Without ``export_profile`` the thumbnail keeps an embedded RGB profile's numbers (a Display
     P3 red stays (234, 51, 35)); with ``export_profile="srgb"`` every image — P3, CMYK with or
     without a profile, grey, 16-bit, float, Lab — arrives as 8-bit sRGB, 3 bands or 4 with alpha.
@@ -189,13 +191,15 @@ def _to_rgb8(image: pyvips.Image) -> pyvips.Image:
         # The thumbnail has usually done this already (export_profile); this covers what it
         # leaves alone, e.g. extra-band TIFFs tagged "multiband".
         image = _colourspace_or_cast(image)
+    colour = 1 if image.bands < 3 else 3
     if image.hasalpha():
-        image = image.flatten(background=[_WHITE] * (image.bands - 1))
-    if image.bands < 3:
-        image = image.extract_band(0)
+        # libvips takes the band after the colour ones as alpha (a TIFF may carry more extra
+        # bands after it); flatten() would use the last band, so cut the extras off first.
+        image = image.extract_band(0, n=colour + 1).flatten(background=[_WHITE] * colour)
+    if image.bands > colour:
+        image = image.extract_band(0, n=colour)
+    if colour == 1:
         image = image.bandjoin([image, image])
-    elif image.bands > 3:
-        image = image.extract_band(0, n=3)
     return image.cast("uchar")
 
 

@@ -11,9 +11,15 @@ BLUE = (0, 0, 255)
 WHITE = (255, 255, 255)
 
 
+def constant(width: int, height: int, values: list[float], fmt: str = "uchar",
+             interpretation: str = "srgb") -> pyvips.Image:
+    """One pixel value everywhere, len(values) bands, of the given format and interpretation."""
+    bands = pyvips.Image.black(width, height).cast("double").new_from_image(values)
+    return bands.cast(fmt).copy(interpretation=interpretation)
+
+
 def solid(width: int, height: int, rgb: tuple[int, int, int] = RED) -> pyvips.Image:
-    return (pyvips.Image.black(width, height) + list(rgb)).cast("uchar").copy(
-        interpretation="srgb")
+    return constant(width, height, list(rgb))
 
 
 def halves(width: int, height: int, left: tuple[int, int, int] = RED,
@@ -52,19 +58,16 @@ def cmyk_jpeg(rgb: tuple[int, int, int] = RED, *, profile: bool) -> bytes:
 
 def grey(width: int, height: int, level: int, *, sixteen: bool = False) -> pyvips.Image:
     if sixteen:
-        return (pyvips.Image.black(width, height) + level).cast("ushort").copy(
-            interpretation="grey16")
-    return (pyvips.Image.black(width, height) + level).cast("uchar").copy(interpretation="b-w")
+        return constant(width, height, [level], "ushort", "grey16")
+    return constant(width, height, [level], "uchar", "b-w")
 
 
 def rgb16(width: int, height: int, rgb16_value: tuple[int, int, int]) -> pyvips.Image:
-    return (pyvips.Image.black(width, height) + list(rgb16_value)).cast("ushort").copy(
-        interpretation="rgb16")
+    return constant(width, height, list(rgb16_value), "ushort", "rgb16")
 
 
 def rgba(width: int, height: int, rgb: tuple[int, int, int], alpha: int) -> pyvips.Image:
-    return (pyvips.Image.black(width, height) + [*rgb, alpha]).cast("uchar").copy(
-        interpretation="srgb")
+    return constant(width, height, [*rgb, alpha])
 
 
 def animated(colours: list[tuple[int, int, int]], suffix: str, width: int = 40,
