@@ -294,8 +294,10 @@ def _load_legacy(buffer: bytes) -> object:
         table = _StorageTable(legacy=True)
         result = _RestrictedUnpickler(stream, table).load()
         _read_legacy_storages(stream, buffer, table)
-    except (pickle.UnpicklingError, EOFError, TypeError, AttributeError, IndexError) as exc:
-        raise WeightsError(f"malformed legacy weights file: {exc}") from exc
+    except WeightsError:
+        raise
+    except Exception as exc:  # a hostile pickle can make the unpickler raise almost anything
+        raise WeightsError(f"malformed legacy weights file: {exc!r}") from exc
     return result
 
 
@@ -308,8 +310,10 @@ def _load_zip(buffer: bytes) -> object:
         table = _StorageTable(legacy=False)
         try:
             result = _RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])), table).load()
-        except (pickle.UnpicklingError, EOFError, TypeError, AttributeError, IndexError) as exc:
-            raise WeightsError(f"malformed data.pkl: {exc}") from exc
+        except WeightsError:
+            raise
+        except Exception as exc:  # see _load_legacy
+            raise WeightsError(f"malformed data.pkl: {exc!r}") from exc
         for key, storage in table.storages.items():
             name = f"{prefix}data/{key}"
             try:
