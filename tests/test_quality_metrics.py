@@ -282,3 +282,16 @@ def test_centre_box_is_the_services_centre_crop():
     for w, h in rng.integers(1, 4000, (500, 2)):
         for aspect in (1.0, 4 / 5, 16 / 9, 9 / 16, 1.3):
             assert Box.of(center_box(int(w), int(h), aspect)) == centre_box(int(w), int(h), aspect)
+
+
+def test_gallery_draw_box_frames_inside_and_clamps():
+    from bench.gallery import draw_box
+
+    pixels = np.zeros((50, 100, 3), dtype=np.uint8)
+    draw_box(pixels, Box(20, 10, 60, 30), 0.5, (255, 0, 0), 1)  # display box 10,5 .. 30,15
+    red = pixels[..., 0] > 0
+    assert red[5, 10:30].all() and red[14, 10:30].all() and red[5:15, 10].all()
+    assert red[5:15, 29].all() and not red[6:14, 11:29].any() and red.sum() == 56
+    pixels[:] = 0
+    draw_box(pixels, Box(0, 0, 400, 400), 0.5, (0, 255, 0), 2)  # beyond the image: clamped
+    assert pixels[0, :, 1].all() and pixels[49, :, 1].all() and pixels[:, 99, 1].all()
