@@ -108,7 +108,7 @@ def export(out_dir: str | Path, weights_path: Path | None = None) -> Path:
     digest = sha256_hex(data)
     path = out / model_file_name(digest)
     _write_if_changed(path, data)
-    text = json.dumps(manifest(path.name, digest, weights_digest), indent=2, sort_keys=True)
+    text = json.dumps(manifest(path.name, digest, weights_digest), indent=2)
     _write_if_changed(out / MANIFEST_NAME, (text + "\n").encode())
     return path
 
