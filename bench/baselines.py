@@ -67,6 +67,10 @@ def smartcrop_box(work: pyvips.Image, width: int, height: int, aspect: float,
 
     `work` is the working copy of a width x height original.
     """
+    if abs(work.width * height / width - work.height) > 1:
+        # e.g. thumbnail applied an EXIF rotation the ground truth does not know about.
+        raise ValueError(f"working copy {work.width}x{work.height} is not {width}x{height} "
+                         "scaled")
     cw, ch = largest_window(work.width, work.height, aspect)
     crop = work.smartcrop(cw, ch, interesting=interesting)
     left, top = locate_crop(work.numpy(), crop.numpy())

@@ -295,3 +295,10 @@ def test_gallery_draw_box_frames_inside_and_clamps():
     pixels[:] = 0
     draw_box(pixels, Box(0, 0, 400, 400), 0.5, (0, 255, 0), 2)  # beyond the image: clamped
     assert pixels[0, :, 1].all() and pixels[49, :, 1].all() and pixels[:, 99, 1].all()
+
+
+def test_smartcrop_box_refuses_a_working_copy_of_another_shape(tmp_path):
+    path = tmp_path / "p.png"
+    _photo(800, 400, Box(0, 0, 100, 100)).write_to_file(str(path))
+    with pytest.raises(ValueError, match="not 400x800"):
+        smartcrop_box(working_image(path), 400, 800, 1.0, "attention")
