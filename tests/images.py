@@ -104,6 +104,12 @@ def jpeg_with_declared_size(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def jpeg_with_icc(jpeg: bytes, profile: bytes) -> bytes:
+    """Insert ``profile`` as an APP2 ICC_PROFILE segment, whatever its content."""
+    body = b"ICC_PROFILE\x00\x01\x01" + profile
+    return jpeg[:2] + b"\xff\xe2" + struct.pack(">H", len(body) + 2) + body + jpeg[2:]
+
+
 SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="100" height="80">' \
       b'<rect width="100" height="80" fill="red"/></svg>'
 

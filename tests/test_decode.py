@@ -14,7 +14,14 @@ import pytest
 import pyvips
 
 from engines.buckets import bucket_for
-from sidecar.decode import Decoded, configure_vips, decode, decode_to, probe
+from sidecar.decode import (
+    Decoded,
+    configure_vips,
+    decode,
+    decode_to,
+    needs_colour_transform,
+    probe,
+)
 from sidecar.errors import (
     CorruptImage,
     HeatcropError,
@@ -141,6 +148,31 @@ def test_display_p3_jpeg_is_converted_to_srgb() -> None:
     p3 = images.solid(64, 48).icc_transform("p3", input_profile="srgb")
     data = bytes(p3.jpegsave_buffer(Q=95))
     assert close(np.array(p3(1, 1)), (234, 51, 34), tol=2)  # P3 numbers for sRGB red
+    assert close(centre(decode(data, **LIMITS)), images.RED)
+
+
+def header(data: bytes) -> pyvips.Image:
+    return pyvips.Image.new_from_buffer(data, "")
+
+
+def test_colour_transform_only_for_profiles_that_are_not_srgb() -> None:
+    red = images.solid(64, 48)
+    assert not needs_colour_transform(header(images.encode(red, ".jpg")))
+    assert not needs_colour_transform(header(bytes(red.jpegsave_buffer(profile="srgb"))))
+    p3 = red.icc_transform("p3", input_profile="srgb")
+    assert needs_colour_transform(header(bytes(p3.jpegsave_buffer())))
+    assert needs_colour_transform(header(images.cmyk_jpeg(profile=True)))
+    # A profile we cannot read is left to libvips, which decides what to do with it.
+    odd = red.copy()
+    odd.set_type(pyvips.GValue.blob_type, "icc-profile-data", b"RGB " * 40)
+    assert needs_colour_transform(odd)
+
+
+@pytest.mark.parametrize("profile", [b"RGB " * 40, bytes(range(256)) * 2, b"\x00" * 200])
+def test_unreadable_profile_is_ignored(profile: bytes) -> None:
+    data = images.jpeg_with_icc(images.encode(images.solid(64, 48), ".jpg"), profile)
+    assert bytes(header(data).get("icc-profile-data")) == profile
+    # libvips ignores a profile lcms cannot use and takes the pixels as sRGB: the photo is fine.
     assert close(centre(decode(data, **LIMITS)), images.RED)
 
 
