@@ -154,13 +154,19 @@ def test_prepare_tiny_sigma_stays_finite() -> None:
 
 def _random_heat(rng: np.random.Generator) -> np.ndarray:
     gh, gw = int(rng.integers(1, 11)), int(rng.integers(1, 11))
-    kind = int(rng.integers(0, 4))
+    kind = int(rng.integers(0, 5))
     if kind == 0:
         return rng.random((gh, gw))
     if kind == 1:  # sparse: a few hot cells
         return (rng.random((gh, gw)) > 0.85) * rng.random((gh, gw))
     if kind == 2:  # flat: everything is a tie, the tie-break decides
         return np.ones((gh, gw), dtype=np.float32)
+    if kind == 3:  # hot columns at both sides, a subject between: zooming in can pay
+        heat = np.zeros((gh, gw))
+        heat[:, : max(1, gw // 4)] = 1.0
+        heat[:, gw - max(1, gw // 4) :] = 1.0
+        heat[gh // 3 : gh - gh // 3, gw // 3 : gw - gw // 3] = 3.0
+        return heat if rng.random() < 0.5 else heat.T.copy()
     yy, xx = np.mgrid[0:gh, 0:gw]
     cy, cx = rng.uniform(0, gh), rng.uniform(0, gw)
     return np.exp(-((yy + 0.5 - cy) ** 2 + (xx + 0.5 - cx) ** 2) / 4.0)
@@ -171,8 +177,8 @@ def _random_params(rng: np.random.Generator) -> SearchParams:
         min_scale=1.0 if rng.random() < 0.3 else float(rng.uniform(0.3, 1.0)),
         scales=int(rng.integers(1, 5)),
         steps=int(rng.integers(2, 13)),
-        cut_weight=float(rng.uniform(0.0, 2.0)),
-        cut_band=float(rng.uniform(0.0, 0.2)),
+        cut_weight=float(rng.uniform(0.0, 2.0) if rng.random() < 0.6 else rng.uniform(2.0, 10.0)),
+        cut_band=float(rng.uniform(0.0, 0.5)),
         zoom_weight=float(rng.uniform(0.0, 0.2)),
     )
 
@@ -205,6 +211,49 @@ def test_best_window_matches_naive_search(seed: int) -> None:
     assert got.confidence == pytest.approx(max(0.0, score - center), abs=1e-9)
     assert 0 <= got.x0 < got.x1 <= width and 0 <= got.y0 < got.y1 <= height
     assert _aspect_ok(got.width, got.height, aspect)
+
+
+def _zoom_case(seed: int) -> tuple:
+    """Hot side columns that every largest window slices: here a smaller window usually wins."""
+    rng = np.random.default_rng(5000 + seed)
+    heat = np.zeros((28, 56))
+    heat[:, :8] = 1.0
+    heat[:, 47:] = 1.0
+    heat[10:18, 22:34] = 3.0
+    heat += rng.random(heat.shape) * 0.05
+    width, height = int(rng.integers(1900, 2100)), int(rng.integers(950, 1050))
+    aspect = (width - float(rng.uniform(40, 250))) / height  # a left-edge range inside a column
+    if rng.random() < 0.5:
+        heat, width, height, aspect = heat.T.copy(), height, width, 1 / aspect
+    params = SearchParams(
+        min_scale=float(rng.uniform(0.4, 0.9)),
+        scales=int(rng.integers(2, 6)),
+        steps=int(rng.integers(2, 13)),
+        cut_weight=float(rng.uniform(3.0, 10.0)),
+        cut_band=float(rng.uniform(0.1, 0.3)),
+        zoom_weight=float(rng.uniform(0.0, 0.1)),
+    )
+    return heat, width, height, aspect, params
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_best_window_matches_naive_search_when_zooming_pays(seed: int) -> None:
+    heat, width, height, aspect, params = _zoom_case(seed)
+    got = best_window(heat, width, height, aspect, params)
+    box, score, center = naive.best_window(heat, width, height, aspect, params)
+    assert got.as_tuple() == box
+    assert got.score == pytest.approx(score, abs=1e-9)
+    assert got.center_score == pytest.approx(center, abs=1e-9)
+
+
+def test_zoom_cases_do_zoom() -> None:
+    """Keeps the family above meaningful: most of its winners are smaller than the largest."""
+    zoomed = 0
+    for seed in range(12):
+        heat, width, height, aspect, params = _zoom_case(seed)
+        box = best_window(heat, width, height, aspect, params)
+        zoomed += (box.width, box.height) != largest_window(width, height, aspect)
+    assert zoomed >= 6
 
 
 @pytest.mark.parametrize("seed", range(20))

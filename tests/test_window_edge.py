@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -113,6 +114,42 @@ def test_keep_box_is_contained(seed: int) -> None:
         box = best_window(heat, width, height, aspect, ZOOM, keep=keep)
         assert box.x0 <= keep[0] and box.y0 <= keep[1] and box.x1 >= keep[2] and box.y1 >= keep[3]
         assert _aspect_ok(box, aspect)
+
+
+def _sides_and_subject() -> np.ndarray:
+    """2000x1000 map: hot columns at both sides, a strong subject between them.
+
+    Every largest 16:9 window (1778 px wide) slices a side column, a smaller one need not.
+    """
+    heat = np.zeros((28, 56))
+    heat[:, :8] = 1.0
+    heat[:, 47:] = 1.0
+    heat[10:18, 22:34] = 3.0
+    return heat
+
+
+def test_zoom_wins_when_every_largest_window_slices_something() -> None:
+    heat = _sides_and_subject()
+    no_penalty = SearchParams(min_scale=0.5, cut_weight=5.0, cut_band=0.2, zoom_weight=0.0)
+    box = best_window(heat, 2000, 1000, 16 / 9, no_penalty)
+    assert box.width < 1778 and box.height < 1000
+    # the zoom penalty is zoom_weight x (1 - s) on top of the same window's score
+    s = box.height / 1000
+    penalised = best_window(
+        heat, 2000, 1000, 16 / 9, dataclasses.replace(no_penalty, zoom_weight=0.1)
+    )
+    assert penalised.as_tuple() == box.as_tuple()
+    assert penalised.score == pytest.approx(box.score - 0.1 * (1 - s), abs=1e-12)
+
+
+def test_keep_restricts_the_scales_to_those_that_can_hold_it() -> None:
+    heat = _sides_and_subject()
+    params = SearchParams(min_scale=0.5, cut_weight=5.0, cut_band=0.2)
+    assert best_window(heat, 2000, 1000, 16 / 9, params).width < 1700
+    keep = (150, 100, 1850, 900)  # 1700 px wide: only the largest window (1778 px) holds it
+    box = best_window(heat, 2000, 1000, 16 / 9, params, keep=keep)
+    assert (box.width, box.height) == (1778, 1000)
+    assert box.x0 <= 150 and box.x1 >= 1850
 
 
 def test_keep_too_big_for_the_smaller_scales_is_still_contained() -> None:
