@@ -61,16 +61,16 @@ def working_image(source: str | Path | bytes, long_side: int = WORKING_LONG_SIDE
     return image.copy_memory()
 
 
-def smartcrop_box(work: pyvips.Image, width: int, height: int, aspect: float,
-                  interesting: str) -> Box:
+def smartcrop_box(
+    work: pyvips.Image, width: int, height: int, aspect: float, interesting: str
+) -> Box:
     """libvips smartcrop's choice for the largest window at `aspect`, in original pixels.
 
     `work` is the working copy of a width x height original.
     """
     if abs(work.width * height / width - work.height) > 1:
         # e.g. thumbnail applied an EXIF rotation the ground truth does not know about.
-        raise ValueError(f"working copy {work.width}x{work.height} is not {width}x{height} "
-                         "scaled")
+        raise ValueError(f"working copy {work.width}x{work.height} is not {width}x{height} scaled")
     cw, ch = largest_window(work.width, work.height, aspect)
     crop = work.smartcrop(cw, ch, interesting=interesting)
     left, top = locate_crop(work.numpy(), crop.numpy())
@@ -89,14 +89,16 @@ def locate_crop(image: npt.NDArray[np.uint8], crop: npt.NDArray[np.uint8]) -> tu
     h, w = image.shape[:2]
     ch, cw = crop.shape[:2]
     if ch == h:
-        offsets = _profile_matches(image.sum(axis=0, dtype=np.int64),
-                                   crop.sum(axis=0, dtype=np.int64))
-        exact = [o for o in offsets if np.array_equal(image[:, o:o + cw], crop)]
+        offsets = _profile_matches(
+            image.sum(axis=0, dtype=np.int64), crop.sum(axis=0, dtype=np.int64)
+        )
+        exact = [o for o in offsets if np.array_equal(image[:, o : o + cw], crop)]
         free, size = w, cw
     elif cw == w:
-        offsets = _profile_matches(image.sum(axis=1, dtype=np.int64),
-                                   crop.sum(axis=1, dtype=np.int64))
-        exact = [o for o in offsets if np.array_equal(image[o:o + ch], crop)]
+        offsets = _profile_matches(
+            image.sum(axis=1, dtype=np.int64), crop.sum(axis=1, dtype=np.int64)
+        )
+        exact = [o for o in offsets if np.array_equal(image[o : o + ch], crop)]
         free, size = h, ch
     else:
         raise ValueError(f"crop {cw}x{ch} spans neither axis of {w}x{h}")

@@ -40,7 +40,8 @@ class EvalItem:
     boxes: tuple[Box, ...]
     # [n, 3] rows of (x, y, subject) with each subject's first fixation already removed.
     fixations: npt.NDArray[np.float64] = field(
-        default_factory=lambda: np.zeros((0, 3)), compare=False)
+        default_factory=lambda: np.zeros((0, 3)), compare=False
+    )
 
 
 @dataclass(frozen=True)
@@ -143,5 +144,11 @@ def _item(root: Path, entry: dict[str, Any]) -> EvalItem:
     fixations = np.zeros((0, 3))
     if raw:
         fixations = drop_first_fixations(np.asarray(raw, dtype=np.float64).reshape(-1, 3))
-    return EvalItem(name=entry["image"], path=root / "images" / entry["image"], width=width,
-                    height=height, boxes=boxes, fixations=fixations)
+    return EvalItem(
+        name=entry["image"],
+        path=root / "images" / entry["image"],
+        width=width,
+        height=height,
+        boxes=boxes,
+        fixations=fixations,
+    )

@@ -30,12 +30,18 @@ from bench.metrics import Box
 # Evenly spaced through each set's sorted file names, fixed here so the page is comparable
 # from run to run even if a manifest is reordered.
 PHOTOS: dict[str, tuple[str, ...]] = {
-    "fcdb_dev": ("10486758315_e04771f77c_c.jpg", "19490819674_8c4485c3d1_c.jpg",
-                 "3972047638_dc66f62fd4_b.jpg", "6102762874_42f370ed12_b.jpg"),
-    "food_dev": ("105_png.rf.18d04aefea5148e640d7b786b92b8b72.jpg",
-                 "31_png.rf.91af8aab9291580b60eb3656055ac0ba.jpg",
-                 "56_png.rf.dd25d879c94b623449de2070c56eae50.jpg",
-                 "84_png.rf.08539d69b50caf56f6808101325eb7f8.jpg"),
+    "fcdb_dev": (
+        "10486758315_e04771f77c_c.jpg",
+        "19490819674_8c4485c3d1_c.jpg",
+        "3972047638_dc66f62fd4_b.jpg",
+        "6102762874_42f370ed12_b.jpg",
+    ),
+    "food_dev": (
+        "105_png.rf.18d04aefea5148e640d7b786b92b8b72.jpg",
+        "31_png.rf.91af8aab9291580b60eb3656055ac0ba.jpg",
+        "56_png.rf.dd25d879c94b623449de2070c56eae50.jpg",
+        "84_png.rf.08539d69b50caf56f6808101325eb7f8.jpg",
+    ),
     "saliency_dev": ("012.jpg", "118.jpg", "253.jpg", "381.jpg"),
 }
 TILE_LONG_SIDE = 360
@@ -53,25 +59,34 @@ class Tile:
     caption: str
 
 
-def draw_box(pixels: npt.NDArray[np.uint8], box: Box, scale: float,
-             colour: tuple[int, int, int], thickness: int) -> None:
+def draw_box(
+    pixels: npt.NDArray[np.uint8],
+    box: Box,
+    scale: float,
+    colour: tuple[int, int, int],
+    thickness: int,
+) -> None:
     """A frame inside `box` (original pixels) on a display image scaled by `scale`, in place."""
     h, w = pixels.shape[:2]
     x0, y0 = min(w - 1, round(box.x0 * scale)), min(h - 1, round(box.y0 * scale))
     x1, y1 = max(x0 + 1, min(w, round(box.x1 * scale))), max(y0 + 1, min(h, round(box.y1 * scale)))
     t = max(1, min(thickness, (x1 - x0) // 2, (y1 - y0) // 2))
-    pixels[y0:y0 + t, x0:x1] = colour
-    pixels[y1 - t:y1, x0:x1] = colour
-    pixels[y0:y1, x0:x0 + t] = colour
-    pixels[y0:y1, x1 - t:x1] = colour
+    pixels[y0 : y0 + t, x0:x1] = colour
+    pixels[y1 - t : y1, x0:x1] = colour
+    pixels[y0:y1, x0 : x0 + t] = colour
+    pixels[y0:y1, x1 - t : x1] = colour
 
 
-def draw_points(pixels: npt.NDArray[np.uint8], points: npt.NDArray[np.float64], scale: float,
-                colour: tuple[int, int, int]) -> None:
+def draw_points(
+    pixels: npt.NDArray[np.uint8],
+    points: npt.NDArray[np.float64],
+    scale: float,
+    colour: tuple[int, int, int],
+) -> None:
     h, w = pixels.shape[:2]
     for x, y in points[:, :2] * scale:
         cx, cy = int(x), int(y)
-        pixels[max(0, cy - 1):min(h, cy + 2), max(0, cx - 1):min(w, cx + 2)] = colour
+        pixels[max(0, cy - 1) : min(h, cy + 2), max(0, cx - 1) : min(w, cx + 2)] = colour
 
 
 def display_pixels(item: EvalItem) -> tuple[npt.NDArray[np.uint8], float]:
@@ -99,8 +114,9 @@ def save_jpeg(pixels: npt.NDArray[np.uint8], path: Path) -> None:
     pyvips.Image.new_from_array(pixels, interpretation="srgb").jpegsave(str(path), Q=85)
 
 
-def photo_tiles(eval_set: EvalSet, item: EvalItem, core: Any, profile: str,
-                out: Path) -> list[Tile]:
+def photo_tiles(
+    eval_set: EvalSet, item: EvalItem, core: Any, profile: str, out: Path
+) -> list[Tile]:
     from sidecar.overlay import render_overlay
 
     data = item.path.read_bytes()
@@ -112,8 +128,11 @@ def photo_tiles(eval_set: EvalSet, item: EvalItem, core: Any, profile: str,
     tiles = []
     for label, aspect in aspects.items():
         raw = core.box(analysis, aspect, profile)
-        boxes = {"heatcrop": Box.of(raw), "centre": centre_box(item.width, item.height, aspect),
-                 "attention": smartcrop_box(work, item.width, item.height, aspect, "attention")}
+        boxes = {
+            "heatcrop": Box.of(raw),
+            "centre": centre_box(item.width, item.height, aspect),
+            "attention": smartcrop_box(work, item.width, item.height, aspect, "attention"),
+        }
         name = f"{stem}_{label.replace(':', 'x')}.jpg"
         save_jpeg(render_tile(item, protocol.kind, boxes), out / name)
         verdict = "" if core.is_confident(raw) else " → centre"
@@ -123,11 +142,17 @@ def photo_tiles(eval_set: EvalSet, item: EvalItem, core: Any, profile: str,
             scores = ", ".join(f"{m} {protocol.score(item, b)[key]:.2f}" for m, b in boxes.items())
             caption += f"<br>{protocol.metrics[0].title}: {scores}"
         tiles.append(Tile(name, caption))
-    heat_png = render_overlay(data, core.prepared(analysis, profile),
-                              core.box(analysis, 1.0, profile), core.center(analysis, 1.0),
-                              analysis.width, analysis.height)
-    heat = pyvips.Image.new_from_buffer(heat_png, "").thumbnail_image(TILE_LONG_SIDE,
-                                                                       height=TILE_LONG_SIDE)
+    heat_png = render_overlay(
+        data,
+        core.prepared(analysis, profile),
+        core.box(analysis, 1.0, profile),
+        core.center(analysis, 1.0),
+        analysis.width,
+        analysis.height,
+    )
+    heat = pyvips.Image.new_from_buffer(heat_png, "").thumbnail_image(
+        TILE_LONG_SIDE, height=TILE_LONG_SIDE
+    )
     name = f"{stem}_heat.jpg"
     heat.jpegsave(str(out / name), Q=85)
     tiles.append(Tile(name, f"heatmap ({profile}), food mass {analysis.food_mass:.2f}"))
@@ -137,26 +162,33 @@ def photo_tiles(eval_set: EvalSet, item: EvalItem, core: Any, profile: str,
 def page(sections: Sequence[tuple[str, list[Tile]]], profile: str) -> str:
     legend = " ".join(
         f'<span style="border-bottom:4px solid rgb{c};margin-right:1em">{html.escape(n)}</span>'
-        for n, c in COLOURS.items())
+        for n, c in COLOURS.items()
+    )
     body = []
     for title, tiles in sections:
-        figures = "".join(f'<figure><img src="{t.file}"><figcaption>{t.caption}</figcaption>'
-                          "</figure>" for t in tiles)
+        figures = "".join(
+            f'<figure><img src="{t.file}"><figcaption>{t.caption}</figcaption></figure>'
+            for t in tiles
+        )
         body.append(f"<h2>{html.escape(title)}</h2><div class=row>{figures}</div>")
-    style = ("body{font-family:sans-serif;background:#222;color:#ddd}"
-             ".row{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0}"
-             "figcaption{font-size:12px;max-width:360px}")
-    return (f"<!doctype html><meta charset=utf-8><title>heatcrop gallery</title>"
-            f"<style>{style}</style><h1>heatcrop ({html.escape(profile)}) vs centre vs "
-            f"libvips attention</h1><p>{legend}</p><p>Truth: expert crop, dish boxes or eye "
-            "fixations. Heatcrop's raw box is drawn; '→ centre' marks where the service's "
-            "low-confidence rule would serve the centre crop instead.</p>"
-            + "".join(body))
+    style = (
+        "body{font-family:sans-serif;background:#222;color:#ddd}"
+        ".row{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0}"
+        "figcaption{font-size:12px;max-width:360px}"
+    )
+    return (
+        f"<!doctype html><meta charset=utf-8><title>heatcrop gallery</title>"
+        f"<style>{style}</style><h1>heatcrop ({html.escape(profile)}) vs centre vs "
+        f"libvips attention</h1><p>{legend}</p><p>Truth: expert crop, dish boxes or eye "
+        "fixations. Heatcrop's raw box is drawn; '→ centre' marks where the service's "
+        "low-confidence rule would serve the centre crop instead.</p>" + "".join(body)
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/gallery"))
     parser.add_argument("--eval-dir", type=Path, default=Path("../shared/eval"))
     parser.add_argument("--profile", choices=("food", "generic"), default="food")

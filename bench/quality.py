@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -67,7 +67,7 @@ class ImageContext:
             t0 = time.perf_counter()
             self._memo[key] = make()
             self.memo_s[key] = time.perf_counter() - t0
-        return self._memo[key]  # type: ignore[no-any-return]
+        return cast(T, self._memo[key])
 
     @property
     def data(self) -> bytes:
@@ -108,8 +108,10 @@ class SmartcropMethod(Method):
 
     def boxes(self, ctx: ImageContext, aspects: Sequence[float]) -> list[Box]:
         item = ctx.item
-        return [smartcrop_box(ctx.working, item.width, item.height, a, self.interesting)
-                for a in aspects]
+        return [
+            smartcrop_box(ctx.working, item.width, item.height, a, self.interesting)
+            for a in aspects
+        ]
 
 
 class HeatcropMethod(Method):
@@ -178,16 +180,27 @@ class SetResult:
 
 def evaluate(eval_set: EvalSet, methods: Sequence[Method], progress: bool = True) -> SetResult:
     protocol = eval_set.protocol
-    values = {m.name: {a: {k.key: np.zeros(len(eval_set.items)) for k in protocol.metrics}
-                       for a in protocol.aspect_labels} for m in methods}
+    values = {
+        m.name: {
+            a: {k.key: np.zeros(len(eval_set.items)) for k in protocol.metrics}
+            for a in protocol.aspect_labels
+        }
+        for m in methods
+    }
     method_s: Counter[str] = Counter()
     shared_s: Counter[str] = Counter()
     bad: Counter[str] = Counter()
     for method in methods:
         method.reset()  # notes are per set
     t0 = time.perf_counter()
-    items = tqdm(eval_set.items, desc=eval_set.name, unit="img", disable=not progress,
-                 mininterval=2.0, file=sys.stderr)
+    items = tqdm(
+        eval_set.items,
+        desc=eval_set.name,
+        unit="img",
+        disable=not progress,
+        mininterval=2.0,
+        file=sys.stderr,
+    )
     for i, item in enumerate(items):
         ctx = ImageContext(item)
         aspects = protocol.aspects(item)
@@ -199,8 +212,9 @@ def evaluate(eval_set: EvalSet, methods: Sequence[Method], progress: bool = True
             except Exception as exc:
                 raise RuntimeError(f"{method.name} failed on {item.path}: {exc}") from exc
             # Time spent computing shared per-image work is reported apart, not charged here.
-            method_s[method.name] += time.perf_counter() - t - (sum(ctx.memo_s.values())
-                                                                - shared_before)
+            method_s[method.name] += (
+                time.perf_counter() - t - (sum(ctx.memo_s.values()) - shared_before)
+            )
             for (label, aspect), box in zip(aspects.items(), boxes, strict=True):
                 if not box_ok(box, item.width, item.height, aspect):
                     bad[method.name] += 1
@@ -211,8 +225,15 @@ def evaluate(eval_set: EvalSet, methods: Sequence[Method], progress: bool = True
     for name, count in bad.items():
         extra = f"{count} boxes out of bounds or off-aspect by more than a pixel"
         notes[name] = f"{notes[name]}; {extra}" if name in notes else extra
-    return SetResult(eval_set, [m.name for m in methods], values, dict(method_s), dict(shared_s),
-                     time.perf_counter() - t0, notes)
+    return SetResult(
+        eval_set,
+        [m.name for m in methods],
+        values,
+        dict(method_s),
+        dict(shared_s),
+        time.perf_counter() - t0,
+        notes,
+    )
 
 
 def box_ok(box: Box, width: int, height: int, aspect: float) -> bool:
@@ -223,6 +244,7 @@ def box_ok(box: Box, width: int, height: int, aspect: float) -> bool:
 
 
 # --- columns ----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Column:
@@ -240,13 +262,20 @@ def metric_columns(result: SetResult, metric: Metric) -> list[Column]:
     aspects: list[str | None] = [*labels, None] if len(labels) > 1 else [None]
     cols = []
     for label in aspects:
+
         def value(r: SetResult, m: str, lb: str | None = label) -> float:
             return r.mean(m, metric.key, lb)
 
         arrow = "↑" if metric.higher_is_better else "↓"
         suffix = label if label is not None else ("mean " + arrow if len(labels) > 1 else arrow)
-        cols.append(Column(f"{metric.title} {suffix}", lambda r, m, v=value: f"{v(r, m):.3f}",
-                           value, metric.higher_is_better))
+        cols.append(
+            Column(
+                f"{metric.title} {suffix}",
+                lambda r, m, v=value: f"{v(r, m):.3f}",
+                value,
+                metric.higher_is_better,
+            )
+        )
     return cols
 
 
@@ -282,8 +311,10 @@ def markdown_table(result: SetResult) -> str:
         for m, score in scores.items():
             if f"{score:.3f}" == f"{best:.3f}":
                 cells[m][j] = f"**{cells[m][j]}**"
-    lines = ["| method | " + " | ".join(c.header for c in cols) + " |",
-             "|---|" + "---:|" * len(cols)]
+    lines = [
+        "| method | " + " | ".join(c.header for c in cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
     lines += [f"| {m} | " + " | ".join(cells[m]) + " |" for m in result.methods]
     return "\n".join(lines)
 
@@ -291,19 +322,20 @@ def markdown_table(result: SetResult) -> str:
 def set_section(result: SetResult) -> str:
     es = result.eval_set
     aspects = ", ".join(result.aspect_labels)
-    head = (f"## {es.name} ({result.n_images} images, kind `{es.protocol.kind}`, "
-            f"aspects: {aspects})")
+    head = f"## {es.name} ({result.n_images} images, kind `{es.protocol.kind}`, aspects: {aspects})"
     parts = [head, "", es.protocol.legend, "", markdown_table(result), ""]
     for method, note in result.notes.items():
         parts.append(f"- {method}: {note}")
     n = max(result.n_images, 1)
-    timing = ", ".join(f"{name} {1e3 * s / n:.1f}" for name, s in
-                       {**result.shared_s, **result.method_s}.items())
+    timing = ", ".join(
+        f"{name} {1e3 * s / n:.1f}" for name, s in {**result.shared_s, **result.method_s}.items()
+    )
     parts += [f"- ms per image: {timing}; set total {result.seconds:.1f} s", ""]
     return "\n".join(parts)
 
 
 # --- run ----------------------------------------------------------------------------------------
+
 
 def baseline_methods() -> list[Method]:
     return [CentreMethod(), *(SmartcropMethod(kind) for kind in SMARTCROP_KINDS)]
@@ -328,8 +360,10 @@ def run(args: argparse.Namespace) -> tuple[list[SetResult], dict[str, Any]]:
     t0 = time.perf_counter()
     sets = [load_set(args.eval_dir, name, args.limit) for name in args.sets]
     methods = baseline_methods()
-    info: dict[str, Any] = {"libvips": ".".join(str(pyvips.version(i)) for i in range(3)),
-                            "working_long_side": WORKING_LONG_SIDE}
+    info: dict[str, Any] = {
+        "libvips": ".".join(str(pyvips.version(i)) for i in range(3)),
+        "working_long_side": WORKING_LONG_SIDE,
+    }
     if not args.only_baselines:
         from sidecar import settings as settings_mod
 
@@ -355,18 +389,22 @@ def warm_up(sets: Sequence[EvalSet], methods: Sequence[Method]) -> None:
 
 def report_header(results: Sequence[SetResult], info: dict[str, Any]) -> str:
     counts = ", ".join(f"{r.eval_set.name} {r.n_images}" for r in results)
-    lines = [f"# heatcrop crop quality ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)", "",
-             f"- commit: {git_describe()}; {os.cpu_count()} cores",
-             f"- images: {counts} (protocol: ../shared/eval/README.md)",
-             f"- baselines: centred largest window; libvips {info['libvips']} smartcrop on a "
-             f"working copy (long side {info['working_long_side']}), box mapped back to "
-             "original pixels",
-             "- Δ vs centre: mean paired per-image difference (over the mean of the aspects) "
-             "± 1.96 standard errors; bold: best in column"]
+    lines = [
+        f"# heatcrop crop quality ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
+        "",
+        f"- commit: {git_describe()}; {os.cpu_count()} cores",
+        f"- images: {counts} (protocol: ../shared/eval/README.md)",
+        f"- baselines: centred largest window; libvips {info['libvips']} smartcrop on a "
+        f"working copy (long side {info['working_long_side']}), box mapped back to "
+        "original pixels",
+        "- Δ vs centre: mean paired per-image difference (over the mean of the aspects) "
+        "± 1.96 standard errors; bold: best in column",
+    ]
     if "engine" in info:
         lines.append(f"- heatcrop: {info['engine']}")
-        lines.append("- kernel settings: " + ", ".join(f"{k}={v}" for k, v in
-                                                       info["kernel"].items()))
+        lines.append(
+            "- kernel settings: " + ", ".join(f"{k}={v}" for k, v in info["kernel"].items())
+        )
     else:
         lines.append("- heatcrop: not run (--only-baselines)")
     lines += [f"- total runtime: {info['runtime_s']:.1f} s", ""]
@@ -375,10 +413,15 @@ def report_header(results: Sequence[SetResult], info: dict[str, Any]) -> str:
 
 def git_describe() -> str:
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + (" (uncommitted changes)" if dirty else "")
@@ -396,31 +439,41 @@ def to_json(results: Sequence[SetResult], info: dict[str, Any]) -> dict[str, Any
             "notes": r.notes,
             "methods": {
                 m: {
-                    "mean": {k: {"mean": r.mean(m, k), **{a: r.mean(m, k, a)
-                                                        for a in r.aspect_labels}}
-                             for k in metrics},
-                    "per_image": {a: {k: r.values[m][a][k].tolist() for k in metrics}
-                                  for a in r.aspect_labels},
+                    "mean": {
+                        k: {"mean": r.mean(m, k), **{a: r.mean(m, k, a) for a in r.aspect_labels}}
+                        for k in metrics
+                    },
+                    "per_image": {
+                        a: {k: r.values[m][a][k].tolist() for k in metrics} for a in r.aspect_labels
+                    },
                     "seconds": r.method_s.get(m, 0.0),
                 }
                 for m in r.methods
             },
         }
-    return {"date": datetime.now(UTC).isoformat(), "commit": git_describe(), **info,
-            "sets": sets}
+    return {"date": datetime.now(UTC).isoformat(), "commit": git_describe(), **info, "sets": sets}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sets", type=lambda s: [x for x in s.split(",") if x],
-                        default=list(DEFAULT_SETS), help="comma-separated set names")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--sets",
+        type=lambda s: [x for x in s.split(",") if x],
+        default=list(DEFAULT_SETS),
+        help="comma-separated set names",
+    )
     parser.add_argument("--limit", type=int, help="first N images of each set")
     parser.add_argument("--eval-dir", type=Path, default=Path("../shared/eval"))
     parser.add_argument("--out", type=Path, help="write the markdown report here")
     parser.add_argument("--json", type=Path, help="write machine-readable results ('-': stdout)")
-    parser.add_argument("--profile", action="append", choices=("food", "generic"),
-                        help="heatcrop profile(s) to run (default: both)")
+    parser.add_argument(
+        "--profile",
+        action="append",
+        choices=("food", "generic"),
+        help="heatcrop profile(s) to run (default: both)",
+    )
     parser.add_argument("--only-baselines", action="store_true", help="skip heatcrop")
     parser.add_argument("--config", help="heatcrop settings TOML (default: $HEATCROP_CONFIG)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

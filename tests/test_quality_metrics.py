@@ -69,11 +69,12 @@ def test_union_area_matches_raster():
         boxes = []
         for _ in range(rng.integers(1, 7)):
             x0, y0 = rng.integers(0, 40, size=2)
-            boxes.append(Box(int(x0), int(y0), int(x0 + rng.integers(0, 25)),
-                             int(y0 + rng.integers(0, 25))))
+            boxes.append(
+                Box(int(x0), int(y0), int(x0 + rng.integers(0, 25)), int(y0 + rng.integers(0, 25)))
+            )
         mask = np.zeros((70, 70), dtype=bool)
         for b in boxes:
-            mask[b.y0:b.y1, b.x0:b.x1] = True
+            mask[b.y0 : b.y1, b.x0 : b.x1] = True
         assert union_area(boxes) == mask.sum()
 
 
@@ -113,21 +114,35 @@ def test_fixations_kept_edges_exclusive():
 def test_load_set_removes_first_fixations(tmp_path):
     root = tmp_path / "sal"
     (root / "images").mkdir(parents=True)
-    entry = {"image": "a.jpg", "width": 100, "height": 50, "boxes": [[10, 10, 90, 40]],
-             "kind": "saliency", "fixations_xy_subject": [[50, 25, 0], [10, 10, 0], [50, 25, 1],
-                                                          [80, 40, 1], [81, 41, 1]]}
+    entry = {
+        "image": "a.jpg",
+        "width": 100,
+        "height": 50,
+        "boxes": [[10, 10, 90, 40]],
+        "kind": "saliency",
+        "fixations_xy_subject": [[50, 25, 0], [10, 10, 0], [50, 25, 1], [80, 40, 1], [81, 41, 1]],
+    }
     (root / "manifest.json").write_text(json.dumps([entry, {**entry, "image": "b.jpg"}]))
     es = load_set(tmp_path, "sal", limit=1)
     assert len(es.items) == 1
     assert es.items[0].fixations.tolist() == [[10, 10, 0], [80, 40, 1], [81, 41, 1]]
-    assert es.protocol.aspects(es.items[0]) == {"1:1": 1.0, "4:5": 0.8, "16:9": 16 / 9,
-                                                "9:16": 9 / 16}
+    assert es.protocol.aspects(es.items[0]) == {
+        "1:1": 1.0,
+        "4:5": 0.8,
+        "16:9": 16 / 9,
+        "9:16": 9 / 16,
+    }
 
 
 def test_load_set_rejects_box_outside_image(tmp_path):
     (tmp_path / "s").mkdir()
-    entry = {"image": "a.jpg", "width": 100, "height": 50, "boxes": [[10, 10, 101, 40]],
-             "kind": "crop"}
+    entry = {
+        "image": "a.jpg",
+        "width": 100,
+        "height": 50,
+        "boxes": [[10, 10, 101, 40]],
+        "kind": "crop",
+    }
     (tmp_path / "s" / "manifest.json").write_text(json.dumps([entry]))
     with pytest.raises(ValueError, match="outside"):
         load_set(tmp_path, "s")
@@ -177,7 +192,7 @@ def _photo(width: int, height: int, patch: Box, seed: int = 0) -> pyvips.Image:
     pixels = np.full((height, width, 3), 128, dtype=np.uint8)
     noise = rng.integers(0, 256, (patch.height, patch.width, 3), dtype=np.uint8)
     noise[..., 0] = np.maximum(noise[..., 0], 200)  # saturated red: attention's colour cue
-    pixels[patch.y0:patch.y1, patch.x0:patch.x1] = noise
+    pixels[patch.y0 : patch.y1, patch.x0 : patch.x1] = noise
     return pyvips.Image.new_from_array(pixels, interpretation="srgb")
 
 
@@ -258,17 +273,27 @@ def test_evaluate_scores_baselines_per_image(tmp_path):
     entries = []
     for i, patch in enumerate([Box(1350, 250, 1600, 550), Box(600, 300, 900, 500)]):
         _photo(1600, 800, patch, i).write_to_file(str(root / "images" / f"{i}.png"))
-        entries.append({"image": f"{i}.png", "width": 1600, "height": 800,
-                        "boxes": [patch.as_list()], "kind": "object"})
+        entries.append(
+            {
+                "image": f"{i}.png",
+                "width": 1600,
+                "height": 800,
+                "boxes": [patch.as_list()],
+                "kind": "object",
+            }
+        )
     (root / "manifest.json").write_text(json.dumps(entries))
-    result = evaluate(load_set(tmp_path, "food"), [CentreMethod(), SmartcropMethod("entropy")],
-                      progress=False)
+    result = evaluate(
+        load_set(tmp_path, "food"), [CentreMethod(), SmartcropMethod("entropy")], progress=False
+    )
     # Centre 1:1 is x in [400, 1200): the first patch is outside, the second inside.
     assert result.per_image("centre", "kept", "1:1").tolist() == [0.0, 1.0]
     assert result.per_image("libvips entropy", "kept", "1:1").tolist() == [1.0, 1.0]
     assert result.mean("centre", "all90", "1:1") == 0.5
-    assert math.isclose(result.mean("centre", "kept"),
-                        np.mean([result.mean("centre", "kept", a) for a in result.aspect_labels]))
+    assert math.isclose(
+        result.mean("centre", "kept"),
+        np.mean([result.mean("centre", "kept", a) for a in result.aspect_labels]),
+    )
     table = markdown_table(result)
     assert "| libvips entropy | **1.000** |" in table
     assert "+0.500 ±" in table  # entropy minus centre on 1:1 / 4:5 drives the paired delta
