@@ -279,24 +279,20 @@ def _offsets(m: int, steps: int, lo: int, hi: int) -> np.ndarray:
 
 
 @njit(cache=True)
-def _lerp(vec: np.ndarray, c: float, n: int) -> float:
-    j, f = _locate(c, n)
+def _lerp(vec: np.ndarray, j: int, f: float) -> float:
     return vec[j] + f * (vec[j + 1] - vec[j])
 
 
 @njit(cache=True)
-def _rows_between(sat: np.ndarray, y0: float, y1: float) -> np.ndarray:
-    """Column-cumulative heat between rows y0 and y1 (cell coords): F(., y1) - F(., y0)."""
+def _rows_between(sat: np.ndarray, y0: float, y1: float, out: np.ndarray) -> None:
+    """Column-cumulative heat between rows y0 and y1 (cell coords) into out: F(., y1) - F(., y0)."""
     gh = sat.shape[0] - 1
     i0, f0 = _locate(y0, gh)
     i1, f1 = _locate(y1, gh)
-    n = sat.shape[1]
-    out = np.empty(n, dtype=np.float64)
-    for j in range(n):
+    for j in range(sat.shape[1]):
         a = sat[i0, j] + f0 * (sat[i0 + 1, j] - sat[i0, j])
         b = sat[i1, j] + f1 * (sat[i1 + 1, j] - sat[i1, j])
         out[j] = b - a
-    return out
 
 
 @njit(cache=True)
@@ -315,7 +311,8 @@ def _scores(
 ) -> np.ndarray:
     """Scores of the cw x ch windows at every (ys[b], xs[a]); [b, a] layout.
 
-    Rows are interpolated once per y offset, so each window costs ten 1-D interpolations.
+    Rows are interpolated once per y offset and columns located once per x offset, so each
+    window costs ten 1-D interpolations at known cells.
     """
     gh = sat.shape[0] - 1
     gw = sat.shape[1] - 1
@@ -325,8 +322,10 @@ def _scores(
     hb = 0.5 * cut_band * min(cw, ch)
     zoom = zoom_weight * (1.0 - s)
     nx = xs.size
-    # Per x offset, grid x of: left, right, left band lo/hi, right band lo/hi.
+    # Per x offset, grid x of: left, right, left band lo/hi, right band lo/hi; their cells.
     xc = np.empty((nx, 6), dtype=np.float64)
+    xj = np.empty((nx, 6), dtype=np.int64)
+    xf = np.empty((nx, 6), dtype=np.float64)
     for a in range(nx):
         x0 = xs[a]
         x1 = x0 + cw
@@ -336,33 +335,37 @@ def _scores(
         xc[a, 3] = min(x0 + hb, width) * kx
         xc[a, 4] = max(x1 - hb, 0.0) * kx
         xc[a, 5] = min(x1 + hb, width) * kx
+        for c in range(6):
+            xj[a, c], xf[a, c] = _locate(xc[a, c], gw)
+    d_in = np.empty(gw + 1, dtype=np.float64)
+    d_top = np.empty(gw + 1, dtype=np.float64)
+    d_bot = np.empty(gw + 1, dtype=np.float64)
     out = np.empty((ys.size, nx), dtype=np.float64)
     for b in range(ys.size):
         y0 = ys[b]
         y1 = y0 + ch
         t_lo, t_hi = max(y0 - hb, 0.0) * ky, min(y0 + hb, height) * ky
         b_lo, b_hi = max(y1 - hb, 0.0) * ky, min(y1 + hb, height) * ky
-        d_in = _rows_between(sat, y0 * ky, y1 * ky)
-        d_top = _rows_between(sat, t_lo, t_hi)
-        d_bot = _rows_between(sat, b_lo, b_hi)
+        _rows_between(sat, y0 * ky, y1 * ky, d_in)
+        _rows_between(sat, t_lo, t_hi, d_top)
+        _rows_between(sat, b_lo, b_hi, d_bot)
         in_h = (y1 - y0) * ky
         for a in range(nx):
-            gx0 = xc[a, 0]
-            gx1 = xc[a, 1]
-            inside = _lerp(d_in, gx1, gw) - _lerp(d_in, gx0, gw)
+            w = xc[a, 1] - xc[a, 0]
+            inside = _lerp(d_in, xj[a, 1], xf[a, 1]) - _lerp(d_in, xj[a, 0], xf[a, 0])
             cut = 0.0
             if xs[a] > 0:
-                m = _lerp(d_in, xc[a, 3], gw) - _lerp(d_in, xc[a, 2], gw)
+                m = _lerp(d_in, xj[a, 3], xf[a, 3]) - _lerp(d_in, xj[a, 2], xf[a, 2])
                 cut += max(0.0, m - (xc[a, 3] - xc[a, 2]) * in_h * flat)
             if xs[a] + cw < width:
-                m = _lerp(d_in, xc[a, 5], gw) - _lerp(d_in, xc[a, 4], gw)
+                m = _lerp(d_in, xj[a, 5], xf[a, 5]) - _lerp(d_in, xj[a, 4], xf[a, 4])
                 cut += max(0.0, m - (xc[a, 5] - xc[a, 4]) * in_h * flat)
             if y0 > 0:
-                m = _lerp(d_top, gx1, gw) - _lerp(d_top, gx0, gw)
-                cut += max(0.0, m - (gx1 - gx0) * (t_hi - t_lo) * flat)
+                m = _lerp(d_top, xj[a, 1], xf[a, 1]) - _lerp(d_top, xj[a, 0], xf[a, 0])
+                cut += max(0.0, m - w * (t_hi - t_lo) * flat)
             if y1 < height:
-                m = _lerp(d_bot, gx1, gw) - _lerp(d_bot, gx0, gw)
-                cut += max(0.0, m - (gx1 - gx0) * (b_hi - b_lo) * flat)
+                m = _lerp(d_bot, xj[a, 1], xf[a, 1]) - _lerp(d_bot, xj[a, 0], xf[a, 0])
+                cut += max(0.0, m - w * (b_hi - b_lo) * flat)
             out[b, a] = inside - cut_weight * cut - zoom
     return out
 
