@@ -118,30 +118,24 @@ def best_window(
     if not isinstance(params, SearchParams):
         raise ValueError(f"params must be a SearchParams, got {type(params).__name__}")
     keep_arr = _check_keep(keep, width, height)
+    width, height, aspect = int(width), int(height), float(aspect)
+    # Plain int/float arguments only: an int cut_weight or np.int32 width would otherwise make
+    # numba compile (seconds) and cache another specialisation at request time.
+    weights = (float(params.cut_weight), float(params.cut_band), float(params.zoom_weight))
     sat = _sat_kernel(_normalised(heat))
     scales = _scale_list(params)
     sizes = np.array([_window_size(width, height, aspect, s) for s in scales], dtype=np.int64)
+    cws = np.ascontiguousarray(sizes[:, 0])
+    chs = np.ascontiguousarray(sizes[:, 1])
     found, bx, by, bk, score, center = _search_kernel(
-        sat,
-        width,
-        height,
-        sizes[:, 0].copy(),
-        sizes[:, 1].copy(),
-        np.array(scales, dtype=np.float64),
-        params.steps,
-        keep_arr,
-        params.cut_weight,
-        params.cut_band,
-        params.zoom_weight,
-    )
-    cw, ch = int(sizes[bk, 0]), int(sizes[bk, 1])
+        sat, width, height, cws, chs, np.array(scales, dtype=np.float64), int(params.steps),
+        keep_arr, *weights,
+    )  # fmt: skip
+    cw, ch = int(cws[bk]), int(chs[bk])
     if not found:
         # No window of this aspect holds the keep box: cover what we can of it, centred on it.
-        bx, by, cw, ch = _keep_fallback(keep_arr, width, height, int(sizes[0, 0]), int(sizes[0, 1]))
-        score = _box_score(
-            sat, width, height, bx, by, cw, ch, 1.0,
-            params.cut_weight, params.cut_band, params.zoom_weight,
-        )  # fmt: skip
+        bx, by, cw, ch = _keep_fallback(keep_arr, width, height, int(cws[0]), int(chs[0]))
+        score = _box_score(sat, width, height, bx, by, cw, ch, 1.0, *weights)
     x0, y0 = int(bx), int(by)
     return CropBox(
         x0, y0, x0 + cw, y0 + ch,

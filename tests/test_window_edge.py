@@ -273,3 +273,23 @@ GOOD = np.ones((4, 4), dtype=np.float32)
 def test_invalid_inputs_raise(call: object) -> None:
     with pytest.raises(ValueError):
         call()  # type: ignore[operator]
+
+
+def test_float16_cached_heatmap_gives_the_same_box() -> None:
+    heat = _prepared(7, (7, 10)).astype(np.float16)
+    assert best_window(heat, 1600, 1067, 4 / 5, ZOOM) == best_window(
+        heat.astype(np.float32), 1600, 1067, 4 / 5, ZOOM
+    )
+
+
+def test_argument_types_never_add_a_numba_specialisation() -> None:
+    """Another signature would mean a multi-second compile in the middle of a request."""
+    from kernels import window
+
+    odd = SearchParams(min_scale=1, scales=np.int32(3), steps=np.int64(9), cut_weight=1, cut_band=0)
+    keep = (np.int32(1), np.int32(1), np.int32(5), np.int32(5))
+    best_window(GOOD, np.int32(100), np.int64(80), np.float32(1.5), odd, keep=keep)
+    best_window(GOOD, 100, 80, 1.5, DEFAULT, keep=(0, 0, 100, 80))  # fallback path
+    best_window(GOOD.astype(np.float64), 100, 80, 2, DEFAULT)
+    for kernel in (window._search_kernel, window._box_score, window._sat_kernel):
+        assert len(kernel.signatures) == 1, kernel.signatures
