@@ -5,8 +5,9 @@ through a summed-area table at fractional cell coordinates (exact for a piecewis
 map, see kernels.sat), so no window is rounded to heatmap cells.
 
 Candidates: scales from 1 (the largest window of the aspect) down to ``min_scale``; at each,
-integer offsets along each free axis (``steps`` evenly spaced ones, always with 0, the maximum
-and the centre offset, so the centre crop competes). Score:
+integer offsets along each free axis: ``steps`` evenly spaced ones (so 0 and the maximum), plus
+the centre offset when it is not among them (up to steps + 1), so the centre crop competes.
+Score:
 
     inside - cut_weight * cut - zoom_weight * (1 - s)
 
