@@ -111,7 +111,9 @@ def configure_vips(concurrency: int = 1, cache_max: int = 0) -> None:
     cache_max: operations kept in libvips' operation cache. Every request brings a new original,
         so the cache would almost never hit, while each entry pins decoded pixels and the source
         buffer (default: up to 100 MB); 0 turns it off.
-    Untrusted loaders (ImageMagick, PDF, ...) are blocked as a second wall behind the allow-list.
+    Untrusted loaders (ImageMagick, PDF, and in libvips 8.18 also SVG) are blocked as a second
+    wall behind the allow-list; after this an SVG is no longer recognised at all (NotAnImage
+    instead of UnsupportedFormat, 415 either way).
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -151,6 +153,8 @@ def sniff_format(data: bytes) -> str:
     """Our format name for ``data`` from its magic bytes, or a typed error; parses nothing."""
     pointer = pyvips.vips_lib.vips_foreign_find_load_buffer(data, len(data))
     if pointer == pyvips.ffi.NULL:
+        # libvips leaves "not in a known format" in its error buffer; pyvips would prepend it to
+        # the next, unrelated pyvips.Error message.
         pyvips.vips_lib.vips_error_clear()
         raise NotAnImage("no image loader recognises the data")
     class_name = pyvips.ffi.string(pointer).decode()
@@ -231,8 +235,8 @@ def _pixels(data: bytes, bucket: tuple[int, int], fmt: str,
 def _to_rgb8(image: pyvips.Image) -> pyvips.Image:
     """Any band count / interpretation / format the thumbnail can give → 3-band uchar sRGB."""
     if image.format != "uchar" or image.interpretation not in ("srgb", "b-w"):
-        # The thumbnail has usually done this already (export_profile); this covers what it
-        # leaves alone, e.g. extra-band TIFFs tagged "multiband".
+        # The thumbnail has usually done this already (16-bit, CMYK, float, Lab); this covers
+        # what it leaves alone, e.g. extra-band TIFFs tagged "multiband".
         image = _colourspace_or_cast(image)
     colour = 1 if image.bands < 3 else 3
     if image.hasalpha():

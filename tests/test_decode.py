@@ -56,8 +56,9 @@ def close(pixel: np.ndarray, rgb: tuple[int, int, int], tol: int = TOL) -> bool:
     return bool(np.all(np.abs(pixel - np.array(rgb)) <= tol))
 
 
-def has_loader(nickname: str) -> bool:
-    return pyvips.type_find("VipsOperation", nickname) != 0
+def recognised(data: bytes) -> bool:
+    """Whether libvips, as configured right now, has a loader that claims ``data``."""
+    return pyvips.vips_lib.vips_foreign_find_load_buffer(data, len(data)) != pyvips.ffi.NULL
 
 
 # --- formats -------------------------------------------------------------------------------
@@ -261,8 +262,9 @@ def test_text_is_not_an_image(data: bytes) -> None:
 
 def test_svg_is_refused() -> None:
     # This libvips has librsvg (svgload_buffer): recognised, then refused by the allow-list
-    # before any SVG parser runs. A build without it cannot tell SVG from text. 415 either way.
-    expected = UnsupportedFormat if has_loader("svgload_buffer") else NotAnImage
+    # before any SVG parser runs. Where svgload is absent or blocked as untrusted (after
+    # configure_vips), SVG is not recognised at all. 415 either way.
+    expected = UnsupportedFormat if recognised(images.SVG) else NotAnImage
     with pytest.raises(expected) as info:
         decode(images.SVG, **LIMITS)
     assert info.value.status == 415
@@ -471,6 +473,10 @@ def test_configure_vips_sets_the_service_policy() -> None:
         data = images.encode(images.solid(300, 200), ".jpg")
         assert close(centre(decode(data, **LIMITS)), images.RED)
         assert pyvips.cache_get_size() == 0
+        # svgload is marked untrusted in libvips 8.18: once blocked, SVG is not even recognised.
+        assert not recognised(images.SVG)
+        with pytest.raises(NotAnImage):
+            decode(images.SVG, **LIMITS)
         configure_vips(concurrency=2, cache_max=10)
         assert (pyvips.concurrency_get(), pyvips.cache_get_max()) == (2, 10)
         with pytest.raises(ValueError):
