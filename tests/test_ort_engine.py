@@ -141,7 +141,7 @@ def test_bad_configuration(model_path, kwargs, message):
 def test_thread_and_spin_settings_agree(model_path, engine):
     batch = _noise(3, 224, 224, seed=3)
     want = engine.infer(batch)
-    for kwargs in ({"threads": 2}, {"threads": 2, "spin": False}):
+    for kwargs in ({"threads": 2}, {"threads": 2, "spin": True}):
         eng = OrtEngine(model_path, **kwargs)
         got = eng.infer(batch)
         np.testing.assert_allclose(got.heatmaps, want.heatmaps, rtol=1e-5, atol=1e-4)
