@@ -240,3 +240,14 @@ def test_live_reference_on_another_bucket(session):
     got = _run(session, batch)
     for name in OUTPUT_NAMES:
         _assert_close(got[name], want[name], name)
+
+
+def test_class_sets_and_labels():
+    food = classes.FOOD_CLASSES
+    assert list(food) == sorted(set(food)) and all(0 <= c < classes.NUM_CLASSES for c in food)
+    assert 958 not in food  # hay
+    assert len(classes.labels()) == classes.NUM_CLASSES
+    assert classes.label(967) == "espresso" and classes.label(923) == "plate"
+    assert {classes.label(c) for c in (809, 659, 504)} == {"soup bowl", "mixing bowl", "coffee mug"}
+    with pytest.raises(ValueError):
+        classes.label(1000)
