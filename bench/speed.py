@@ -25,12 +25,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pyvips
-from kernels.window import best_window
-from sidecar.decode import configure_vips
 
 from engines.loader import load_engine
+from kernels.window import best_window
 from sidecar import settings as settings_mod
 from sidecar.core import Analysis, CropCore, search_params
+from sidecar.decode import configure_vips
 
 ASPECTS = (1.0, 4 / 5, 16 / 9, 9 / 16, 3 / 2)
 DEFAULT_PHOTOS = Path("../shared/eval/fcdb_dev/images")
@@ -48,9 +48,13 @@ def main() -> None:
     if not photos:
         sys.exit(f"no photos in {args.dir}")
     settings = settings_mod.load()
-    lines = [f"# heatcrop speed ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)", "",
-             f"{len(photos)} photos from `{args.dir}`, {os.cpu_count()} cores, "
-             f"ONNX Runtime threads={settings.engine.threads}, best of {args.rounds} rounds.", ""]
+    lines = [
+        f"# heatcrop speed ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
+        "",
+        f"{len(photos)} photos from `{args.dir}`, {os.cpu_count()} cores, "
+        f"ONNX Runtime threads={settings.engine.threads}, best of {args.rounds} rounds.",
+        "",
+    ]
     lines += _cold_path(photos, settings, args.rounds)
     lines += _search(photos[0], settings)
     lines += _numba_startup()
@@ -102,12 +106,15 @@ def _cold_path(photos: list[bytes], settings: settings_mod.Settings, rounds: int
     t_inf = statistics.median(stages["infer"])
     engine.close()
     return [
-        "## Cold path per image (decode + CNN + search) vs libvips attention", "",
-        "| method | ms/image (median) | ratio to attention |", "|---|---:|---:|",
+        "## Cold path per image (decode + CNN + search) vs libvips attention",
+        "",
+        "| method | ms/image (median) | ratio to attention |",
+        "|---|---:|---:|",
         f"| libvips `thumbnail_buffer(crop=attention)` 400x300 | {t_att:.2f} | 1.00 |",
         f"| heatcrop decode + CNN + search | {t_hc:.2f} | {t_hc / t_att:.2f} |",
         f"| of which decode (shrink-on-load to 224) | {t_dec:.2f} | {t_dec / t_att:.2f} |",
-        f"| of which CNN (ONNX Runtime) | {t_inf:.2f} | {t_inf / t_att:.2f} |", "",
+        f"| of which CNN (ONNX Runtime) | {t_inf:.2f} | {t_inf / t_att:.2f} |",
+        "",
     ]
 
 
@@ -116,8 +123,10 @@ def _search(data: bytes, settings: settings_mod.Settings) -> list[str]:
     core = CropCore.from_settings(settings, engine)
     analysis = core.analyse(data)
     rows = []
-    for label, min_scale in (("largest window only (default)", settings.kernel.min_scale),
-                             ("with zoom, min_scale 0.6", 0.6)):
+    for label, min_scale in (
+        ("largest window only (default)", settings.kernel.min_scale),
+        ("with zoom, min_scale 0.6", 0.6),
+    ):
         params = search_params(dataclasses.replace(settings.kernel, min_scale=min_scale))
         heat = core.prepared(analysis)
         for aspect in ASPECTS:
@@ -132,9 +141,14 @@ def _search(data: bytes, settings: settings_mod.Settings) -> list[str]:
         rows.append(f"| {label} | {statistics.median(runs):.3f} | {t_prep:.3f} |")
     engine.close()
     size = f"{analysis.width}x{analysis.height}"
-    return [f"## Window search, 5 aspect ratios on one heatmap ({size})", "",
-            "| search | ms for 5 aspects (median of 200) | heatmap preparation ms |",
-            "|---|---:|---:|", *rows, ""]
+    return [
+        f"## Window search, 5 aspect ratios on one heatmap ({size})",
+        "",
+        "| search | ms for 5 aspects (median of 200) | heatmap preparation ms |",
+        "|---|---:|---:|",
+        *rows,
+        "",
+    ]
 
 
 def _time_prepare(core: CropCore, analysis: Analysis) -> float:
@@ -161,12 +175,28 @@ _STARTUP = textwrap.dedent("""
 def _numba_startup() -> list[str]:
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "NUMBA_CACHE_DIR": cache}
-        runs = [subprocess.run([sys.executable, "-c", _STARTUP], env=env, check=True,
-                               capture_output=True, text=True).stdout.split() for _ in range(3)]
-    rows = [f"| {'empty cache (compiles)' if i == 0 else 'on-disk cache'} | {r[0]} | {r[1]} |"
-            for i, r in enumerate(runs)]
-    return ["## numba start-up (fresh process each)", "",
-            "| cache | import ms | first call ms |", "|---|---:|---:|", *rows, ""]
+        runs = [
+            subprocess.run(
+                [sys.executable, "-c", _STARTUP],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.split()
+            for _ in range(3)
+        ]
+    rows = [
+        f"| {'empty cache (compiles)' if i == 0 else 'on-disk cache'} | {r[0]} | {r[1]} |"
+        for i, r in enumerate(runs)
+    ]
+    return [
+        "## numba start-up (fresh process each)",
+        "",
+        "| cache | import ms | first call ms |",
+        "|---|---:|---:|",
+        *rows,
+        "",
+    ]
 
 
 if __name__ == "__main__":

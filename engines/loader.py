@@ -21,12 +21,18 @@ def load_engine(settings: EngineSettings, *, warm: bool = True) -> Engine:
     from engines.ort import OrtEngine
 
     if settings.kind == "trt":
-        raise ModelNotBuilt("HEATCROP_ENGINE_KIND=trt: no TensorRT runtime in this build",
-                            public_message="TensorRT runtime not available")
+        raise ModelNotBuilt(
+            "HEATCROP_ENGINE_KIND=trt: no TensorRT runtime in this build",
+            public_message="TensorRT runtime not available",
+        )
     model = find_model(Path(settings.model_dir))
     engine: Engine = OrtEngine(model, threads=settings.threads)
-    log.info("engine: ONNX Runtime (%s threads), model %s (kind=%s)",
-             settings.threads, model.name, settings.kind)
+    log.info(
+        "engine: ONNX Runtime (%s threads), model %s (kind=%s)",
+        settings.threads,
+        model.name,
+        settings.kind,
+    )
     if warm:
         engine.warm_up()
     return engine

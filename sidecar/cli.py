@@ -21,8 +21,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except HeatcropError as exc:
-        print(json.dumps({"error": exc.public_message, "status": exc.status,
-                          "detail": exc.detail}), file=sys.stderr)
+        print(
+            json.dumps({"error": exc.public_message, "status": exc.status, "detail": exc.detail}),
+            file=sys.stderr,
+        )
         return 2
     except settings_mod.SettingsError as exc:
         print(f"heatcrop: {exc}", file=sys.stderr)
@@ -49,8 +51,9 @@ def _crop(args: argparse.Namespace) -> int:
     from sidecar.decode import configure_vips
 
     settings = settings_mod.load(args.config)
-    size = parse_size(args.size, max_width=settings.server.max_width,
-                      max_height=settings.server.max_height)
+    size = parse_size(
+        args.size, max_width=settings.server.max_width, max_height=settings.server.max_height
+    )
     data = _read(args.photo, settings.source.max_bytes)
     configure_vips()
     t0 = time.perf_counter()
@@ -59,10 +62,14 @@ def _crop(args: argparse.Namespace) -> int:
     core = CropCore.from_settings(settings, engine)
     profile = args.profile or core.profile
     analysis = core.analyse(data)
-    report: dict[str, object] = {"photo": str(args.photo), "size": str(size),
-                                 "original": [analysis.width, analysis.height],
-                                 "profile": profile, "model": engine.version,
-                                 "food_mass": round(analysis.food_mass, 4)}
+    report: dict[str, object] = {
+        "photo": str(args.photo),
+        "size": str(size),
+        "original": [analysis.width, analysis.height],
+        "profile": profile,
+        "model": engine.version,
+        "food_mass": round(analysis.food_mass, 4),
+    }
     timings = {"engine_load": (t1 - t0) * 1e3, **analysis.timings_ms}
     if size.crops:
         t2 = time.perf_counter()
@@ -71,15 +78,20 @@ def _crop(args: argparse.Namespace) -> int:
         centre = core.center(analysis, size.aspect)
         confident = core.is_confident(box)
         chosen = box if confident else centre
-        report |= {"box": list(chosen.as_tuple()), "confidence": round(box.confidence, 5),
-                   "path": "smart" if confident else "low-confidence",
-                   "smart_box": list(box.as_tuple()), "centre_box": list(centre.as_tuple())}
+        report |= {
+            "box": list(chosen.as_tuple()),
+            "confidence": round(box.confidence, 5),
+            "path": "smart" if confident else "low-confidence",
+            "smart_box": list(box.as_tuple()),
+            "centre_box": list(centre.as_tuple()),
+        }
         if args.debug:
             from sidecar.overlay import render_overlay
 
             heat = core.prepared(analysis, profile)
-            args.debug.write_bytes(render_overlay(data, heat, box, centre,
-                                                  analysis.width, analysis.height))
+            args.debug.write_bytes(
+                render_overlay(data, heat, box, centre, analysis.width, analysis.height)
+            )
     else:
         chosen = None
         report |= {"box": [0, 0, analysis.width, analysis.height], "path": "no-crop"}
@@ -105,8 +117,8 @@ def _read(path: Path, max_bytes: int) -> bytes:
 
 def _write_crop(data: bytes, box: object, size: object, out: Path) -> None:
     import pyvips
-    from kernels.window import CropBox
 
+    from kernels.window import CropBox
     from sidecar.sizes import Size
 
     assert isinstance(size, Size)

@@ -37,8 +37,9 @@ class Analysis:
 class CropCore:
     """Decode + infer + search, synchronous; the service wraps it in pools and caches."""
 
-    def __init__(self, engine: Engine, kernel: KernelSettings, source: SourceSettings,
-                 profile: str = "food") -> None:
+    def __init__(
+        self, engine: Engine, kernel: KernelSettings, source: SourceSettings, profile: str = "food"
+    ) -> None:
         if profile not in PROFILES:
             raise ValueError(f"unknown profile {profile!r}; expected one of {PROFILES}")
         self.engine = engine
@@ -70,11 +71,20 @@ class CropCore:
         raw = analysis.raw(profile or self.profile)
         h, w = raw.shape
         up = self.kernel.upsample
-        return prepare_heatmap(raw, (h * up, w * up), center_sigma=self.kernel.center_sigma,
-                               center_weight=self.kernel.center_weight)
+        return prepare_heatmap(
+            raw,
+            (h * up, w * up),
+            center_sigma=self.kernel.center_sigma,
+            center_weight=self.kernel.center_weight,
+        )
 
-    def box(self, analysis: Analysis, aspect: float, profile: str | None = None,
-            keep: tuple[int, int, int, int] | None = None) -> CropBox:
+    def box(
+        self,
+        analysis: Analysis,
+        aspect: float,
+        profile: str | None = None,
+        keep: tuple[int, int, int, int] | None = None,
+    ) -> CropBox:
         heat = self.prepared(analysis, profile)
         return best_window(heat, analysis.width, analysis.height, aspect, self.params, keep=keep)
 

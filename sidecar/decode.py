@@ -136,11 +136,11 @@ def decode(data: bytes, *, max_bytes: int, max_pixels: int) -> Decoded:
     return decode_to(data, None, max_bytes=max_bytes, max_pixels=max_pixels)
 
 
-def decode_to(data: bytes, bucket: tuple[int, int] | None = None, *, max_bytes: int,
-              max_pixels: int) -> Decoded:
+def decode_to(
+    data: bytes, bucket: tuple[int, int] | None = None, *, max_bytes: int, max_pixels: int
+) -> Decoded:
     """Decode an original to ``bucket`` = (height, width), or to its own bucket when None."""
-    header, width, height, fmt = _checked_header(data, max_bytes=max_bytes,
-                                                 max_pixels=max_pixels)
+    header, width, height, fmt = _checked_header(data, max_bytes=max_bytes, max_pixels=max_pixels)
     target = bucket_for(width, height) if bucket is None else bucket
     if target[0] <= 0 or target[1] <= 0:
         raise ValueError(f"bucket must be positive, got {target}")
@@ -165,8 +165,9 @@ def sniff_format(data: bytes) -> str:
     return fmt
 
 
-def _checked_header(data: bytes, *, max_bytes: int,
-                    max_pixels: int) -> tuple[pyvips.Image, int, int, str]:
+def _checked_header(
+    data: bytes, *, max_bytes: int, max_pixels: int
+) -> tuple[pyvips.Image, int, int, str]:
     if not data:
         raise NotAnImage("empty body")
     if len(data) > max_bytes:
@@ -196,9 +197,11 @@ def needs_colour_transform(header: pyvips.Image) -> bool:
     colorants = _rgb_colorants(bytes(header.get("icc-profile-data")))
     if colorants is None:
         return True
-    return any(abs(got - want) > _COLORANT_TOLERANCE
-               for xyz, srgb in zip(colorants, _SRGB_COLORANTS, strict=True)
-               for got, want in zip(xyz, srgb, strict=True))
+    return any(
+        abs(got - want) > _COLORANT_TOLERANCE
+        for xyz, srgb in zip(colorants, _SRGB_COLORANTS, strict=True)
+        for got, want in zip(xyz, srgb, strict=True)
+    )
 
 
 def _rgb_colorants(profile: bytes) -> list[tuple[float, ...]] | None:
@@ -208,22 +211,26 @@ def _rgb_colorants(profile: bytes) -> list[tuple[float, ...]] | None:
     count = min(int.from_bytes(profile[128:132]), (len(profile) - 132) // 12)
     offsets = {}
     for entry in range(132, 132 + 12 * count, 12):
-        offsets[profile[entry:entry + 4]] = int.from_bytes(profile[entry + 4:entry + 8])
+        offsets[profile[entry : entry + 4]] = int.from_bytes(profile[entry + 4 : entry + 8])
     colorants = []
     for tag in (b"rXYZ", b"gXYZ", b"bXYZ"):
         at = offsets.get(tag)
-        if at is None or at + 20 > len(profile) or profile[at:at + 4] != b"XYZ ":
+        if at is None or at + 20 > len(profile) or profile[at : at + 4] != b"XYZ ":
             return None
         colorants.append(tuple(v / 65536 for v in struct.unpack_from(">3i", profile, at + 8)))
     return colorants
 
 
-def _pixels(data: bytes, bucket: tuple[int, int], fmt: str,
-            convert: bool) -> npt.NDArray[np.uint8]:
+def _pixels(data: bytes, bucket: tuple[int, int], fmt: str, convert: bool) -> npt.NDArray[np.uint8]:
     height, width = bucket
     colour = {"export_profile": "srgb"} if convert else {}
     image = pyvips.Image.thumbnail_buffer(
-        data, width, height=height, size="force", option_string="fail_on=error", **colour,
+        data,
+        width,
+        height=height,
+        size="force",
+        option_string="fail_on=error",
+        **colour,
     )
     image = _to_rgb8(image)
     if (image.height, image.width) != bucket:
@@ -280,4 +287,3 @@ def _vips_error(exc: pyvips.Error, fmt: str | None) -> HeatcropError:
     if fmt is None:
         return NotAnImage(detail)
     return CorruptImage(f"{fmt}: {detail}")
-

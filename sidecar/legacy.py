@@ -91,8 +91,9 @@ class Imgproxy:
     def _sign(self, path: str) -> str:
         if not self.key:
             return f"/insecure{path}"
-        mac = hmac.new(bytes.fromhex(self.key), bytes.fromhex(self.salt) + path.encode(),
-                       hashlib.sha256)
+        mac = hmac.new(
+            bytes.fromhex(self.key), bytes.fromhex(self.salt) + path.encode(), hashlib.sha256
+        )
         return f"/{base64.urlsafe_b64encode(mac.digest()).rstrip(b'=').decode()}{path}"
 
 
@@ -107,8 +108,17 @@ class Template:
 
     def crop_url(self, source: str, box: Box, size: Size) -> str:
         x0, y0, x1, y1 = box
-        return self.crop.format(x0=x0, y0=y0, x1=x1, y1=y1, cw=x1 - x0, ch=y1 - y0,
-                                w=size.width, h=size.height, path=_quote(source))
+        return self.crop.format(
+            x0=x0,
+            y0=y0,
+            x1=x1,
+            y1=y1,
+            cw=x1 - x0,
+            ch=y1 - y0,
+            w=size.width,
+            h=size.height,
+            path=_quote(source),
+        )
 
     def plain_url(self, source: str, size: Size) -> str:
         return self.plain.format(w=size.width, h=size.height, path=_quote(source))
@@ -118,7 +128,6 @@ def make_dialect(settings: LegacySettings) -> Dialect:
     if settings.dialect == "thumbor":
         return Thumbor(key=settings.key, max_age_s=settings.fallback_max_age_s)
     if settings.dialect == "imgproxy":
-        return Imgproxy(key=settings.key, salt=settings.salt,
-                        max_age_s=settings.fallback_max_age_s)
+        return Imgproxy(key=settings.key, salt=settings.salt, max_age_s=settings.fallback_max_age_s)
     crop, _, plain = settings.template.partition("|")
     return Template(crop=crop, plain=plain)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 import pyvips
+
 from kernels.window import CropBox
 
 DISPLAY_LONG_SIDE = 800
@@ -12,8 +13,14 @@ CHOSEN = (40, 230, 60)
 CENTRE = (255, 255, 255)
 
 
-def render_overlay(data: bytes, heat: npt.NDArray[np.float32], chosen: CropBox,
-                   centre: CropBox, width: int, height: int) -> bytes:
+def render_overlay(
+    data: bytes,
+    heat: npt.NDArray[np.float32],
+    chosen: CropBox,
+    centre: CropBox,
+    width: int,
+    height: int,
+) -> bytes:
     """PNG bytes: photo at display size, heat as a colour wash, boxes as frames."""
     photo = _display_photo(data)
     scale = photo.width / width
@@ -52,8 +59,9 @@ def _colourise(heat: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return np.stack([red, green, blue], axis=-1) * 255.0
 
 
-def _frame(canvas: pyvips.Image, box: CropBox, scale: float,
-           colour: tuple[int, int, int]) -> pyvips.Image:
+def _frame(
+    canvas: pyvips.Image, box: CropBox, scale: float, colour: tuple[int, int, int]
+) -> pyvips.Image:
     x0, y0 = round(box.x0 * scale), round(box.y0 * scale)
     w = max(1, round((box.x1 - box.x0) * scale))
     h = max(1, round((box.y1 - box.y0) * scale))
@@ -61,6 +69,7 @@ def _frame(canvas: pyvips.Image, box: CropBox, scale: float,
     w, h = min(w, canvas.width - x0), min(h, canvas.height - y0)
     for inset in range(3):
         if w - 2 * inset > 0 and h - 2 * inset > 0:
-            canvas = canvas.draw_rect(list(colour), x0 + inset, y0 + inset,
-                                      w - 2 * inset, h - 2 * inset, fill=False)
+            canvas = canvas.draw_rect(
+                list(colour), x0 + inset, y0 + inset, w - 2 * inset, h - 2 * inset, fill=False
+            )
     return canvas

@@ -28,8 +28,9 @@ class Size:
         return f"{self.width}x{self.height}"
 
 
-def parse_size(text: str, *, max_width: int = 4000, max_height: int = 4000,
-               allowed: tuple[str, ...] = ()) -> Size:
+def parse_size(
+    text: str, *, max_width: int = 4000, max_height: int = 4000, allowed: tuple[str, ...] = ()
+) -> Size:
     """Parse ``400x300``; 0 on one side keeps the aspect; raises BadSize otherwise."""
     match = _SIZE.match(text)
     if not match:
@@ -38,8 +39,10 @@ def parse_size(text: str, *, max_width: int = 4000, max_height: int = 4000,
     if width == 0 and height == 0:
         raise BadSize("size 0x0", public_message="size 0x0 has no area")
     if width > max_width or height > max_height:
-        raise BadSize(f"size {width}x{height} over {max_width}x{max_height}",
-                      public_message=f"size over the limit {max_width}x{max_height}")
+        raise BadSize(
+            f"size {width}x{height} over {max_width}x{max_height}",
+            public_message=f"size over the limit {max_width}x{max_height}",
+        )
     size = Size(width, height)
     if allowed and str(size) not in allowed:
         raise BadSize(f"size {size} not allowed", public_message="size not allowed")

@@ -11,8 +11,9 @@ BLUE = (0, 0, 255)
 WHITE = (255, 255, 255)
 
 
-def constant(width: int, height: int, values: list[float], fmt: str = "uchar",
-             interpretation: str = "srgb") -> pyvips.Image:
+def constant(
+    width: int, height: int, values: list[float], fmt: str = "uchar", interpretation: str = "srgb"
+) -> pyvips.Image:
     """One pixel value everywhere, len(values) bands, of the given format and interpretation."""
     bands = pyvips.Image.black(width, height).cast("double").new_from_image(values)
     return bands.cast(fmt).copy(interpretation=interpretation)
@@ -22,8 +23,9 @@ def solid(width: int, height: int, rgb: tuple[int, int, int] = RED) -> pyvips.Im
     return constant(width, height, list(rgb))
 
 
-def halves(width: int, height: int, left: tuple[int, int, int] = RED,
-           right: tuple[int, int, int] = BLUE) -> pyvips.Image:
+def halves(
+    width: int, height: int, left: tuple[int, int, int] = RED, right: tuple[int, int, int] = BLUE
+) -> pyvips.Image:
     """Left half one colour, right half another: shows which way an image was turned."""
     half = width // 2
     return solid(half, height, left).join(solid(width - half, height, right), "horizontal")
@@ -70,8 +72,9 @@ def rgba(width: int, height: int, rgb: tuple[int, int, int], alpha: int) -> pyvi
     return constant(width, height, [*rgb, alpha])
 
 
-def animated(colours: list[tuple[int, int, int]], suffix: str, width: int = 40,
-             height: int = 30) -> bytes:
+def animated(
+    colours: list[tuple[int, int, int]], suffix: str, width: int = 40, height: int = 30
+) -> bytes:
     """An animation, one solid frame per colour (GIF or WebP)."""
     frames = [solid(width, height, c) for c in colours]
     strip = pyvips.Image.arrayjoin(frames, across=1).copy()
@@ -110,8 +113,10 @@ def jpeg_with_icc(jpeg: bytes, profile: bytes) -> bytes:
     return jpeg[:2] + b"\xff\xe2" + struct.pack(">H", len(body) + 2) + body + jpeg[2:]
 
 
-SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="100" height="80">' \
-      b'<rect width="100" height="80" fill="red"/></svg>'
+SVG = (
+    b'<svg xmlns="http://www.w3.org/2000/svg" width="100" height="80">'
+    b'<rect width="100" height="80" fill="red"/></svg>'
+)
 
 
 # --- HEIC without an HEVC decoder -----------------------------------------------------------
@@ -121,8 +126,7 @@ SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="100" height="80">' \
 
 # A minimal HEVCDecoderConfigurationRecord (ISO/IEC 14496-15 8.3.3.1) with no parameter sets:
 # version 1, Main profile, level 3.1, 4:2:0, 8 bits, 4-byte NAL lengths, zero arrays.
-_HVCC_RECORD = bytes.fromhex("01" "01" "60000000" "900000000000" "5d" "f000" "fc" "fd" "f8" "f8"
-                             "0000" "0f" "00")
+_HVCC_RECORD = bytes.fromhex("0101600000009000000000005df000fcfdf8f800000f00")
 
 
 def heic_from_avif(avif: bytes) -> bytes:
@@ -134,16 +138,17 @@ def heic_from_avif(avif: bytes) -> bytes:
     av1c = _child(data, ipco[0] + 8, ipco[0] + ipco[1], b"av1C")
     hvcc = struct.pack(">I4s", 8 + len(_HVCC_RECORD), b"hvcC") + _HVCC_RECORD
     delta = len(hvcc) - av1c[1]
-    data[av1c[0]:av1c[0] + av1c[1]] = hvcc
+    data[av1c[0] : av1c[0] + av1c[1]] = hvcc
     for start, size in (meta, iprp, ipco):
         struct.pack_into(">I", data, start, size + delta)
     _shift_iloc(data, meta[0], meta[1] + delta, delta)
     iinf = _child(data, meta_body, meta[0] + meta[1] + delta, b"iinf")
     item_type = data.find(b"av01", iinf[0], iinf[0] + iinf[1])
-    data[item_type:item_type + 4] = b"hvc1"
+    data[item_type : item_type + 4] = b"hvc1"
     ftyp = _child(data, 0, len(data), b"ftyp")
-    data[ftyp[0]:ftyp[0] + ftyp[1]] = bytes(data[ftyp[0]:ftyp[0] + ftyp[1]]).replace(
-        b"avif", b"heic")
+    data[ftyp[0] : ftyp[0] + ftyp[1]] = bytes(data[ftyp[0] : ftyp[0] + ftyp[1]]).replace(
+        b"avif", b"heic"
+    )
     return bytes(data)
 
 
@@ -169,18 +174,18 @@ def _shift_iloc(data: bytearray, meta_start: int, meta_size: int, delta: int) ->
     base_size, index_size = data[pos + 1] >> 4, data[pos + 1] & 15
     pos += 2
     count_size = 4 if version == 2 else 2
-    count = int.from_bytes(data[pos:pos + count_size])
+    count = int.from_bytes(data[pos : pos + count_size])
     pos += count_size
     for _ in range(count):
         pos += count_size  # item_ID
         method = 0
         if version in (1, 2):
-            method = int.from_bytes(data[pos:pos + 2]) & 15
+            method = int.from_bytes(data[pos : pos + 2]) & 15
             pos += 2
         pos += 2  # data_reference_index
         base = pos
         pos += base_size
-        extents = int.from_bytes(data[pos:pos + 2])
+        extents = int.from_bytes(data[pos : pos + 2])
         pos += 2
         for _ in range(extents):
             if version in (1, 2):
@@ -193,5 +198,5 @@ def _shift_iloc(data: bytearray, meta_start: int, meta_size: int, delta: int) ->
 
 
 def _add(data: bytearray, pos: int, size: int, delta: int) -> None:
-    value = int.from_bytes(data[pos:pos + size]) + delta
-    data[pos:pos + size] = value.to_bytes(size)
+    value = int.from_bytes(data[pos : pos + size]) + delta
+    data[pos : pos + size] = value.to_bytes(size)

@@ -63,8 +63,14 @@ def recognised(data: bytes) -> bool:
 
 # --- formats -------------------------------------------------------------------------------
 
-FORMATS = [(".jpg", "jpeg"), (".png", "png"), (".webp", "webp"), (".gif", "gif"),
-           (".tif", "tiff"), (".avif", "heif")]
+FORMATS = [
+    (".jpg", "jpeg"),
+    (".png", "png"),
+    (".webp", "webp"),
+    (".gif", "gif"),
+    (".tif", "tiff"),
+    (".avif", "heif"),
+]
 
 
 @pytest.mark.parametrize(("suffix", "fmt"), FORMATS)
@@ -89,8 +95,10 @@ def test_ultra_hdr_jpeg_is_a_jpeg() -> None:
     assert r > 150 and g < 100 and b < 100
 
 
-@pytest.mark.parametrize(("width", "height"), [(1, 1), (100, 100), (1000, 100), (100, 1000),
-                                               (1600, 1067), (1067, 1600), (4000, 100)])
+@pytest.mark.parametrize(
+    ("width", "height"),
+    [(1, 1), (100, 100), (1000, 100), (100, 1000), (1600, 1067), (1067, 1600), (4000, 100)],
+)
 def test_shape_is_the_bucket_of_the_original(width: int, height: int) -> None:
     d = decode(images.encode(images.solid(width, height), ".png"), **LIMITS)
     decoded_ok(d)
@@ -110,14 +118,22 @@ def test_decode_to_an_explicit_bucket() -> None:
 
 # --- orientation ---------------------------------------------------------------------------
 
+
 # Stored image: left half red, right half blue, 60 wide × 40 tall. Where red ends up on screen:
 #   6 (turn 90° clockwise): top;  8 (90° anticlockwise): bottom;  3 (180°): right.
 @pytest.mark.parametrize("suffix", [".jpg", ".png", ".webp"])
-@pytest.mark.parametrize(("orientation", "size", "red_at"), [
-    (1, (60, 40), "left"), (3, (60, 40), "right"), (6, (40, 60), "top"), (8, (40, 60), "bottom"),
-])
-def test_exif_orientation_is_applied(suffix: str, orientation: int, size: tuple[int, int],
-                                     red_at: str) -> None:
+@pytest.mark.parametrize(
+    ("orientation", "size", "red_at"),
+    [
+        (1, (60, 40), "left"),
+        (3, (60, 40), "right"),
+        (6, (40, 60), "top"),
+        (8, (40, 60), "bottom"),
+    ],
+)
+def test_exif_orientation_is_applied(
+    suffix: str, orientation: int, size: tuple[int, int], red_at: str
+) -> None:
     stored = images.with_orientation(images.halves(60, 40), orientation)
     data = images.encode(stored, suffix)
     assert probe(data, **LIMITS)[:2] == size
@@ -125,14 +141,19 @@ def test_exif_orientation_is_applied(suffix: str, orientation: int, size: tuple[
     decoded_ok(d)
     assert (d.width, d.height) == size
     h, w, _ = d.pixels.shape
-    spots = {"left": (h // 2, w // 4), "right": (h // 2, 3 * w // 4),
-             "top": (h // 4, w // 2), "bottom": (3 * h // 4, w // 2)}
+    spots = {
+        "left": (h // 2, w // 4),
+        "right": (h // 2, 3 * w // 4),
+        "top": (h // 4, w // 2),
+        "bottom": (3 * h // 4, w // 2),
+    }
     opposite = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
     assert close(d.pixels[spots[red_at]].astype(int), images.RED)
     assert close(d.pixels[spots[opposite[red_at]]].astype(int), images.BLUE)
 
 
 # --- colour, depth, alpha ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("profile", [True, False])
 def test_cmyk_jpeg_becomes_srgb(profile: bool) -> None:
@@ -196,11 +217,17 @@ def test_sixteen_bit_is_scaled_to_eight(suffix: str) -> None:
 
 
 @pytest.mark.parametrize("suffix", [".png", ".webp", ".tif"])
-@pytest.mark.parametrize(("alpha", "expected"), [
-    (0, images.WHITE), (255, images.RED), (128, (255, 127, 127)),
-])
-def test_alpha_is_flattened_on_white(suffix: str, alpha: int,
-                                     expected: tuple[int, int, int]) -> None:
+@pytest.mark.parametrize(
+    ("alpha", "expected"),
+    [
+        (0, images.WHITE),
+        (255, images.RED),
+        (128, (255, 127, 127)),
+    ],
+)
+def test_alpha_is_flattened_on_white(
+    suffix: str, alpha: int, expected: tuple[int, int, int]
+) -> None:
     d = decode(images.encode(images.rgba(64, 48, images.RED, alpha), suffix), **LIMITS)
     decoded_ok(d)
     assert close(centre(d), expected, tol=3)
@@ -245,6 +272,7 @@ def test_animation_uses_the_first_frame(suffix: str) -> None:
 
 # --- refusals ------------------------------------------------------------------------------
 
+
 def test_empty_body_is_not_an_image() -> None:
     with pytest.raises(NotAnImage):
         decode(b"", **LIMITS)
@@ -252,8 +280,15 @@ def test_empty_body_is_not_an_image() -> None:
         probe(b"", **LIMITS)
 
 
-@pytest.mark.parametrize("data", [b"hello, world\n" * 20, b"<html><body>404</body></html>",
-                                  b"1 2 3\n4 5 6\n", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"hello, world\n" * 20,
+        b"<html><body>404</body></html>",
+        b"1 2 3\n4 5 6\n",
+        b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n",
+    ],
+)
 def test_text_is_not_an_image(data: bytes) -> None:
     with pytest.raises(NotAnImage) as info:
         decode(data, **LIMITS)
@@ -323,8 +358,7 @@ def jpeg_bomb() -> bytes:
 def test_png_bomb_is_refused_from_the_header(png_bomb: bytes, no_full_decode: None) -> None:
     assert len(png_bomb) < 1_000_000
     # The header alone knows the size ...
-    assert probe(png_bomb, max_bytes=LIMITS["max_bytes"], max_pixels=10**9) == (
-        30000, 30000, "png")
+    assert probe(png_bomb, max_bytes=LIMITS["max_bytes"], max_pixels=10**9) == (30000, 30000, "png")
     # ... and the limit refuses it without a decode (the fixture would turn one into an error).
     with pytest.raises(TooManyPixels) as info:
         decode(png_bomb, **LIMITS)
@@ -333,7 +367,10 @@ def test_png_bomb_is_refused_from_the_header(png_bomb: bytes, no_full_decode: No
 
 def test_jpeg_bomb_is_refused_from_the_header(jpeg_bomb: bytes, no_full_decode: None) -> None:
     assert probe(jpeg_bomb, max_bytes=LIMITS["max_bytes"], max_pixels=10**9) == (
-        30000, 30000, "jpeg")
+        30000,
+        30000,
+        "jpeg",
+    )
     with pytest.raises(TooManyPixels):
         decode(jpeg_bomb, **LIMITS)
 
@@ -367,6 +404,7 @@ def test_jpeg_ending_early_with_its_end_marker_is_only_a_warning() -> None:
 
 # --- truncation and fuzzing ----------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def photos() -> dict[str, bytes]:
     photo = images.photo_like(640, 480)
@@ -394,8 +432,9 @@ def test_libvips_thumbnail_ignores_its_own_fail_on(photos: dict[str, bytes]) -> 
 
 
 @pytest.mark.parametrize("suffix", [".webp", ".tif", ".avif"])
-def test_truncation_of_container_formats_is_a_typed_error(photos: dict[str, bytes],
-                                                          suffix: str) -> None:
+def test_truncation_of_container_formats_is_a_typed_error(
+    photos: dict[str, bytes], suffix: str
+) -> None:
     # WebP, TIFF and HEIF lose their index when cut: libvips may no longer recognise them.
     with pytest.raises((CorruptImage, NotAnImage)):
         decode(photos[suffix][: len(photos[suffix]) // 2], **LIMITS)
@@ -422,9 +461,16 @@ def test_fuzz_random_bytes() -> None:
 def test_fuzz_magic_then_garbage() -> None:
     # Random bodies behind real magic numbers reach the loaders instead of the sniffer.
     rng = random.Random(2)
-    magics = [b"\xff\xd8\xff\xe0", b"\x89PNG\r\n\x1a\n", b"GIF89a", b"RIFF\x00\x10\x00\x00WEBPVP8 ",
-              b"II*\x00\x08\x00\x00\x00", b"MM\x00*\x00\x00\x00\x08",
-              b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00mif1avif", b"<svg "]
+    magics = [
+        b"\xff\xd8\xff\xe0",
+        b"\x89PNG\r\n\x1a\n",
+        b"GIF89a",
+        b"RIFF\x00\x10\x00\x00WEBPVP8 ",
+        b"II*\x00\x08\x00\x00\x00",
+        b"MM\x00*\x00\x00\x00\x08",
+        b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00mif1avif",
+        b"<svg ",
+    ]
     for magic in magics:
         for _ in range(25):
             outcome(magic + rng.randbytes(rng.randint(0, 2048)))
@@ -463,9 +509,14 @@ def test_non_vips_failures_are_typed(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # --- start-up policy -----------------------------------------------------------------------
 
+
 def test_configure_vips_sets_the_service_policy() -> None:
-    before = (pyvips.concurrency_get(), pyvips.cache_get_max(), pyvips.cache_get_max_mem(),
-              pyvips.cache_get_max_files())
+    before = (
+        pyvips.concurrency_get(),
+        pyvips.cache_get_max(),
+        pyvips.cache_get_max_mem(),
+        pyvips.cache_get_max_files(),
+    )
     try:
         configure_vips()
         assert pyvips.concurrency_get() == 1
@@ -502,6 +553,7 @@ def test_importing_decode_changes_no_global_policy() -> None:
 
 
 # --- real photos ---------------------------------------------------------------------------
+
 
 def fcdb_entries(count: int) -> list[dict[str, object]]:
     manifest = FCDB / "manifest.json"

@@ -23,8 +23,10 @@ def test_thumbor_signature_is_hmac_sha1_of_path_without_slash():
     sig, path = url[1:].split("/", 1)
     assert path == "0x0:100x50/200x100/a.jpg"
     assert len(sig) == 28 and sig.endswith("=")  # thumbor keeps the padding
-    assert base64.urlsafe_b64decode(sig) == hmac.new(b"MY_SECURE_KEY", path.encode(),
-                                                     hashlib.sha1).digest()
+    assert (
+        base64.urlsafe_b64decode(sig)
+        == hmac.new(b"MY_SECURE_KEY", path.encode(), hashlib.sha1).digest()
+    )
     assert Thumbor(key="other").crop_url("a.jpg", (0, 0, 100, 50), Size(200, 100)) != url
 
 

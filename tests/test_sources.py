@@ -12,8 +12,19 @@ from sidecar.sources import FolderSource, HttpSource, clean_path, make_source
 @pytest.mark.parametrize(
     "raw",
     [
-        "../etc/passwd", "a/../../b", "/etc/passwd", "%2e%2e/etc/passwd", "%252e%252e/x",
-        "a/%2F../b", "a\\..\\b", "a/./b", "", "a\x00b", "%00", "a/\x07", "%25252525252e",
+        "../etc/passwd",
+        "a/../../b",
+        "/etc/passwd",
+        "%2e%2e/etc/passwd",
+        "%252e%252e/x",
+        "a/%2F../b",
+        "a\\..\\b",
+        "a/./b",
+        "",
+        "a\x00b",
+        "%00",
+        "a/\x07",
+        "%25252525252e",
     ],
 )
 def test_clean_path_rejects_traversal(raw):
@@ -22,8 +33,9 @@ def test_clean_path_rejects_traversal(raw):
     assert info.value.status == 400
 
 
-@pytest.mark.parametrize(("raw", "want"), [("a/b.jpg", "a/b.jpg"), ("a%20b.jpg", "a b.jpg"),
-                                           ("x/y/", "x/y")])
+@pytest.mark.parametrize(
+    ("raw", "want"), [("a/b.jpg", "a/b.jpg"), ("a%20b.jpg", "a b.jpg"), ("x/y/", "x/y")]
+)
 def test_clean_path_accepts_normal(raw, want):
     assert clean_path(raw) == want
 
@@ -86,8 +98,11 @@ async def origin(aiohttp_server):
 
 
 def _http(origin, **kw):
-    return HttpSource(SourceSettings(kind="http", base_url=str(origin.make_url("/base")),
-                                     read_timeout_ms=300, **kw))
+    return HttpSource(
+        SourceSettings(
+            kind="http", base_url=str(origin.make_url("/base")), read_timeout_ms=300, **kw
+        )
+    )
 
 
 async def test_http_source(origin):
