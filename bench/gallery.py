@@ -191,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results/gallery"))
     parser.add_argument("--eval-dir", type=Path, default=Path("../shared/eval"))
-    parser.add_argument("--profile", choices=("food", "generic"), default="food")
+    parser.add_argument("--profile", choices=("food", "generic", "auto"), default="food")
     parser.add_argument("--config", help="heatcrop settings TOML (default: $HEATCROP_CONFIG)")
     args = parser.parse_args(argv)
 

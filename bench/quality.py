@@ -471,7 +471,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--profile",
         action="append",
-        choices=("food", "generic"),
+        choices=("food", "generic", "auto"),
         help="heatcrop profile(s) to run (default: both)",
     )
     parser.add_argument("--only-baselines", action="store_true", help="skip heatcrop")

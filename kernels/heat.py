@@ -30,19 +30,28 @@ def prepare_heatmap(
     *,
     center_sigma: float,
     center_weight: float,
+    gamma: float = 1.0,
 ) -> np.ndarray:
     """Return a float32 (gh, gw) map, non-negative, summing to 1, with the centre prior blended in.
 
     ``h' = (1 - center_weight) * h + center_weight * g``: h is the upsampled, normalised map and
     g an isotropic-in-relative-units Gaussian of sigma ``center_sigma`` x grid size per axis,
-    also normalised. An all-zero map or one with any non-finite value (a broken model output
-    carries no information) becomes flat, so the result is never NaN.
+    also normalised. ``gamma`` > 1 sharpens the non-negative map before upsampling (a CAM's
+    blob is broader than the object it fires on). An all-zero map or one with any non-finite
+    value (a broken model output carries no information) becomes flat, so the result is never
+    NaN.
     """
     src = _check_heat(heat)
     gh, gw = _check_shape(out_shape)
     _check_prior(center_sigma, center_weight)
+    if not isinstance(gamma, int | float) or not 0.1 <= gamma <= 8.0:
+        raise ValueError(f"gamma must be a number in [0.1, 8], got {gamma!r}")
     if np.isfinite(src).all():
-        upsampled = _bilinear_kernel(np.maximum(src, 0.0), gh, gw)
+        positive = np.maximum(src, 0.0)
+        if gamma != 1.0:
+            positive = positive / max(float(positive.max()), 1e-30)
+            positive = positive**gamma
+        upsampled = _bilinear_kernel(positive, gh, gw)
     else:
         upsampled = np.zeros((gh, gw), dtype=np.float64)
     total = float(upsampled.sum())

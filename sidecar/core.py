@@ -40,8 +40,8 @@ class CropCore:
     def __init__(
         self, engine: Engine, kernel: KernelSettings, source: SourceSettings, profile: str = "food"
     ) -> None:
-        if profile not in PROFILES:
-            raise ValueError(f"unknown profile {profile!r}; expected one of {PROFILES}")
+        if profile not in SEARCH_PROFILES:
+            raise ValueError(f"unknown profile {profile!r}; expected one of {SEARCH_PROFILES}")
         self.engine = engine
         self.kernel = kernel
         self.source = source
@@ -68,7 +68,7 @@ class CropCore:
         )
 
     def prepared(self, analysis: Analysis, profile: str | None = None) -> npt.NDArray[np.float32]:
-        raw = analysis.raw(profile or self.profile)
+        raw = blend_profiles(analysis, profile or self.profile)
         h, w = raw.shape
         up = self.kernel.upsample
         return prepare_heatmap(
@@ -76,6 +76,7 @@ class CropCore:
             (h * up, w * up),
             center_sigma=self.kernel.center_sigma,
             center_weight=self.kernel.center_weight,
+            gamma=self.kernel.gamma,
         )
 
     def box(
@@ -93,6 +94,26 @@ class CropCore:
 
     def center(self, analysis: Analysis, aspect: float) -> CropBox:
         return center_box(analysis.width, analysis.height, aspect)
+
+
+SEARCH_PROFILES: tuple[str, ...] = (*PROFILES, "auto")
+
+
+def blend_profiles(analysis: Analysis, profile: str) -> npt.NDArray[np.float32]:
+    """The raw map of one profile; ``auto`` mixes both by the image's food probability.
+
+    Each map is normalised first: the two CAMs are in different logit scales, and the mix
+    should say "how much is this a food photo", not "which CAM happens to be larger".
+    """
+    if profile != "auto":
+        return analysis.raw(profile)
+    food = np.maximum(analysis.raw("food"), 0.0)
+    generic = np.maximum(analysis.raw("generic"), 0.0)
+    w = min(max(analysis.food_mass, 0.0), 1.0)
+    return (
+        w * food / max(float(food.sum()), 1e-12)
+        + (1.0 - w) * generic / max(float(generic.sum()), 1e-12)
+    ).astype(np.float32)
 
 
 def search_params(kernel: KernelSettings) -> SearchParams:

@@ -58,7 +58,7 @@ class EngineSettings:
     model_dir: str = "build/model"
     plan_dir: str = "build/engines"
     threads: int = 2
-    profile: str = "food"  # food | generic
+    profile: str = "food"  # food | generic | auto (blend by the image's food probability)
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,7 @@ class KernelSettings:
     zoom_weight: float = 0.05
     center_sigma: float = 0.3
     center_weight: float = 0.5
+    gamma: float = 1.0
     min_confidence: float = 0.01
 
 
@@ -134,7 +135,12 @@ _RULES: tuple[tuple[str, str, typing.Callable[[Any], bool], str], ...] = (
     ("source", "read_timeout_ms", *_POS),
     ("engine", "kind", lambda v: v in ("auto", "ort", "trt"), "must be auto, ort or trt"),
     ("engine", "threads", *_POS),
-    ("engine", "profile", lambda v: v in ("food", "generic"), "must be food or generic"),
+    (
+        "engine",
+        "profile",
+        lambda v: v in ("food", "generic", "auto"),
+        "must be food, generic or auto",
+    ),
     ("kernel", "min_scale", lambda v: 0.1 <= v <= 1.0, "must be in [0.1, 1]"),
     ("kernel", "scales", lambda v: 1 <= v <= 64, "must be in [1, 64]"),
     ("kernel", "steps", lambda v: 2 <= v <= 1024, "must be in [2, 1024]"),
@@ -144,6 +150,7 @@ _RULES: tuple[tuple[str, str, typing.Callable[[Any], bool], str], ...] = (
     ("kernel", "zoom_weight", *_NONNEG),
     ("kernel", "center_sigma", *_POS),
     ("kernel", "center_weight", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    ("kernel", "gamma", lambda v: 0.1 <= v <= 8, "must be in [0.1, 8]"),
     ("kernel", "min_confidence", *_NONNEG),
     ("cache", "backend", lambda v: v in ("memory", "redis"), "must be memory or redis"),
     ("cache", "heatmap_entries", *_POS),

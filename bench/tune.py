@@ -1,0 +1,249 @@
+"""Cross-validated choice of the window-search settings on the dev sets.
+
+    python -m bench.tune [--folds 5] [--out bench/results/tune.md]
+
+The CNN part is computed once per image and kept in ``build/tune/`` (keyed by the model
+version); every candidate setting then only re-runs the cheap heatmap preparation and search.
+Selection is k-fold over images within each set: a setting is chosen on k-1 folds and the
+figures reported are those of the held-out fold, so they estimate what the chosen defaults
+do on other photos of the same kinds (the hold-out sets), not how well we fit these.
+
+The objective is the gain over the centre crop, per set (fcdb IoU, food area kept, fixations
+kept), averaged, with a negative gain on any set counted three times: "never worse than the
+centre crop" matters more than a larger win elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from tqdm import tqdm
+
+from bench.eval_sets import DEFAULT_SETS, EvalSet, load_set
+from bench.metrics import Box
+from engines.loader import load_engine
+from kernels.heat import prepare_heatmap
+from kernels.window import best_window, center_box
+from sidecar import settings as settings_mod
+from sidecar.core import Analysis, CropCore, blend_profiles, search_params
+from sidecar.settings import KernelSettings
+
+PRIMARY = {"crop": "iou", "object": "kept", "saliency": "fix"}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    profile: str
+    kernel: KernelSettings
+
+    def label(self) -> str:
+        k = self.kernel
+        return (
+            f"{self.profile} w={k.center_weight} σ={k.center_sigma} cut={k.cut_weight} "
+            f"γ={k.gamma} conf≥{k.min_confidence}"
+        )
+
+
+def analyses(sets: Sequence[EvalSet], settings: settings_mod.Settings) -> dict[str, Analysis]:
+    """One Analysis per image path, cached on disk per model version."""
+    engine = load_engine(settings.engine)
+    core = CropCore.from_settings(settings, engine)
+    cache = Path("build/tune") / f"analyses-{engine.version}.npz"
+    stored: dict[str, Analysis] = {}
+    if cache.exists():
+        with np.load(cache, allow_pickle=False) as npz:
+            for key in npz.files:
+                if key.endswith(":heat"):
+                    path = key[: -len(":heat")]
+                    meta = npz[path + ":meta"]
+                    stored[path] = Analysis(
+                        int(meta[0]), int(meta[1]), npz[key], float(meta[2]), engine.version
+                    )
+    items = [it for s in sets for it in s.items if str(it.path) not in stored]
+    for item in tqdm(items, desc="CNN", unit="img", file=sys.stderr, disable=not items):
+        stored[str(item.path)] = core.analyse(item.path.read_bytes())
+    if items:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        arrays: dict[str, npt.NDArray[np.float64] | npt.NDArray[np.float16]] = {}
+        for path, a in stored.items():
+            arrays[path + ":heat"] = a.heatmaps
+            arrays[path + ":meta"] = np.array([a.width, a.height, a.food_mass])
+        np.savez_compressed(cache, **arrays)  # type: ignore[arg-type]
+    engine.close()
+    return stored
+
+
+def boxes_for(cand: Candidate, analysis: Analysis, aspects: Sequence[float]) -> list[Box]:
+    k = cand.kernel
+    raw = blend_profiles(analysis, cand.profile)
+    h, w = raw.shape
+    heat = prepare_heatmap(
+        raw,
+        (h * k.upsample, w * k.upsample),
+        center_sigma=k.center_sigma,
+        center_weight=k.center_weight,
+        gamma=k.gamma,
+    )
+    params = search_params(k)
+    out = []
+    for aspect in aspects:
+        box = best_window(heat, analysis.width, analysis.height, aspect, params)
+        if box.confidence < k.min_confidence:
+            box = center_box(analysis.width, analysis.height, aspect)
+        out.append(Box.of(box))
+    return out
+
+
+def gains(
+    cand: Candidate,
+    sets: Sequence[EvalSet],
+    store: dict[str, Analysis],
+    centre: dict[str, npt.NDArray[np.float64]],
+) -> dict[str, npt.NDArray[np.float64]]:
+    """Per set, the per-image gain of the primary metric over the centre crop."""
+    out = {}
+    for s in sets:
+        key = PRIMARY[s.protocol.kind]
+        vals = np.zeros(len(s.items))
+        for i, item in enumerate(s.items):
+            aspects = s.protocol.aspects(item)
+            boxes = boxes_for(cand, store[str(item.path)], list(aspects.values()))
+            vals[i] = np.mean([s.protocol.score(item, b)[key] for b in boxes])
+        out[s.name] = vals - centre[s.name]
+    return out
+
+
+def centre_scores(sets: Sequence[EvalSet]) -> dict[str, npt.NDArray[np.float64]]:
+    out = {}
+    for s in sets:
+        key = PRIMARY[s.protocol.kind]
+        out[s.name] = np.array(
+            [
+                np.mean(
+                    [
+                        s.protocol.score(it, Box.of(center_box(it.width, it.height, a)))[key]
+                        for a in s.protocol.aspects(it).values()
+                    ]
+                )
+                for it in s.items
+            ]
+        )
+    return out
+
+
+def objective(per_set: dict[str, float]) -> float:
+    values = np.array(list(per_set.values()))
+    return float(values.mean() + 2.0 * np.minimum(values, 0.0).sum())
+
+
+def candidates(base: KernelSettings) -> list[Candidate]:
+    grid = itertools.product(
+        ("food", "generic", "auto"),
+        (0.3, 0.5, 0.7, 0.85),  # center_weight
+        (0.25, 0.35),  # center_sigma
+        (0.0, 1.0, 3.0),  # cut_weight
+        (1.0, 2.0),  # gamma
+        (0.0, 0.01, 0.03),  # min_confidence
+    )
+    return [
+        Candidate(
+            p,
+            replace(base, center_weight=w, center_sigma=s, cut_weight=c, gamma=g, min_confidence=m),
+        )
+        for p, w, s, c, g, m in grid
+    ]
+
+
+def cross_validate(
+    table: dict[int, dict[str, npt.NDArray[np.float64]]], sets: Sequence[EvalSet], folds: int
+) -> tuple[dict[str, float], list[int]]:
+    """Held-out mean gain per set, and the candidate chosen in each fold."""
+    rng = np.random.default_rng(0)
+    fold_of = {s.name: rng.permutation(len(s.items)) % folds for s in sets}
+    held: dict[str, list[float]] = {s.name: [] for s in sets}
+    chosen = []
+    for f in range(folds):
+
+        def train_score(idx: int, f: int = f) -> float:
+            return objective({n: float(g[fold_of[n] != f].mean()) for n, g in table[idx].items()})
+
+        best = max(table, key=lambda idx: (train_score(idx), -idx))
+        chosen.append(best)
+        for name, g in table[best].items():
+            held[name].extend(g[fold_of[name] == f].tolist())
+    return {n: float(np.mean(v)) for n, v in held.items()}, chosen
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--eval-dir", default="../shared/eval")
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/tune.md"))
+    args = parser.parse_args(argv)
+    t0 = time.perf_counter()
+    settings = settings_mod.load()
+    sets = [load_set(args.eval_dir, name) for name in DEFAULT_SETS]
+    store = analyses(sets, settings)
+    centre = centre_scores(sets)
+    cands = candidates(settings.kernel)
+    table = {
+        i: gains(c, sets, store, centre)
+        for i, c in enumerate(tqdm(cands, desc="grid", file=sys.stderr))
+    }
+    held, chosen = cross_validate(table, sets, args.folds)
+    full = max(
+        table, key=lambda i: (objective({n: float(g.mean()) for n, g in table[i].items()}), -i)
+    )
+    lines = [
+        f"# window-search tuning ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
+        "",
+        f"{len(cands)} candidates, {args.folds}-fold cross-validation over the images of "
+        f"{', '.join(s.name for s in sets)}; {time.perf_counter() - t0:.0f} s.",
+        "",
+        "Gain of the primary metric over the centre crop (fcdb IoU, food kept, fixations):",
+        "",
+        "| | " + " | ".join(s.name for s in sets) + " |",
+        "|---|" + "---:|" * len(sets),
+        "| held-out folds (chosen per fold) | "
+        + " | ".join(f"{held[s.name]:+.4f}" for s in sets)
+        + " |",
+        f"| in-sample, best on all images: `{cands[full].label()}` | "
+        + " | ".join(f"{table[full][s.name].mean():+.4f}" for s in sets)
+        + " |",
+        "",
+        "Chosen per fold: " + "; ".join(f"`{cands[i].label()}`" for i in chosen),
+        "",
+    ]
+    ranked = sorted(
+        table, key=lambda i: -objective({n: float(g.mean()) for n, g in table[i].items()})
+    )
+    lines += [
+        "Top 10 in-sample:",
+        "",
+        "| candidate | " + " | ".join(s.name for s in sets) + " |",
+        "|---|" + "---:|" * len(sets),
+    ]
+    lines += [
+        f"| `{cands[i].label()}` | "
+        + " | ".join(f"{table[i][s.name].mean():+.4f}" for s in sets)
+        + " |"
+        for i in ranked[:10]
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,27 @@
+"""Shared fixtures: the real ONNX model, exported once per test session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engines.export import export
+from engines.ort import OrtEngine
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("model")
+    export(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def session_engine(model_dir: Path) -> Iterator[OrtEngine]:
+    from engines.model import find_model
+
+    engine = OrtEngine(find_model(model_dir), threads=1)
+    yield engine
+    engine.close()
