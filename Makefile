@@ -6,7 +6,14 @@ MODEL_DIR ?= build/model
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup model run test lint bench bench-quality bench-speed clean distclean
+.PHONY: setup model run test lint bench bench-quality bench-speed apt-deps clean distclean
+
+# System packages the tests and `make run` use (Debian). As root, or through sudo.
+APT_PACKAGES := redis-server
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+apt-deps:
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $(APT_PACKAGES)
 
 setup: $(STAMP) model
 
