@@ -1,0 +1,608 @@
+"""Heatmap, box and override caches: a bounded in-process LRU, optionally in front of Redis.
+
+Heatmaps and boxes are immutable per key (the key names the original's identity, the model
+version, the aspect and the override version), so a copy in process memory never goes stale;
+only overrides change in place, and their in-process copies live a few seconds when Redis is
+shared. Redis is a help, never a dependency: when it fails the caches carry on from memory and
+stop asking it for ``retry_after_s`` (a circuit breaker), so a dead Redis costs neither errors
+nor a connect attempt per request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import redis.exceptions
+from aiocache import RedisCache
+from aiocache.base import BaseCache
+from aiocache.serializers import BaseSerializer, NullSerializer
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from sidecar.codec import (
+    BoxRecord,
+    CodecError,
+    decode_analysis,
+    decode_box,
+    encode_analysis,
+    encode_box,
+)
+from sidecar.core import Analysis
+from sidecar.settings import CacheSettings, SettingsError, env_name
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+# What a failing Redis raises through aiocache: refused/reset sockets (OSError, and redis'
+# ConnectionError), aiocache's per-operation timeout (TimeoutError) and Redis' own errors.
+L2_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, redis.exceptions.RedisError)
+
+L2_TIMEOUT_S = 0.05  # per Redis operation; a slow Redis must not eat the request's deadline
+RETRY_AFTER_S = 5.0  # how long a failed Redis is left alone
+L2_MAX_INFLIGHT = 64  # concurrent Redis operations per cache (and connections in its pool)
+REDIS_PREFIX = "heatcrop:v1"
+
+# Byte bounds per entry for the in-process tier, generous: a heatmap is ~0.5 KiB
+# (2 x 7 x 14 float16 + header), a box ~50 bytes plus its path.
+HEATMAP_BYTES_PER_ENTRY = 4096
+BOX_BYTES_PER_ENTRY = 512
+OVERRIDE_ENTRIES = 100_000
+OVERRIDE_BYTES_PER_ENTRY = 512
+# With a shared Redis, another sidecar may change an override: local copies (and local "there
+# is none") are trusted this long.
+OVERRIDE_L1_TTL_S = 2.0
+
+
+class BoundedMemoryCache(BaseCache):
+    """An aiocache backend: LRU bounded by entries (and bytes of bytes values), lazy TTL.
+
+    aiocache's SimpleMemoryCache schedules one ``loop.call_later`` TimerHandle per key with a
+    TTL, and has no bound at all. At 100k entries that is 100k live TimerHandles (a few hundred
+    bytes each, plus their closures) in the loop's timer heap, whose every push and cancel is
+    O(log n) on the request path, for keys that mostly get evicted or overwritten before their
+    timer fires. Here an entry stores its expiry time and is dropped when it is next looked at
+    or reaches the LRU end; the bound keeps the expired-but-unvisited ones in check.
+    """
+
+    NAME = "bounded-memory"
+
+    def __init__(
+        self,
+        max_entries: int,
+        max_bytes: int | None = None,
+        clock: Clock = time.monotonic,
+        **kwargs: Any,
+    ) -> None:
+        if max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
+        # No per-operation timeout by default: aiocache wraps each timed call in
+        # asyncio.wait_for, a task per call, for operations that never wait on anything.
+        kwargs.setdefault("timeout", None)
+        super().__init__(serializer=NullSerializer(), **kwargs)
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.clock = clock
+        self.nbytes = 0
+        self.evictions = 0
+        # key -> (value, expires_at or None, size counted against max_bytes)
+        self._data: OrderedDict[str, tuple[Any, float | None, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    # -- aiocache primitives --------------------------------------------------------------
+
+    async def _get(self, key: str, encoding: str | None = None, _conn: Any = None) -> Any:
+        return self._lookup(key, touch=True)
+
+    async def _gets(self, key: str, encoding: str | None = None, _conn: Any = None) -> Any:
+        return self._lookup(key, touch=True)
+
+    async def _multi_get(
+        self, keys: list[str], encoding: str | None = None, _conn: Any = None
+    ) -> list[Any]:
+        return [self._lookup(k, touch=True) for k in keys]
+
+    async def _set(
+        self,
+        key: str,
+        value: Any,
+        ttl: float | None = None,
+        _cas_token: Any = None,
+        _conn: Any = None,
+    ) -> bool | int:
+        if _cas_token is not None and _cas_token != self._lookup(key, touch=False):
+            return 0
+        return self._store(key, value, ttl)
+
+    async def _multi_set(
+        self, pairs: list[tuple[str, Any]], ttl: float | None = None, _conn: Any = None
+    ) -> bool:
+        for key, value in pairs:
+            self._store(key, value, ttl)
+        return True
+
+    async def _add(self, key: str, value: Any, ttl: float | None = None, _conn: Any = None) -> bool:
+        if self._lookup(key, touch=False) is not None:
+            raise ValueError(f"Key {key} already exists, use .set to update the value")
+        return self._store(key, value, ttl)
+
+    async def _exists(self, key: str, _conn: Any = None) -> bool:
+        return self._lookup(key, touch=False) is not None
+
+    async def _increment(self, key: str, delta: int, _conn: Any = None) -> int:
+        current = self._lookup(key, touch=False)
+        if current is None:
+            self._store(key, delta, None)
+            return delta
+        try:
+            value = int(current) + delta
+        except (TypeError, ValueError):
+            raise TypeError("Value is not an integer") from None
+        _, expires, _ = self._data[key]
+        self._put(key, value, expires)
+        return value
+
+    async def _expire(self, key: str, ttl: float | None, _conn: Any = None) -> bool:
+        value = self._lookup(key, touch=False)
+        if value is None:
+            return False
+        self._put(key, value, self._expiry(ttl))
+        return True
+
+    async def _delete(self, key: str, _conn: Any = None) -> int:
+        return 1 if self._drop(key) else 0
+
+    async def _clear(self, namespace: str | None = None, _conn: Any = None) -> bool:
+        if namespace:
+            for key in [k for k in self._data if k.startswith(namespace)]:
+                self._drop(key)
+        else:
+            self._data.clear()
+            self.nbytes = 0
+        return True
+
+    async def _redlock_release(self, key: str, value: Any) -> int:
+        if self._lookup(key, touch=False) == value:
+            return 1 if self._drop(key) else 0
+        return 0
+
+    async def _close(self, *args: Any, _conn: Any = None, **kwargs: Any) -> None:
+        return None
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _lookup(self, key: str, touch: bool) -> Any:
+        entry = self._data.get(key)
+        if entry is None:
+            return None
+        value, expires, _ = entry
+        if expires is not None and self.clock() >= expires:
+            self._drop(key)
+            return None
+        if touch:
+            self._data.move_to_end(key)
+        return value
+
+    def _store(self, key: str, value: Any, ttl: float | None) -> bool:
+        if value is None:  # aiocache reads None as "missing": storing it would be a lie
+            raise TypeError("None cannot be cached")
+        if self.max_bytes is not None and _size(value) > self.max_bytes:
+            self._drop(key)  # the old value must not outlive a newer one that did not fit
+            return False
+        self._put(key, value, self._expiry(ttl))
+        self._evict()
+        return True
+
+    def _put(self, key: str, value: Any, expires: float | None) -> None:
+        self._drop(key)
+        size = _size(value)
+        self._data[key] = (value, expires, size)
+        self.nbytes += size
+
+    def _drop(self, key: str) -> bool:
+        entry = self._data.pop(key, None)
+        if entry is None:
+            return False
+        self.nbytes -= entry[2]
+        return True
+
+    def _evict(self) -> None:
+        while len(self._data) > self.max_entries or (
+            self.max_bytes is not None and self.nbytes > self.max_bytes
+        ):
+            _, (_, _, size) = self._data.popitem(last=False)
+            self.nbytes -= size
+            self.evictions += 1
+
+    def _expiry(self, ttl: float | None) -> float | None:
+        # aiocache's convention: a falsy ttl means "no expiry".
+        return self.clock() + ttl if ttl else None
+
+
+def _size(value: Any) -> int:
+    return len(value) if isinstance(value, bytes | bytearray) else 0
+
+
+class BytesSerializer(BaseSerializer):
+    """Bytes in, bytes out: the values are our own encodings (sidecar.codec), never pickles.
+
+    ``encoding = None`` also tells aiocache's Redis backend not to decode replies as text.
+    """
+
+    DEFAULT_ENCODING = None
+
+    def dumps(self, value: Any) -> bytes:
+        if not isinstance(value, bytes):
+            raise TypeError(f"expected bytes, got {type(value).__name__}")
+        return value
+
+    def loads(self, value: Any) -> Any:
+        return value
+
+
+class RedisL2(RedisCache):
+    """aiocache's RedisCache without the calls redis-py 5+ deprecates (SETEX, ``close()``)."""
+
+    async def _set(
+        self,
+        key: str,
+        value: Any,
+        ttl: float | None = None,
+        _cas_token: Any = None,
+        _conn: Any = None,
+    ) -> Any:
+        # aiocache calls SETEX/PSETEX, which redis-py deprecates (a warning per call).
+        if _cas_token is not None:
+            return await super()._set(key, value, ttl=ttl, _cas_token=_cas_token, _conn=_conn)
+        if not ttl:
+            return await self.client.set(key, value)
+        if isinstance(ttl, float):
+            return await self.client.set(key, value, px=max(1, int(ttl * 1000)))
+        return await self.client.set(key, value, ex=ttl)
+
+    async def _close(self, *args: Any, _conn: Any = None, **kwargs: Any) -> None:
+        await self.client.aclose()
+
+
+_NOT_SET: Any = object()
+_ABSENT = object()  # an L1 marker for "L2 has no such key", see negative_ttl_s
+_FAILED = object()  # an L2 call that failed or was skipped
+
+
+class TieredCache:
+    """L1 (process memory) in front of an optional, shared L2 (Redis); bytes values.
+
+    ``get`` reads L1, then L2, and copies an L2 hit into L1; ``set`` and ``delete`` go to both
+    and return True when every tier took them. L2 failures are counted, logged once per
+    up/down transition and never raised; after one, L2 is left alone for ``retry_after_s``,
+    then a single call probes it. At most ``l2_max_inflight`` L2 operations run at once; beyond
+    that a call skips L2 rather than queue behind a slow Redis.
+
+    ``l1_ttl_s`` caps how long L1 keeps a copy (for values another process may change), and
+    ``negative_ttl_s`` > 0 makes L1 remember an L2 miss that long (saves a round trip per
+    request for keys that mostly do not exist, like overrides).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        l1: BoundedMemoryCache,
+        l2: BaseCache | None = None,
+        *,
+        ttl_s: float | None = None,
+        l1_ttl_s: float | None = None,
+        negative_ttl_s: float = 0.0,
+        l2_timeout_s: float = L2_TIMEOUT_S,
+        retry_after_s: float = RETRY_AFTER_S,
+        l2_max_inflight: int = L2_MAX_INFLIGHT,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.l1 = l1
+        self.l2 = l2
+        self.ttl_s = ttl_s
+        self.l1_ttl_s = l1_ttl_s
+        self.negative_ttl_s = negative_ttl_s
+        self.l2_timeout_s = l2_timeout_s
+        self.retry_after_s = retry_after_s
+        self.l2_max_inflight = l2_max_inflight
+        self.clock = clock
+        self._down_until: float | None = None
+        self._inflight = 0
+        self.l1_hits = self.l1_misses = self.l1_negative_hits = 0
+        self.l2_hits = self.l2_misses = self.l2_errors = self.l2_skipped = 0
+
+    @property
+    def l2_up(self) -> bool:
+        """False while the breaker keeps L2 out (also when there is no L2)."""
+        return self.l2 is not None and self._down_until is None
+
+    async def get(self, key: str) -> bytes | None:
+        value = await self.l1.get(key)
+        if value is _ABSENT:
+            self.l1_negative_hits += 1
+            return None
+        if value is not None:
+            self.l1_hits += 1
+            return value
+        self.l1_misses += 1
+        value = await self._l2_call(lambda l2: l2.get(key, timeout=self.l2_timeout_s))
+        if value is _FAILED:
+            return None
+        if not isinstance(value, bytes):  # None, or not ours: a miss either way
+            self.l2_misses += 1
+            if self.negative_ttl_s > 0:
+                await self.l1.set(key, _ABSENT, ttl=self.negative_ttl_s)
+            return None
+        self.l2_hits += 1
+        await self.l1.set(key, value, ttl=_min_ttl(self.ttl_s, self.l1_ttl_s))
+        return value
+
+    async def set(self, key: str, value: bytes, ttl_s: float | None = _NOT_SET) -> bool:
+        """Store in both tiers (``ttl_s`` defaults to the cache's); True if every tier took it."""
+        if not isinstance(value, bytes):
+            raise TypeError(f"{self.name}: values are bytes, got {type(value).__name__}")
+        ttl = self.ttl_s if ttl_s is _NOT_SET else ttl_s
+        stored = bool(await self.l1.set(key, value, ttl=_min_ttl(ttl, self.l1_ttl_s)))
+        if self.l2 is None:
+            return stored
+        done = await self._l2_call(
+            lambda l2: l2.set(key, value, ttl=ttl, timeout=self.l2_timeout_s)
+        )
+        return stored and done is not _FAILED
+
+    async def delete(self, key: str) -> bool:
+        """Remove from both tiers; True unless L2 exists and could not be told."""
+        await self.l1.delete(key)
+        if self.l2 is None:
+            return True
+        done = await self._l2_call(lambda l2: l2.delete(key, timeout=self.l2_timeout_s))
+        return done is not _FAILED
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "l1_hits": self.l1_hits,
+            "l1_misses": self.l1_misses,
+            "l1_negative_hits": self.l1_negative_hits,
+            "l1_entries": len(self.l1),
+            "l1_bytes": self.l1.nbytes,
+            "l1_evictions": self.l1.evictions,
+            "l2_hits": self.l2_hits,
+            "l2_misses": self.l2_misses,
+            "l2_errors": self.l2_errors,
+            "l2_skipped": self.l2_skipped,
+            "l2_up": int(self.l2_up),
+        }
+
+    async def close(self) -> None:
+        await self.l1.close()
+        if self.l2 is not None:
+            await self.l2.close()
+
+    async def _l2_call(self, op: Callable[[BaseCache], Awaitable[Any]]) -> Any:
+        if self.l2 is None or not self._l2_admitted():
+            return _FAILED
+        self._inflight += 1
+        try:
+            result = await op(self.l2)
+        except L2_ERRORS as exc:
+            self._l2_failed(exc)
+            return _FAILED
+        finally:
+            self._inflight -= 1
+        self._l2_ok()
+        return result
+
+    def _l2_admitted(self) -> bool:
+        if self._inflight >= self.l2_max_inflight:
+            self.l2_skipped += 1
+            return False
+        if self._down_until is None:
+            return True
+        now = self.clock()
+        if now < self._down_until:
+            self.l2_skipped += 1
+            return False
+        # Half-open: this call probes; pushing the deadline keeps concurrent calls off L2
+        # until the probe has answered.
+        self._down_until = now + self.retry_after_s
+        return True
+
+    def _l2_failed(self, exc: BaseException) -> None:
+        self.l2_errors += 1
+        if self._down_until is None:
+            log.warning(
+                "cache %s: redis failed (%s: %s); memory only, next try in %.0f s",
+                self.name,
+                type(exc).__name__,
+                exc,
+                self.retry_after_s,
+            )
+        self._down_until = self.clock() + self.retry_after_s
+
+    def _l2_ok(self) -> None:
+        if self._down_until is not None:
+            self._down_until = None
+            log.warning("cache %s: redis is back", self.name)
+
+
+def _min_ttl(a: float | None, b: float | None) -> float | None:
+    """The shorter of two TTLs where None (or 0) means "forever"."""
+    if not a:
+        return b or None
+    if not b:
+        return a
+    return min(a, b)
+
+
+# -- keys ---------------------------------------------------------------------------------
+
+
+def heatmap_key(identity: str, model_version: str) -> str:
+    """sha1 hex of model version + source identity: 40 characters whatever the path."""
+    raw = f"{len(model_version)}:{model_version}:{identity}".encode("utf-8", "surrogatepass")
+    return hashlib.sha1(raw).hexdigest()
+
+
+def box_key(heat_key: str, aspect_w: int, aspect_h: int, override_version: int | str = 0) -> str:
+    """Heatmap key + reduced aspect (400x300 and 800x600 share one) + override version."""
+    if aspect_w < 1 or aspect_h < 1:
+        raise ValueError(f"aspect {aspect_w}x{aspect_h}: both sides must be >= 1")
+    if len(str(override_version)) > 64:
+        raise ValueError("override_version is longer than 64 characters")
+    g = math.gcd(aspect_w, aspect_h)
+    return f"{heat_key}:{aspect_w // g}x{aspect_h // g}:{override_version}"
+
+
+def override_key(path: str) -> str:
+    """sha1 hex of the source path, for the overrides cache."""
+    return hashlib.sha1(path.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+# -- the set of caches the service uses ---------------------------------------------------
+
+
+@dataclass
+class Caches:
+    heatmaps: TieredCache
+    boxes: TieredCache
+    overrides: TieredCache
+    decode_errors: int = 0
+
+    async def get_analysis(self, key: str) -> Analysis | None:
+        raw = await self.heatmaps.get(key)
+        if raw is None:
+            return None
+        return await self._decoded(self.heatmaps, key, raw, decode_analysis)
+
+    async def put_analysis(self, key: str, analysis: Analysis) -> bool:
+        return await self.heatmaps.set(key, encode_analysis(analysis))
+
+    async def get_box(self, key: str) -> BoxRecord | None:
+        raw = await self.boxes.get(key)
+        if raw is None:
+            return None
+        return await self._decoded(self.boxes, key, raw, decode_box)
+
+    async def put_box(
+        self, key: str, box: tuple[int, int, int, int], confidence: float, path: str
+    ) -> bool:
+        return await self.boxes.set(key, encode_box(box, confidence, path))
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        out = {c.name: c.stats() for c in (self.heatmaps, self.boxes, self.overrides)}
+        out["codec"] = {"decode_errors": self.decode_errors}
+        return out
+
+    async def close(self) -> None:
+        for cache in (self.heatmaps, self.boxes, self.overrides):
+            await cache.close()
+
+    async def _decoded(
+        self, cache: TieredCache, key: str, raw: bytes, decode: Callable[[bytes], Any]
+    ) -> Any:
+        """Decoded value, or None (and the entry deleted) when the bytes are not valid."""
+        try:
+            return decode(raw)
+        except CodecError as exc:
+            self.decode_errors += 1
+            log.warning("cache %s: dropping undecodable entry %s: %s", cache.name, key, exc)
+            await cache.delete(key)
+            return None
+
+
+def make_caches(
+    settings: CacheSettings,
+    *,
+    l2_timeout_s: float = L2_TIMEOUT_S,
+    retry_after_s: float = RETRY_AFTER_S,
+    clock: Clock = time.monotonic,
+) -> Caches:
+    """Caches bounded by ``settings``; backed by Redis at ``redis_url`` when backend is redis."""
+    redis_kwargs = _redis_kwargs(settings.redis_url) if settings.backend == "redis" else None
+    shared = redis_kwargs is not None
+
+    def tier(
+        kind: str, entries: int, bytes_per_entry: int, ttl_s: float | None, **kw: Any
+    ) -> TieredCache:
+        l1 = BoundedMemoryCache(entries, entries * bytes_per_entry, clock=clock)
+        l2 = None
+        if redis_kwargs is not None:
+            l2 = RedisL2(
+                serializer=BytesSerializer(),
+                namespace=f"{REDIS_PREFIX}:{kind}",
+                timeout=l2_timeout_s,
+                create_connection_timeout=l2_timeout_s,
+                pool_max_size=L2_MAX_INFLIGHT,
+                connection_pool_kwargs={
+                    "socket_timeout": l2_timeout_s,
+                    # One immediate retry on a fresh connection: after a Redis restart (or an
+                    # idle connection dropped by the network) each pooled connection fails
+                    # once, and that must not open the breaker. A dead Redis costs one more
+                    # refused connect per breaker opening, no more.
+                    "retry": Retry(NoBackoff(), 1),
+                },
+                **redis_kwargs,
+            )
+        return TieredCache(
+            kind,
+            l1,
+            l2,
+            ttl_s=ttl_s,
+            l2_timeout_s=l2_timeout_s,
+            retry_after_s=retry_after_s,
+            l2_max_inflight=L2_MAX_INFLIGHT,
+            clock=clock,
+            **kw,
+        )
+
+    override_l1 = OVERRIDE_L1_TTL_S if shared else None
+    return Caches(
+        heatmaps=tier(
+            "heatmaps", settings.heatmap_entries, HEATMAP_BYTES_PER_ENTRY, settings.ttl_s
+        ),
+        boxes=tier("boxes", settings.box_entries, BOX_BYTES_PER_ENTRY, settings.ttl_s),
+        overrides=tier(
+            "overrides",
+            OVERRIDE_ENTRIES,
+            OVERRIDE_BYTES_PER_ENTRY,
+            None,
+            l1_ttl_s=override_l1,
+            negative_ttl_s=override_l1 or 0.0,
+        ),
+    )
+
+
+def _redis_kwargs(url: str) -> dict[str, Any]:
+    """aiocache RedisCache arguments from redis://[:password@]host[:port][/db]."""
+    var = env_name("cache", "redis_url")
+    try:
+        parts = urlsplit(url)
+        port = parts.port or 6379
+        db_text = parts.path.strip("/") or "0"
+        db = int(db_text)
+    except ValueError as exc:
+        raise SettingsError(f"{var}={url!r}: not a redis://host:port/db URL ({exc})") from exc
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise SettingsError(f"{var}={url!r}: expected redis://host:port/db")
+    if db < 0:
+        raise SettingsError(f"{var}={url!r}: db must be >= 0")
+    return {
+        "endpoint": parts.hostname,
+        "port": port,
+        "db": db,
+        "password": unquote(parts.password) if parts.password else None,
+        "ssl": parts.scheme == "rediss",
+    }
