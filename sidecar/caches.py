@@ -322,7 +322,9 @@ class TieredCache:
         self._down_until: float | None = None
         self._inflight = 0
         self.l1_hits = self.l1_misses = self.l1_negative_hits = 0
-        self.l2_hits = self.l2_misses = self.l2_errors = self.l2_skipped = 0
+        self.l2_hits = self.l2_misses = self.l2_errors = 0
+        self.l2_skipped = 0  # calls kept off L2 by the breaker
+        self.l2_busy = 0  # calls that found every L2 slot taken
 
     @property
     def l2_up(self) -> bool:
@@ -344,10 +346,10 @@ class TieredCache:
         if not isinstance(value, bytes):  # None, or not ours: a miss either way
             self.l2_misses += 1
             if self.negative_ttl_s > 0:
-                await self.l1.set(key, _ABSENT, ttl=self.negative_ttl_s)
+                await self._fill_l1(key, _ABSENT, self.negative_ttl_s)
             return None
         self.l2_hits += 1
-        await self.l1.set(key, value, ttl=_min_ttl(self.ttl_s, self.l1_ttl_s))
+        await self._fill_l1(key, value, _min_ttl(self.ttl_s, self.l1_ttl_s))
         return value
 
     async def set(self, key: str, value: bytes, ttl_s: float | None = _NOT_SET) -> bool:
@@ -383,6 +385,7 @@ class TieredCache:
             "l2_misses": self.l2_misses,
             "l2_errors": self.l2_errors,
             "l2_skipped": self.l2_skipped,
+            "l2_busy": self.l2_busy,
             "l2_up": int(self.l2_up),
         }
 
@@ -391,12 +394,22 @@ class TieredCache:
         if self.l2 is not None:
             await self.l2.close()
 
+    async def _fill_l1(self, key: str, value: Any, ttl: float | None) -> None:
+        # Whatever reached L1 while we waited on L2 (a local set) is newer than L2's answer,
+        # which may predate it; exists + set run without yielding, so nothing slips between.
+        if not await self.l1.exists(key):
+            await self.l1.set(key, value, ttl=ttl)
+
     async def _l2_call(self, op: Callable[[BaseCache], Awaitable[Any]]) -> Any:
         if self.l2 is None or not self._l2_admitted():
             return _FAILED
         self._inflight += 1
         try:
             result = await op(self.l2)
+        except redis.exceptions.MaxConnectionsError:
+            # A pool smaller than l2_max_inflight: busy, not down.
+            self.l2_busy += 1
+            return _FAILED
         except L2_ERRORS as exc:
             self._l2_failed(exc)
             return _FAILED
@@ -407,7 +420,7 @@ class TieredCache:
 
     def _l2_admitted(self) -> bool:
         if self._inflight >= self.l2_max_inflight:
-            self.l2_skipped += 1
+            self.l2_busy += 1
             return False
         if self._down_until is None:
             return True

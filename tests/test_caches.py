@@ -211,7 +211,10 @@ async def test_memory_only_tier():
 
 
 class StalledBackend(BoundedMemoryCache):
-    """An L2 whose reads hang until released: a Redis that stopped answering."""
+    """An L2 whose reads hang until released: a Redis slow to answer (or not answering).
+
+    The value is read at once and delivered late, as a reply already on its way would be.
+    """
 
     def __init__(self) -> None:
         super().__init__(max_entries=100)
@@ -220,8 +223,9 @@ class StalledBackend(BoundedMemoryCache):
 
     async def _get(self, key: str, encoding: Any = None, _conn: Any = None) -> Any:
         self.reads += 1
+        value = await super()._get(key)
         await self.release.wait()
-        return await super()._get(key)
+        return value
 
 
 async def test_l2_concurrency_is_bounded_without_queueing():
@@ -230,11 +234,22 @@ async def test_l2_concurrency_is_bounded_without_queueing():
     stalled = [asyncio.create_task(cache.get(f"k{i}")) for i in range(2)]
     await asyncio.sleep(0)
     assert await cache.get("k9") is None  # no slot: answered at once, from L1 only
-    assert cache.l2_skipped == 1
+    assert (cache.l2_busy, cache.l2_skipped, cache.l2_errors) == (1, 0, 0)
     assert cache.l2_up  # being busy is not being down
     l2.release.set()
     assert await asyncio.gather(*stalled) == [None, None]
     assert l2.reads == 2
+
+
+async def test_a_local_set_during_an_l2_read_wins():
+    l2 = StalledBackend()
+    cache = TieredCache("t", BoundedMemoryCache(10), l2, negative_ttl_s=60, l2_timeout_s=None)
+    reading = asyncio.create_task(cache.get("k"))  # L2 answers "absent", but late
+    await asyncio.sleep(0)
+    l2.release.set()
+    await cache.set("k", b"new")
+    assert await reading is None
+    assert await cache.get("k") == b"new"  # not hidden behind the stale "absent"
 
 
 async def test_l2_timeout_opens_the_breaker(caplog):
