@@ -1,0 +1,615 @@
+"""Micro-batcher in front of the engine, with deadline-aware admission.
+
+Requests are grouped per shape bucket (an engine call takes one shape). A bucket's batch goes
+to the engine when it holds ``max_batch`` images or its oldest image has waited ``max_wait_ms``,
+whichever comes first; while the engine is busy, waiting requests simply pile up and leave as
+soon as it is free, so under load batches fill by themselves and nobody waits twice.
+
+One engine call at a time, in ONE dedicated worker thread: ONNX Runtime already spreads a call
+over its intra-op threads (and TensorRT over the GPU), so a second concurrent call would only
+fight the first for the same cores and make both late. This also means the engine need not be
+thread-safe: it is only ever called from that one thread (``close`` included, which the owner
+calls after the batcher is closed). The event loop neither stacks nor copies pixels:
+stacking the batch and splitting the results run in the worker thread too.
+
+Admission: a request the batcher expects to finish after its deadline is refused at once with
+``Overloaded`` (serve the legacy crop now rather than a timeout later). The expectation is the
+time left of the running batch plus the queued work plus its own, from measured service times
+(an EWMA of seconds per image for each batch size, per 224x224-equivalent of pixels since a
+224x448 image costs twice a 224x224 one), times ``1 + headroom``: estimates are noisy, and a
+request admitted with no margin is about as likely to miss as to make it, only later. (Measured
+on the 2-core box, ORT 2 threads, 4 buckets, 120 ms budget, Poisson load at 300 and 600 req/s:
+headroom 0.3 instead of 0 cut the admitted-then-dropped requests from ~200 to ~50-70 per 4 s
+for the same number of answers in time.)
+
+Scheduling: the ready bucket whose oldest request has the earliest deadline goes first. A batch
+takes later arrivals of its bucket along only while that keeps the other buckets' oldest
+requests in time, since the admission estimate promised them their place. A request whose
+deadline passes while queued fails with ``DeadlineExceeded`` at that moment, and one that its
+batch would finish too late for fails at dispatch: neither is computed for nobody. A request
+whose batch has started gets its result even if late (the caller may still cache it).
+
+Background work (``submit_background``): when the foreground queue is idle, a give-up's image
+can be queued to finish its heatmap for the next request. Background batches run only when no
+foreground request is queued and hold at most ``background_batch`` images, so a foreground
+request waits at most one small background batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from engines.base import Engine, HeatmapBatch
+from sidecar.errors import DeadlineExceeded, EngineError, Overloaded
+from sidecar.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+Shape = tuple[int, int]
+# Cost unit: a 224x224 image. Service time grows about linearly with pixels.
+UNIT_PIXELS = 224 * 224
+
+
+@dataclass(frozen=True)
+class ImageHeat:
+    """One image's share of an engine call, copied out of the batch arrays.
+
+    heatmaps: float32 [len(PROFILES), h, w]; food_mass: probability mass on food classes.
+    """
+
+    heatmaps: npt.NDArray[np.float32]
+    food_mass: float
+
+
+@dataclass(frozen=True)
+class BatcherStats:
+    """Counters since start and the current service-time estimates."""
+
+    batches: int
+    images: int
+    background_images: int
+    batch_sizes: dict[int, int]  # size -> number of engine calls of that size
+    engine_errors: int
+    refused_admission: int
+    refused_queue_full: int
+    expired: int
+    seconds_per_image: float  # EWMA at the most used batch size, per 224x224 image
+    seconds_per_batch: float  # EWMA of engine-call seconds, any size
+
+
+@dataclass(eq=False)
+class _Request:
+    pixels: npt.NDArray[np.uint8]
+    shape: Shape
+    deadline: float  # loop.time(); inf for background
+    enqueued: float
+    future: asyncio.Future[ImageHeat]
+    on_result: Callable[[ImageHeat], object] | None = None  # background only
+    queued: bool = True
+    timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+    @property
+    def background(self) -> bool:
+        return self.on_result is not None
+
+
+class ServiceModel:
+    """Seconds an engine call takes, learnt per batch size as an EWMA of seconds per unit.
+
+    A batch size never observed borrows the nearest observed size: no extrapolation of a
+    fitted line, which noise can send anywhere. Until the first measurement, ``prior_s``
+    per unit stands for every size.
+    """
+
+    def __init__(self, max_batch: int, prior_s: float, alpha: float = 0.2) -> None:
+        self.alpha = alpha
+        self.prior_s = prior_s
+        self._per_unit: list[float | None] = [None] * (max_batch + 1)
+        self._calls = [0] * (max_batch + 1)
+        self.batch_s = math.nan  # EWMA over all calls, for stats only
+
+    def observe(self, size: int, units: float, seconds: float) -> None:
+        if size >= len(self._per_unit) or units <= 0:
+            return
+        rate = seconds / units
+        old = self._per_unit[size]
+        self._per_unit[size] = rate if old is None else old + self.alpha * (rate - old)
+        self._calls[size] += 1
+        if math.isnan(self.batch_s):
+            self.batch_s = seconds
+        else:
+            self.batch_s += self.alpha * (seconds - self.batch_s)
+
+    def per_unit(self, size: int) -> float:
+        size = min(max(size, 1), len(self._per_unit) - 1)
+        seen = [s for s, r in enumerate(self._per_unit) if r is not None]
+        if not seen:
+            return self.prior_s
+        nearest = min(seen, key=lambda s: (abs(s - size), -s))
+        rate = self._per_unit[nearest]
+        return self.prior_s if rate is None else rate
+
+    def batch_seconds(self, size: int, unit: float) -> float:
+        """Predicted seconds of one call of ``size`` images of ``unit`` cost units each."""
+        return 0.0 if size <= 0 else self.per_unit(size) * size * unit
+
+    def queue_seconds(self, count: int, unit: float, max_batch: int) -> float:
+        """Predicted seconds to run ``count`` queued images of one bucket, in full batches."""
+        full, rest = divmod(count, max_batch)
+        return full * self.batch_seconds(max_batch, unit) + self.batch_seconds(rest, unit)
+
+    def typical_per_unit(self) -> float:
+        most = max(range(len(self._calls)), key=lambda s: (self._calls[s], s))
+        return self.per_unit(most)
+
+
+def _units(shape: Shape) -> float:
+    return shape[0] * shape[1] / UNIT_PIXELS
+
+
+def _run_engine(
+    engine: Engine, images: list[npt.NDArray[np.uint8]]
+) -> tuple[list[ImageHeat], float]:
+    """Worker-thread side of one call: stack, infer, split; returns results and seconds."""
+    start = time.perf_counter()
+    out: HeatmapBatch = engine.infer(np.stack(images))
+    if len(out) != len(images) or out.food_mass.shape[0] != len(images):
+        raise EngineError(f"engine returned {len(out)} results for {len(images)} images")
+    # Own copies: a per-image view would keep the whole batch array alive in the caches.
+    heats = [
+        ImageHeat(heatmaps=np.array(out.heatmaps[i], dtype=np.float32), food_mass=float(fm))
+        for i, fm in enumerate(out.food_mass)
+    ]
+    return heats, time.perf_counter() - start
+
+
+def _engine_error(exc: Exception) -> EngineError:
+    """A fresh error per request: one shared instance would collect every waiter's traceback."""
+    detail = str(exc) if isinstance(exc, EngineError) else f"engine failed: {exc}"
+    error = EngineError(detail)
+    error.__cause__ = exc
+    return error
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class Batcher:
+    """Groups same-shape images into engine calls; see the module docstring.
+
+    All methods except the worker's engine call run on the event loop that called ``start``.
+    The engine stays owned by the caller: ``close`` does not close it.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_batch: int,
+        max_wait_ms: float,
+        max_queue: int,
+        metrics: Metrics | None = None,
+        background_batch: int = 1,
+        max_background: int | None = None,
+        service_prior_s: float = 0.010,
+        headroom: float = 0.3,
+    ) -> None:
+        if max_batch < 1 or max_queue < 1 or background_batch < 1:
+            raise ValueError("max_batch, max_queue and background_batch must be >= 1")
+        if max_wait_ms < 0 or service_prior_s < 0 or headroom < 0:
+            raise ValueError("max_wait_ms, service_prior_s and headroom must be >= 0")
+        self.engine = engine
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self.background_batch = min(background_batch, max_batch)
+        self.max_background = max_batch if max_background is None else max_background
+        self.headroom = headroom
+        self.metrics = metrics
+        self.model = ServiceModel(max_batch, service_prior_s)
+        self._shapes = frozenset(engine.input_shapes)
+        self._queues: dict[Shape, deque[_Request]] = {}
+        self._background: deque[_Request] = deque()
+        self._depth = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._running: list[_Request] = []
+        self._running_until = 0.0  # predicted end of the running call, loop time
+        self._closed = False
+        self._batch_sizes: dict[int, int] = {}
+        self._counts = dict.fromkeys(
+            ("batches", "images", "background", "errors", "admission", "full", "expired"), 0
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._worker is not None or self._closed:
+            raise RuntimeError("Batcher.start() called twice")
+        self._loop = asyncio.get_running_loop()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="heatcrop-engine")
+        self._worker = asyncio.create_task(self._work(), name="heatcrop-batcher")
+        if self.metrics is not None:
+            self.metrics.queue_depth.set_function(lambda: self._depth)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Refuse new work, fail queued requests (Overloaded), let the running call finish.
+
+        If the running engine call has not finished within ``timeout`` seconds its requests
+        fail with EngineError and the call is abandoned in its thread.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for queue in self._queues.values():
+            while queue:
+                self._fail(queue[0], Overloaded("batcher closed"), "shutdown")
+        while self._background:
+            request = self._background[0]
+            self._unqueue(request)
+            request.future.cancel()
+        self._wake()
+        if self._worker is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._worker), timeout)
+            except TimeoutError:
+                for request in self._running:
+                    if not request.future.done():
+                        request.future.set_exception(EngineError("engine call outlived close()"))
+                self._worker.cancel()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+        if self.metrics is not None:
+            self.metrics.queue_depth.set_function(None)
+            self.metrics.queue_depth.set(0)
+
+    # -- public API ------------------------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        """Foreground images queued (not counting the running batch)."""
+        return self._depth
+
+    @property
+    def background_depth(self) -> int:
+        return len(self._background)
+
+    @property
+    def stats(self) -> BatcherStats:
+        c = self._counts
+        return BatcherStats(
+            batches=c["batches"],
+            images=c["images"],
+            background_images=c["background"],
+            batch_sizes=dict(sorted(self._batch_sizes.items())),
+            engine_errors=c["errors"],
+            refused_admission=c["admission"],
+            refused_queue_full=c["full"],
+            expired=c["expired"],
+            seconds_per_image=self.model.typical_per_unit(),
+            seconds_per_batch=self.model.batch_s,
+        )
+
+    def estimated_wait(self) -> float:
+        """Seconds until the engine is through the running call and all queued foreground work."""
+        now = self._require_loop().time()
+        wait = max(0.0, self._running_until - now) if self._running else 0.0
+        for shape, queue in self._queues.items():
+            wait += self.model.queue_seconds(len(queue), _units(shape), self.max_batch)
+        return wait
+
+    def estimated_finish(self, shape: Shape) -> float:
+        """Seconds from now until a new image of ``shape`` would have its result."""
+        queued = len(self._queues.get(shape, ()))
+        unit = _units(shape)
+        mine = self.model.queue_seconds(queued + 1, unit, self.max_batch)
+        mine -= self.model.queue_seconds(queued, unit, self.max_batch)
+        # An idle engine still holds a partial batch for max_wait to gather company.
+        hold = self.max_wait if not self._running and (queued + 1) % self.max_batch else 0.0
+        return self.estimated_wait() + mine + hold
+
+    async def infer(self, pixels: npt.NDArray[np.uint8], deadline: float) -> ImageHeat:
+        """The heatmaps of one [H, W, 3] uint8 image of a shape bucket, by ``deadline``.
+
+        Raises Overloaded at once when the queue is full or the estimate misses the deadline,
+        DeadlineExceeded when the deadline passes while queued, EngineError when the call
+        fails. ``pixels`` is not copied: do not modify it until this returns.
+        """
+        loop = self._require_loop()
+        shape = self._check_pixels(pixels)
+        self._admit(shape, deadline)
+        now = loop.time()
+        request = _Request(pixels, shape, deadline, now, loop.create_future())
+        request.timer = loop.call_at(deadline, self._expire, request)
+        self._enqueue(request)
+        return await request.future
+
+    def submit_background(
+        self, pixels: npt.NDArray[np.uint8], on_result: Callable[[ImageHeat], object]
+    ) -> bool:
+        """Queue a low-priority image if the foreground is idle; False when refused.
+
+        ``on_result(heat)`` is called on the event loop once computed (never on failure, which
+        is only logged). Refused when closed, when foreground images are queued, or when
+        ``max_background`` background images are already waiting.
+        """
+        loop = self._require_loop()
+        shape = self._check_pixels(pixels)
+        if self._closed or self._depth > 0 or len(self._background) >= self.max_background:
+            return False
+        request = _Request(
+            pixels, shape, math.inf, loop.time(), loop.create_future(), on_result=on_result
+        )
+        request.future.add_done_callback(lambda f: self._background_done(request, f))
+        self._background.append(request)
+        self._wake()
+        return True
+
+    # -- admission and queues --------------------------------------------------------------
+
+    def _require_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("Batcher used before start()")
+        return self._loop
+
+    def _check_pixels(self, pixels: object) -> Shape:
+        if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8:
+            raise ValueError("pixels must be a uint8 numpy array")
+        if pixels.ndim != 3 or pixels.shape[2] != 3:
+            raise ValueError(f"pixels must be [H, W, 3], got shape {pixels.shape}")
+        shape = (int(pixels.shape[0]), int(pixels.shape[1]))
+        # Refused here, not in the engine: a bad image would fail its whole batch.
+        if shape not in self._shapes:
+            raise ValueError(f"{shape[0]}x{shape[1]} is not one of the engine's shape buckets")
+        return shape
+
+    def _admit(self, shape: Shape, deadline: float) -> None:
+        if self._closed:
+            self._giveup("shutdown")
+            raise Overloaded("batcher closed")
+        if self._depth >= self.max_queue:
+            self._counts["full"] += 1
+            self._giveup("queue-full")
+            raise Overloaded(f"engine queue full ({self._depth} images)")
+        now = self._require_loop().time()
+        finish = self.estimated_finish(shape)
+        if now + finish * (1.0 + self.headroom) > deadline:
+            self._counts["admission"] += 1
+            self._giveup("admission")
+            raise Overloaded(
+                f"expected in {finish * 1000:.1f} ms, {(deadline - now) * 1000:.1f} ms left"
+            )
+
+    def _giveup(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.giveups.inc(reason=reason)
+
+    def _enqueue(self, request: _Request) -> None:
+        queue = self._queues.setdefault(request.shape, deque())
+        queue.append(request)
+        self._depth += 1
+        # Whatever ends the request while queued (result, error, caller cancelled) unqueues it.
+        request.future.add_done_callback(lambda _: self._unqueue(request))
+        self._wake()
+
+    def _unqueue(self, request: _Request) -> None:
+        if not request.queued:
+            return
+        request.queued = False
+        if request.timer is not None:
+            request.timer.cancel()
+        if request.background:
+            self._background.remove(request)
+            return
+        self._queues[request.shape].remove(request)
+        self._depth -= 1
+
+    def _expire(self, request: _Request) -> None:
+        if request.queued and not request.future.done():
+            self._fail(request, DeadlineExceeded("deadline passed in the engine queue"), "expired")
+
+    def _fail(self, request: _Request, error: Exception, reason: str) -> None:
+        if reason == "expired":
+            self._counts["expired"] += 1
+        self._giveup(reason)
+        self._unqueue(request)
+        if not request.future.done():
+            request.future.set_exception(error)
+
+    def _background_done(self, request: _Request, future: asyncio.Future[ImageHeat]) -> None:
+        self._unqueue(request)
+        if future.cancelled():
+            return
+        if future.exception() is not None:
+            log.warning("background inference failed: %s", future.exception())
+            return
+        assert request.on_result is not None
+        try:
+            request.on_result(future.result())
+        except Exception:
+            log.exception("background result callback failed")
+
+    # -- worker ----------------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        if self._waiter is not None:
+            _set_done(self._waiter)
+
+    async def _sleep_until(self, when: float | None) -> None:
+        loop = self._require_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiter = waiter
+        handle = loop.call_at(when, _set_done, waiter) if when is not None else None
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if handle is not None:
+                handle.cancel()
+
+    async def _work(self) -> None:
+        while not self._closed:
+            batch, wake_at = self._take(self._require_loop().time())
+            if not batch:
+                await self._sleep_until(wake_at)
+                continue
+            try:
+                await self._run(batch)
+            except Exception:  # a bug here must not leave every later request hanging
+                log.exception("batcher worker failed on a batch of %d", len(batch))
+                self._settle(batch, [EngineError("batcher failure") for _ in batch])
+
+    def _take(self, now: float) -> tuple[list[_Request], float | None]:
+        """The next batch to run, or none and when to look again (None: on the next wake)."""
+        shape, wake_at = self._pick(now)
+        if shape is not None:
+            return self._form(shape, now), None
+        if wake_at is None and self._background:
+            # Only when no foreground request waits at all, and only a small batch.
+            first = self._background[0].shape
+            same = (r for r in self._background if r.shape == first)
+            return list(itertools.islice(same, self.background_batch)), None
+        return [], wake_at
+
+    def _pick(self, now: float) -> tuple[Shape | None, float | None]:
+        """The ready bucket whose oldest request has the earliest deadline, else when one is."""
+        best: tuple[float, float, Shape] | None = None
+        wake_at: float | None = None
+        for shape, queue in self._queues.items():
+            self._purge(queue, now + self._cost(shape, 1))
+            if not queue:
+                continue
+            head = queue[0]
+            due = head.enqueued + self.max_wait
+            if len(queue) >= self.max_batch or due <= now:
+                key = (head.deadline, head.enqueued, shape)
+                best = key if best is None or key < best else best
+            elif wake_at is None or due < wake_at:
+                wake_at = due
+        return (best[2] if best else None), wake_at
+
+    def _purge(self, queue: deque[_Request], cutoff: float) -> None:
+        """Unqueue requests already ended, or due before ``cutoff``: even run alone right now
+        they would finish too late, so nobody would use their result.
+
+        Done-callbacks and expiry timers normally got to most of them first, but they run on a
+        later loop iteration: a caller cancelled just now is still in the queue.
+        """
+        for request in [r for r in queue if r.future.done() or r.deadline < cutoff]:
+            if request.future.done():
+                self._unqueue(request)
+            else:
+                error = DeadlineExceeded("cannot finish by its deadline any more")
+                self._fail(request, error, "expired")
+
+    def _form(self, shape: Shape, now: float) -> list[_Request]:
+        """The batch of ``shape`` to run now: as large as the deadlines allow.
+
+        Later arrivals riding along with the oldest request cost little throughput, but each
+        one makes the call longer for its own members and delays the other buckets' oldest
+        requests, whose deadlines come first and whose place the admission estimate promised.
+        So: the largest batch whose members all finish in time and that keeps every other
+        bucket's first batch in time (one already beyond saving does not count); never fewer
+        than the requests older than all other heads unless their own deadlines ask for it.
+        """
+        queue = self._queues[shape]
+        candidates = list(itertools.islice(queue, self.max_batch))
+        others = sorted(
+            (q[0].deadline, s, min(len(q), self.max_batch))
+            for s, q in self._queues.items()
+            if q and s != shape
+        )
+        floor = len(candidates)
+        savable: list[tuple[float, Shape, int]] = []
+        if others:
+            first_other = min(self._queues[s][0].enqueued for _, s, _ in others)
+            floor = max(1, sum(r.enqueued <= first_other for r in candidates))
+            mask = self._in_time(others, now + self._cost(shape, floor))
+            savable = [other for other, ok in zip(others, mask, strict=True) if ok]
+        due = list(itertools.accumulate((r.deadline for r in candidates), min))
+        for n in range(len(candidates), 1, -1):
+            finish = now + self._cost(shape, n)
+            if due[n - 1] >= finish and (n <= floor or all(self._in_time(savable, finish))):
+                return candidates[:n]
+        return candidates[:1]  # _purge made sure the oldest alone is in time
+
+    def _cost(self, shape: Shape, n: int) -> float:
+        return self.model.batch_seconds(n, _units(shape))
+
+    def _in_time(self, others: list[tuple[float, Shape, int]], start: float) -> list[bool]:
+        """Whether each (deadline, shape, size) batch, run in this order from start, is in time.
+
+        A late one is assumed dropped (see _purge): its cost does not push back the rest.
+        """
+        flags = []
+        for when, shape, size in others:
+            finish = start + self._cost(shape, size)
+            flags.append(finish <= when)
+            if finish <= when:
+                start = finish
+        return flags
+
+    async def _run(self, batch: list[_Request]) -> None:
+        loop = self._require_loop()
+        for request in batch:
+            self._unqueue(request)
+        start = loop.time()
+        unit = _units(batch[0].shape)
+        self._running = batch
+        self._running_until = start + self.model.batch_seconds(len(batch), unit)
+        try:
+            heats, seconds = await loop.run_in_executor(
+                self._executor, _run_engine, self.engine, [r.pixels for r in batch]
+            )
+        except Exception as exc:
+            self._counts["errors"] += 1
+            log.warning("engine call of %d images failed: %s", len(batch), exc)
+            self._settle(batch, [_engine_error(exc) for _ in batch])
+            return
+        finally:
+            self._running = []
+        self.model.observe(len(batch), len(batch) * unit, seconds)
+        self._record(batch, start, loop.time(), seconds)
+        self._settle(batch, heats)
+
+    def _settle(self, batch: Sequence[_Request], outcomes: Sequence[ImageHeat | Exception]) -> None:
+        for request, outcome in zip(batch, outcomes, strict=True):
+            self._unqueue(request)
+            if request.future.done():  # the caller was cancelled meanwhile
+                continue
+            if isinstance(outcome, Exception):
+                request.future.set_exception(outcome)
+            else:
+                request.future.set_result(outcome)
+
+    def _record(self, batch: Sequence[_Request], start: float, end: float, seconds: float) -> None:
+        n = len(batch)
+        self._counts["batches"] += 1
+        self._counts["images"] += n
+        self._counts["background"] += sum(r.background for r in batch)
+        self._batch_sizes[n] = self._batch_sizes.get(n, 0) + 1
+        m = self.metrics
+        if m is None:
+            return
+        m.batch_size.observe(n)
+        m.batch_seconds.observe(seconds)
+        m.nn_runs.inc(n)
+        for request in batch:
+            if not request.background:
+                m.stage_seconds.observe(start - request.enqueued, stage="queue")
+                m.stage_seconds.observe(end - start, stage="infer")
