@@ -107,38 +107,38 @@ class _Request:
 class ServiceModel:
     """Seconds an engine call takes, learnt per batch size as an EWMA of seconds per unit.
 
-    A batch size never observed borrows the nearest observed size: no extrapolation of a
-    fitted line, which noise can send anywhere. Until the first measurement, ``prior_s``
-    per unit stands for every size.
+    A batch size never observed borrows the nearest observed size (the larger on a tie): no
+    extrapolation of a fitted line, which noise can send anywhere. Until the first
+    measurement, ``prior_s`` per unit stands for every size.
     """
 
     def __init__(self, max_batch: int, prior_s: float, alpha: float = 0.2) -> None:
         self.alpha = alpha
         self.prior_s = prior_s
-        self._per_unit: list[float | None] = [None] * (max_batch + 1)
+        self._measured: list[float | None] = [None] * (max_batch + 1)
         self._calls = [0] * (max_batch + 1)
+        # Per-unit seconds for every size, rebuilt on each observation (once per engine call)
+        # so that the estimates made for every admission are a lookup.
+        self._table = [prior_s] * (max_batch + 1)
         self.batch_s = math.nan  # EWMA over all calls, for stats only
 
     def observe(self, size: int, units: float, seconds: float) -> None:
-        if size >= len(self._per_unit) or units <= 0:
+        if not 1 <= size < len(self._measured) or units <= 0:
             return
         rate = seconds / units
-        old = self._per_unit[size]
-        self._per_unit[size] = rate if old is None else old + self.alpha * (rate - old)
+        old = self._measured[size]
+        self._measured[size] = rate if old is None else old + self.alpha * (rate - old)
         self._calls[size] += 1
         if math.isnan(self.batch_s):
             self.batch_s = seconds
         else:
             self.batch_s += self.alpha * (seconds - self.batch_s)
+        seen = [(s, r) for s, r in enumerate(self._measured) if r is not None]
+        for size_ in range(1, len(self._table)):
+            self._table[size_] = min(seen, key=lambda sr: (abs(sr[0] - size_), -sr[0]))[1]
 
     def per_unit(self, size: int) -> float:
-        size = min(max(size, 1), len(self._per_unit) - 1)
-        seen = [s for s, r in enumerate(self._per_unit) if r is not None]
-        if not seen:
-            return self.prior_s
-        nearest = min(seen, key=lambda s: (abs(s - size), -s))
-        rate = self._per_unit[nearest]
-        return self.prior_s if rate is None else rate
+        return self._table[min(max(size, 1), len(self._table) - 1)]
 
     def batch_seconds(self, size: int, unit: float) -> float:
         """Predicted seconds of one call of ``size`` images of ``unit`` cost units each."""
@@ -150,6 +150,7 @@ class ServiceModel:
         return full * self.batch_seconds(max_batch, unit) + self.batch_seconds(rest, unit)
 
     def typical_per_unit(self) -> float:
+        """Per-unit seconds at the most frequent batch size so far."""
         most = max(range(len(self._calls)), key=lambda s: (self._calls[s], s))
         return self.per_unit(most)
 
@@ -251,7 +252,8 @@ class Batcher:
         """Refuse new work, fail queued requests (Overloaded), let the running call finish.
 
         If the running engine call has not finished within ``timeout`` seconds its requests
-        fail with EngineError and the call is abandoned in its thread.
+        fail with EngineError and the call is abandoned in its thread: it may still be running
+        when the owner closes the engine.
         """
         if self._closed:
             return
