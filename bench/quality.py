@@ -472,13 +472,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--profile",
         action="append",
         choices=("food", "generic", "auto"),
-        help="heatcrop profile(s) to run (default: both)",
+        help="heatcrop profile(s) to run (default: auto, food, generic)",
     )
     parser.add_argument("--only-baselines", action="store_true", help="skip heatcrop")
     parser.add_argument("--config", help="heatcrop settings TOML (default: $HEATCROP_CONFIG)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    args.profile = args.profile or ["food", "generic"]
+    args.profile = args.profile or ["auto", "food", "generic"]
     if args.limit is not None and args.limit <= 0:
         parser.error("--limit must be positive")
     return args

@@ -69,7 +69,9 @@ def analyses(sets: Sequence[EvalSet], settings: settings_mod.Settings) -> dict[s
                         int(meta[0]), int(meta[1]), npz[key], float(meta[2]), engine.version
                     )
     items = [it for s in sets for it in s.items if str(it.path) not in stored]
-    for item in tqdm(items, desc="CNN", unit="img", file=sys.stderr, disable=not items):
+    for item in tqdm(
+        items, desc="CNN", unit="img", file=sys.stderr, disable=not items, mininterval=5.0
+    ):
         stored[str(item.path)] = core.analyse(item.path.read_bytes())
     if items:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -148,11 +150,11 @@ def objective(per_set: dict[str, float]) -> float:
 def candidates(base: KernelSettings) -> list[Candidate]:
     grid = itertools.product(
         ("food", "generic", "auto"),
-        (0.3, 0.5, 0.7, 0.85),  # center_weight
-        (0.25, 0.35),  # center_sigma
-        (0.0, 1.0, 3.0),  # cut_weight
+        (0.4, 0.5, 0.6, 0.7, 0.8),  # center_weight
+        (0.25, 0.3, 0.4),  # center_sigma
+        (1.0, 3.0),  # cut_weight
         (1.0, 2.0),  # gamma
-        (0.0, 0.01, 0.03),  # min_confidence
+        (0.0, 0.01),  # min_confidence
     )
     return [
         Candidate(

@@ -52,6 +52,12 @@ class CropCore:
     def from_settings(cls, settings: Settings, engine: Engine) -> CropCore:
         return cls(engine, settings.kernel, settings.source, settings.engine.profile)
 
+    def warm(self) -> None:
+        """Load the numba kernels (from the on-disk cache, or compile them once) up front."""
+        flat = np.ones((7, 7), np.float32)
+        analysis = Analysis(64, 48, np.stack([flat, flat]).astype(np.float16), 0.5, "warm")
+        self.box(analysis, 1.0)
+
     def analyse(self, data: bytes) -> Analysis:
         t0 = time.perf_counter()
         decoded = decode(data, max_bytes=self.source.max_bytes, max_pixels=self.source.max_pixels)
@@ -102,8 +108,9 @@ SEARCH_PROFILES: tuple[str, ...] = (*PROFILES, "auto")
 def blend_profiles(analysis: Analysis, profile: str) -> npt.NDArray[np.float32]:
     """The raw map of one profile; ``auto`` mixes both by the image's food probability.
 
-    Each map is normalised first: the two CAMs are in different logit scales, and the mix
-    should say "how much is this a food photo", not "which CAM happens to be larger".
+    Each map is normalised first: the food CAM is in logit units and the generic map in
+    activation units, and the mix should say "how much is this a food photo", not "which map
+    happens to be larger".
     """
     if profile != "auto":
         return analysis.raw(profile)

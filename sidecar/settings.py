@@ -58,7 +58,9 @@ class EngineSettings:
     model_dir: str = "build/model"
     plan_dir: str = "build/engines"
     threads: int = 2
-    profile: str = "food"  # food | generic | auto (blend by the image's food probability)
+    # food | generic | auto (blend of both by the image's food probability); the kernel
+    # defaults below were chosen with it by 5-fold cross-validation (bench/tune.py).
+    profile: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -67,11 +69,11 @@ class KernelSettings:
     scales: int = 6
     steps: int = 64
     upsample: int = 4
-    cut_weight: float = 1.0
+    cut_weight: float = 3.0
     cut_band: float = 0.06
     zoom_weight: float = 0.05
-    center_sigma: float = 0.3
-    center_weight: float = 0.5
+    center_sigma: float = 0.25
+    center_weight: float = 0.4
     gamma: float = 1.0
     min_confidence: float = 0.01
 
