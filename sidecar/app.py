@@ -1,0 +1,195 @@
+"""The sidecar's aiohttp application: ``make_app(settings)`` and ``python -m sidecar.app``.
+
+Every long-lived resource is opened by its own ``cleanup_ctx`` context, in dependency order,
+and closed in reverse when the app stops: metrics, engine (loaded and warmed once), crop core
+(kernels warmed), batcher, caches, source, decode pool, then the services the routes use.
+The routes and their answers are described in ``sidecar.routes``; the pipeline in
+``sidecar.pipeline``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+
+from aiohttp import web
+
+from engines.base import Engine
+from engines.loader import load_engine
+from sidecar import settings as settings_mod
+from sidecar.batcher import Batcher
+from sidecar.caches import Caches, make_caches
+from sidecar.core import CropCore
+from sidecar.legacy import make_dialect
+from sidecar.metrics import Metrics
+from sidecar.pipeline import Services
+from sidecar.routes import (
+    DIALECT,
+    HEALTH,
+    OVERRIDE_LOCK,
+    SERVICES,
+    Health,
+    OverrideLock,
+    add_routes,
+)
+from sidecar.settings import Settings
+from sidecar.sources import Source, make_source
+
+log = logging.getLogger("heatcrop.app")
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+ENGINE = web.AppKey("engine", Engine)
+CORE = web.AppKey("core", CropCore)
+BATCHER = web.AppKey("batcher", Batcher)
+CACHES = web.AppKey("caches", Caches)
+SOURCE = web.AppKey("source", Source)
+POOL = web.AppKey("pool", Executor)
+
+Context = Callable[[web.Application], AsyncIterator[None]]
+
+
+def make_app(settings: Settings) -> web.Application:
+    """The sidecar app; its resources open on start-up and close on clean-up."""
+    app = web.Application()
+    app[SETTINGS] = settings
+    app[DIALECT] = make_dialect(settings.legacy)
+    app[HEALTH] = Health()
+    app[OVERRIDE_LOCK] = OverrideLock()
+    contexts: tuple[Context, ...] = (
+        _metrics_ctx,
+        _engine_ctx,
+        _core_ctx,
+        _batcher_ctx,
+        _caches_ctx,
+        _source_ctx,
+        _pool_ctx,
+        _services_ctx,
+    )
+    app.cleanup_ctx.extend(contexts)
+    add_routes(app)
+    return app
+
+
+async def _metrics_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[METRICS] = Metrics()
+    yield
+
+
+async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    # Loading and warming take seconds of CPU: off the loop, before any request is served.
+    engine = await asyncio.to_thread(load_engine, app[SETTINGS].engine, warm=True)
+    app[ENGINE] = engine
+    try:
+        yield
+    finally:
+        app[HEALTH].engine_warm = False
+        engine.close()
+
+
+async def _core_ctx(app: web.Application) -> AsyncIterator[None]:
+    core = CropCore.from_settings(app[SETTINGS], app[ENGINE])
+    await asyncio.to_thread(core.warm)
+    app[CORE] = core
+    app[HEALTH].engine_warm = True
+    yield
+
+
+async def _batcher_ctx(app: web.Application) -> AsyncIterator[None]:
+    server = app[SETTINGS].server
+    batcher = Batcher(
+        app[ENGINE],
+        max_batch=server.max_batch,
+        max_wait_ms=server.max_wait_ms,
+        max_queue=server.max_queue,
+        metrics=app[METRICS],
+    )
+    await batcher.start()
+    app[BATCHER] = batcher
+    try:
+        yield
+    finally:
+        await batcher.close()
+
+
+async def _caches_ctx(app: web.Application) -> AsyncIterator[None]:
+    caches = make_caches(app[SETTINGS].cache)
+    app[CACHES] = caches
+    try:
+        yield
+    finally:
+        await caches.close()
+
+
+async def _source_ctx(app: web.Application) -> AsyncIterator[None]:
+    source = make_source(app[SETTINGS].source)
+    app[SOURCE] = source
+    try:
+        yield
+    finally:
+        await source.close()
+
+
+async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
+    pool = ThreadPoolExecutor(
+        app[SETTINGS].server.decode_threads, thread_name_prefix="heatcrop-decode"
+    )
+    app[POOL] = pool
+    try:
+        yield
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
+    app[SERVICES] = Services(
+        settings=app[SETTINGS],
+        engine=app[ENGINE],
+        core=app[CORE],
+        batcher=app[BATCHER],
+        caches=app[CACHES],
+        source=app[SOURCE],
+        pool=app[POOL],
+        metrics=app[METRICS],
+    )
+    yield
+
+
+def serve(settings: Settings) -> None:
+    """Run the sidecar on uvloop until interrupted."""
+    import uvloop
+
+    from sidecar.decode import configure_vips
+
+    # Decoding parallelism comes from the decode pool; see configure_vips.
+    configure_vips()
+    server = settings.server
+    web.run_app(
+        make_app(settings),
+        host=server.host,
+        port=server.port,
+        loop=uvloop.new_event_loop(),
+        access_log=None,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sidecar.app", description=__doc__)
+    parser.add_argument("--config", help="settings TOML (default: $HEATCROP_CONFIG)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        settings = settings_mod.load(args.config)
+    except settings_mod.SettingsError as exc:
+        print(f"heatcrop: {exc}", file=sys.stderr)
+        return 2
+    serve(settings)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""HTTP routes of the sidecar: /crop, /override, /healthz, /metrics.
+
+``GET /crop/{W}x{H}/{path}`` answers nginx, which follows ``X-Accel-Redirect`` to its internal
+``/@legacy`` location (the legacy image server). Every answer from our code is one of:
+
+- smart: 200, empty body, ``X-Accel-Redirect: /@legacy<dialect crop URL with the box>``,
+  ``X-Heatcrop-Box: x0,y0,x1,y1`` (original pixels, x1/y1 exclusive, clamped, exact aspect),
+  ``X-Heatcrop-Confidence`` and ``X-Heatcrop-Path``: ``smart`` (box computed now), ``cached``
+  (box cache hit) or ``override`` (an editor's box was kept);
+- fallback: 200, empty body, ``X-Accel-Redirect: /@legacy<dialect plain URL>`` (the legacy
+  default crop, which the dialect marks to be cached ≤ 30 s) and ``X-Heatcrop-Path``:
+  ``low-confidence`` (the box is no better than the centre), ``giveup`` (Overloaded, deadline,
+  a typed error with ``fallback=True``, or any unexpected exception, which is logged) or
+  ``no-crop`` (W or H is 0: there is nothing to decide);
+- a typed error with ``fallback=False`` (bad size or path, missing source, not an image): its
+  status and its public message as a short text body.
+
+``PUT /override/{path}`` with ``Authorization: Bearer <server.override_token>`` and a JSON body
+``{"box": [x0, y0, x1, y1]}`` stores a must-keep box for the path (``DELETE`` clears it): 401
+without a bearer token, 403 with a wrong one or when no token is configured (overrides off), 400
+for a bad body or path. Each change bumps the override's version, which is part of the box
+cache key, so boxes computed before the change are never served after it.
+
+Paths are taken from the raw request line (not the router's decoded and normalised copy), so
+``..`` and its percent-encodings reach ``clean_path`` and are refused with 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from kernels.window import CropBox
+from sidecar import metrics as metrics_mod
+from sidecar.caches import override_key
+from sidecar.errors import BadRequest, DeadlineExceeded, HeatcropError, Overloaded
+from sidecar.legacy import Dialect
+from sidecar.pipeline import CropJob, Override, Services, run_crop
+from sidecar.sizes import parse_size
+from sidecar.sources import clean_path
+
+log = logging.getLogger("heatcrop.routes")
+
+LEGACY_PREFIX = "/@legacy"
+
+
+@dataclass
+class Health:
+    engine_warm: bool = False
+
+
+@dataclass
+class OverrideLock:
+    """Serialises override changes so that two PUTs never get the same version."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+SERVICES = web.AppKey("services", Services)
+DIALECT = web.AppKey("dialect", Dialect)
+HEALTH = web.AppKey("health", Health)
+OVERRIDE_LOCK = web.AppKey("override_lock", OverrideLock)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/crop/{size}/{path:.+}", crop)
+    app.router.add_put("/override/{path:.+}", put_override)
+    app.router.add_delete("/override/{path:.+}", delete_override)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+
+
+# -- /crop ----------------------------------------------------------------------------------
+
+
+async def crop(request: web.Request) -> web.Response:
+    svc = request.app[SERVICES]
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    try:
+        return await _crop(request, svc, start)
+    finally:
+        svc.metrics.stage_seconds.observe(loop.time() - start, stage="total")
+
+
+async def _crop(request: web.Request, svc: Services, start: float) -> web.Response:
+    server = svc.settings.server
+    dialect = request.app[DIALECT]
+    try:
+        size = parse_size(
+            request.match_info["size"],
+            max_width=server.max_width,
+            max_height=server.max_height,
+            allowed=server.allowed_sizes,
+        )
+        path = clean_path(_raw_tail(request, 2))
+    except HeatcropError as exc:
+        svc.metrics.requests.inc(outcome="error")
+        return error_response(exc)
+    if not size.crops:
+        svc.metrics.requests.inc(outcome="no-crop")
+        return redirect(dialect.plain_url(path, size), "no-crop")
+    job = CropJob(path, size, deadline=start + server.deadline_ms / 1000)
+    try:
+        await run_crop(svc, job)
+    except HeatcropError as exc:
+        return _typed_failure(svc, dialect, job, exc)
+    except Exception:
+        log.exception("crop %s %s failed unexpectedly; answering the legacy crop", size, path)
+        svc.metrics.requests.inc(outcome="error")
+        return redirect(dialect.plain_url(path, size), "giveup")
+    return _answer(svc, dialect, job)
+
+
+def _answer(svc: Services, dialect: Dialect, job: CropJob) -> web.Response:
+    box = job.box
+    assert box is not None
+    if job.override is not None and job.override.box is not None:
+        kind = "override"
+    elif not svc.core.is_confident(box):
+        svc.metrics.requests.inc(outcome="low-confidence")
+        return redirect(dialect.plain_url(job.path, job.size), "low-confidence", box)
+    else:
+        kind = "cached" if job.cached else "smart"
+    svc.metrics.requests.inc(outcome=kind)
+    return redirect(dialect.crop_url(job.path, box.as_tuple(), job.size), kind, box)
+
+
+def _typed_failure(
+    svc: Services, dialect: Dialect, job: CropJob, exc: HeatcropError
+) -> web.Response:
+    timely = isinstance(exc, Overloaded | DeadlineExceeded)
+    svc.metrics.requests.inc(outcome="giveup" if timely else "error")
+    if not exc.fallback:
+        return error_response(exc)
+    if not timely:
+        log.warning("crop %s %s: %s; answering the legacy crop", job.size, job.path, exc)
+    return redirect(dialect.plain_url(job.path, job.size), "giveup")
+
+
+def redirect(url: str, kind: str, box: CropBox | None = None) -> web.Response:
+    headers = {"X-Accel-Redirect": LEGACY_PREFIX + url, "X-Heatcrop-Path": kind}
+    if box is not None:
+        headers["X-Heatcrop-Box"] = ",".join(str(v) for v in box.as_tuple())
+        headers["X-Heatcrop-Confidence"] = f"{box.confidence:.5f}"
+    return web.Response(status=200, headers=headers)
+
+
+def error_response(exc: HeatcropError) -> web.Response:
+    return web.Response(status=exc.status, text=exc.public_message)
+
+
+def _raw_tail(request: web.Request, skip: int) -> str:
+    """The raw (still percent-encoded) path after its first ``skip`` segments."""
+    raw = request.raw_path.partition("?")[0]
+    parts = raw.split("/", skip + 1)
+    return parts[skip + 1] if len(parts) > skip + 1 else ""
+
+
+# -- /override ------------------------------------------------------------------------------
+
+
+async def put_override(request: web.Request) -> web.Response:
+    denied = _authorise(request)
+    if denied is not None:
+        return denied
+    try:
+        path = clean_path(_raw_tail(request, 1))
+        box = parse_override(await request.read())
+    except HeatcropError as exc:
+        return error_response(exc)
+    record = await _store_override(request, path, box)
+    return web.json_response({"path": path, "box": record.box, "version": record.version})
+
+
+async def delete_override(request: web.Request) -> web.Response:
+    denied = _authorise(request)
+    if denied is not None:
+        return denied
+    try:
+        path = clean_path(_raw_tail(request, 1))
+    except HeatcropError as exc:
+        return error_response(exc)
+    # A cleared record, not a deletion: the version must keep growing, or a later override
+    # could reuse a version whose boxes are still cached.
+    await _store_override(request, path, None)
+    return web.Response(status=204)
+
+
+async def _store_override(
+    request: web.Request, path: str, box: tuple[int, int, int, int] | None
+) -> Override:
+    overrides = request.app[SERVICES].caches.overrides
+    key = override_key(path)
+    async with request.app[OVERRIDE_LOCK].lock:
+        previous = Override.decode(await overrides.get(key))
+        record = Override(box, (previous.version if previous else 0) + 1)
+        await overrides.set(key, record.encode())
+    return record
+
+
+def parse_override(body: bytes) -> tuple[int, int, int, int]:
+    """The box of ``{"box": [x0, y0, x1, y1]}``; BadRequest for anything else."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest("override body is not JSON", public_message="body must be JSON") from exc
+    box = data.get("box") if isinstance(data, dict) else None
+    if not (
+        isinstance(box, list)
+        and len(box) == 4
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in box)
+    ):
+        raise BadRequest("bad override box", public_message="box must be [x0, y0, x1, y1] ints")
+    x0, y0, x1, y1 = box
+    if min(box) < 0 or x0 >= x1 or y0 >= y1:
+        raise BadRequest(
+            "bad override box", public_message="box needs 0 <= x0 < x1 and 0 <= y0 < y1"
+        )
+    return x0, y0, x1, y1
+
+
+def _authorise(request: web.Request) -> web.Response | None:
+    """None when the bearer token matches; the 401/403 answer otherwise."""
+    token = request.app[SERVICES].settings.server.override_token
+    if not token:
+        return web.Response(status=403, text="overrides are disabled")
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        return web.Response(
+            status=401, text="bearer token required", headers={"WWW-Authenticate": "Bearer"}
+        )
+    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+        return web.Response(status=403, text="wrong token")
+    return None
+
+
+# -- health and metrics ---------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    if request.app[HEALTH].engine_warm:
+        return web.Response(text="ok")
+    return web.Response(status=503, text="starting")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[SERVICES].metrics.render()
+    return web.Response(body=body.encode(), headers={"Content-Type": metrics_mod.CONTENT_TYPE})

@@ -1,0 +1,345 @@
+"""The sidecar through a real aiohttp server: real model, real JPEGs, memory caches."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pyvips
+from skimage import data as skdata
+
+from sidecar.app import make_app
+from sidecar.legacy import Thumbor
+from sidecar.metrics import CONTENT_TYPE
+from sidecar.settings import EngineSettings, ServerSettings, Settings, SourceSettings
+from sidecar.sizes import Size
+
+TOKEN = "s3cret"
+
+
+def _jpeg(pixels: np.ndarray) -> bytes:
+    height, width, bands = pixels.shape
+    image = pyvips.Image.new_from_memory(
+        np.ascontiguousarray(pixels).tobytes(), width, height, bands, "uchar"
+    )
+    return image.jpegsave_buffer(Q=90)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("originals")
+    coffee = _jpeg(skdata.coffee())  # 600x400
+    (root / "recipes").mkdir()
+    (root / "recipes" / "coffee.jpg").write_bytes(coffee)
+    (root / "cat.jpg").write_bytes(_jpeg(skdata.chelsea()))  # 451x300
+    for name in ("one", "two", "three", "four", "five"):
+        (root / f"{name}.jpg").write_bytes(coffee)
+    (root / "notes.jpg").write_bytes(b"this is not an image at all, only some words\n" * 20)
+    (root / "truncated.jpg").write_bytes(coffee[: len(coffee) // 3])
+    return root
+
+
+def _settings(model_dir: Path, photos: Path, **server: object) -> Settings:
+    return Settings(
+        server=dataclasses.replace(
+            ServerSettings(deadline_ms=10_000, override_token=TOKEN), **server
+        ),
+        source=SourceSettings(root=str(photos)),
+        engine=EngineSettings(model_dir=str(model_dir), threads=1),
+    )
+
+
+@pytest.fixture
+async def client(aiohttp_client, model_dir: Path, photos: Path):
+    return await aiohttp_client(make_app(_settings(model_dir, photos)))
+
+
+def _box(resp) -> tuple[int, int, int, int]:
+    x0, y0, x1, y1 = (int(v) for v in resp.headers["X-Heatcrop-Box"].split(","))
+    return x0, y0, x1, y1
+
+
+async def _metric(client, name: str, **labels: str) -> float:
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    text = await resp.text()
+    inner = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    series = f"{name}{{{inner}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{series} not in /metrics")
+
+
+async def _raw_get(
+    client, target: str, method: str = "GET", body: bytes = b""
+) -> tuple[int, bytes]:
+    """One request with the target sent byte for byte: aiohttp's client would remove the dot
+    segments before sending, while nginx passes them on."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    head = (
+        f"{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    writer.write(head.encode() + body)
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    status_line, _, rest = raw.partition(b"\r\n")
+    return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+async def _crop(client, size: str, path: str = "recipes/coffee.jpg"):
+    resp = await client.get(f"/crop/{size}/{path}")
+    assert resp.status == 200, await resp.text()
+    assert await resp.read() == b""
+    return resp
+
+
+# -- smart answers and caches ---------------------------------------------------------------
+
+
+async def test_smart_answer_has_a_box_inside_the_image_at_the_exact_aspect(client) -> None:
+    # 3:1 is an aspect where the cup clearly beats the centre crop (most others of this photo
+    # are close to the centre crop and answer low-confidence).
+    resp = await _crop(client, "300x100")
+    assert resp.headers["X-Heatcrop-Path"] == "smart"
+    x0, y0, x1, y1 = _box(resp)
+    assert 0 <= x0 < x1 <= 600 and 0 <= y0 < y1 <= 400
+    assert abs((x1 - x0) - 3 * (y1 - y0)) <= 3
+    assert float(resp.headers["X-Heatcrop-Confidence"]) > 0
+    url = Thumbor().crop_url("recipes/coffee.jpg", (x0, y0, x1, y1), Size(300, 100))
+    assert resp.headers["X-Accel-Redirect"] == "/@legacy" + url
+    assert f"/{x0}x{y0}:{x1}x{y1}/300x100/recipes/coffee.jpg" in url
+
+
+async def test_low_confidence_answers_the_legacy_crop(client) -> None:
+    resp = await _crop(client, "300x400")
+    assert resp.headers["X-Heatcrop-Path"] == "low-confidence"
+    url = Thumbor().plain_url("recipes/coffee.jpg", Size(300, 400))
+    assert resp.headers["X-Accel-Redirect"] == "/@legacy" + url
+    assert "max_age(30)" in url
+
+
+async def test_second_request_and_same_aspect_are_cached_with_the_same_box(client) -> None:
+    first = await _crop(client, "300x100")
+    again = await _crop(client, "300x100")
+    bigger = await _crop(client, "900x300")
+    assert first.headers["X-Heatcrop-Path"] == "smart"
+    assert again.headers["X-Heatcrop-Path"] == "cached"
+    assert bigger.headers["X-Heatcrop-Path"] == "cached"
+    assert _box(first) == _box(again) == _box(bigger)
+    assert "/900x300/" in bigger.headers["X-Accel-Redirect"]
+    assert await _metric(client, "heatcrop_cache_requests_total", cache="box", result="hit") == 2
+
+
+async def test_another_aspect_reuses_the_heatmap(client) -> None:
+    await _crop(client, "300x100")
+    square = await _crop(client, "400x400")
+    assert square.headers["X-Heatcrop-Path"] in ("smart", "low-confidence")
+    assert await _metric(client, "heatcrop_nn_runs_total") == 1
+    hits = await _metric(client, "heatcrop_cache_requests_total", cache="heatmap", result="hit")
+    assert hits == 1
+    x0, y0, x1, y1 = _box(square)
+    assert abs((x1 - x0) - (y1 - y0)) <= 1
+
+
+async def test_concurrent_requests_for_a_new_original_run_the_model_once(client) -> None:
+    sizes = ["400x400", "300x100", "100x300", "640x480", "200x200", "800x600"]
+    answers = await asyncio.gather(*(_crop(client, s, "two.jpg") for s in sizes))
+    assert {r.headers["X-Heatcrop-Path"] for r in answers} <= {"smart", "low-confidence"}
+    assert await _metric(client, "heatcrop_nn_runs_total") == 1
+    assert await _metric(client, "heatcrop_requests_total", outcome="giveup") == 0
+
+
+async def test_no_crop_when_one_side_is_zero(client) -> None:
+    resp = await _crop(client, "400x0")
+    assert resp.headers["X-Heatcrop-Path"] == "no-crop"
+    assert "X-Heatcrop-Box" not in resp.headers
+    url = Thumbor().plain_url("recipes/coffee.jpg", Size(400, 0))
+    assert resp.headers["X-Accel-Redirect"] == "/@legacy" + url
+    assert "max_age(30)" in url
+    assert await _metric(client, "heatcrop_nn_runs_total") == 0
+
+
+# -- refusals ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", ["0x0", "100000x100", "4001x10", "abc", "-1x3", "1x"])
+async def test_bad_sizes_are_refused(client, size: str) -> None:
+    resp = await client.get(f"/crop/{size}/recipes/coffee.jpg")
+    assert resp.status == 400
+    assert "size" in await resp.text()
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["../etc/passwd", "recipes/../../x.jpg", "%2e%2e/x.jpg", "recipes/%252e%252e/%252e%252e/x"],
+)
+async def test_path_traversal_is_refused(client, path: str) -> None:
+    status, body = await _raw_get(client, f"/crop/400x300/{path}")
+    assert status == 400
+    assert body == b"invalid path"
+
+
+async def test_missing_file_is_404(client) -> None:
+    resp = await client.get("/crop/400x300/recipes/nope.jpg")
+    assert resp.status == 404
+    assert await resp.text() == "source not found"
+
+
+async def test_not_an_image_is_415(client) -> None:
+    resp = await client.get("/crop/400x300/notes.jpg")
+    assert resp.status == 415
+    assert await resp.text() == "source is not an image"
+    assert await _metric(client, "heatcrop_requests_total", outcome="error") == 1
+
+
+async def test_truncated_jpeg_falls_back_to_the_legacy_crop(client) -> None:
+    resp = await _crop(client, "400x300", "truncated.jpg")
+    assert resp.headers["X-Heatcrop-Path"] == "giveup"
+    assert "X-Heatcrop-Box" not in resp.headers
+    url = Thumbor().plain_url("truncated.jpg", Size(400, 300))
+    assert resp.headers["X-Accel-Redirect"] == "/@legacy" + url
+
+
+async def test_tiny_deadline_gives_up_with_the_legacy_crop(aiohttp_client, model_dir, photos):
+    client = await aiohttp_client(make_app(_settings(model_dir, photos, deadline_ms=1)))
+    resp = await _crop(client, "400x300", "three.jpg")
+    assert resp.headers["X-Heatcrop-Path"] == "giveup"
+    url = Thumbor().plain_url("three.jpg", Size(400, 300))
+    assert resp.headers["X-Accel-Redirect"] == "/@legacy" + url
+    assert await _metric(client, "heatcrop_requests_total", outcome="giveup") == 1
+
+
+async def test_give_up_after_decode_finishes_the_heatmap_in_the_background(
+    aiohttp_client, model_dir, photos
+) -> None:
+    # 1 ms cannot hold a decode and a model run: the batcher refuses, the pixels are queued in
+    # the background, and a later request (with a budget) finds the heatmap cached.
+    app = make_app(_settings(model_dir, photos, deadline_ms=1))
+    client = await aiohttp_client(app)
+    await _crop(client, "400x300", "four.jpg")
+    for _ in range(200):
+        if await _metric(client, "heatcrop_nn_runs_total") >= 1:
+            break
+        await asyncio.sleep(0.05)
+    assert await _metric(client, "heatcrop_nn_runs_total") == 1
+
+
+# -- overrides ------------------------------------------------------------------------------
+
+
+def _auth(token: str = TOKEN) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_override_needs_the_token(client) -> None:
+    body = {"box": [10, 10, 60, 60]}
+    assert (await client.put("/override/cat.jpg", json=body)).status == 401
+    wrong = await client.put("/override/cat.jpg", json=body, headers=_auth("nope"))
+    assert wrong.status == 403
+    assert (await client.delete("/override/cat.jpg")).status == 401
+
+
+async def test_overrides_are_off_without_a_configured_token(aiohttp_client, model_dir, photos):
+    client = await aiohttp_client(make_app(_settings(model_dir, photos, override_token="")))
+    resp = await client.put("/override/cat.jpg", json={"box": [1, 1, 5, 5]}, headers=_auth(""))
+    assert resp.status == 403
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{not json",
+        b"[1, 2, 3, 4]",
+        b'{"box": [1, 2, 3]}',
+        b'{"box": [1, 2, 3, 4.5]}',
+        b'{"box": [5, 2, 3, 4]}',
+        b'{"box": [1, 4, 3, 4]}',
+        b'{"box": [-1, 2, 3, 4]}',
+        b'{"box": [true, 2, 3, 4]}',
+    ],
+)
+async def test_bad_override_bodies_are_400(client, body: bytes) -> None:
+    resp = await client.put("/override/cat.jpg", data=body, headers=_auth())
+    assert resp.status == 400
+
+
+@pytest.mark.parametrize("path", ["../x.jpg", "%2e%2e/x.jpg", "a/%2F..%2Fx"])
+async def test_override_path_traversal_is_400(client, path: str) -> None:
+    body = b'{"box": [1, 1, 5, 5]}'
+    status, answer = await _raw_get(client, f"/override/{path}", method="PUT", body=body)
+    assert (status, answer) == (400, b"invalid path")
+
+
+async def test_override_is_kept_and_delete_restores(client) -> None:
+    before = await _crop(client, "300x300", "cat.jpg")
+    focal = (20, 20, 80, 90)  # top-left corner, away from the cat's face
+    put = await client.put("/override/cat.jpg", json={"box": list(focal)}, headers=_auth())
+    assert put.status == 200
+    assert (await put.json())["version"] == 1
+    kept = await _crop(client, "300x300", "cat.jpg")
+    assert kept.headers["X-Heatcrop-Path"] == "override"
+    x0, y0, x1, y1 = _box(kept)
+    assert x0 <= focal[0] and y0 <= focal[1] and x1 >= focal[2] and y1 >= focal[3]
+    assert abs((x1 - x0) - (y1 - y0)) <= 1
+    assert _box(kept) != _box(before)
+    again = await _crop(client, "600x600", "cat.jpg")  # box cache hit, still an override
+    assert again.headers["X-Heatcrop-Path"] == "override"
+    assert _box(again) == _box(kept)
+
+    deleted = await client.delete("/override/cat.jpg", headers=_auth())
+    assert deleted.status == 204
+    restored = await _crop(client, "300x300", "cat.jpg")
+    assert restored.headers["X-Heatcrop-Path"] in ("smart", "low-confidence")
+    assert _box(restored) == _box(before)
+    assert await _metric(client, "heatcrop_nn_runs_total") == 1
+
+
+async def test_override_outside_the_image_is_clamped(client) -> None:
+    put = await client.put(
+        "/override/five.jpg", json={"box": [550, 350, 5000, 5000]}, headers=_auth()
+    )
+    assert put.status == 200
+    resp = await _crop(client, "200x100", "five.jpg")
+    assert resp.headers["X-Heatcrop-Path"] == "override"
+    x0, y0, x1, y1 = _box(resp)
+    assert (x1, y1) == (600, 400) and min(x0, y0) >= 0
+    assert abs((x1 - x0) - 2 * (y1 - y0)) <= 2
+
+
+# -- health and metrics ---------------------------------------------------------------------
+
+
+async def test_healthz(client) -> None:
+    resp = await client.get("/healthz")
+    assert resp.status == 200
+    assert await resp.text() == "ok"
+
+
+_SAMPLE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? \S+$')
+
+
+async def test_metrics_are_prometheus_text(client) -> None:
+    await _crop(client, "300x100")
+    await _crop(client, "300x100")
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"] == CONTENT_TYPE
+    for line in (await resp.text()).splitlines():
+        if line and not line.startswith("#"):
+            assert _SAMPLE.match(line), line
+            value = line.rsplit(" ", 1)[1]
+            assert value in ("+Inf", "NaN") or math.isfinite(float(value))
+    assert await _metric(client, "heatcrop_requests_total", outcome="smart") == 1
+    assert await _metric(client, "heatcrop_requests_total", outcome="cached") == 1
+    for stage in ("fetch", "decode", "search", "total"):
+        count = await _metric(client, "heatcrop_stage_seconds_count", stage=stage)
+        assert count >= 1, stage
