@@ -167,6 +167,8 @@ def serve(settings: Settings) -> None:
 
     # Decoding parallelism comes from the decode pool; see configure_vips.
     configure_vips()
+    # libvips reports every operation at INFO level: noise at hundreds of requests a second.
+    logging.getLogger("pyvips").setLevel(logging.WARNING)
     server = settings.server
     web.run_app(
         make_app(settings),

@@ -1,4 +1,4 @@
-"""``heatcrop`` command line: ``heatcrop crop PHOTO --size 400x300`` and friends."""
+"""``heatcrop`` command line: ``heatcrop crop PHOTO --size 400x300``, ``heatcrop serve``."""
 
 from __future__ import annotations
 
@@ -42,7 +42,19 @@ def _parser() -> argparse.ArgumentParser:
     crop.add_argument("--debug", type=Path, help="write a PNG: heatmap, chosen box, centre box")
     crop.add_argument("--out", type=Path, help="write the cropped and resized image")
     crop.set_defaults(func=_crop)
+    serve = sub.add_parser("serve", help="run the sidecar HTTP service (aiohttp on uvloop)")
+    serve.set_defaults(func=_serve)
     return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from sidecar.app import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    serve(settings_mod.load(args.config))
+    return 0
 
 
 def _crop(args: argparse.Namespace) -> int:

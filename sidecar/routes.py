@@ -12,8 +12,15 @@
   ``low-confidence`` (the box is no better than the centre), ``giveup`` (Overloaded, deadline,
   a typed error with ``fallback=True``, or any unexpected exception, which is logged) or
   ``no-crop`` (W or H is 0: there is nothing to decide);
+  The ``low-confidence`` answer also carries the rejected box and its confidence, for
+  debugging; the other fallbacks carry no box;
 - a typed error with ``fallback=False`` (bad size or path, missing source, not an image): its
   status and its public message as a short text body.
+
+Metrics: ``requests_total`` by outcome (the ``X-Heatcrop-Path`` value, except that a
+``giveup`` is counted as ``error`` unless it was for time: Overloaded or DeadlineExceeded, and
+typed errors without fallback count as ``error``), stage histograms (fetch, decode, search,
+total; the batcher adds queue and infer), box and heatmap cache hits and misses.
 
 ``PUT /override/{path}`` with ``Authorization: Bearer <server.override_token>`` and a JSON body
 ``{"box": [x0, y0, x1, y1]}`` stores a must-keep box for the path (``DELETE`` clears it): 401

@@ -156,6 +156,10 @@ async def test_concurrent_requests_for_a_new_original_run_the_model_once(client)
     assert {r.headers["X-Heatcrop-Path"] for r in answers} <= {"smart", "low-confidence"}
     assert await _metric(client, "heatcrop_nn_runs_total") == 1
     assert await _metric(client, "heatcrop_requests_total", outcome="giveup") == 0
+    # All were sent at once and a model run takes far longer than a fetch, so several missed
+    # the heatmap cache and waited for the one run in flight.
+    misses = await _metric(client, "heatcrop_cache_requests_total", cache="heatmap", result="miss")
+    assert misses >= 2
 
 
 async def test_no_crop_when_one_side_is_zero(client) -> None:
@@ -221,16 +225,27 @@ async def test_tiny_deadline_gives_up_with_the_legacy_crop(aiohttp_client, model
 async def test_give_up_after_decode_finishes_the_heatmap_in_the_background(
     aiohttp_client, model_dir, photos
 ) -> None:
-    # 1 ms cannot hold a decode and a model run: the batcher refuses, the pixels are queued in
-    # the background, and a later request (with a budget) finds the heatmap cached.
-    app = make_app(_settings(model_dir, photos, deadline_ms=1))
-    client = await aiohttp_client(app)
-    await _crop(client, "400x300", "four.jpg")
-    for _ in range(200):
-        if await _metric(client, "heatcrop_nn_runs_total") >= 1:
+    # 1 ms cannot hold a decode and a model run: the request gives up after its decode, the
+    # pixels go to the batcher's background queue, and the heatmap lands in the cache. (A
+    # request whose fetch alone took the whole millisecond gives up with no pixels; then the
+    # next one tries again.)
+    client = await aiohttp_client(make_app(_settings(model_dir, photos, deadline_ms=1)))
+    for _ in range(5):
+        resp = await _crop(client, "400x300", "four.jpg")
+        assert resp.headers["X-Heatcrop-Path"] == "giveup"
+        if await _wait_for_nn_run(client):
             break
-        await asyncio.sleep(0.05)
     assert await _metric(client, "heatcrop_nn_runs_total") == 1
+    assert await _metric(client, "heatcrop_requests_total", outcome="giveup") >= 1
+    assert await _metric(client, "heatcrop_requests_total", outcome="smart") == 0
+
+
+async def _wait_for_nn_run(client, polls: int = 100) -> bool:
+    for _ in range(polls):
+        if await _metric(client, "heatcrop_nn_runs_total") >= 1:
+            return True
+        await asyncio.sleep(0.05)
+    return False
 
 
 # -- overrides ------------------------------------------------------------------------------
@@ -301,6 +316,20 @@ async def test_override_is_kept_and_delete_restores(client) -> None:
     assert restored.headers["X-Heatcrop-Path"] in ("smart", "low-confidence")
     assert _box(restored) == _box(before)
     assert await _metric(client, "heatcrop_nn_runs_total") == 1
+
+
+async def test_a_new_override_after_a_delete_is_not_served_a_stale_box(client) -> None:
+    left, right = (10, 100, 60, 200), (380, 100, 440, 200)
+    await client.put("/override/cat.jpg", json={"box": list(left)}, headers=_auth())
+    first = await _crop(client, "200x300", "cat.jpg")
+    await client.delete("/override/cat.jpg", headers=_auth())
+    put = await client.put("/override/cat.jpg", json={"box": list(right)}, headers=_auth())
+    assert (await put.json())["version"] == 3
+    second = await _crop(client, "200x300", "cat.jpg")
+    for resp, focal in ((first, left), (second, right)):
+        assert resp.headers["X-Heatcrop-Path"] == "override"
+        x0, y0, x1, y1 = _box(resp)
+        assert x0 <= focal[0] and y0 <= focal[1] and x1 >= focal[2] and y1 >= focal[3]
 
 
 async def test_override_outside_the_image_is_clamped(client) -> None:
