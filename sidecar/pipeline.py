@@ -4,12 +4,15 @@ Modelled on imgproxy's processing/pipeline.go: each step reads and fills one ``C
 runner checks the deadline before every step and stops as soon as a step has decided the
 answer (``job.box`` set). Steps, in order:
 
-  fetch     source fetch; the original's identity (path + validators) names its heatmap, so
-            this comes before any cache lookup
-  override  the path's override record (box + version); the version is part of the box key
+  override  the path's override record (box + version; the version is part of the box key)
+            and the original's identity as last seen (``IdentityMemo``, trusted 30 s), which
+            gives the heatmap and box keys without asking the source
   box       box cache lookup (hit: done)
-  heatmap   heatmap cache lookup, or decode (in the pool) + batcher, once per heatmap key
-            across concurrent requests (single-flight), stored in the heatmap cache
+  heatmap   heatmap cache lookup
+  analyse   on a miss, or when the identity is not known: fetch, then the heatmap cache again
+            (now that the key is known), else decode (in the pool) + batcher, stored in the
+            heatmap cache; once per path across concurrent requests (single-flight); then the
+            box cache if the identity was not known before
   search    window search (in the pool), stored in the box cache
 
 Failures are typed errors (sidecar.errors); the routes turn them into answers.
@@ -21,6 +24,7 @@ import asyncio
 import json
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -40,9 +44,13 @@ from sidecar.metrics import Metrics
 from sidecar.settings import Settings
 from sidecar.singleflight import SingleFlight
 from sidecar.sizes import Size
-from sidecar.sources import Original, Source
+from sidecar.sources import Source
 
 log = logging.getLogger("heatcrop.pipeline")
+
+# How long a fetched original's identity is trusted without asking the source again.
+IDENTITY_TTL_S = 30.0
+IDENTITY_ENTRIES = 100_000
 
 Box = tuple[int, int, int, int]
 
@@ -74,6 +82,37 @@ class Override:
         return cls(None if box is None else (box[0], box[1], box[2], box[3]), version)
 
 
+class IdentityMemo:
+    """path → the original's last seen identity, trusted for ``ttl_s``; a bounded LRU.
+
+    The heatmap and box keys name the original's identity (path + validators), which only a
+    fetch tells. Remembering it lets box and heatmap cache hits answer without touching the
+    source at all (for an HTTP origin a full GET per request); the price is that a changed
+    original is noticed up to ``ttl_s`` late.
+    """
+
+    def __init__(self, ttl_s: float = IDENTITY_TTL_S, max_entries: int = IDENTITY_ENTRIES) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    def get(self, path: str, now: float) -> str | None:
+        entry = self._entries.get(path)
+        if entry is None:
+            return None
+        if entry[1] <= now:
+            del self._entries[path]
+            return None
+        self._entries.move_to_end(path)
+        return entry[0]
+
+    def put(self, path: str, identity: str, now: float) -> None:
+        self._entries[path] = (identity, now + self.ttl_s)
+        self._entries.move_to_end(path)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+
 @dataclass
 class Services:
     """What the steps use; built once per app."""
@@ -86,7 +125,8 @@ class Services:
     source: Source
     pool: Executor
     metrics: Metrics
-    flights: SingleFlight[Analysis] = field(default_factory=SingleFlight)
+    flights: SingleFlight[tuple[str, Analysis]] = field(default_factory=SingleFlight)
+    identities: IdentityMemo = field(default_factory=IdentityMemo)
 
 
 @dataclass
@@ -94,7 +134,7 @@ class CropJob:
     path: str
     size: Size
     deadline: float  # loop.time()
-    original: Original | None = None
+    identity: str | None = None
     override: Override | None = None
     heat_key: str = ""
     box_key: str = ""
@@ -102,41 +142,47 @@ class CropJob:
     box: CropBox | None = None
     cached: bool = False
 
+    def set_identity(self, identity: str, model_version: str) -> None:
+        self.identity = identity
+        self.heat_key = heatmap_key(identity, model_version)
+        version = self.override.version if self.override else 0
+        self.box_key = box_key(self.heat_key, self.size.width, self.size.height, version)
+
 
 Step = Callable[[Services, CropJob], Awaitable[None]]
 
 
-async def step_fetch(svc: Services, job: CropJob) -> None:
-    with svc.metrics.stage_seconds.time(stage="fetch"):
-        job.original = await svc.source.fetch(job.path)
-    job.heat_key = heatmap_key(job.original.identity, svc.engine.version)
-
-
 async def step_override(svc: Services, job: CropJob) -> None:
     job.override = Override.decode(await svc.caches.overrides.get(override_key(job.path)))
-    version = job.override.version if job.override else 0
-    job.box_key = box_key(job.heat_key, job.size.width, job.size.height, version)
+    identity = svc.identities.get(job.path, asyncio.get_running_loop().time())
+    if identity is not None:
+        job.set_identity(identity, svc.engine.version)
 
 
 async def step_box_cache(svc: Services, job: CropJob) -> None:
-    record = await svc.caches.get_box(job.box_key)
-    svc.metrics.cache_requests.inc(cache="box", result="miss" if record is None else "hit")
-    if record is not None:
-        x0, y0, x1, y1 = record.box
-        job.box = CropBox(x0, y0, x1, y1, confidence=record.confidence)
-        job.cached = True
+    if job.identity is not None:
+        await _box_lookup(svc, job)
 
 
-async def step_heatmap(svc: Services, job: CropJob) -> None:
-    analysis = await svc.caches.get_analysis(job.heat_key)
-    svc.metrics.cache_requests.inc(cache="heatmap", result="miss" if analysis is None else "hit")
-    if analysis is None:
-        original = job.original
-        assert original is not None
-        analysis = await svc.flights.run(
-            job.heat_key, partial(_analyse, svc, original.data, job.heat_key, job.deadline)
-        )
-    job.analysis = analysis
+async def step_heatmap_cache(svc: Services, job: CropJob) -> None:
+    if job.identity is None:
+        return
+    job.analysis = await svc.caches.get_analysis(job.heat_key)
+    result = "miss" if job.analysis is None else "hit"
+    svc.metrics.cache_requests.inc(cache="heatmap", result=result)
+
+
+async def step_analyse(svc: Services, job: CropJob) -> None:
+    """Fetch, decode, infer: once per path across concurrent requests (single-flight)."""
+    if job.analysis is not None:
+        return
+    known = job.identity
+    identity, job.analysis = await svc.flights.run(
+        job.path, partial(_fetch_and_analyse, svc, job.path, job.deadline)
+    )
+    job.set_identity(identity, svc.engine.version)
+    if identity != known:  # first sight of this original here (or it changed): maybe cached
+        await _box_lookup(svc, job)
 
 
 async def step_search(svc: Services, job: CropJob) -> None:
@@ -154,10 +200,10 @@ async def step_search(svc: Services, job: CropJob) -> None:
 
 
 STEPS: tuple[tuple[str, Step], ...] = (
-    ("fetch", step_fetch),
     ("override", step_override),
     ("box", step_box_cache),
-    ("heatmap", step_heatmap),
+    ("heatmap", step_heatmap_cache),
+    ("analyse", step_analyse),
     ("search", step_search),
 )
 
@@ -173,6 +219,32 @@ async def run_crop(svc: Services, job: CropJob) -> CropJob:
             raise DeadlineExceeded(f"deadline passed before step {name}")
         await step(svc, job)
     return job
+
+
+async def _box_lookup(svc: Services, job: CropJob) -> None:
+    record = await svc.caches.get_box(job.box_key)
+    svc.metrics.cache_requests.inc(cache="box", result="miss" if record is None else "hit")
+    if record is not None:
+        x0, y0, x1, y1 = record.box
+        job.box = CropBox(x0, y0, x1, y1, confidence=record.confidence)
+        job.cached = True
+
+
+async def _fetch_and_analyse(svc: Services, path: str, deadline: float) -> tuple[str, Analysis]:
+    """(identity, analysis) of the original at ``path``: from the heatmap cache if it is there."""
+    loop = asyncio.get_running_loop()
+    with svc.metrics.stage_seconds.time(stage="fetch"):
+        original = await svc.source.fetch(path)
+    svc.identities.put(path, original.identity, loop.time())
+    key = heatmap_key(original.identity, svc.engine.version)
+    analysis = await svc.caches.get_analysis(key)
+    svc.metrics.cache_requests.inc(cache="heatmap", result="miss" if analysis is None else "hit")
+    if analysis is None:
+        if loop.time() >= deadline:
+            svc.metrics.giveups.inc(reason="deadline")
+            raise DeadlineExceeded("deadline passed after fetch")
+        analysis = await _analyse(svc, original.data, key, deadline)
+    return original.identity, analysis
 
 
 async def _analyse(svc: Services, data: bytes, key: str, deadline: float) -> Analysis:
