@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import math
 import re
 from pathlib import Path
@@ -17,6 +18,7 @@ from sidecar.app import make_app
 from sidecar.legacy import Thumbor
 from sidecar.metrics import CONTENT_TYPE
 from sidecar.pipeline import IdentityMemo
+from sidecar.routes import SERVICES
 from sidecar.settings import EngineSettings, ServerSettings, Settings, SourceSettings
 from sidecar.sizes import Size
 
@@ -40,6 +42,8 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "cat.jpg").write_bytes(_jpeg(skdata.chelsea()))  # 451x300
     for name in ("one", "two", "three", "four", "five"):
         (root / f"{name}.jpg").write_bytes(coffee)
+    (root / "plats du jour").mkdir()
+    (root / "plats du jour" / "crème brûlée.jpg").write_bytes(coffee)
     (root / "notes.jpg").write_bytes(b"this is not an image at all, only some words\n" * 20)
     (root / "truncated.jpg").write_bytes(coffee[: len(coffee) // 3])
     return root
@@ -166,6 +170,13 @@ async def test_concurrent_requests_for_a_new_original_run_the_model_once(client)
     assert hits + misses < len(sizes)
 
 
+async def test_encoded_paths_reach_the_source_and_the_legacy_url_quoted(client) -> None:
+    resp = await _crop(client, "300x100", "plats%20du%20jour/cr%C3%A8me%20br%C3%BBl%C3%A9e.jpg")
+    assert resp.headers["X-Heatcrop-Path"] == "smart"
+    redirect = resp.headers["X-Accel-Redirect"]
+    assert redirect.endswith("/300x100/plats%20du%20jour/cr%C3%A8me%20br%C3%BBl%C3%A9e.jpg")
+
+
 async def test_no_crop_when_one_side_is_zero(client) -> None:
     resp = await _crop(client, "400x0")
     assert resp.headers["X-Heatcrop-Path"] == "no-crop"
@@ -215,6 +226,30 @@ async def test_truncated_jpeg_falls_back_to_the_legacy_crop(client) -> None:
     assert "X-Heatcrop-Box" not in resp.headers
     url = Thumbor().plain_url("truncated.jpg", Size(400, 300))
     assert resp.headers["X-Accel-Redirect"] == "/@legacy" + url
+
+
+class _BrokenSource:
+    """A source with a bug in it: anything but a typed error."""
+
+    async def fetch(self, path: str):
+        raise RuntimeError(f"bug while fetching {path}")
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_an_unexpected_exception_is_logged_and_answers_the_legacy_crop(
+    client, caplog: pytest.LogCaptureFixture
+) -> None:
+    client.app[SERVICES].source = _BrokenSource()
+    with caplog.at_level(logging.ERROR, logger="heatcrop.routes"):
+        resp = await _crop(client, "300x100", "one.jpg")
+    assert resp.headers["X-Heatcrop-Path"] == "giveup"
+    assert resp.headers["X-Accel-Redirect"] == "/@legacy" + Thumbor().plain_url(
+        "one.jpg", Size(300, 100)
+    )
+    assert "bug while fetching one.jpg" in caplog.text
+    assert await _metric(client, "heatcrop_requests_total", outcome="error") == 1
 
 
 async def test_tiny_deadline_gives_up_with_the_legacy_crop(aiohttp_client, model_dir, photos):
