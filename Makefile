@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 .PHONY: setup model run test lint bench bench-quality bench-speed apt-deps clean distclean
 
 # System packages the tests and `make run` use (Debian). As root, or through sudo.
-APT_PACKAGES := redis-server
+APT_PACKAGES := redis-server chromium wrk
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 apt-deps:
 	$(SUDO) apt-get update -qq
