@@ -44,7 +44,34 @@ def _parser() -> argparse.ArgumentParser:
     crop.set_defaults(func=_crop)
     serve = sub.add_parser("serve", help="run the sidecar HTTP service (aiohttp on uvloop)")
     serve.set_defaults(func=_serve)
+    warm = sub.add_parser("warm", help="precompute heatmaps of a list of paths into the cache")
+    warm.add_argument("--list", required=True, type=Path, help="paths, one a line (# comments)")
+    warm.add_argument("--concurrency", type=int, default=4, help="originals in flight at once")
+    warm.set_defaults(func=_warm)
     return parser
+
+
+def _warm(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from sidecar.decode import configure_vips
+    from sidecar.warm import read_paths, warm
+
+    if args.concurrency < 1:
+        print("heatcrop: --concurrency must be >= 1", file=sys.stderr)
+        return 2
+    settings = settings_mod.load(args.config)
+    try:
+        paths = read_paths(args.list.read_text(encoding="utf-8").splitlines())
+    except OSError as exc:
+        print(f"heatcrop: {exc}", file=sys.stderr)
+        return 2
+    configure_vips()
+    logging.getLogger("pyvips").setLevel(logging.WARNING)
+    summary = asyncio.run(warm(settings, paths, concurrency=args.concurrency))
+    print(json.dumps(summary.as_dict()))
+    return 1 if summary.failures else 0
 
 
 def _serve(args: argparse.Namespace) -> int:
