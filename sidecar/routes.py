@@ -1,4 +1,4 @@
-"""HTTP routes of the sidecar: /crop, /override, /healthz, /metrics.
+"""HTTP routes of the sidecar: /crop, /override, /healthz, /metrics (and /debug, sidecar.debug).
 
 ``GET /crop/{W}x{H}/{path}`` answers nginx, which follows ``X-Accel-Redirect`` to its internal
 ``/@legacy`` location (the legacy image server). Every answer from our code is one of:
@@ -45,6 +45,7 @@ from aiohttp import web
 from kernels.window import CropBox
 from sidecar import metrics as metrics_mod
 from sidecar.caches import override_key
+from sidecar.debug import add_debug_routes
 from sidecar.errors import BadRequest, DeadlineExceeded, HeatcropError, Overloaded
 from sidecar.legacy import Dialect
 from sidecar.pipeline import CropJob, Override, Services, run_crop
@@ -80,6 +81,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete("/override/{path:.+}", delete_override)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
+    add_debug_routes(app, SERVICES)  # operators only: see sidecar.debug
 
 
 # -- /crop ----------------------------------------------------------------------------------
