@@ -125,11 +125,10 @@ async def _in_pool(svc: Services, fn: Callable[[], T]) -> T:
 
 def _parse(request: web.Request, svc: Services, skip: int) -> tuple[Size, str]:
     server = svc.settings.server
+    # Not limited to server.allowed_sizes: the gallery's sizes are its own, and nothing here is
+    # served to the public or fills the legacy server's cache.
     size = parse_size(
-        request.match_info["size"],
-        max_width=server.max_width,
-        max_height=server.max_height,
-        allowed=server.allowed_sizes,
+        request.match_info["size"], max_width=server.max_width, max_height=server.max_height
     )
     if not size.crops:
         raise BadSize(f"debug size {size}", public_message="debug needs both sides > 0")

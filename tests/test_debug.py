@@ -45,9 +45,9 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _settings(model_dir: Path, photos: Path) -> Settings:
+def _settings(model_dir: Path, photos: Path, **server: object) -> Settings:
     return Settings(
-        server=dataclasses.replace(ServerSettings(deadline_ms=10_000)),
+        server=dataclasses.replace(ServerSettings(deadline_ms=10_000), **server),
         source=SourceSettings(root=str(photos)),
         engine=EngineSettings(model_dir=str(model_dir), threads=1),
     )
@@ -225,6 +225,16 @@ async def _raw_get(client, target: str) -> tuple[int, bytes]:
     await writer.wait_closed()
     status_line, _, rest = raw.partition(b"\r\n")
     return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
+
+
+async def test_debug_sizes_are_not_limited_to_the_public_ones(
+    aiohttp_client, model_dir: Path, photos: Path
+) -> None:
+    app = make_app(_settings(model_dir, photos, allowed_sizes=("400x300",)))
+    client = await aiohttp_client(app)
+    assert (await client.get("/crop/300x375/recipes/coffee.jpg")).status == 400
+    resp = await client.get("/debug/cropped/300x375/recipes/coffee.jpg?method=centre")
+    assert resp.status == 200
 
 
 def test_gallery_urls_quote_the_path() -> None:
