@@ -127,6 +127,12 @@ class Services:
     metrics: Metrics
     flights: SingleFlight[tuple[str, Analysis]] = field(default_factory=SingleFlight)
     identities: IdentityMemo = field(default_factory=IdentityMemo)
+    decoding: int = 0  # decodes queued or running in the pool
+
+    @property
+    def max_decoding(self) -> int:
+        # A few decodes per thread keep the pool busy; more only wait, past the deadline.
+        return 2 * self.settings.server.decode_threads
 
 
 @dataclass
@@ -217,7 +223,15 @@ async def run_crop(svc: Services, job: CropJob) -> CropJob:
         if loop.time() >= job.deadline:
             svc.metrics.giveups.inc(reason="deadline")
             raise DeadlineExceeded(f"deadline passed before step {name}")
-        await step(svc, job)
+        try:
+            # No step may hold a request past its deadline: a slow origin, a long decode queue
+            # or a full batcher must turn into a prompt fallback, not a late one. The shared
+            # single-flight work is shielded and goes on for the other waiters.
+            async with asyncio.timeout_at(job.deadline):
+                await step(svc, job)
+        except TimeoutError:
+            svc.metrics.giveups.inc(reason="deadline")
+            raise DeadlineExceeded(f"deadline passed during step {name}") from None
     return job
 
 
@@ -255,10 +269,17 @@ async def _analyse(svc: Services, data: bytes, key: str, deadline: float) -> Ana
     """
     loop = asyncio.get_running_loop()
     src = svc.settings.source
+    if svc.decoding >= svc.max_decoding:
+        svc.metrics.giveups.inc(reason="queue-full")
+        raise Overloaded(f"{svc.decoding} decodes already queued")
     t0 = time.perf_counter()
-    decoded = await loop.run_in_executor(
-        svc.pool, partial(decode, data, max_bytes=src.max_bytes, max_pixels=src.max_pixels)
-    )
+    svc.decoding += 1
+    try:
+        decoded = await loop.run_in_executor(
+            svc.pool, partial(decode, data, max_bytes=src.max_bytes, max_pixels=src.max_pixels)
+        )
+    finally:
+        svc.decoding -= 1
     svc.metrics.stage_seconds.observe(time.perf_counter() - t0, stage="decode")
     if loop.time() >= deadline:
         _finish_in_background(svc, decoded, key)
