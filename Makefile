@@ -42,6 +42,7 @@ run: setup
 	@echo "crops and debug overlays in build/run/"
 
 test: setup
+	@command -v redis-server >/dev/null && command -v chromium >/dev/null || $(MAKE) apt-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
