@@ -113,7 +113,8 @@ def configure_vips(concurrency: int = 1, cache_max: int = 0) -> None:
         buffer (default: up to 100 MB); 0 turns it off.
     Untrusted loaders (ImageMagick, PDF, and in libvips 8.18 also SVG) are blocked as a second
     wall behind the allow-list; after this an SVG is no longer recognised at all (NotAnImage
-    instead of UnsupportedFormat, 415 either way).
+    instead of UnsupportedFormat). Both are 415 here, but at /crop they differ: NotAnImage is a
+    415 while UnsupportedFormat falls back to the legacy crop, so the service calls this first.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
