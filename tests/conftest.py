@@ -9,6 +9,7 @@ import pytest
 
 from engines.export import export
 from engines.ort import OrtEngine
+from tests.redis_server import RedisServer
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +26,14 @@ def session_engine(model_dir: Path) -> Iterator[OrtEngine]:
     engine = OrtEngine(find_model(model_dir), threads=1)
     yield engine
     engine.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, stopped by its PID after the test."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

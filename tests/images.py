@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
 import pyvips
 
 RED = (255, 0, 0)
@@ -38,6 +39,15 @@ def photo_like(width: int = 640, height: int = 480) -> pyvips.Image:
     ramp_y = pyvips.Image.xyz(width, height)[1] * (255 / height)
     rgb = ramp_x.bandjoin([ramp_y, (ramp_x + ramp_y) / 2]) + noise
     return rgb.cast("uchar").copy(interpretation="srgb")
+
+
+def jpeg(pixels: np.ndarray, quality: int = 90) -> bytes:
+    """A uint8 [H, W, bands] array as JPEG bytes."""
+    height, width, bands = pixels.shape
+    image = pyvips.Image.new_from_memory(
+        np.ascontiguousarray(pixels).tobytes(), width, height, bands, "uchar"
+    )
+    return bytes(image.jpegsave_buffer(Q=quality))
 
 
 def encode(image: pyvips.Image, suffix: str, **options: object) -> bytes:

@@ -11,15 +11,12 @@ from sidecar import cli
 from sidecar.core import Analysis, CropCore, blend_profiles
 from sidecar.errors import NotAnImage
 from sidecar.settings import KernelSettings, Settings, SourceSettings
-
-
-def _jpeg(pixels: np.ndarray) -> bytes:
-    return pyvips.Image.new_from_array(pixels, interpretation="srgb").jpegsave_buffer(Q=90)
+from tests.images import jpeg
 
 
 @pytest.fixture(scope="module")
 def coffee() -> bytes:
-    return _jpeg(skimage.data.coffee())
+    return jpeg(skimage.data.coffee())
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +77,7 @@ def test_crop_follows_the_subject_not_the_centre(core):
     photo = skimage.data.coffee()
     canvas = np.full((400, 1400, 3), 128, np.uint8)
     canvas[:, :600] = photo
-    analysis = core.analyse(_jpeg(canvas))
+    analysis = core.analyse(jpeg(canvas))
     box = core.box(analysis, 1.0)
     centre = core.center(analysis, 1.0)
     cup = (150, 450)  # the cup's horizontal extent in the coffee photo

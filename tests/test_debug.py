@@ -19,23 +19,16 @@ from kernels.window import center_box
 from sidecar.app import make_app
 from sidecar.debug import gallery_sizes, gallery_urls, report_of
 from sidecar.settings import EngineSettings, ServerSettings, Settings, SourceSettings
+from tests.images import jpeg
 
 CHROMIUM = "/usr/bin/chromium"
 ODD_NAME = 'a<b"c&d.jpg'
 
 
-def _jpeg(pixels: np.ndarray) -> bytes:
-    height, width, bands = pixels.shape
-    image = pyvips.Image.new_from_memory(
-        np.ascontiguousarray(pixels).tobytes(), width, height, bands, "uchar"
-    )
-    return image.jpegsave_buffer(Q=90)
-
-
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("originals")
-    coffee = _jpeg(skdata.coffee())  # 600x400
+    coffee = jpeg(skdata.coffee())  # 600x400
     (root / "recipes").mkdir()
     (root / "recipes" / "coffee.jpg").write_bytes(coffee)
     (root / "plats du jour").mkdir()

@@ -9,9 +9,7 @@ import math
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
-import pyvips
 from skimage import data as skdata
 
 from sidecar.app import make_app
@@ -21,25 +19,18 @@ from sidecar.pipeline import IdentityMemo
 from sidecar.routes import SERVICES
 from sidecar.settings import EngineSettings, ServerSettings, Settings, SourceSettings
 from sidecar.sizes import Size
+from tests.images import jpeg
 
 TOKEN = "s3cret"
-
-
-def _jpeg(pixels: np.ndarray) -> bytes:
-    height, width, bands = pixels.shape
-    image = pyvips.Image.new_from_memory(
-        np.ascontiguousarray(pixels).tobytes(), width, height, bands, "uchar"
-    )
-    return image.jpegsave_buffer(Q=90)
 
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("originals")
-    coffee = _jpeg(skdata.coffee())  # 600x400
+    coffee = jpeg(skdata.coffee())  # 600x400
     (root / "recipes").mkdir()
     (root / "recipes" / "coffee.jpg").write_bytes(coffee)
-    (root / "cat.jpg").write_bytes(_jpeg(skdata.chelsea()))  # 451x300
+    (root / "cat.jpg").write_bytes(jpeg(skdata.chelsea()))  # 451x300
     for name in ("one", "two", "three", "four", "five"):
         (root / f"{name}.jpg").write_bytes(coffee)
     (root / "plats du jour").mkdir()

@@ -11,7 +11,6 @@ import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import pyvips
 from aiohttp import web
@@ -20,6 +19,7 @@ from skimage import data as skdata
 from sidecar.app import make_app
 from sidecar.routes import SERVICES
 from sidecar.settings import EngineSettings, ServerSettings, Settings, SourceSettings
+from tests.images import jpeg
 
 MAX_BYTES = 2 * 1024 * 1024
 SVG = (
@@ -28,17 +28,9 @@ SVG = (
 )
 
 
-def _jpeg(pixels: np.ndarray) -> bytes:
-    height, width, bands = pixels.shape
-    image = pyvips.Image.new_from_memory(
-        np.ascontiguousarray(pixels).tobytes(), width, height, bands, "uchar"
-    )
-    return image.jpegsave_buffer(Q=90)
-
-
 @pytest.fixture(scope="module")
 def coffee() -> bytes:
-    return _jpeg(skdata.coffee())  # 600x400
+    return jpeg(skdata.coffee())  # 600x400
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import pytest
-import pyvips
 from skimage import data as skdata
 
 import sidecar.app
@@ -22,37 +19,20 @@ from sidecar.settings import (
     Settings,
     SourceSettings,
 )
+from tests.images import jpeg
 from tests.redis_server import RedisServer
 
 ANSWERS = ("smart", "cached", "low-confidence")
-
-
-def _jpeg(pixels: np.ndarray) -> bytes:
-    height, width, bands = pixels.shape
-    image = pyvips.Image.new_from_memory(
-        np.ascontiguousarray(pixels).tobytes(), width, height, bands, "uchar"
-    )
-    return image.jpegsave_buffer(Q=90)
 
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("originals")
     (root / "recipes").mkdir()
-    (root / "recipes" / "coffee.jpg").write_bytes(_jpeg(skdata.coffee()))
-    (root / "cat.jpg").write_bytes(_jpeg(skdata.chelsea()))
-    (root / "rocket.jpg").write_bytes(_jpeg(skdata.rocket()))
+    (root / "recipes" / "coffee.jpg").write_bytes(jpeg(skdata.coffee()))
+    (root / "cat.jpg").write_bytes(jpeg(skdata.chelsea()))
+    (root / "rocket.jpg").write_bytes(jpeg(skdata.rocket()))
     return root
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(autouse=True)

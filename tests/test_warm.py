@@ -6,13 +6,10 @@ import asyncio
 import dataclasses
 import json
 import logging
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import pytest
-import pyvips
 from skimage import data as skdata
 
 import sidecar.app
@@ -27,7 +24,7 @@ from sidecar.settings import (
     SourceSettings,
 )
 from sidecar.warm import read_paths, warm
-from tests.redis_server import RedisServer
+from tests.images import jpeg
 
 GOOD = ("recipes/coffee.jpg", "cat.jpg")
 BACKLOG = """\
@@ -42,32 +39,14 @@ gone/missing.jpg
 """
 
 
-def _jpeg(pixels: np.ndarray) -> bytes:
-    height, width, bands = pixels.shape
-    image = pyvips.Image.new_from_memory(
-        np.ascontiguousarray(pixels).tobytes(), width, height, bands, "uchar"
-    )
-    return image.jpegsave_buffer(Q=90)
-
-
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("originals")
     (root / "recipes").mkdir()
-    (root / "recipes" / "coffee.jpg").write_bytes(_jpeg(skdata.coffee()))
-    (root / "cat.jpg").write_bytes(_jpeg(skdata.chelsea()))
+    (root / "recipes" / "coffee.jpg").write_bytes(jpeg(skdata.coffee()))
+    (root / "cat.jpg").write_bytes(jpeg(skdata.chelsea()))
     (root / "notes.jpg").write_bytes(b"this is not an image at all, only some words\n" * 20)
     return root
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
