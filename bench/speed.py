@@ -55,8 +55,11 @@ def main() -> None:
         f"ONNX Runtime threads={settings.engine.threads}, best of {args.rounds} rounds.",
         "",
     ]
-    lines += _cold_path(photos, settings, args.rounds)
-    lines += _search(photos[0], settings)
+    engine = load_engine(settings.engine)
+    core = CropCore.from_settings(settings, engine)
+    lines += _cold_path(photos, core, args.rounds)
+    lines += _search(photos[0], core, settings)
+    engine.close()
     lines += _numba_startup()
     text = "\n".join(lines) + "\n"
     print(text)
@@ -78,9 +81,7 @@ def _per_image(fn: Callable[[bytes], object], photos: list[bytes], rounds: int) 
     return best
 
 
-def _cold_path(photos: list[bytes], settings: settings_mod.Settings, rounds: int) -> list[str]:
-    engine = load_engine(settings.engine)
-    core = CropCore.from_settings(settings, engine)
+def _cold_path(photos: list[bytes], core: CropCore, rounds: int) -> list[str]:
 
     def attention(data: bytes) -> object:
         return pyvips.Image.thumbnail_buffer(data, 400, height=300, crop="attention").avg()
@@ -104,7 +105,6 @@ def _cold_path(photos: list[bytes], settings: settings_mod.Settings, rounds: int
     _per_image(staged, photos, 1)
     t_dec = statistics.median(stages["decode"])
     t_inf = statistics.median(stages["infer"])
-    engine.close()
     return [
         "## Cold path per image (decode + CNN + search) vs libvips attention",
         "",
@@ -118,9 +118,7 @@ def _cold_path(photos: list[bytes], settings: settings_mod.Settings, rounds: int
     ]
 
 
-def _search(data: bytes, settings: settings_mod.Settings) -> list[str]:
-    engine = load_engine(settings.engine, warm=False)
-    core = CropCore.from_settings(settings, engine)
+def _search(data: bytes, core: CropCore, settings: settings_mod.Settings) -> list[str]:
     analysis = core.analyse(data)
     rows = []
     for label, min_scale in (
@@ -139,7 +137,6 @@ def _search(data: bytes, settings: settings_mod.Settings) -> list[str]:
             runs.append((time.perf_counter() - t0) * 1e3)
         t_prep = _time_prepare(core, analysis)
         rows.append(f"| {label} | {statistics.median(runs):.3f} | {t_prep:.3f} |")
-    engine.close()
     size = f"{analysis.width}x{analysis.height}"
     return [
         f"## Window search, 5 aspect ratios on one heatmap ({size})",
