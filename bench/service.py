@@ -17,7 +17,9 @@ Servers listen on free loopback ports and are stopped by their own PID in ``fina
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
+import math
 import os
 import re
 import signal
@@ -25,8 +27,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -46,6 +50,7 @@ STOP_TIMEOUT_S = 10.0
 # aspect on one original (see bench/wrk/common.lua); the warm-up sizes (1x1, 4x3) need W = p.
 HEIGHTS = {"heatmap": 1009, "capacity": 1013, "overload": 1019, "overload_cached": 1021}
 HEATMAP_ORIGINALS = 20
+PROBE_INTERVAL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -70,15 +75,32 @@ class WrkResult:
 
 
 @dataclass(frozen=True)
+class ProbeSummary:
+    count: int
+    failures: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+
+
+@dataclass(frozen=True)
+class Overload:
+    wrk: WrkResult
+    delay_ms: float
+    probe: ProbeSummary
+    giveups: dict[str, int]  # by reason, during the run (sidecar /metrics)
+    own_p99_ms: float  # the sidecar's own answer time, p99 bucket bound (sidecar /metrics)
+
+
+@dataclass(frozen=True)
 class Runs:
     hit: WrkResult
     heat: WrkResult
     nn_runs_heat: int
     capacity: WrkResult
     answered: float  # capacity: answers per second that did not give up
-    overload: WrkResult
-    overload_cached: WrkResult
-    delay_ms: float
+    overload: Overload
+    overload_cached: Overload
 
 
 @dataclass(frozen=True)
@@ -98,6 +120,12 @@ def main() -> None:
     parser.add_argument("--overload-seconds", type=int, default=30)
     parser.add_argument("--overload-factor", type=float, default=10.0)
     parser.add_argument("--overload-connections", type=int, default=500)
+    parser.add_argument(
+        "--only",
+        choices=("all", "overload"),
+        default="all",
+        help="overload: only (c0), (c), (c') (for iterating on the cold path; no report file)",
+    )
     args = parser.parse_args()
     originals = sorted(p.name for p in args.source.glob("*.jpg"))
     if not originals:
@@ -110,24 +138,28 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="heatcrop-bench-") as tmp:
         lists = Path(tmp)
-        with sidecar({"HEATCROP_SOURCE_ROOT": root}, cores="0") as warm:
-            hit = bench_hit(warm, originals[0], args)
-            heat, nn_runs_heat = bench_heatmap(warm, originals[:HEATMAP_ORIGINALS], lists, args)
+        if args.only == "all":
+            with sidecar({"HEATCROP_SOURCE_ROOT": root}, cores="0") as warm:
+                hit = bench_hit(warm, originals[0], args)
+                heat, nn_runs_heat = bench_heatmap(warm, originals[:HEATMAP_ORIGINALS], lists, args)
         # Heatmap cache of one entry: every request decodes its original and runs the CNN.
         cold_env = {"HEATCROP_SOURCE_ROOT": root, "HEATCROP_CACHE_HEATMAP_ENTRIES": "1"}
         with sidecar(cold_env, cores=None) as cold:
             capacity, answered = bench_capacity(cold, originals, lists, args)
             offered = args.overload_factor * max(answered, 1.0)
-            over, delay_ms = bench_overload(
-                cold, originals, lists, args, offered, HEIGHTS["overload"]
-            )
+            over = bench_overload(cold, originals, lists, args, offered, HEIGHTS["overload"])
         # Default caches, fresh process: each original is analysed once, then served as a
         # heatmap-cache hit, which is what a real overload of few originals looks like.
         with sidecar({"HEATCROP_SOURCE_ROOT": root}, cores=None) as fresh:
-            over_cached, _ = bench_overload(
+            over_cached = bench_overload(
                 fresh, originals, lists, args, offered, HEIGHTS["overload_cached"]
             )
-    runs = Runs(hit, heat, nn_runs_heat, capacity, answered, over, over_cached, delay_ms)
+    if args.only == "overload":
+        print(f"(c0) capacity {answered:.0f} answers/s ({fmt_paths(capacity)})")
+        for name, o in (("(c)", over), ("(c')", over_cached)):
+            print(overload_detail(name, o, answered))
+        return
+    runs = Runs(hit, heat, nn_runs_heat, capacity, answered, over, over_cached)
     loads = (load_before, os.getloadavg()[0])
     lines = report(started, settings, args, len(originals), runs, loads)
     text = "\n".join(lines) + "\n"
@@ -181,8 +213,8 @@ def bench_overload(
     args: argparse.Namespace,
     offered: float,
     height: int,
-) -> tuple[WrkResult, float]:
-    """``offered`` req/s for the run; the result and the per-connection pause in ms."""
+) -> Overload:
+    """``offered`` req/s for the run, with /healthz probed meanwhile."""
     # Each connection waits delay() after each answer; answers within the deadline are short
     # against the pause at this rate, so connections / pause ≈ the offered rate. Slow answers
     # lower the rate actually offered, which the report shows.
@@ -192,14 +224,72 @@ def bench_overload(
         "HEATCROP_BENCH_HEIGHT": str(height),
         "HEATCROP_BENCH_DELAY_MS": f"{delay_ms:.3f}",
     }
-    result = wrk(
-        svc.base + "/",
-        "cold.lua",
-        seconds=args.overload_seconds,
-        connections=args.overload_connections,
-        env=env,
-    )
-    return result, delay_ms
+    before = scrape(svc)
+    with HealthProbe(svc.base) as probe:
+        result = wrk(
+            svc.base + "/",
+            "cold.lua",
+            seconds=args.overload_seconds,
+            connections=args.overload_connections,
+            env=env,
+        )
+    after = scrape(svc)
+    giveups = {
+        reason: int(after.get(key, 0) - before.get(key, 0))
+        for key in after
+        if (reason := _label(key, "heatcrop_giveups_total", "reason")) is not None
+    }
+    own_p99 = histogram_quantile(before, after, "heatcrop_stage_seconds", 'stage="total"', 0.99)
+    return Overload(result, delay_ms, probe.summary(), giveups, own_p99 * 1000.0)
+
+
+class HealthProbe:
+    """GET /healthz every ``PROBE_INTERVAL_S`` on one kept-alive connection, timing each answer.
+
+    /healthz does no work beyond the event loop, so its latency under load is how long any
+    request waits for the loop: the share of the overload p99 that is queueing for the
+    sidecar's own CPU rather than for the engine.
+    """
+
+    def __init__(self, base: str) -> None:
+        url = urllib.parse.urlsplit(base)
+        self.host, self.port = url.hostname or "127.0.0.1", url.port or 80
+        self.samples: list[float] = []
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="healthz-probe", daemon=True)
+
+    def __enter__(self) -> HealthProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=5)
+        while not self._stop.wait(PROBE_INTERVAL_S):
+            t0 = time.perf_counter()
+            try:
+                conn.request("GET", "/healthz")
+                conn.getresponse().read()
+            except (OSError, http.client.HTTPException):
+                self.failures += 1
+                conn.close()
+                continue
+            self.samples.append(time.perf_counter() - t0)
+        conn.close()
+
+    def summary(self) -> ProbeSummary:
+        ms = sorted(1000.0 * s for s in self.samples) or [math.nan]
+        return ProbeSummary(
+            count=len(self.samples),
+            failures=self.failures,
+            p50_ms=ms[len(ms) // 2],
+            p99_ms=ms[min(len(ms) - 1, int(0.99 * len(ms)))],
+            max_ms=ms[-1],
+        )
 
 
 # -- processes ------------------------------------------------------------------------------
@@ -311,6 +401,46 @@ def nn_runs(svc: Sidecar) -> int:
     return int(float(match.group(1)))
 
 
+def scrape(svc: Sidecar) -> dict[str, float]:
+    """Every sample of /metrics, keyed by its name with labels as written."""
+    with urllib.request.urlopen(svc.base + "/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+    return samples
+
+
+def _label(key: str, name: str, label: str) -> str | None:
+    match = re.fullmatch(re.escape(name) + r"\{(.*)\}", key)
+    if match is None:
+        return None
+    found = re.search(label + r'="([^"]*)"', match.group(1))
+    return found.group(1) if found else None
+
+
+def histogram_quantile(
+    before: Mapping[str, float], after: Mapping[str, float], name: str, match: str, q: float
+) -> float:
+    """Upper bound of the bucket holding quantile ``q`` of what was observed between scrapes."""
+    buckets = []
+    for key, value in after.items():
+        if key.startswith(name + "_bucket{") and match in key:
+            le = _label(key, name + "_bucket", "le")
+            if le is not None:
+                buckets.append((float(le), value - before.get(key, 0.0)))
+    buckets.sort()
+    if not buckets or buckets[-1][1] <= 0:
+        return math.nan
+    total = buckets[-1][1]
+    for bound, count in buckets:
+        if count >= q * total:
+            return bound
+    return math.inf
+
+
 def write_list(path: Path, names: Sequence[str]) -> str:
     path.write_text("\n".join(names) + "\n")
     return str(path)
@@ -331,7 +461,7 @@ def report(
     hit, heat, cap = runs.hit, runs.heat, runs.capacity
     over_setup = (
         f"{args.overload_factor:.0f}× capacity asked, {args.overload_connections} conns "
-        f"paced {runs.delay_ms:.0f} ms, {args.overload_seconds} s"
+        f"paced {runs.overload.delay_ms:.0f} ms, {args.overload_seconds} s"
     )
     lines = [
         f"# heatcrop sidecar service speed ({started:%Y-%m-%d %H:%M} UTC)",
@@ -407,18 +537,24 @@ def report(
     return lines
 
 
-def overload_row(name: str, setup: str, r: WrkResult, deadline: int) -> str:
+def overload_row(name: str, setup: str, o: Overload, deadline: int) -> str:
+    r = o.wrk
     errors = r.socket_errors + r.non_2xx
     return row(
         name, setup, r, f"p99 < {deadline} ms, 0 errors", r.p99_ms < deadline and errors == 0
     )
 
 
-def overload_detail(name: str, r: WrkResult, answered: float) -> str:
+def overload_detail(name: str, o: Overload, answered: float) -> str:
+    r, p = o.wrk, o.probe
     return (
         f"- {name} offered {r.rate:.0f} req/s = {r.rate / max(answered, 1.0):.1f}× capacity; "
         f"errors: socket {r.socket_errors}, non-2xx {r.non_2xx}; mean {r.mean_ms:.1f} ms, "
-        f"p90 {r.p90_ms:.1f} ms, max {r.max_ms:.1f} ms; paths {fmt_paths(r)}."
+        f"p90 {r.p90_ms:.1f} ms, max {r.max_ms:.1f} ms; paths {fmt_paths(r)}; "
+        f"/healthz meanwhile ({p.count} probes, {p.failures} failed): p50 {p.p50_ms:.1f} ms, "
+        f"p99 {p.p99_ms:.1f} ms, max {p.max_ms:.1f} ms; the sidecar's own answer time "
+        f"(stage total) p99 ≤ {o.own_p99_ms:.0f} ms; give-ups by reason "
+        f"{', '.join(f'{k} {v}' for k, v in sorted(o.giveups.items()) if v) or 'none'}."
     )
 
 

@@ -15,6 +15,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
+from functools import partial
 
 from aiohttp import web
 
@@ -27,6 +28,7 @@ from sidecar.core import CropCore
 from sidecar.legacy import make_dialect
 from sidecar.metrics import Metrics
 from sidecar.pipeline import Services
+from sidecar.priority import lowered_pool, run_lowered
 from sidecar.routes import (
     DIALECT,
     HEALTH,
@@ -49,6 +51,7 @@ BATCHER = web.AppKey("batcher", Batcher)
 CACHES = web.AppKey("caches", Caches)
 SOURCE = web.AppKey("source", Source)
 POOL = web.AppKey("pool", Executor)
+SEARCH_POOL = web.AppKey("search_pool", Executor)
 
 Context = Callable[[web.Application], AsyncIterator[None]]
 
@@ -82,7 +85,12 @@ async def _metrics_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     # Loading and warming take seconds of CPU: off the loop, before any request is served.
-    engine = await asyncio.to_thread(load_engine, app[SETTINGS].engine, warm=True)
+    # From a lowered thread: the runtime's own threads, started now, inherit its priority.
+    settings = app[SETTINGS]
+    load = partial(load_engine, settings.engine, warm=True)
+    engine = await asyncio.to_thread(
+        run_lowered, load, settings.server.worker_nice, "heatcrop-load"
+    )
     app[ENGINE] = engine
     try:
         yield
@@ -107,6 +115,7 @@ async def _batcher_ctx(app: web.Application) -> AsyncIterator[None]:
         max_wait_ms=server.max_wait_ms,
         max_queue=server.max_queue,
         metrics=app[METRICS],
+        worker_nice=server.worker_nice,
     )
     await batcher.start()
     app[BATCHER] = batcher
@@ -135,14 +144,18 @@ async def _source_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
-    pool = ThreadPoolExecutor(
-        app[SETTINGS].server.decode_threads, thread_name_prefix="heatcrop-decode"
-    )
+    server = app[SETTINGS].server
+    pool = lowered_pool(server.decode_threads, server.worker_nice, "heatcrop-decode")
+    # Window searches (a fraction of a millisecond) get their own thread: in the decode pool a
+    # heatmap-cache hit would queue behind decodes of originals that are not cached.
+    search_pool = ThreadPoolExecutor(1, thread_name_prefix="heatcrop-search")
     app[POOL] = pool
+    app[SEARCH_POOL] = search_pool
     try:
         yield
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        search_pool.shutdown(wait=True, cancel_futures=True)
 
 
 async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -154,6 +167,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         caches=app[CACHES],
         source=app[SOURCE],
         pool=app[POOL],
+        search_pool=app[SEARCH_POOL],
         metrics=app[METRICS],
     )
     yield

@@ -53,6 +53,7 @@ import numpy.typing as npt
 from engines.base import Engine, HeatmapBatch
 from sidecar.errors import DeadlineExceeded, EngineError, Overloaded
 from sidecar.metrics import Metrics
+from sidecar.priority import lowered_pool
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,7 @@ class Batcher:
         max_background: int | None = None,
         service_prior_s: float = 0.010,
         headroom: float = 0.3,
+        worker_nice: int = 0,
     ) -> None:
         if max_batch < 1 or max_queue < 1 or background_batch < 1:
             raise ValueError("max_batch, max_queue and background_batch must be >= 1")
@@ -219,6 +221,7 @@ class Batcher:
         self.background_batch = min(background_batch, max_batch)
         self.max_background = max_batch if max_background is None else max_background
         self.headroom = headroom
+        self.worker_nice = worker_nice
         self.metrics = metrics
         self.model = ServiceModel(max_batch, service_prior_s)
         self._shapes = frozenset(engine.input_shapes)
@@ -243,7 +246,7 @@ class Batcher:
         if self._worker is not None or self._closed:
             raise RuntimeError("Batcher.start() called twice")
         self._loop = asyncio.get_running_loop()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="heatcrop-engine")
+        self._executor = lowered_pool(1, self.worker_nice, "heatcrop-engine")
         self._worker = asyncio.create_task(self._work(), name="heatcrop-batcher")
         if self.metrics is not None:
             self.metrics.queue_depth.set_function(lambda: self._depth)
@@ -324,6 +327,21 @@ class Batcher:
         # An idle engine still holds a partial batch for max_wait to gather company.
         hold = self.max_wait if not self._running and (queued + 1) % self.max_batch else 0.0
         return self.estimated_wait() + mine + hold
+
+    def worth_preparing(self, deadline: float, before_s: float = 0.0) -> bool:
+        """Whether an image ready in ``before_s`` would be used: admitted if of the cheapest
+        shape, or taken for the background by an idle engine.
+
+        For refusing before the work that precedes admission (a decode, milliseconds of CPU
+        that overloaded cores lack) when even the best case would be refused after it.
+        """
+        if self._closed or self._depth >= self.max_queue:
+            return False
+        if not self._depth and not self._running and len(self._background) < self.max_background:
+            return True
+        cheapest = min(self._shapes, key=_units)
+        finish = before_s + self.estimated_finish(cheapest) * (1.0 + self.headroom)
+        return self._require_loop().time() + finish <= deadline
 
     async def infer(self, pixels: npt.NDArray[np.uint8], deadline: float) -> ImageHeat:
         """The heatmaps of one [H, W, 3] uint8 image of a shape bucket, by ``deadline``.

@@ -51,6 +51,7 @@ log = logging.getLogger("heatcrop.pipeline")
 # How long a fetched original's identity is trusted without asking the source again.
 IDENTITY_TTL_S = 30.0
 IDENTITY_ENTRIES = 100_000
+DECODE_EWMA_ALPHA = 0.1
 
 Box = tuple[int, int, int, int]
 
@@ -123,16 +124,26 @@ class Services:
     batcher: Batcher
     caches: Caches
     source: Source
-    pool: Executor
+    pool: Executor  # decodes
+    search_pool: Executor  # window searches
     metrics: Metrics
     flights: SingleFlight[tuple[str, Analysis]] = field(default_factory=SingleFlight)
     identities: IdentityMemo = field(default_factory=IdentityMemo)
     decoding: int = 0  # decodes queued or running in the pool
+    decode_s: float = 0.010  # EWMA of one decode's own seconds (not its wait for a thread)
 
     @property
     def max_decoding(self) -> int:
         # A few decodes per thread keep the pool busy; more only wait, past the deadline.
         return 2 * self.settings.server.decode_threads
+
+    def decode_ready_in(self) -> float:
+        """Expected seconds until a decode submitted now is done, queueing included."""
+        ahead = self.decoding // self.settings.server.decode_threads
+        return self.decode_s * (ahead + 1)
+
+    def observe_decode(self, seconds: float) -> None:
+        self.decode_s += DECODE_EWMA_ALPHA * (seconds - self.decode_s)
 
 
 @dataclass
@@ -200,7 +211,7 @@ async def step_search(svc: Services, job: CropJob) -> None:
     loop = asyncio.get_running_loop()
     with svc.metrics.stage_seconds.time(stage="search"):
         job.box = await loop.run_in_executor(
-            svc.pool, partial(svc.core.box, analysis, job.size.aspect, None, keep)
+            svc.search_pool, partial(svc.core.box, analysis, job.size.aspect, None, keep)
         )
     await svc.caches.put_box(job.box_key, job.box.as_tuple(), job.box.confidence, job.path)
 
@@ -272,14 +283,22 @@ async def _analyse(svc: Services, data: bytes, key: str, deadline: float) -> Ana
     if svc.decoding >= svc.max_decoding:
         svc.metrics.giveups.inc(reason="queue-full")
         raise Overloaded(f"{svc.decoding} decodes already queued")
+    # Under overload most requests are refused by the batcher's admission anyway; refusing them
+    # before the decode saves its CPU (and its GIL time), which the event loop and the requests
+    # that can still make it need. The batcher decides again after the decode, on the real shape;
+    # with an idle engine the decode is kept, to finish in the background if it is late.
+    if not svc.batcher.worth_preparing(deadline, svc.decode_ready_in()):
+        svc.metrics.giveups.inc(reason="admission")
+        raise Overloaded("the engine cannot finish in time even after the decode")
     t0 = time.perf_counter()
     svc.decoding += 1
     try:
-        decoded = await loop.run_in_executor(
-            svc.pool, partial(decode, data, max_bytes=src.max_bytes, max_pixels=src.max_pixels)
+        decoded, seconds = await loop.run_in_executor(
+            svc.pool, partial(_timed_decode, data, src.max_bytes, src.max_pixels)
         )
     finally:
         svc.decoding -= 1
+    svc.observe_decode(seconds)
     svc.metrics.stage_seconds.observe(time.perf_counter() - t0, stage="decode")
     if loop.time() >= deadline:
         _finish_in_background(svc, decoded, key)
@@ -293,6 +312,12 @@ async def _analyse(svc: Services, data: bytes, key: str, deadline: float) -> Ana
     analysis = make_analysis(decoded, heat, svc.engine.version)
     await svc.caches.put_analysis(key, analysis)
     return analysis
+
+
+def _timed_decode(data: bytes, max_bytes: int, max_pixels: int) -> tuple[Decoded, float]:
+    start = time.perf_counter()
+    decoded = decode(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    return decoded, time.perf_counter() - start
 
 
 def make_analysis(decoded: Decoded, heat: ImageHeat, model_version: str) -> Analysis:

@@ -39,6 +39,9 @@ class ServerSettings:
     max_batch: int = 16
     max_wait_ms: float = 2.0
     max_queue: int = 256
+    # Nice value added to decode and engine threads so that the event loop keeps its CPU under
+    # overload (sidecar/priority.py); 0 leaves them equal to it.
+    worker_nice: int = 0
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,7 @@ _RULES: tuple[tuple[str, str, typing.Callable[[Any], bool], str], ...] = (
     ("server", "max_batch", *_POS),
     ("server", "max_wait_ms", *_NONNEG),
     ("server", "max_queue", *_POS),
+    ("server", "worker_nice", lambda v: 0 <= v <= 19, "must be in [0, 19]"),
     ("source", "kind", lambda v: v in ("folder", "http"), "must be folder or http"),
     ("source", "max_bytes", *_POS),
     ("source", "max_pixels", *_POS),

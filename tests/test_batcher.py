@@ -668,3 +668,24 @@ async def test_a_request_that_cannot_finish_in_time_is_dropped_at_dispatch():
         await x
     assert engine.batches == [[1]]
     assert metrics.giveups.value(reason="expired") == 1
+
+
+async def test_worth_preparing_refuses_only_what_the_engine_could_not_use():
+    engine = ScriptedEngine(gated=True)
+    # 50 ms per 224x224 image until measured; the cheapest shape is SQUARE.
+    async with running(engine, max_wait_ms=0, service_prior_s=0.05) as b:
+        # An idle engine takes anything: what misses its deadline finishes in the background.
+        assert b.worth_preparing(deadline(0.001), before_s=1.0)
+        a = asyncio.create_task(b.infer(image(1), deadline()))
+        await until(lambda: len(engine.calls) == 1)  # running, blocked on the gate
+        queued = [asyncio.create_task(b.infer(image(m), deadline())) for m in (2, 3)]
+        await until(lambda: b.depth == 2)
+        # Busy: the running call, two queued images and its own 50 ms, times the headroom.
+        assert b.worth_preparing(deadline(FAR), before_s=0.01)
+        assert not b.worth_preparing(deadline(0.12), before_s=0.0)
+        # The time to get the image ready counts too.
+        assert b.worth_preparing(deadline(0.5), before_s=0.0)
+        assert not b.worth_preparing(deadline(0.5), before_s=0.4)
+        engine.gate.set()
+        await asyncio.wait_for(asyncio.gather(a, *queued), GUARD)
+    assert not b.worth_preparing(deadline(FAR))  # closed

@@ -9,6 +9,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from skimage import data as skdata
 
@@ -416,3 +417,34 @@ async def test_metrics_are_prometheus_text(client) -> None:
     for stage in ("fetch", "decode", "search", "total"):
         count = await _metric(client, "heatcrop_stage_seconds_count", stage=stage)
         assert count >= 1, stage
+
+
+async def test_a_busy_engine_refuses_before_the_decode(aiohttp_client, model_dir, photos) -> None:
+    # When even the cheapest image could not be admitted after its decode, the decode is
+    # skipped: under overload that CPU is what the requests that can still make it need.
+    client = await aiohttp_client(make_app(_settings(model_dir, photos, deadline_ms=120)))
+    svc = client.app[SERVICES]
+    shape = max(svc.engine.input_shapes, key=lambda s: s[0] * s[1])
+    filler = np.zeros((*shape, 3), np.uint8)
+    far = asyncio.get_running_loop().time() + 3600
+    # Seconds of engine work at any plausible speed; cancelled below, so mostly never run.
+    backlog = [asyncio.create_task(svc.batcher.infer(filler, far)) for _ in range(200)]
+    try:
+        await until_queued(svc, 100)
+        decodes = await _metric(client, "heatcrop_stage_seconds_count", stage="decode")
+        resp = await _crop(client, "300x200", "five.jpg")
+        assert resp.headers["X-Heatcrop-Path"] == "giveup"
+        assert await _metric(client, "heatcrop_giveups_total", reason="admission") >= 1
+        assert await _metric(client, "heatcrop_stage_seconds_count", stage="decode") == decodes
+    finally:
+        for task in backlog:
+            task.cancel()
+        await asyncio.gather(*backlog, return_exceptions=True)
+
+
+async def until_queued(svc, depth: int) -> None:
+    for _ in range(1000):
+        if svc.batcher.depth >= depth:
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"batcher depth stayed at {svc.batcher.depth}")

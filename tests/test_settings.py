@@ -41,6 +41,7 @@ def test_tuple_from_env_and_toml(tmp_path):
         ("HEATCROP_KERNEL_MIN_SCALE", "5"),
         ("HEATCROP_ENGINE_KIND", "cuda"),
         ("HEATCROP_SERVER_PORT", "70000"),
+        ("HEATCROP_SERVER_WORKER_NICE", "20"),
         ("HEATCROP_LEGACY_FALLBACK_MAX_AGE_S", "3600"),
         ("HEATCROP_ENGINE_THREADS", "zero"),
         ("HEATCROP_CACHE_BACKEND", "memcached"),
