@@ -258,8 +258,15 @@ async def _box_lookup(svc: Services, job: CropJob) -> None:
 async def _fetch_and_analyse(svc: Services, path: str, deadline: float) -> tuple[str, Analysis]:
     """(identity, analysis) of the original at ``path``: from the heatmap cache if it is there."""
     loop = asyncio.get_running_loop()
-    with svc.metrics.stage_seconds.time(stage="fetch"):
-        original = await svc.source.fetch(path)
+    try:
+        with svc.metrics.stage_seconds.time(stage="fetch"):
+            original = await svc.source.fetch(path, budget_s=deadline - loop.time())
+    except Overloaded:
+        svc.metrics.giveups.inc(reason="queue-full")
+        raise
+    except DeadlineExceeded:
+        svc.metrics.giveups.inc(reason="deadline")
+        raise
     svc.identities.put(path, original.identity, loop.time())
     key = heatmap_key(original.identity, svc.engine.version)
     analysis = await svc.caches.get_analysis(key)

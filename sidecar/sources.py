@@ -11,7 +11,9 @@ import asyncio
 import hashlib
 import posixpath
 import stat
+import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -21,7 +23,9 @@ import aiohttp
 
 from sidecar.errors import (
     BadPath,
+    DeadlineExceeded,
     InputTooLarge,
+    Overloaded,
     SourceNotFound,
     SourceTimeout,
     SourceUnavailable,
@@ -38,7 +42,9 @@ class Original:
 
 
 class Source(Protocol):
-    async def fetch(self, path: str) -> Original: ...
+    async def fetch(self, path: str, budget_s: float | None = None) -> Original:
+        """The original at ``path``; ``budget_s``: seconds after which nobody waits for it."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -66,17 +72,38 @@ def clean_path(raw: str) -> str:
 
 
 class FolderSource:
-    """Originals on a local disk (or a mounted bucket)."""
+    """Originals on a local disk (or a mounted bucket), read in a small pool of its own.
+
+    Reads are bounded like every other queue: under overload, reads queued in a thread pool for
+    requests that have already given up made every later read wait behind them (measured: 50 ms
+    a read at 400 req/s on 2 cores). So at most ``MAX_READS`` reads are queued or running (more
+    are refused at once), and a read whose budget ran out while queued is skipped.
+    """
+
+    READ_THREADS = 4
+    MAX_READS = 16
 
     def __init__(self, settings: SourceSettings) -> None:
         self.root = Path(settings.root).resolve()
         self.max_bytes = settings.max_bytes
+        self.reads = 0  # queued or running
+        self._pool = ThreadPoolExecutor(self.READ_THREADS, thread_name_prefix="heatcrop-read")
 
-    async def fetch(self, path: str) -> Original:
+    async def fetch(self, path: str, budget_s: float | None = None) -> Original:
         rel = clean_path(path)
-        return await asyncio.to_thread(self._read, rel)
+        if self.reads >= self.MAX_READS:
+            raise Overloaded(f"{self.reads} reads already queued")
+        expires = None if budget_s is None else time.monotonic() + budget_s
+        self.reads += 1
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._pool, self._read, rel, expires)
+        finally:
+            self.reads -= 1
 
-    def _read(self, rel: str) -> Original:
+    def _read(self, rel: str, expires: float | None = None) -> Original:
+        if expires is not None and time.monotonic() > expires:
+            raise DeadlineExceeded(f"{rel}: budget spent while the read was queued")
         full = (self.root / rel).resolve()
         if not full.is_relative_to(self.root):  # a symlink pointing outside the root
             raise BadPath(f"{rel} resolves outside the root")
@@ -97,7 +124,7 @@ class FolderSource:
         return Original(data, f"file:{rel}:{info.st_size}:{info.st_mtime_ns}")
 
     async def close(self) -> None:
-        return None
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class HttpSource:
@@ -123,11 +150,14 @@ class HttpSource:
             )
         return self._session
 
-    async def fetch(self, path: str) -> Original:
+    async def fetch(self, path: str, budget_s: float | None = None) -> Original:
         rel = clean_path(path)
         url = self.base + quote(rel, safe="/")
+        # The budget caps the whole exchange; the per-socket limits still apply within it.
+        # (timeout=None would mean no limit at all, not the session's: pass it only when set.)
+        budget = {} if budget_s is None else {"timeout": self._capped(budget_s)}
         try:
-            async with self._client().get(url, allow_redirects=False) as resp:
+            async with self._client().get(url, allow_redirects=False, **budget) as resp:
                 if resp.status == 404 or resp.status == 410:
                     raise SourceNotFound(f"origin {resp.status} for {rel}")
                 if resp.status != 200:
@@ -140,6 +170,13 @@ class HttpSource:
             raise SourceTimeout(f"origin timed out for {rel}") from exc
         except aiohttp.ClientError as exc:
             raise SourceUnavailable(f"origin error for {rel}: {exc}") from exc
+
+    def _capped(self, budget_s: float) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(
+            total=max(budget_s, 0.001),
+            sock_connect=self.timeout.sock_connect,
+            sock_read=self.timeout.sock_read,
+        )
 
     async def _read_capped(self, resp: aiohttp.ClientResponse, rel: str) -> bytes:
         chunks, size = [], 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import math
 import re
@@ -223,7 +224,7 @@ async def test_truncated_jpeg_falls_back_to_the_legacy_crop(client) -> None:
 class _BrokenSource:
     """A source with a bug in it: anything but a typed error."""
 
-    async def fetch(self, path: str):
+    async def fetch(self, path: str, budget_s: float | None = None):
         raise RuntimeError(f"bug while fetching {path}")
 
     async def close(self) -> None:
@@ -448,3 +449,9 @@ async def until_queued(svc, depth: int) -> None:
             return
         await asyncio.sleep(0.001)
     raise AssertionError(f"batcher depth stayed at {svc.batcher.depth}")
+
+
+async def test_start_up_objects_are_frozen_out_of_collections(client) -> None:
+    # Full collections walking the model, numba and aiohttp paused the loop 80-120 ms under load.
+    assert gc.get_freeze_count() > 0
+    assert (await client.get("/healthz")).status == 200

@@ -4,7 +4,15 @@ import os
 import pytest
 from aiohttp import web
 
-from sidecar.errors import BadPath, InputTooLarge, SourceNotFound, SourceTimeout, SourceUnavailable
+from sidecar.errors import (
+    BadPath,
+    DeadlineExceeded,
+    InputTooLarge,
+    Overloaded,
+    SourceNotFound,
+    SourceTimeout,
+    SourceUnavailable,
+)
 from sidecar.settings import SourceSettings
 from sidecar.sources import FolderSource, HttpSource, clean_path, make_source
 
@@ -98,11 +106,8 @@ async def origin(aiohttp_server):
 
 
 def _http(origin, **kw):
-    return HttpSource(
-        SourceSettings(
-            kind="http", base_url=str(origin.make_url("/base")), read_timeout_ms=300, **kw
-        )
-    )
+    kw.setdefault("read_timeout_ms", 300)
+    return HttpSource(SourceSettings(kind="http", base_url=str(origin.make_url("/base")), **kw))
 
 
 async def test_http_source(origin):
@@ -140,3 +145,30 @@ def test_make_source_and_bad_base():
     assert isinstance(make_source(SourceSettings()), FolderSource)
     with pytest.raises(ValueError, match="BASE_URL"):
         HttpSource(SourceSettings(kind="http", base_url="file:///etc"))
+
+
+async def test_http_budget_caps_the_whole_fetch(origin):
+    # The socket limit alone would wait out slow.jpg's 2 s and get its 404: a timeout instead
+    # shows that the budget cut the exchange short.
+    src = _http(origin, read_timeout_ms=5000)
+    try:
+        with pytest.raises(SourceTimeout):
+            await src.fetch("slow.jpg", budget_s=0.1)
+        assert (await src.fetch("etag.jpg", budget_s=5)).data == b"img"
+    finally:
+        await src.close()
+
+
+async def test_folder_reads_are_bounded_and_skip_what_nobody_waits_for(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    src = FolderSource(SourceSettings(root=str(tmp_path)))
+    try:
+        with pytest.raises(DeadlineExceeded):
+            await src.fetch("a.jpg", budget_s=-1.0)  # spent before a thread picked it up
+        src.reads = src.MAX_READS  # as if that many were queued
+        with pytest.raises(Overloaded):
+            await src.fetch("a.jpg")
+        src.reads = 0
+        assert (await src.fetch("a.jpg", budget_s=5)).data == b"x"
+    finally:
+        await src.close()
