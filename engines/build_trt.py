@@ -307,6 +307,11 @@ def build_plan(
         for i, error in enumerate(errors, 1):
             _print_err(f"ONNX parser error {i}/{len(errors)}: {error}")
         raise BuildError(f"the ONNX parser failed with {len(errors)} error(s)")
+    if spec.precision != "fp32" and not hasattr(trt.BuilderFlag, "FP16"):
+        raise BuildError(
+            f"TensorRT {trt.__version__} has no FP16/INT8 builder flags (removed in 11): "
+            "use TensorRT 10 (pip install -e '.[gpu]') or --precision fp32"
+        )
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, spec.workspace_mb << 20)
     if spec.precision in ("fp16", "int8"):
