@@ -44,6 +44,7 @@ from engines.plans import (
     Machine,
     PlanError,
     PlanManifest,
+    Probe,
     Status,
     Unavailable,
     calibration_cache_path,
@@ -385,14 +386,21 @@ def build(
     verbose: bool = False,
     device: int = 0,
     importer: Importer = importlib.import_module,
+    machine: Probe | None = None,
 ) -> Outcome:
-    """Build (or keep) the plan for ``spec`` in ``out``; raises BuildError or ModelNotBuilt."""
-    from engines.model import find_model, read_manifest
+    """Build (or keep) the plan for ``spec`` in ``out``; raises BuildError or ModelNotBuilt.
+
+    ``machine`` is this machine as ``detect_machine`` finds it (tests pass one in); TensorRT
+    itself is imported only when something has to be built.
+    """
+    from engines.model import find_model
+    from engines.model import read_manifest as read_model_manifest
 
     spec.check()
     model = find_model(model_dir)
-    digest = str(read_manifest(model_dir)["sha256"])
-    machine = detect_machine(importer, device)
+    digest = str(read_model_manifest(model_dir)["sha256"])
+    if machine is None:
+        machine = detect_machine(importer, device)
     if isinstance(machine, Unavailable):
         raise NoTensorRT(f"cannot build TensorRT plans here: {machine.reason}")
     out.mkdir(parents=True, exist_ok=True)
@@ -516,7 +524,7 @@ def parse_buckets(text: str) -> tuple[Shape, ...]:
     for part in text.split(","):
         h, sep, w = part.strip().partition("x")
         if not sep or not h.isdigit() or not w.isdigit():
-            raise argparse.ArgumentTypeError(f"bucket {part!r} is not HxW")
+            raise ValueError(f"bucket {part!r} is not HxW")
         out.append((int(h), int(w)))
     return tuple(out)
 

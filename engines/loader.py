@@ -29,11 +29,11 @@ from engines.plans import (
     find_plan,
 )
 from sidecar.errors import EngineError
-from sidecar.settings import EngineSettings
+from sidecar.settings import EngineSettings, env_name
 
 log = logging.getLogger("heatcrop.engine")
 
-KIND_VAR = "HEATCROP_ENGINE_KIND"
+KIND_VAR = env_name("engine", "kind")
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def load_engine(
         assert choice.plan is not None and choice.machine is not None
         try:
             return _load_trt(choice.plan, choice.machine, digest, settings.kind, warm)
-        except (EngineError, PlanError, NoMatchingPlan) as exc:
+        except (EngineError, PlanError, NoMatchingPlan, ImportError, OSError) as exc:
             if settings.kind == "trt":
                 raise
             first_line = (str(exc).splitlines() or ["?"])[0]

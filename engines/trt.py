@@ -72,6 +72,13 @@ def split_batch(batch: npt.NDArray[np.uint8], max_batch: int) -> list[npt.NDArra
     return [batch[i : i + max_batch] for i in range(0, batch.shape[0], max_batch)]
 
 
+def stage(chunk: npt.NDArray[np.uint8], host: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """Copy a chunk into the front of a (page-locked) staging buffer; the view to send."""
+    view = host[: chunk.shape[0]]
+    np.copyto(view, chunk)
+    return view
+
+
 def join_outputs(parts: list[tuple[npt.NDArray[np.float32], ...]]) -> HeatmapBatch:
     """One HeatmapBatch from the per-chunk outputs, in order."""
     if len(parts) == 1:
@@ -174,8 +181,11 @@ class TrtEngine:
         self._context: Any = None
         self._stream: Any = None
         self._ctx: Any = None
-        self._trt = importer("tensorrt")
-        self._cuda = importer("pycuda.driver")
+        try:
+            self._trt = importer("tensorrt")
+            self._cuda = importer("pycuda.driver")
+        except (ImportError, OSError, RuntimeError) as exc:
+            raise EngineError(f"TensorRT runtime not importable: {exc}") from exc
         self._cuda_error: type[BaseException] = getattr(self._cuda, "Error", RuntimeError)
         try:
             self._cuda.init()
@@ -327,8 +337,7 @@ class TrtEngine:
     ) -> tuple[npt.NDArray[np.float32], ...]:
         cuda, context, stream = self._cuda, self._context, self._stream
         n = int(chunk.shape[0])
-        host_in = slot.host_in[:n]
-        np.copyto(host_in, chunk)
+        host_in = stage(chunk, slot.host_in)
         if self._active_profile != slot.profile:
             _ok(
                 context.set_optimization_profile_async(slot.profile, stream.handle),
