@@ -307,7 +307,10 @@ def build_plan(
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         for i, error in enumerate(errors, 1):
             _print_err(f"ONNX parser error {i}/{len(errors)}: {error}")
-        raise BuildError(f"the ONNX parser failed with {len(errors)} error(s)")
+        raise BuildError(
+            f"the ONNX parser failed with {len(errors)} error(s); end of TensorRT's log:\n"
+            + logger.tail(30)
+        )
     if spec.precision != "fp32" and not hasattr(trt.BuilderFlag, "FP16"):
         raise BuildError(
             f"TensorRT {trt.__version__} has no FP16/INT8 builder flags (removed in 11): "
@@ -325,12 +328,14 @@ def build_plan(
         calib_profile = builder.create_optimization_profile()
         shape = (spec.calib_batch, *CALIB_BUCKET, 3)
         calib_profile.set_shape(INPUT_NAME, shape, shape, shape)
-        config.set_calibration_profile(calib_profile)
+        if config.set_calibration_profile(calib_profile) is False:
+            raise BuildError(f"TensorRT refused the calibration profile {shape}")
     for index, bucket in enumerate(spec.buckets):
         profile = builder.create_optimization_profile()
         profile.set_shape(INPUT_NAME, *profile_shapes(bucket, 1, spec.opt, spec.max_batch))
         if config.add_optimization_profile(profile) != index:
             raise BuildError(f"TensorRT refused the optimisation profile for {bucket}")
+    # Held until the build is over: the config only points to the cache object.
     cache = _load_timing_cache(config, timing_cache)
     started = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
@@ -339,7 +344,7 @@ def build_plan(
     if calibrator is not None and calibrator.error is not None:
         raise BuildError(f"calibration data failed: {calibrator.error!r}")
     _write_atomic(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
-    del cache
+    del cache, config
     plan = bytes(memoryview(serialized))
     _print_err(f"  built in {time.perf_counter() - started:.0f} s")
     engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
@@ -356,13 +361,13 @@ def _load_timing_cache(config: Any, path: Path) -> Any:
     """The saved timing cache, or a fresh one if there is none or it does not fit."""
     data = path.read_bytes() if path.is_file() else b""
     cache = config.create_timing_cache(data)
-    if config.set_timing_cache(cache, ignore_mismatch=False):
+    if config.set_timing_cache(cache, ignore_mismatch=False) is not False:
         if data:
             _print_err(f"  reusing timing cache {path}")
         return cache
     _print_err(f"  timing cache {path} does not fit this GPU/TensorRT; starting a fresh one")
     cache = config.create_timing_cache(b"")
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
+    if config.set_timing_cache(cache, ignore_mismatch=False) is False:
         raise BuildError("TensorRT refused an empty timing cache")
     return cache
 

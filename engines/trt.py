@@ -135,7 +135,7 @@ def read_profiles(engine: Any) -> list[tuple[Shape, int, int]]:
 
 def _ok(result: object, what: str) -> None:
     """TensorRT reports most failures as a False return value, not an exception."""
-    if result is False or result is None:
+    if result is False:
         raise EngineError(f"TensorRT: {what} failed")
 
 
