@@ -19,7 +19,7 @@ from engines.build_trt import BuildSpec, build
 from engines.loader import load_engine
 from engines.model import find_model, read_manifest
 from engines.ort import OrtEngine
-from engines.plans import Machine, NoMatchingPlan, detect_machine
+from engines.plans import Machine, NoMatchingPlan, detect_machine, find_plan
 from engines.trt import TrtEngine
 from sidecar.core import CropCore
 from sidecar.decode import decode
@@ -71,8 +71,6 @@ def _photo_buckets(decoded) -> tuple[tuple[int, int], ...]:
 
 
 def _engine(plan_dir, model_dir, machine, precision) -> TrtEngine:
-    from engines.plans import find_plan
-
     digest = str(read_manifest(model_dir)["sha256"])
     search = find_plan(plan_dir, machine, digest, precision, ())
     assert search.plan is not None, search.why_none()
