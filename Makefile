@@ -50,6 +50,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# TensorRT plans for this machine's GPU: builds what is missing or stale, keeps the rest.
+# Needs the driver, TensorRT and pycuda (README, "GPU"); e.g. ENGINES_ARGS="--precision int8
+# --calib-dir ../shared/eval/fcdb_dev/images".
+.PHONY: engines
+engines: setup
+	$(BIN)/python -m engines.build_trt --model-dir $(MODEL_DIR) --out build/engines $(ENGINES_ARGS)
+
 bench: bench-speed bench-quality
 
 bench-speed: setup

@@ -8,6 +8,7 @@ quarter of the host-to-device traffic of float32 on a GPU.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -71,3 +72,22 @@ class Engine(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def prepare_batch(batch: object, shapes: Sequence[tuple[int, int]]) -> npt.NDArray[np.uint8]:
+    """The one host-side preprocessing step of every runtime: validate, make C-contiguous.
+
+    Everything else ((x - 127) / 128, NHWC -> NCHW) is inside the graph, so the bytes a
+    runtime hands its library are exactly these, whichever runtime it is. ``ValueError`` for
+    anything that is not a [N>=1, H, W, 3] uint8 array of one of ``shapes``.
+    """
+    if not isinstance(batch, np.ndarray):
+        raise ValueError(f"batch must be a numpy array, got {type(batch).__name__}")
+    if batch.dtype != np.uint8:
+        raise ValueError(f"batch must be uint8 RGB, got dtype {batch.dtype}")
+    if batch.ndim != 4 or batch.shape[3] != 3 or batch.shape[0] < 1:
+        raise ValueError(f"batch must be [N>=1, H, W, 3], got shape {batch.shape}")
+    hw = (int(batch.shape[1]), int(batch.shape[2]))
+    if hw not in shapes:
+        raise ValueError(f"{hw[0]}x{hw[1]} is not one of this engine's shape buckets")
+    return np.ascontiguousarray(batch)

@@ -1,38 +1,131 @@
 """Picks and loads the runtime named by settings (``auto`` | ``ort`` | ``trt``).
 
-The TensorRT runtime arrives with the GPU issue; until then ``auto`` resolves to ONNX Runtime
-and ``trt`` is refused with a clear message rather than silently running on the CPU.
+``auto`` takes TensorRT when the libraries and a GPU are there and a plan in ``plan_dir``
+matches this GPU + TensorRT version + model hash + ``trt_precision``; otherwise ONNX Runtime.
+Either way one log line says which runtime and why. ``trt`` never falls back: without a match
+it raises ``NoMatchingPlan`` saying what is missing. ``ort`` does not even look for TensorRT.
+A plan that does not match is never handed to TensorRT (``TrtEngine`` checks again).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from engines import buckets
 from engines.base import Engine
-from sidecar.errors import ModelNotBuilt
-from sidecar.settings import EngineSettings
+from engines.plans import (
+    BUILD_HINT,
+    HASH_CHARS,
+    Machine,
+    NoMatchingPlan,
+    PlanError,
+    PlanManifest,
+    Probe,
+    Unavailable,
+    detect_machine,
+    find_plan,
+)
+from sidecar.errors import EngineError
+from sidecar.settings import EngineSettings, env_name
 
 log = logging.getLogger("heatcrop.engine")
 
+KIND_VAR = env_name("engine", "kind")
 
-def load_engine(settings: EngineSettings, *, warm: bool = True) -> Engine:
-    from engines.model import find_model
+
+@dataclass(frozen=True)
+class Choice:
+    """Which runtime to load and the one-line reason; ``plan`` and ``machine`` for TensorRT."""
+
+    kind: str  # "trt" | "ort"
+    reason: str
+    plan: PlanManifest | None = None
+    machine: Machine | None = None
+
+
+def choose(
+    settings: EngineSettings,
+    model_sha256: str,
+    probe: Probe,
+    shapes: Sequence[tuple[int, int]] | None = None,
+) -> Choice:
+    """The runtime for these settings on a machine described by ``probe``; pure apart from
+    reading the plan folder. Raises ``NoMatchingPlan`` when ``kind=trt`` cannot be honoured."""
+    if settings.kind == "ort":
+        return Choice("ort", f"{KIND_VAR}=ort")
+    if isinstance(probe, Unavailable):
+        if settings.kind == "trt":
+            raise NoMatchingPlan(f"{KIND_VAR}=trt, but {probe.describe()}")
+        return Choice("ort", f"TensorRT not used: {probe.describe()}")
+    wanted = buckets.all_buckets() if shapes is None else tuple(shapes)
+    search = find_plan(settings.plan_dir, probe, model_sha256, settings.trt_precision, wanted)
+    if search.plan is None:
+        why = (
+            f"no {settings.trt_precision} plan for {probe.describe()} and model "
+            f"{model_sha256[:HASH_CHARS]}: {search.why_none()}; {BUILD_HINT}"
+        )
+        if settings.kind == "trt":
+            raise NoMatchingPlan(f"{KIND_VAR}=trt, but {why}")
+        return Choice("ort", f"TensorRT not used: {why}")
+    return Choice("trt", f"plan {search.plan.plan_file}", search.plan, probe)
+
+
+def load_engine(
+    settings: EngineSettings,
+    *,
+    warm: bool = True,
+    probe: Callable[[], Probe] = detect_machine,
+) -> Engine:
+    from engines.model import find_model, read_manifest
     from engines.ort import OrtEngine
 
-    if settings.kind == "trt":
-        raise ModelNotBuilt(
-            "HEATCROP_ENGINE_KIND=trt: no TensorRT runtime in this build",
-            public_message="TensorRT runtime not available",
-        )
-    model = find_model(Path(settings.model_dir))
+    model_dir = Path(settings.model_dir)
+    model = find_model(model_dir)
+    digest = str(read_manifest(model_dir)["sha256"])
+    machine = probe() if settings.kind != "ort" else Unavailable("not probed")
+    choice = choose(settings, digest, machine)
+    reason = choice.reason
+    if choice.kind == "trt":
+        assert choice.plan is not None and choice.machine is not None
+        try:
+            return _load_trt(choice.plan, choice.machine, digest, settings.kind, warm)
+        except (EngineError, PlanError, NoMatchingPlan, ImportError, OSError) as exc:
+            if settings.kind == "trt":
+                raise
+            first_line = (str(exc).splitlines() or ["?"])[0]
+            reason = f"TensorRT plan {choice.plan.plan_file} failed to load: {first_line}"
     engine: Engine = OrtEngine(model, threads=settings.threads)
     log.info(
-        "engine: ONNX Runtime (%s threads), model %s (kind=%s)",
+        "engine: ONNX Runtime (%s threads), model %s (kind=%s): %s",
         settings.threads,
         model.name,
         settings.kind,
+        reason,
     )
     if warm:
         engine.warm_up()
+    return engine
+
+
+def _load_trt(plan: PlanManifest, machine: Machine, digest: str, kind: str, warm: bool) -> Engine:
+    from engines.trt import TrtEngine
+
+    engine = TrtEngine(plan, machine, digest)
+    if warm:
+        try:
+            engine.warm_up()
+        except BaseException:
+            engine.close()
+            raise
+    log.info(
+        "engine: TensorRT %s on %s, plan %s, batch 1..%d (kind=%s)",
+        plan.precision,
+        machine.describe(),
+        plan.plan_file,
+        plan.max_batch,
+        kind,
+    )
     return engine

@@ -21,7 +21,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from engines import buckets
-from engines.base import INPUT_NAME, OUTPUT_NAMES, PROFILES, HeatmapBatch
+from engines.base import INPUT_NAME, OUTPUT_NAMES, PROFILES, HeatmapBatch, prepare_batch
 from sidecar.errors import EngineError
 
 HASH_CHARS = 12
@@ -79,20 +79,8 @@ class OrtEngine:
         for h, w in self._shapes:
             self.infer(np.zeros((1, h, w, 3), dtype=np.uint8))
 
-    def _check(self, batch: object) -> npt.NDArray[np.uint8]:
-        if not isinstance(batch, np.ndarray):
-            raise ValueError(f"batch must be a numpy array, got {type(batch).__name__}")
-        if batch.dtype != np.uint8:
-            raise ValueError(f"batch must be uint8 RGB, got dtype {batch.dtype}")
-        if batch.ndim != 4 or batch.shape[3] != 3 or batch.shape[0] < 1:
-            raise ValueError(f"batch must be [N>=1, H, W, 3], got shape {batch.shape}")
-        hw = (int(batch.shape[1]), int(batch.shape[2]))
-        if hw not in self._shapes:
-            raise ValueError(f"{hw[0]}x{hw[1]} is not one of this engine's shape buckets")
-        return np.ascontiguousarray(batch)
-
     def infer(self, batch: npt.NDArray[np.uint8]) -> HeatmapBatch:
-        image = self._check(batch)
+        image = prepare_batch(batch, self._shapes)
         session = self._session
         if session is None:
             raise EngineError("ONNX Runtime engine used after close()")

@@ -1,4 +1,5 @@
-"""``heatcrop`` command line: ``heatcrop crop PHOTO --size 400x300``, ``heatcrop serve``."""
+"""``heatcrop`` command line: ``heatcrop crop PHOTO --size 400x300``, ``heatcrop serve``,
+``heatcrop engines list``."""
 
 from __future__ import annotations
 
@@ -7,12 +8,16 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sidecar import settings as settings_mod
 from sidecar.errors import HeatcropError
 from sidecar.sizes import parse_size
+
+if TYPE_CHECKING:
+    from engines.plans import Probe
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,7 +53,72 @@ def _parser() -> argparse.ArgumentParser:
     warm.add_argument("--list", required=True, type=Path, help="paths, one a line (# comments)")
     warm.add_argument("--concurrency", type=int, default=4, help="originals in flight at once")
     warm.set_defaults(func=_warm)
+    engines = sub.add_parser("engines", help="TensorRT plans (see `make engines`)")
+    engines_sub = engines.add_subparsers(required=True, metavar="ACTION")
+    listing = engines_sub.add_parser("list", help="plans, and whether each fits this machine")
+    listing.add_argument("--plan-dir", type=Path, help="default: engine.plan_dir")
+    listing.add_argument("--model-dir", type=Path, help="default: engine.model_dir")
+    listing.add_argument("--json", action="store_true", help="one JSON document instead")
+    listing.set_defaults(func=_engines_list)
     return parser
+
+
+def _engines_list(args: argparse.Namespace, probe: Callable[[], Probe] | None = None) -> int:
+    """Works without TensorRT: the plans are still listed, and the machine line says why
+    none can be used here."""
+    from engines.model import read_manifest
+    from engines.plans import detect_machine, judge, list_plans
+
+    settings = settings_mod.load(args.config)
+    plan_dir = args.plan_dir or Path(settings.engine.plan_dir)
+    model_dir = args.model_dir or Path(settings.engine.model_dir)
+    machine = (probe or detect_machine)()
+    try:
+        model_sha: str | None = str(read_manifest(model_dir)["sha256"])
+    except HeatcropError:
+        model_sha = None
+    rows = []
+    for entry in list_plans(plan_dir):
+        m = entry.manifest
+        if m is None:
+            rows.append({"manifest": entry.path.name, "status": "broken", "why": entry.error})
+            continue
+        verdict = judge(m, machine, model_sha)
+        rows.append(
+            {
+                "plan": m.plan_file,
+                "precision": m.precision,
+                "gpu": f"{m.gpu_name} ({m.machine.sm})",
+                "tensorrt": m.trt_version,
+                "model": m.model_sha256[:12],
+                "buckets": len(m.buckets),
+                "batch": f"1..{m.max_batch}",
+                "status": verdict.status.value,
+                "why": verdict.reason,
+            }
+        )
+    head = {
+        "machine": machine.describe(),
+        "model": model_sha[:12] if model_sha else f"not built in {model_dir}",
+        "plan_dir": str(plan_dir),
+    }
+    if args.json:
+        print(json.dumps({**head, "plans": rows}, indent=2))
+        return 0
+    print(f"this machine: {head['machine']}")
+    print(f"model: {head['model']}")
+    print(f"plans in {plan_dir}: {len(rows)}" + ("" if rows else " (build with `make engines`)"))
+    for row in rows:
+        name = row.get("plan") or row["manifest"]
+        if "precision" in row:
+            detail = (
+                f"{row['precision']}  {row['gpu']}  TensorRT {row['tensorrt']}  "
+                f"model {row['model']}  {row['buckets']} buckets  batch {row['batch']}"
+            )
+        else:
+            detail = "unreadable manifest"
+        print(f"  {name}\n    {detail}\n    {row['status']}: {row['why']}")
+    return 0
 
 
 def _warm(args: argparse.Namespace) -> int:

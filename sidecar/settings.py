@@ -60,6 +60,8 @@ class EngineSettings:
     kind: str = "auto"  # auto | ort | trt
     model_dir: str = "build/model"
     plan_dir: str = "build/engines"
+    # Which TensorRT plan to load (fp16 | int8 | fp32): the precision it was built with.
+    trt_precision: str = "fp16"
     threads: int = 2
     # food | generic | auto (blend of both by the image's food probability); the kernel
     # defaults below were chosen with it by 5-fold cross-validation (bench/tune.py).
@@ -140,6 +142,12 @@ _RULES: tuple[tuple[str, str, typing.Callable[[Any], bool], str], ...] = (
     ("source", "connect_timeout_ms", *_POS),
     ("source", "read_timeout_ms", *_POS),
     ("engine", "kind", lambda v: v in ("auto", "ort", "trt"), "must be auto, ort or trt"),
+    (
+        "engine",
+        "trt_precision",
+        lambda v: v in ("fp16", "int8", "fp32"),
+        "must be fp16, int8 or fp32",
+    ),
     ("engine", "threads", *_POS),
     (
         "engine",
