@@ -550,7 +550,8 @@ def overload_detail(name: str, o: Overload, answered: float) -> str:
     return (
         f"- {name} offered {r.rate:.0f} req/s = {r.rate / max(answered, 1.0):.1f}× capacity; "
         f"errors: socket {r.socket_errors}, non-2xx {r.non_2xx}; mean {r.mean_ms:.1f} ms, "
-        f"p90 {r.p90_ms:.1f} ms, max {r.max_ms:.1f} ms; paths {fmt_paths(r)}; "
+        f"p50 {r.p50_ms:.1f} ms, p90 {r.p90_ms:.1f} ms, p99 {r.p99_ms:.1f} ms, "
+        f"max {r.max_ms:.1f} ms; paths {fmt_paths(r)}; "
         f"/healthz meanwhile ({p.count} probes, {p.failures} failed): p50 {p.p50_ms:.1f} ms, "
         f"p99 {p.p99_ms:.1f} ms, max {p.max_ms:.1f} ms; the sidecar's own answer time "
         f"(stage total) p99 ≤ {o.own_p99_ms:.0f} ms; give-ups by reason "

@@ -26,6 +26,7 @@ from sidecar import settings as settings_mod
 from sidecar.batcher import Batcher
 from sidecar.caches import Caches, make_caches
 from sidecar.core import CropCore
+from sidecar.decode import configure_vips
 from sidecar.legacy import make_dialect
 from sidecar.metrics import Metrics
 from sidecar.pipeline import Services
@@ -59,6 +60,9 @@ Context = Callable[[web.Application], AsyncIterator[None]]
 
 def make_app(settings: Settings) -> web.Application:
     """The sidecar app; its resources open on start-up and close on clean-up."""
+    # Process-wide libvips policy (threads, no operation cache, untrusted loaders blocked): set
+    # here rather than in serve() so that every app answers a given input the same way.
+    configure_vips()
     app = web.Application()
     app[SETTINGS] = settings
     app[DIALECT] = make_dialect(settings.legacy)
@@ -192,10 +196,6 @@ def serve(settings: Settings) -> None:
     """Run the sidecar on uvloop until interrupted."""
     import uvloop
 
-    from sidecar.decode import configure_vips
-
-    # Decoding parallelism comes from the decode pool; see configure_vips.
-    configure_vips()
     # libvips reports every operation at INFO level: noise at hundreds of requests a second.
     logging.getLogger("pyvips").setLevel(logging.WARNING)
     server = settings.server

@@ -114,7 +114,8 @@ def configure_vips(concurrency: int = 1, cache_max: int = 0) -> None:
     Untrusted loaders (ImageMagick, PDF, and in libvips 8.18 also SVG) are blocked as a second
     wall behind the allow-list; after this an SVG is no longer recognised at all (NotAnImage
     instead of UnsupportedFormat). Both are 415 here, but at /crop they differ: NotAnImage is a
-    415 while UnsupportedFormat falls back to the legacy crop, so the service calls this first.
+    415 while UnsupportedFormat falls back to the legacy crop; ``make_app`` calls this, so every
+    app (``serve`` or a test's) answers an SVG with 415.
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
