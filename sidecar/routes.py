@@ -114,7 +114,8 @@ async def _crop(request: web.Request, svc: Services, start: float) -> web.Respon
     if not size.crops:
         svc.metrics.requests.inc(outcome="no-crop")
         return redirect(dialect.plain_url(path, size), "no-crop")
-    job = CropJob(path, size, deadline=start + server.deadline_ms / 1000)
+    work_ms = server.deadline_ms - server.answer_margin_ms
+    job = CropJob(path, size, deadline=start + work_ms / 1000)
     try:
         await run_crop(svc, job)
     except HeatcropError as exc:

@@ -246,7 +246,8 @@ async def test_an_unexpected_exception_is_logged_and_answers_the_legacy_crop(
 
 
 async def test_tiny_deadline_gives_up_with_the_legacy_crop(aiohttp_client, model_dir, photos):
-    client = await aiohttp_client(make_app(_settings(model_dir, photos, deadline_ms=1)))
+    tiny = _settings(model_dir, photos, deadline_ms=1, answer_margin_ms=0)
+    client = await aiohttp_client(make_app(tiny))
     resp = await _crop(client, "400x300", "three.jpg")
     assert resp.headers["X-Heatcrop-Path"] == "giveup"
     url = Thumbor().plain_url("three.jpg", Size(400, 300))
@@ -261,7 +262,8 @@ async def test_give_up_after_decode_finishes_the_heatmap_in_the_background(
     # pixels go to the batcher's background queue, and the heatmap lands in the cache. (A
     # request whose fetch alone took the whole millisecond gives up with no pixels; then the
     # next one tries again.)
-    client = await aiohttp_client(make_app(_settings(model_dir, photos, deadline_ms=1)))
+    tiny = _settings(model_dir, photos, deadline_ms=1, answer_margin_ms=0)
+    client = await aiohttp_client(make_app(tiny))
     for _ in range(5):
         resp = await _crop(client, "400x300", "four.jpg")
         assert resp.headers["X-Heatcrop-Path"] == "giveup"

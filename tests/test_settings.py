@@ -86,3 +86,11 @@ def test_only_settings_reads_environ():
         if path.name != "settings.py" and "os.environ" in path.read_text():
             offenders.append(path.name)
     assert offenders == []
+
+
+def test_answer_margin_must_leave_time_for_work():
+    env = {"HEATCROP_SERVER_DEADLINE_MS": "50", "HEATCROP_SERVER_ANSWER_MARGIN_MS": "50"}
+    with pytest.raises(s.SettingsError, match="HEATCROP_SERVER_ANSWER_MARGIN_MS=50"):
+        s.load(environ=env)
+    env["HEATCROP_SERVER_ANSWER_MARGIN_MS"] = "10"
+    assert s.load(environ=env).server.answer_margin_ms == 10
