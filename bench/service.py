@@ -189,7 +189,7 @@ def bench_heatmap(
     env = {"HEATCROP_BENCH_PATHS": write_list(lists / "heatmap.txt", originals)}
     env["HEATCROP_BENCH_HEIGHT"] = str(HEIGHTS["heatmap"])
     result = wrk(
-        svc.base + "/", "heatmap.lua", seconds=args.heatmap_seconds, connections=1, env=env
+        svc.base + "/", "sizes.lua", seconds=args.heatmap_seconds, connections=1, env=env
     )
     return result, nn_runs(svc) - runs_before
 
@@ -202,7 +202,7 @@ def bench_capacity(
         "HEATCROP_BENCH_PATHS": write_list(lists / "cold.txt", originals),
         "HEATCROP_BENCH_HEIGHT": str(HEIGHTS["capacity"]),
     }
-    result = wrk(svc.base + "/", "cold.lua", seconds=args.capacity_seconds, connections=4, env=env)
+    result = wrk(svc.base + "/", "sizes.lua", seconds=args.capacity_seconds, connections=4, env=env)
     return result, result.rate * (1.0 - result.share("giveup"))
 
 
@@ -228,7 +228,7 @@ def bench_overload(
     with HealthProbe(svc.base) as probe:
         result = wrk(
             svc.base + "/",
-            "cold.lua",
+            "sizes.lua",
             seconds=args.overload_seconds,
             connections=args.overload_connections,
             env=env,

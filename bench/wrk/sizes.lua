@@ -1,5 +1,7 @@
--- Cold path: many originals, every request a new size, paced per connection by delay() so
--- that the offered rate does not depend on how fast the sidecar answers (an open-ish loop).
+-- Every request a size (aspect) not asked before, over a list of originals: with originals
+-- already analysed that is a heatmap-cache hit each time, with a cache too small to hold them
+-- the cold path. Optionally paced per connection by delay() so that the offered rate does not
+-- depend on how fast the sidecar answers (an open-ish loop).
 -- Env: HEATCROP_BENCH_PATHS, HEATCROP_BENCH_HEIGHT, HEATCROP_BENCH_DELAY_MS (0: no pacing).
 local dir = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
 local common = dofile(dir .. "common.lua")
