@@ -12,7 +12,9 @@ answer (``job.box`` set). Steps, in order:
   analyse   on a miss, or when the identity is not known: fetch, then the heatmap cache again
             (now that the key is known), else decode (in the pool) + batcher, stored in the
             heatmap cache; once per path across concurrent requests (single-flight); then the
-            box cache if the identity was not known before
+            box cache if the identity was not known before. Work that could not finish in time
+            is refused before it starts: before the fetch when the identity is known, before
+            the decode otherwise (decode queue full, or the engine could not take the image)
   search    window search (in the pool), stored in the box cache
 
 Failures are typed errors (sidecar.errors); the routes turn them into answers.
@@ -194,6 +196,11 @@ async def step_analyse(svc: Services, job: CropJob) -> None:
     if job.analysis is not None:
         return
     known = job.identity
+    if known is not None and job.path not in svc.flights:
+        # Known original, heatmap not cached: it will need a decode and the engine. When neither
+        # could take it, give up now rather than after reading the original (under overload
+        # those reads queue up and delay every other answer).
+        _refuse_if_hopeless(svc, job.deadline)
     identity, job.analysis = await svc.flights.run(
         job.path, partial(_fetch_and_analyse, svc, job.path, job.deadline)
     )
@@ -287,16 +294,7 @@ async def _analyse(svc: Services, data: bytes, key: str, deadline: float) -> Ana
     """
     loop = asyncio.get_running_loop()
     src = svc.settings.source
-    if svc.decoding >= svc.max_decoding:
-        svc.metrics.giveups.inc(reason="queue-full")
-        raise Overloaded(f"{svc.decoding} decodes already queued")
-    # Under overload most requests are refused by the batcher's admission anyway; refusing them
-    # before the decode saves its CPU (and its GIL time), which the event loop and the requests
-    # that can still make it need. The batcher decides again after the decode, on the real shape;
-    # with an idle engine the decode is kept, to finish in the background if it is late.
-    if not svc.batcher.worth_preparing(deadline, svc.decode_ready_in()):
-        svc.metrics.giveups.inc(reason="admission")
-        raise Overloaded("the engine cannot finish in time even after the decode")
+    _refuse_if_hopeless(svc, deadline)
     t0 = time.perf_counter()
     svc.decoding += 1
     try:
@@ -319,6 +317,22 @@ async def _analyse(svc: Services, data: bytes, key: str, deadline: float) -> Ana
     analysis = make_analysis(decoded, heat, svc.engine.version)
     await svc.caches.put_analysis(key, analysis)
     return analysis
+
+
+def _refuse_if_hopeless(svc: Services, deadline: float) -> None:
+    """Overloaded when the decode queue is full or the engine could not use the image in time.
+
+    Under overload most requests are refused by the batcher's admission anyway; refusing them
+    before the decode saves its CPU (and its GIL time), which the event loop and the requests
+    that can still make it need. The batcher decides again after the decode, on the real shape;
+    with an idle engine the decode is kept, to finish in the background if it is late.
+    """
+    if svc.decoding >= svc.max_decoding:
+        svc.metrics.giveups.inc(reason="queue-full")
+        raise Overloaded(f"{svc.decoding} decodes already queued")
+    if not svc.batcher.worth_preparing(deadline, svc.decode_ready_in()):
+        svc.metrics.giveups.inc(reason="admission")
+        raise Overloaded("the engine cannot finish in time even after the decode")
 
 
 def _timed_decode(data: bytes, max_bytes: int, max_pixels: int) -> tuple[Decoded, float]:

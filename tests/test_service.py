@@ -19,7 +19,13 @@ from sidecar.legacy import Thumbor
 from sidecar.metrics import CONTENT_TYPE
 from sidecar.pipeline import IdentityMemo
 from sidecar.routes import SERVICES
-from sidecar.settings import EngineSettings, ServerSettings, Settings, SourceSettings
+from sidecar.settings import (
+    CacheSettings,
+    EngineSettings,
+    ServerSettings,
+    Settings,
+    SourceSettings,
+)
 from sidecar.sizes import Size
 from tests.images import jpeg
 
@@ -439,6 +445,31 @@ async def test_a_busy_engine_refuses_before_the_decode(aiohttp_client, model_dir
         assert resp.headers["X-Heatcrop-Path"] == "giveup"
         assert await _metric(client, "heatcrop_giveups_total", reason="admission") >= 1
         assert await _metric(client, "heatcrop_stage_seconds_count", stage="decode") == decodes
+    finally:
+        for task in backlog:
+            task.cancel()
+        await asyncio.gather(*backlog, return_exceptions=True)
+
+
+async def test_a_known_original_is_not_even_read_when_the_engine_is_busy(
+    aiohttp_client, model_dir, photos
+) -> None:
+    settings = _settings(model_dir, photos, deadline_ms=120)
+    settings = dataclasses.replace(settings, cache=CacheSettings(heatmap_entries=1))
+    client = await aiohttp_client(make_app(settings))
+    svc = client.app[SERVICES]
+    await _crop(client, "300x200", "four.jpg")  # its identity is now known...
+    await _crop(client, "300x200", "three.jpg")  # ...and its heatmap evicted by this one
+    shape = max(svc.engine.input_shapes, key=lambda s: s[0] * s[1])
+    filler = np.zeros((*shape, 3), np.uint8)
+    far = asyncio.get_running_loop().time() + 3600
+    backlog = [asyncio.create_task(svc.batcher.infer(filler, far)) for _ in range(200)]
+    try:
+        await until_queued(svc, 100)
+        reads = await _metric(client, "heatcrop_stage_seconds_count", stage="fetch")
+        resp = await _crop(client, "200x300", "four.jpg")
+        assert resp.headers["X-Heatcrop-Path"] == "giveup"
+        assert await _metric(client, "heatcrop_stage_seconds_count", stage="fetch") == reads
     finally:
         for task in backlog:
             task.cancel()
