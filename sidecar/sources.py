@@ -77,7 +77,7 @@ class FolderSource:
     Reads are bounded like every other queue: under overload, reads queued in a thread pool for
     requests that have already given up made every later read wait behind them (measured: 50 ms
     a read at 400 req/s on 2 cores). So at most ``MAX_READS`` reads are queued or running (more
-    are refused at once), and a read whose budget ran out while queued is skipped.
+    are refused at once), and a read whose budget ran out while it queued is skipped.
     """
 
     READ_THREADS = 4
@@ -93,7 +93,10 @@ class FolderSource:
         rel = clean_path(path)
         if self.reads >= self.MAX_READS:
             raise Overloaded(f"{self.reads} reads already queued")
-        expires = None if budget_s is None else time.monotonic() + budget_s
+        # Only a read that has to queue behind others may be skipped: one that starts at once
+        # is cheap, and its original may still serve the background heatmap of a give-up.
+        queued = self.reads >= self.READ_THREADS
+        expires = time.monotonic() + budget_s if budget_s is not None and queued else None
         self.reads += 1
         try:
             loop = asyncio.get_running_loop()
