@@ -306,7 +306,8 @@ CACHE_RESULTS = ("hit", "miss")
 # expired: the deadline passed while queued; shutdown: refused or dropped by close();
 # deadline: the request's budget ran out elsewhere (fetch, decode), recorded by the pipeline.
 GIVEUP_REASONS = ("admission", "queue-full", "expired", "shutdown", "deadline")
-# 0.1 ms (a cache hit) up to 2 s (a slow source); denser where the 200 ms p95 budget is decided.
+# 0.1 ms (a cache hit) up to 2 s (a slow source); denser where the 200 ms p95 budget is decided,
+# and 10 ms apart around the sidecar's own default budget (120 ms) to tell whether p99 meets it.
 STAGE_BUCKETS = (
     0.0001,
     0.00025,
@@ -322,6 +323,9 @@ STAGE_BUCKETS = (
     0.05,
     0.075,
     0.1,
+    0.11,
+    0.12,
+    0.13,
     0.15,
     0.2,
     0.3,
