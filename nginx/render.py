@@ -59,6 +59,9 @@ class NginxConfig:
     error_log_level: str = "warn"
     admin_allow: tuple[str, ...] = ("127.0.0.1",)
     standin_image: Path | None = None
+    # Only when nginx starts as root: the workers' user. The stack passes root's own name so
+    # workers can use its private folders (pytest's tmp, build/); None keeps nginx's default.
+    user: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -110,6 +113,7 @@ def render(cfg: NginxConfig) -> Path:
     uri_regex, raw_regex = pattern_regexes(cfg.pattern)
     values = {
         "rendered_by": "python -m nginx.render",
+        "user": f"user {cfg.user};\n" if cfg.user else "",
         "dir": str(out),
         "listen": cfg.listen,
         "admin_listen": cfg.admin_listen,

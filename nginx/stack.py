@@ -224,6 +224,9 @@ def sidecar_service(
 
 def nginx_service(cfg: render_mod.NginxConfig) -> Service:
     """An nginx of a rendered config, checked with ``nginx -t`` first; ready when it answers."""
+    if os.geteuid() == 0 and cfg.user is None:
+        # As root, workers would run as nobody, who cannot enter root's private folders.
+        cfg = replace(cfg, user="root")
     render_mod.render(cfg)
     render_mod.check(cfg.out)
     host, _, port = cfg.listen.rpartition(":")
