@@ -83,6 +83,7 @@ class Service:
     cwd: Path = REPO
     stop_signal: int = signal.SIGTERM
     start_timeout_s: float = START_TIMEOUT_S
+    address: str = ""  # host:port it serves, where it has one
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -185,6 +186,7 @@ def thumbor_service(
         cmd=cmd,
         log_path=workdir / "logs" / f"thumbor-{port}.log",
         ready=lambda: http_status(base + "/healthcheck") == 200,
+        address=f"{HOST}:{port}",
     )
 
 
@@ -219,6 +221,7 @@ def sidecar_service(
         env=full,
         log_path=workdir / "logs" / f"sidecar-{port}.log",
         ready=lambda: http_status(base + "/healthz") == 200,
+        address=f"{HOST}:{port}",
     )
 
 
@@ -239,6 +242,7 @@ def nginx_service(cfg: render_mod.NginxConfig) -> Service:
         # QUIT would wait for keep-alive clients; TERM is nginx's fast shutdown.
         stop_signal=signal.SIGTERM,
         start_timeout_s=20.0,
+        address=f"{host or HOST}:{port}",
     )
 
 
