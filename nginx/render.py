@@ -201,8 +201,11 @@ def check(out: Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nginx.render", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m nginx.render",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", type=Path, required=True, help="folder for nginx.conf")
     parser.add_argument("--mode", choices=MODES, default="edge")
     parser.add_argument("--listen", default="127.0.0.1:8080", help="public address")
@@ -211,8 +214,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--legacy", default="127.0.0.1:8888", help="legacy server host:port")
     parser.add_argument("--pattern", default=DEFAULT_PATTERN)
     parser.add_argument("--sidecar-timeout-ms", type=int, default=150)
-    parser.add_argument("--plain-path", default="", help="legacy default crop (nginx variables "
-                        "$crop_size, $crop_source); default: Thumbor's with max_age(30)")
+    parser.add_argument(
+        "--plain-path",
+        default="",
+        help="legacy default crop (nginx variables "
+        "$crop_size, $crop_source); default: Thumbor's with max_age(30)",
+    )
     parser.add_argument("--no-cache-lock", action="store_true")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--access-log", action="store_true")

@@ -173,9 +173,7 @@ def thumbor_service(
     venv: Path = THUMBOR_VENV,
 ) -> Service:
     port = port or free_port()
-    conf = render_thumbor_conf(
-        workdir / "thumbor.conf", images, key=key, allow_unsafe=allow_unsafe
-    )
+    conf = render_thumbor_conf(workdir / "thumbor.conf", images, key=key, allow_unsafe=allow_unsafe)
     cmd = [str(thumbor_binary(_absolute(venv)))]
     cmd += ["-i", HOST, "-p", str(port), "-c", str(conf), "-l", "warning"]
     if processes != 1:
@@ -464,16 +462,22 @@ def _on_signal(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nginx.stack", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m nginx.stack",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--images", type=Path, default=Path("demo/images"))
     parser.add_argument("--workdir", type=Path, default=Path("build/run"))
     parser.add_argument("--port", type=int, default=8080, help="public port (busy: a free one)")
     parser.add_argument("--admin-port", type=int, default=8090)
     parser.add_argument("--sidecar-port", type=int, default=8081)
     parser.add_argument("--thumbor-port", type=int, default=8888)
-    parser.add_argument("--legacy", default="thumbor",
-                        help="thumbor (started here) or host:port of a running legacy server")
+    parser.add_argument(
+        "--legacy",
+        default="thumbor",
+        help="thumbor (started here) or host:port of a running legacy server",
+    )
     parser.add_argument("--sidecar-timeout-ms", type=int, default=150)
     parser.add_argument("--no-demo", action="store_true", help="do not write the demo photos")
     args = parser.parse_args(argv)
@@ -495,8 +499,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     stack = Stack(options)
     try:
-        print("starting the legacy server, the sidecar (loads and warms the model) and nginx…",
-              flush=True)
+        print(
+            "starting the legacy server, the sidecar (loads and warms the model) and nginx…",
+            flush=True,
+        )
         with stack:
             _print_urls(stack, args.images)
             while True:

@@ -12,8 +12,16 @@ from pathlib import Path
 import pytest
 
 from nginx.render import NginxConfig
-from nginx.stack import HOST, Service, Stack, StackOptions, free_port, nginx_service
-from nginx.stack import sidecar_service, thumbor_service
+from nginx.stack import (
+    HOST,
+    Service,
+    Stack,
+    StackOptions,
+    free_port,
+    nginx_service,
+    sidecar_service,
+    thumbor_service,
+)
 from tests.edge_stack import SMART, fake_sidecar, fetch, make_images, pixels, require_tools
 from tests.redis_server import RedisServer
 
