@@ -129,24 +129,35 @@ class Service:
         )
 
     def stop(self) -> None:
+        """Its stop signal, then SIGKILL after STOP_TIMEOUT_S, to its process group: the
+        group is the session this process was started in, so it holds what it forked
+        (Thumbor's --processes) and nothing else."""
         proc = self.proc
         if proc is None:
             return
         if proc.poll() is None:
-            proc.send_signal(self.stop_signal)
+            self._signal_group(proc, self.stop_signal)
             try:
                 proc.wait(STOP_TIMEOUT_S)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                self._signal_group(proc, signal.SIGKILL)
                 proc.wait(STOP_TIMEOUT_S)
+        # Forked children may outlive their parent for a moment.
+        self._signal_group(proc, signal.SIGKILL)
         self.proc = None
 
     def kill(self) -> None:
         """SIGKILL, as in a crash."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(STOP_TIMEOUT_S)
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            self._signal_group(proc, signal.SIGKILL)
+            proc.wait(STOP_TIMEOUT_S)
         self.proc = None
+
+    @staticmethod
+    def _signal_group(proc: subprocess.Popen[bytes], signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signum)
 
     def restart(self) -> Service:
         self.stop()

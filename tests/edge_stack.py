@@ -97,11 +97,11 @@ def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def metric(text: str, name: str, **labels: str) -> float:
-    """The sum of the samples of ``name`` (any prefix) whose labels include ``labels``."""
+    """The sum of the samples of ``name`` whose labels include ``labels``."""
     total = 0.0
     for line in text.splitlines():
         match = re.match(r"^(\w+)(\{[^}]*\})? (\S+)$", line)
-        if match is None or not (match.group(1) == name or match.group(1).endswith("_" + name)):
+        if match is None or match.group(1) != name:
             continue
         found = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
         if all(found.get(k) == v for k, v in labels.items()):
@@ -110,11 +110,11 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 def nn_runs(base: str) -> int:
-    return int(metric(fetch(base + "/metrics").body.decode(), "nn_runs_total"))
+    return int(metric(fetch(base + "/metrics").body.decode(), "heatcrop_nn_runs_total"))
 
 
 def crop_requests(base: str) -> int:
-    return int(metric(fetch(base + "/metrics").body.decode(), "requests_total"))
+    return int(metric(fetch(base + "/metrics").body.decode(), "heatcrop_requests_total"))
 
 
 def fake_sidecar(workdir: Path, mode: str, port: int) -> Service:
