@@ -210,15 +210,17 @@ def sidecar_service(
 ) -> Service:
     """``python -m sidecar.app`` configured through HEATCROP_* variables (see sidecar.settings).
 
-    Variables already set in ``env`` win, except the address, which is the stack's.
+    The stack's defaults (the image folder, the deadline) give way to HEATCROP_* variables of
+    this process's environment (e.g. an HTTP origin for ``make run``), and those to ``env``;
+    the address is always the stack's.
     """
     port = port or free_port()
     full = {
-        **os.environ,
         "HEATCROP_SOURCE_KIND": "folder",
         "HEATCROP_SOURCE_ROOT": str(images.resolve()),
         "HEATCROP_LEGACY_BASE_URL": legacy_base,
         "HEATCROP_SERVER_DEADLINE_MS": str(max(10, nginx_timeout_ms - DEADLINE_MARGIN_MS)),
+        **os.environ,
         **(env or {}),
         "HEATCROP_SERVER_HOST": HOST,
         "HEATCROP_SERVER_PORT": str(port),
