@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 .PHONY: setup model thumbor run test lint bench bench-quality bench-speed bench-load apt-deps clean distclean
 
 # System packages the tests and `make run` use (Debian). As root, or through sudo.
-APT_PACKAGES := redis-server chromium wrk nginx
+APT_PACKAGES := redis-server chromium wrk nginx libnginx-mod-http-js
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 apt-deps:
 	$(SUDO) apt-get update -qq
@@ -48,7 +48,8 @@ run: setup thumbor
 
 test: setup thumbor
 	@command -v redis-server >/dev/null && command -v chromium >/dev/null \
-	    && command -v wrk >/dev/null && test -x /usr/sbin/nginx || $(MAKE) apt-deps
+	    && command -v wrk >/dev/null && test -x /usr/sbin/nginx \
+	    && test -f /usr/lib/nginx/modules/ngx_http_js_module.so || $(MAKE) apt-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

@@ -15,6 +15,7 @@ never a template language: what comes out is what nginx reads.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import subprocess
@@ -31,6 +32,21 @@ MODES = ("edge", "legacy", "standin")
 # (Thumbor's Cache-Control wins over proxy_cache_valid, so the filter is what limits it).
 THUMBOR_PLAIN = "/unsafe/$crop_size/filters:max_age({max_age})/$crop_source"
 THUMBOR_LEGACY = "/unsafe/$crop_size/$crop_source"
+# With a Thumbor key, nginx signs its own fallback URL in njs (Debian: libnginx-mod-http-js).
+NJS_MODULE = "/usr/lib/nginx/modules/ngx_http_js_module.so"
+SIGN_JS = """// Rendered by nginx/render.py: Thumbor's signature of nginx's own fallback URL, as
+// libthumbor computes it (urlsafe base64 of HMAC-SHA1(key, path), padding kept).
+var crypto = require('crypto');
+var KEY = %s;
+
+function plain(r) {
+    var path = r.variables.crop_size + '/filters:max_age(%d)/' + r.variables.crop_source;
+    var sig = crypto.createHmac('sha1', KEY).update(path).digest('base64');
+    return '/' + sig.replace(/\\+/g, '-').replace(/\\//g, '_') + '/' + path;
+}
+
+export default {plain};
+"""
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
@@ -62,6 +78,9 @@ class NginxConfig:
     # Only when nginx starts as root: the workers' user. The stack passes root's own name so
     # workers can use its private folders (pytest's tmp, build/); None keeps nginx's default.
     user: str | None = None
+    # Thumbor's security key: nginx then signs its own fallback URLs (njs module); the key
+    # goes to a file readable by the owner only, next to nginx.conf.
+    legacy_key: str = ""
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -114,6 +133,13 @@ def render(cfg: NginxConfig) -> Path:
     values = {
         "rendered_by": "python -m nginx.render",
         "user": f"user {cfg.user};\n" if cfg.user else "",
+        "load_modules": f"load_module {NJS_MODULE};\n" if cfg.legacy_key else "",
+        "js": (
+            f"    js_import thumbor from {out}/thumbor_sign.js;\n"
+            "    js_set $legacy_plain_path thumbor.plain;\n\n"
+            if cfg.legacy_key
+            else ""
+        ),
         "dir": str(out),
         "listen": cfg.listen,
         "admin_listen": cfg.admin_listen,
@@ -128,7 +154,12 @@ def render(cfg: NginxConfig) -> Path:
         "sidecar_connect_timeout": f"{cfg.sidecar_connect_timeout_ms}ms",
         "legacy_timeout": f"{cfg.legacy_timeout_s}s",
         "fallback_max_age": str(cfg.fallback_max_age_s),
-        "plain_path": cfg.plain_path or THUMBOR_PLAIN.format(max_age=cfg.fallback_max_age_s),
+        "plain_path": cfg.plain_path
+        or (
+            "$legacy_plain_path"
+            if cfg.legacy_key
+            else THUMBOR_PLAIN.format(max_age=cfg.fallback_max_age_s)
+        ),
         "legacy_path": THUMBOR_LEGACY,
         "cache_lock": "on" if cfg.cache_lock else "off",
         "cache_zone": cfg.cache_zone,
@@ -146,6 +177,11 @@ def render(cfg: NginxConfig) -> Path:
     if cfg.mode != "edge":  # the access log format is the edge's
         values["access_log"] = f"{out}/logs/access.log" if cfg.access_log else "off"
     text = _fill(template, values)
+    if cfg.legacy_key:
+        sign = out / "thumbor_sign.js"
+        sign.touch(mode=0o600)
+        sign.chmod(0o600)
+        sign.write_text(SIGN_JS % (json.dumps(cfg.legacy_key), cfg.fallback_max_age_s))
     if cfg.standin_image is not None:
         shutil.copyfile(cfg.standin_image, out / "static" / "standin.jpg")
     path = out / "nginx.conf"
@@ -220,6 +256,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="legacy default crop (nginx variables "
         "$crop_size, $crop_source); default: Thumbor's with max_age(30)",
     )
+    parser.add_argument(
+        "--legacy-key-file",
+        type=Path,
+        help="Thumbor's security key, to sign nginx's own fallback URLs (needs nginx's njs module)",
+    )
     parser.add_argument("--no-cache-lock", action="store_true")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--access-log", action="store_true")
@@ -241,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=args.workers,
             access_log=args.access_log,
             standin_image=args.standin_image,
+            legacy_key=args.legacy_key_file.read_text().strip() if args.legacy_key_file else "",
         )
         path = render(cfg)
     except ValueError as exc:

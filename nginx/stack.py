@@ -32,6 +32,7 @@ from types import FrameType
 
 from nginx import render as render_mod
 from nginx.thumbor import THUMBOR_VENV, render_thumbor_conf, thumbor_binary
+from sidecar import settings as settings_mod
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -359,6 +360,7 @@ class Stack:
             cache_lock=opts.cache_lock,
             workers=opts.workers,
             access_log=opts.access_log,
+            legacy_key=opts.thumbor_key if opts.legacy != "standin" else "",
         )
         self.edge = nginx_service(self.edge_config).start()
         if opts.legacy_edge_port is not None:
@@ -494,6 +496,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sidecar-timeout-ms", type=int, default=150)
     parser.add_argument("--no-demo", action="store_true", help="do not write the demo photos")
     args = parser.parse_args(argv)
+    try:
+        # The sidecar signs with HEATCROP_LEGACY_KEY; nginx's own fallback must sign alike.
+        key = settings_mod.load().legacy.key
+    except settings_mod.SettingsError as exc:
+        print(f"heatcrop: {exc}", file=sys.stderr)
+        return 2
     if not args.no_demo:
         from sidecar.demo import write_demo_images
 
@@ -506,6 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sidecar_ports=(_default_port(args.sidecar_port),),
         thumbor_port=_default_port(args.thumbor_port) if args.legacy == "thumbor" else 0,
         legacy=args.legacy,
+        thumbor_key=key,
         sidecar_timeout_ms=args.sidecar_timeout_ms,
     )
     signal.signal(signal.SIGTERM, _on_signal)

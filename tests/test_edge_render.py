@@ -46,6 +46,25 @@ def test_every_mode_renders_a_config_nginx_accepts(tmp_path: Path, mode: str) ->
         assert "internal;" in text
 
 
+def test_a_thumbor_key_makes_nginx_sign_its_fallback(tmp_path: Path) -> None:
+    require_tools()
+    cfg = NginxConfig(
+        out=tmp_path / "signed",
+        listen="127.0.0.1:18080",
+        admin_listen="127.0.0.1:18090",
+        sidecars=("127.0.0.1:18081",),
+        legacy="127.0.0.1:18888",
+        legacy_key='k"ey\\',
+    )
+    text = render(cfg).read_text()
+    assert "proxy_pass http://heatcrop_legacy$legacy_plain_path;" in text
+    assert "/unsafe/" not in text
+    sign = cfg.out / "thumbor_sign.js"
+    assert sign.stat().st_mode & 0o077 == 0  # the key is readable by its owner only
+    assert 'var KEY = "k\\"ey\\\\";' in sign.read_text()
+    assert "syntax is ok" in check(cfg.out)
+
+
 def test_pattern_regexes_split_the_raw_request_line() -> None:
     routed, raw = pattern_regexes("/img/{W}x{H}/{path}")
     assert _py(routed).match("/img/400x300/a/b.jpg")

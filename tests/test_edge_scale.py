@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from nginx.stack import Stack, StackOptions
+from nginx.render import NginxConfig
+from nginx.stack import HOST, Stack, StackOptions, free_port, nginx_service
 from sidecar.legacy import Thumbor
 from sidecar.sizes import Size
 from tests.edge_stack import SMART, fetch, make_images, nn_runs, pixels, require_tools
@@ -51,6 +52,32 @@ def test_signed_fallback_from_the_sidecar_passes_too(signed: Stack) -> None:
     assert resp.status == 200, resp.body[:200]
     assert resp.header("X-Heatcrop-Path") == "no-crop"
     assert resp.max_age is not None and resp.max_age <= 30
+
+
+def test_signed_fallback_from_nginx_when_the_sidecar_is_down(
+    signed: Stack, tmp_path: Path
+) -> None:
+    """nginx signs its own fallback URL (njs) with the same key, so Thumbor serves it."""
+    assert signed.legacy_service is not None
+    edge = nginx_service(
+        NginxConfig(
+            out=tmp_path / "nginx",
+            listen=f"{HOST}:{free_port()}",
+            admin_listen=f"{HOST}:{free_port()}",
+            sidecars=(f"{HOST}:{free_port()}",),  # nothing listens there
+            legacy=signed.legacy_service.address,
+            legacy_key=KEY,
+        )
+    )
+    try:
+        edge.start()
+        resp = fetch(f"http://{edge.address}/img/400x300/recipes/{SMART}.jpg")
+        assert resp.status == 200, resp.body[:200]
+        assert resp.header("X-Heatcrop-Path") == "edge-fallback"
+        assert resp.max_age is not None and resp.max_age <= 30
+        assert pixels(resp.body).shape == (300, 400, 3)
+    finally:
+        edge.stop()
 
 
 def test_thumbor_refuses_wrong_and_missing_signatures(signed: Stack) -> None:
