@@ -131,7 +131,7 @@ def render(cfg: NginxConfig) -> Path:
         (out / sub).mkdir(parents=True, exist_ok=True)
     uri_regex, raw_regex = pattern_regexes(cfg.pattern)
     values = {
-        "rendered_by": "python -m nginx.render",
+        "rendered_by": "`python -m nginx.render`",
         "user": f"user {cfg.user};\n" if cfg.user else "",
         "load_modules": f"load_module {NJS_MODULE};\n" if cfg.legacy_key else "",
         "js": (
@@ -173,7 +173,7 @@ def render(cfg: NginxConfig) -> Path:
         + "        deny all;\n",
         **cfg.extra,
     }
-    template = (TEMPLATES / f"{_template_name(cfg.mode)}.conf.in").read_text()
+    template = (TEMPLATES / f"{cfg.mode}.conf.in").read_text()
     if cfg.mode != "edge":  # the access log format is the edge's
         values["access_log"] = f"{out}/logs/access.log" if cfg.access_log else "off"
     text = _fill(template, values)
@@ -187,10 +187,6 @@ def render(cfg: NginxConfig) -> Path:
     path = out / "nginx.conf"
     path.write_text(text)
     return path
-
-
-def _template_name(mode: str) -> str:
-    return {"edge": "edge", "legacy": "legacy", "standin": "standin"}[mode]
 
 
 def _fill(template: str, values: dict[str, str]) -> str:

@@ -72,8 +72,13 @@ def test_stack_prints_urls_serves_them_and_stops_on_sigterm(
             assert http_status(url, timeout=1.0) is None
     finally:
         if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+            # SIGTERM: the supervisor stops its children; a SIGKILL would orphan them.
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
         reader.join(10)
         assert proc.stdout is not None
         proc.stdout.close()
