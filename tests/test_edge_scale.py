@@ -54,9 +54,7 @@ def test_signed_fallback_from_the_sidecar_passes_too(signed: Stack) -> None:
     assert resp.max_age is not None and resp.max_age <= 30
 
 
-def test_signed_fallback_from_nginx_when_the_sidecar_is_down(
-    signed: Stack, tmp_path: Path
-) -> None:
+def test_signed_fallback_from_nginx_when_the_sidecar_is_down(signed: Stack, tmp_path: Path) -> None:
     """nginx signs its own fallback URL (njs) with the same key, so Thumbor serves it."""
     assert signed.legacy_service is not None
     edge = nginx_service(
