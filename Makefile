@@ -6,10 +6,10 @@ MODEL_DIR ?= build/model
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup model run test lint bench bench-quality bench-speed apt-deps clean distclean
+.PHONY: setup model thumbor run test lint bench bench-quality bench-speed bench-load apt-deps clean distclean
 
 # System packages the tests and `make run` use (Debian). As root, or through sudo.
-APT_PACKAGES := redis-server chromium wrk
+APT_PACKAGES := redis-server chromium wrk nginx libnginx-mod-http-js
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 apt-deps:
 	$(SUDO) apt-get update -qq
@@ -28,21 +28,28 @@ $(STAMP): pyproject.toml
 model: $(STAMP)
 	$(BIN)/python -m engines.export --out $(MODEL_DIR)
 
-# Until the edge (nginx + Thumbor) lands, `make run` crops the demo photos with the CLI and
-# writes debug overlays next to them in build/run/.
-DEMO := demo/images
-run: setup
-	$(BIN)/python -m sidecar.demo --root $(DEMO) >/dev/null
-	mkdir -p build/run
-	for photo in $$(cd $(DEMO) && find . -name '*.jpg' | sort); do \
-	    name=$$(basename $$photo .jpg); \
-	    $(BIN)/heatcrop crop $(DEMO)/$$photo --size 400x300 \
-	        --debug build/run/$$name-debug.png --out build/run/$$name-400x300.jpg || exit 1; \
-	done
-	@echo "crops and debug overlays in build/run/"
+# Thumbor, the legacy image server of `make run` and the edge tests, in its own environment:
+# it needs Pillow < 13 and .venv has 13. Exact pins: pyproject.toml's `legacy` extra.
+THUMBOR_VENV ?= .venv-thumbor
+THUMBOR_STAMP := $(THUMBOR_VENV)/.installed
+thumbor: $(THUMBOR_STAMP)
 
-test: setup
-	@command -v redis-server >/dev/null && command -v chromium >/dev/null || $(MAKE) apt-deps
+$(THUMBOR_STAMP): pyproject.toml
+	test -x $(THUMBOR_VENV)/bin/python || $(PY) -m venv $(THUMBOR_VENV)
+	$(THUMBOR_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(THUMBOR_VENV)/bin/python -m pip install --quiet $$($(PY) -c 'import tomllib; \
+	    print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["legacy"]))')
+	touch $@
+
+# nginx + sidecar + Thumbor on loopback with the demo photos; prints the URLs; Ctrl-C stops all.
+run: setup thumbor
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || $(MAKE) apt-deps
+	$(BIN)/python -m nginx.stack
+
+test: setup thumbor
+	@command -v redis-server >/dev/null && command -v chromium >/dev/null \
+	    && command -v wrk >/dev/null && test -x /usr/sbin/nginx \
+	    && test -f /usr/lib/nginx/modules/ngx_http_js_module.so || $(MAKE) apt-deps
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -62,6 +69,10 @@ bench: bench-speed bench-quality
 bench-speed: setup
 	$(BIN)/python -m bench.speed --out bench/results/speed.md
 
+# nginx + sidecar + Thumbor under wrk (and a static stand-in legacy); a few minutes.
+bench-load: setup thumbor
+	$(BIN)/python -m bench.load --out bench/results/load.md
+
 bench-quality: setup
 	$(BIN)/python -m bench.quality --out bench/results/quality.md
 
@@ -69,4 +80,4 @@ clean:
 	rm -rf build .pytest_cache
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(THUMBOR_VENV)

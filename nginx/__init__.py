@@ -1,0 +1,1 @@
+"""nginx configuration of the heatcrop edge: templates, renderer, and the local stack."""

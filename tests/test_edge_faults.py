@@ -1,0 +1,184 @@
+"""Whatever happens to the sidecar, the client gets the legacy crop (200, an image), kept 30 s
+at most. Real nginx and real Thumbor; the sidecars are real processes that are down, hung,
+answer 500, have a failing engine, or lose their Redis.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nginx.render import NginxConfig
+from nginx.stack import (
+    HOST,
+    Service,
+    Stack,
+    StackOptions,
+    free_port,
+    nginx_service,
+    sidecar_service,
+    thumbor_service,
+)
+from tests.edge_stack import SMART, fake_sidecar, fetch, make_images, pixels, require_tools
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.slow
+TIMEOUT_MS = 300
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_images(tmp_path_factory.mktemp("fault-images"))
+
+
+@pytest.fixture(scope="module")
+def thumbor(tmp_path_factory: pytest.TempPathFactory, images: Path) -> Iterator[Service]:
+    require_tools()
+    svc = thumbor_service(tmp_path_factory.mktemp("fault-thumbor"), images).start()
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+def _edge(workdir: Path, sidecars: tuple[str, ...], thumbor: Service, **kw: object) -> Service:
+    cfg = NginxConfig(
+        out=workdir / "nginx",
+        listen=f"{HOST}:{free_port()}",
+        admin_listen=f"{HOST}:{free_port()}",
+        sidecars=sidecars,
+        legacy=thumbor.address,
+        **{"sidecar_timeout_ms": TIMEOUT_MS, **kw},  # type: ignore[arg-type]
+    )
+    return nginx_service(cfg)
+
+
+def _public(edge: Service) -> str:
+    return f"http://{edge.address}"
+
+
+def _assert_legacy_crop(resp_url: str, size: tuple[int, int] = (400, 300)) -> None:
+    resp = fetch(resp_url)
+    assert resp.status == 200, resp.body[:200]
+    assert resp.header("Content-Type") == "image/jpeg"
+    assert resp.header("X-Heatcrop-Served") == "fallback"
+    assert resp.max_age is not None and 0 < resp.max_age <= 30
+    w, h = size
+    assert pixels(resp.body).shape == (h, w, 3)
+
+
+def test_sidecar_down_serves_the_legacy_crop_which_expires(
+    tmp_path: Path, thumbor: Service
+) -> None:
+    nobody = f"{HOST}:{free_port()}"  # nothing listens there
+    # A 1 s fallback lifetime instead of 30 s, so that expiry is seen within the test.
+    edge = _edge(
+        tmp_path,
+        (nobody,),
+        thumbor,
+        fallback_max_age_s=1,
+        plain_path="/unsafe/$crop_size/filters:max_age(1)/$crop_source",
+    ).start()
+    try:
+        url = f"{_public(edge)}/img/400x300/recipes/{SMART}.jpg"
+        first = fetch(url)
+        assert first.status == 200
+        assert first.header("X-Heatcrop-Served") == "fallback"
+        assert first.header("X-Heatcrop-Path") == "edge-fallback"
+        assert first.max_age == 1
+        assert pixels(first.body).shape == (300, 400, 3)
+        assert fetch(url).header("X-Heatcrop-Cache") == "HIT"
+        time.sleep(2.2)
+        assert fetch(url).header("X-Heatcrop-Cache") in ("EXPIRED", "MISS")
+    finally:
+        edge.stop()
+
+
+@pytest.mark.parametrize("mode", ["hang", "error"])
+def test_hung_or_failing_sidecar_serves_the_legacy_crop(
+    tmp_path: Path, thumbor: Service, mode: str
+) -> None:
+    port = free_port()
+    fake = fake_sidecar(tmp_path, mode, port)
+    edge = _edge(tmp_path, (f"{HOST}:{port}",), thumbor)
+    try:
+        fake.start()
+        edge.start()
+        _assert_legacy_crop(f"{_public(edge)}/img/400x300/photos/chelsea.jpg")
+        _assert_legacy_crop(f"{_public(edge)}/img/200x200/recipes/{SMART}.jpg", (200, 200))
+        assert fake.running and edge.running
+    finally:
+        edge.stop()
+        fake.stop()
+
+
+def test_engine_raising_serves_the_legacy_crop(
+    tmp_path: Path, thumbor: Service, images: Path, model_dir: Path
+) -> None:
+    sidecar = sidecar_service(
+        tmp_path,
+        images=images,
+        legacy_base=f"http://{thumbor.address}",
+        env={"HEATCROP_ENGINE_MODEL_DIR": str(model_dir), "HEATCROP_ENGINE_THREADS": "1"},
+        nginx_timeout_ms=2000,
+    )
+    sidecar.cmd = [*sidecar.cmd[:1], "-m", "tests.edge_servers", "broken-engine"]
+    edge = _edge(tmp_path, (sidecar.address,), thumbor, sidecar_timeout_ms=2000)
+    try:
+        sidecar.start()
+        edge.start()
+        resp = fetch(f"{_public(edge)}/img/400x300/recipes/{SMART}.jpg")
+        assert resp.header("X-Heatcrop-Path") == "giveup"  # the sidecar's own fallback answer
+        _assert_legacy_crop(f"{_public(edge)}/img/300x200/photos/rocket.jpg", (300, 200))
+        assert sidecar.running
+    finally:
+        edge.stop()
+        sidecar.stop()
+
+
+def test_redis_down_still_serves_every_request(
+    tmp_path: Path, thumbor: Service, images: Path, model_dir: Path, redis_server: RedisServer
+) -> None:
+    options = StackOptions(
+        workdir=tmp_path / "stack",
+        images=images,
+        legacy=thumbor.address,
+        sidecar_env={
+            "HEATCROP_ENGINE_MODEL_DIR": str(model_dir),
+            "HEATCROP_ENGINE_THREADS": "1",
+            "HEATCROP_CACHE_BACKEND": "redis",
+            "HEATCROP_CACHE_REDIS_URL": redis_server.url,
+        },
+        sidecar_timeout_ms=3000,
+    )
+    with Stack(options) as stack:
+        assert fetch(f"{stack.public}/img/400x300/photos/rocket.jpg").status == 200
+        redis_server.kill()
+        for size in ("400x300", "300x300", "160x90"):
+            resp = fetch(f"{stack.public}/img/{size}/recipes/{SMART}.jpg")
+            assert resp.status == 200, resp.body[:200]
+            assert resp.header("Content-Type") == "image/jpeg"
+            assert resp.header("X-Heatcrop-Served") in ("smart", "fallback")
+        assert all(svc.running for svc in stack.services())
+
+
+def test_sidecar_killed_then_restarted(
+    tmp_path: Path, thumbor: Service, images: Path, model_dir: Path
+) -> None:
+    options = StackOptions(
+        workdir=tmp_path / "stack",
+        images=images,
+        legacy=thumbor.address,
+        sidecar_env={"HEATCROP_ENGINE_MODEL_DIR": str(model_dir), "HEATCROP_ENGINE_THREADS": "1"},
+        sidecar_timeout_ms=3000,
+    )
+    with Stack(options) as stack:
+        stack.sidecars[0].kill()
+        _assert_legacy_crop(f"{stack.public}/img/400x300/recipes/{SMART}.jpg")
+        stack.sidecars[0].start()
+        resp = fetch(f"{stack.public}/img/480x360/recipes/{SMART}.jpg")
+        assert resp.status == 200
+        assert resp.header("X-Heatcrop-Served") == "smart"

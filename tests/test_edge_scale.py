@@ -1,0 +1,133 @@
+"""Signed Thumbor URLs end to end, and two sidecars sharing heatmaps through a real Redis."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nginx.render import NginxConfig
+from nginx.stack import HOST, Stack, StackOptions, free_port, nginx_service
+from sidecar.legacy import Thumbor
+from sidecar.sizes import Size
+from tests.edge_stack import SMART, fetch, make_images, nn_runs, pixels, require_tools
+from tests.redis_server import RedisServer
+
+pytestmark = pytest.mark.slow
+KEY = "edge-signing-key"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_images(tmp_path_factory.mktemp("scale-images"))
+
+
+@pytest.fixture(scope="module")
+def signed(
+    tmp_path_factory: pytest.TempPathFactory, images: Path, model_dir: Path
+) -> Iterator[Stack]:
+    require_tools()
+    options = StackOptions(
+        workdir=tmp_path_factory.mktemp("signed-stack"),
+        images=images,
+        thumbor_key=KEY,
+        thumbor_allow_unsafe=False,
+        sidecar_env={"HEATCROP_ENGINE_MODEL_DIR": str(model_dir), "HEATCROP_ENGINE_THREADS": "1"},
+        sidecar_timeout_ms=5000,
+    )
+    with Stack(options) as stack:
+        yield stack
+
+
+def test_signed_smart_crop_passes_thumbors_check(signed: Stack) -> None:
+    resp = fetch(f"{signed.public}/img/400x300/recipes/{SMART}.jpg")
+    assert resp.status == 200, resp.body[:200]
+    assert resp.header("X-Heatcrop-Served") == "smart"
+    assert pixels(resp.body).shape == (300, 400, 3)
+
+
+def test_signed_fallback_from_the_sidecar_passes_too(signed: Stack) -> None:
+    resp = fetch(f"{signed.public}/img/300x0/photos/rocket.jpg")  # no-crop: the plain URL
+    assert resp.status == 200, resp.body[:200]
+    assert resp.header("X-Heatcrop-Path") == "no-crop"
+    assert resp.max_age is not None and resp.max_age <= 30
+
+
+def test_signed_fallback_from_nginx_when_the_sidecar_is_down(signed: Stack, tmp_path: Path) -> None:
+    """nginx signs its own fallback URL (njs) with the same key, so Thumbor serves it."""
+    assert signed.legacy_service is not None
+    edge = nginx_service(
+        NginxConfig(
+            out=tmp_path / "nginx",
+            listen=f"{HOST}:{free_port()}",
+            admin_listen=f"{HOST}:{free_port()}",
+            sidecars=(f"{HOST}:{free_port()}",),  # nothing listens there
+            legacy=signed.legacy_service.address,
+            legacy_key=KEY,
+        )
+    )
+    try:
+        edge.start()
+        resp = fetch(f"http://{edge.address}/img/400x300/recipes/{SMART}.jpg")
+        assert resp.status == 200, resp.body[:200]
+        assert resp.header("X-Heatcrop-Path") == "edge-fallback"
+        assert resp.max_age is not None and resp.max_age <= 30
+        assert pixels(resp.body).shape == (300, 400, 3)
+    finally:
+        edge.stop()
+
+
+def test_thumbor_refuses_wrong_and_missing_signatures(signed: Stack) -> None:
+    size = Size(400, 300)
+    box = (0, 0, 533, 400)
+    ours = Thumbor(key=KEY).crop_url(f"recipes/{SMART}.jpg", box, size)
+    assert fetch(signed.legacy_base + ours).status == 200
+    wrong = Thumbor(key="not-the-key").crop_url(f"recipes/{SMART}.jpg", box, size)
+    assert fetch(signed.legacy_base + wrong).status >= 400
+    unsafe = Thumbor().crop_url(f"recipes/{SMART}.jpg", box, size)
+    assert unsafe.startswith("/unsafe/")
+    assert fetch(signed.legacy_base + unsafe).status >= 400
+    # A signature of another path does not carry over.
+    sig = ours.split("/")[1]
+    tampered = ours.replace("533x400", "532x400")
+    assert tampered.split("/")[1] == sig
+    assert fetch(signed.legacy_base + tampered).status >= 400
+
+
+def test_two_sidecars_share_heatmaps_through_redis(
+    tmp_path: Path, images: Path, model_dir: Path, redis_server: RedisServer
+) -> None:
+    options = StackOptions(
+        workdir=tmp_path / "stack",
+        images=images,
+        sidecar_ports=(0, 0),
+        sidecar_env={
+            "HEATCROP_ENGINE_MODEL_DIR": str(model_dir),
+            "HEATCROP_ENGINE_THREADS": "1",
+            "HEATCROP_CACHE_BACKEND": "redis",
+            "HEATCROP_CACHE_REDIS_URL": redis_server.url,
+        },
+        sidecar_timeout_ms=5000,
+    )
+    with Stack(options) as stack:
+        a, b = stack.sidecar_base(0), stack.sidecar_base(1)
+        # Through nginx: the hash sends every size of one original to the same sidecar.
+        for size in ("400x300", "300x300", "200x400"):
+            assert fetch(f"{stack.public}/img/{size}/photos/chelsea-wide.jpg").status == 200
+        runs = (nn_runs(a), nn_runs(b))
+        assert sorted(runs) == [0, 1]
+        # The other sidecar finds that heatmap in Redis: a new size, and no CNN run.
+        other = b if runs[0] == 1 else a
+        resp = fetch(f"{other}/crop/640x360/photos/chelsea-wide.jpg")
+        assert resp.status == 200
+        assert resp.header("X-Heatcrop-Path") in ("smart", "low-confidence")
+        assert nn_runs(other) == 0
+        # And the first sidecar's computation is reused through the edge after it is gone.
+        busy = a if other == b else b
+        index = 0 if busy == a else 1
+        stack.sidecars[index].kill()
+        resp = fetch(f"{stack.public}/img/500x500/photos/chelsea-wide.jpg")
+        assert resp.status == 200
+        assert resp.header("Content-Type") == "image/jpeg"
+        assert nn_runs(other) == 0
