@@ -97,6 +97,7 @@ class _Request:
     enqueued: float
     future: asyncio.Future[ImageHeat]
     on_result: Callable[[ImageHeat], object] | None = None  # background only
+    on_failure: Callable[[], object] | None = None  # background only
     queued: bool = True
     timer: asyncio.TimerHandle | None = field(default=None, repr=False)
 
@@ -360,25 +361,51 @@ class Batcher:
         return await request.future
 
     def submit_background(
-        self, pixels: npt.NDArray[np.uint8], on_result: Callable[[ImageHeat], object]
+        self,
+        pixels: npt.NDArray[np.uint8],
+        on_result: Callable[[ImageHeat], object],
+        on_failure: Callable[[], object] | None = None,
     ) -> bool:
         """Queue a low-priority image if the foreground is idle; False when refused.
 
-        ``on_result(heat)`` is called on the event loop once computed (never on failure, which
-        is only logged). Refused when closed, when foreground images are queued, or when
-        ``max_background`` background images are already waiting.
+        ``on_result(heat)`` is called on the event loop once computed; ``on_failure()`` instead
+        when the call fails (logged) or the image is withdrawn or dropped at close. Refused when
+        closed, when foreground images are queued, or when ``max_background`` background images
+        are already waiting.
         """
         loop = self._require_loop()
         shape = self._check_pixels(pixels)
         if self._closed or self._depth > 0 or len(self._background) >= self.max_background:
             return False
         request = _Request(
-            pixels, shape, math.inf, loop.time(), loop.create_future(), on_result=on_result
+            pixels,
+            shape,
+            math.inf,
+            loop.time(),
+            loop.create_future(),
+            on_result=on_result,
+            on_failure=on_failure,
         )
         request.future.add_done_callback(lambda f: self._background_done(request, f))
         self._background.append(request)
         self._wake()
         return True
+
+    def withdraw_background(self, pixels: npt.NDArray[np.uint8]) -> bool | None:
+        """Take back the queued background image ``pixels`` (the same array object).
+
+        True: it was still queued and is withdrawn (its ``on_failure`` runs); the caller can now
+        ask for it in the foreground. False: its engine call is running; its result comes as
+        submitted. None: no such background image (done, failed, or never queued).
+        """
+        for request in self._background:
+            if request.pixels is pixels:
+                self._unqueue(request)  # now, before the worker can pick it
+                request.future.cancel()
+                return True
+        if any(r.pixels is pixels for r in self._running):
+            return False
+        return None
 
     # -- admission and queues --------------------------------------------------------------
 
@@ -453,10 +480,14 @@ class Batcher:
 
     def _background_done(self, request: _Request, future: asyncio.Future[ImageHeat]) -> None:
         self._unqueue(request)
-        if future.cancelled():
-            return
-        if future.exception() is not None:
-            log.warning("background inference failed: %s", future.exception())
+        if future.cancelled() or future.exception() is not None:
+            if not future.cancelled():
+                log.warning("background inference failed: %s", future.exception())
+            if request.on_failure is not None:
+                try:
+                    request.on_failure()
+                except Exception:
+                    log.exception("background failure callback failed")
             return
         assert request.on_result is not None
         try:

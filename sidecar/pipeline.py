@@ -54,6 +54,8 @@ log = logging.getLogger("heatcrop.pipeline")
 IDENTITY_TTL_S = 30.0
 IDENTITY_ENTRIES = 100_000
 DECODE_EWMA_ALPHA = 0.1
+# Background heatmaps remembered for reuse; the batcher holds far fewer (max_background).
+MAX_PENDING = 1024
 
 Box = tuple[int, int, int, int]
 
@@ -116,6 +118,14 @@ class IdentityMemo:
             self._entries.popitem(last=False)
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A give-up's decoded original queued for a background heatmap, and that heatmap."""
+
+    decoded: Decoded
+    analysis: asyncio.Future[Analysis]
+
+
 @dataclass
 class Services:
     """What the steps use; built once per app."""
@@ -131,6 +141,7 @@ class Services:
     metrics: Metrics
     flights: SingleFlight[tuple[str, Analysis]] = field(default_factory=SingleFlight)
     identities: IdentityMemo = field(default_factory=IdentityMemo)
+    background: dict[str, Pending] = field(default_factory=dict)  # by heatmap key
     decoding: int = 0  # decodes queued or running in the pool
     decode_s: float = 0.010  # EWMA of one decode's own seconds (not its wait for a thread)
 
@@ -293,6 +304,26 @@ async def _analyse(svc: Services, data: bytes, key: str, deadline: float) -> Ana
     so that the next request for this original finds the heatmap cached.
     """
     loop = asyncio.get_running_loop()
+    pending = svc.background.pop(key, None)
+    if pending is not None:
+        # An earlier give-up's pixels wait in the background queue (or run): take them back
+        # into the foreground, or wait for the running call, rather than a second decode and
+        # CNN run of the same original.
+        withdrawn = svc.batcher.withdraw_background(pending.decoded.pixels)
+        if withdrawn is False:
+            return await asyncio.shield(pending.analysis)
+        if withdrawn:
+            return await _infer(svc, pending.decoded, key, deadline)
+    decoded = await _decode(svc, data, deadline)
+    if loop.time() >= deadline:
+        _finish_in_background(svc, decoded, key)
+        svc.metrics.giveups.inc(reason="deadline")
+        raise DeadlineExceeded("deadline passed after decode")
+    return await _infer(svc, decoded, key, deadline)
+
+
+async def _decode(svc: Services, data: bytes, deadline: float) -> Decoded:
+    loop = asyncio.get_running_loop()
     src = svc.settings.source
     _refuse_if_hopeless(svc, deadline)
     t0 = time.perf_counter()
@@ -305,10 +336,10 @@ async def _analyse(svc: Services, data: bytes, key: str, deadline: float) -> Ana
         svc.decoding -= 1
     svc.observe_decode(seconds)
     svc.metrics.stage_seconds.observe(time.perf_counter() - t0, stage="decode")
-    if loop.time() >= deadline:
-        _finish_in_background(svc, decoded, key)
-        svc.metrics.giveups.inc(reason="deadline")
-        raise DeadlineExceeded("deadline passed after decode")
+    return decoded
+
+
+async def _infer(svc: Services, decoded: Decoded, key: str, deadline: float) -> Analysis:
     try:
         heat = await svc.batcher.infer(decoded.pixels, deadline)
     except (Overloaded, DeadlineExceeded):
@@ -353,14 +384,31 @@ def make_analysis(decoded: Decoded, heat: ImageHeat, model_version: str) -> Anal
 
 def _finish_in_background(svc: Services, decoded: Decoded, key: str) -> None:
     pixels: npt.NDArray[np.uint8] = decoded.pixels
+    pending = Pending(decoded, asyncio.get_running_loop().create_future())
 
     def store(heat: ImageHeat) -> None:
         analysis = make_analysis(decoded, heat, svc.engine.version)
+        settle(analysis)
         task = asyncio.ensure_future(svc.caches.put_analysis(key, analysis))
         task.add_done_callback(_log_failure)
 
-    if not svc.batcher.submit_background(pixels, store):
+    def settle(result: Analysis | None = None) -> None:
+        if svc.background.get(key) is pending:
+            del svc.background[key]
+        if pending.analysis.done():
+            return
+        if result is None:
+            pending.analysis.set_exception(Overloaded("background heatmap not computed"))
+            pending.analysis.exception()  # retrieved: nobody may be waiting
+        else:
+            pending.analysis.set_result(result)
+
+    if not svc.batcher.submit_background(pixels, store, settle):
         log.debug("background heatmap refused for %s", key)
+        return
+    svc.background[key] = pending
+    while len(svc.background) > MAX_PENDING:  # a bound, should failures go unreported
+        svc.background.pop(next(iter(svc.background)))
 
 
 def _log_failure(task: asyncio.Future[bool]) -> None:

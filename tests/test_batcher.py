@@ -689,3 +689,29 @@ async def test_worth_preparing_refuses_only_what_the_engine_could_not_use():
         engine.gate.set()
         await asyncio.wait_for(asyncio.gather(a, *queued), GUARD)
     assert not b.worth_preparing(deadline(FAR))  # closed
+
+
+async def test_a_queued_background_image_can_be_withdrawn_and_a_running_one_cannot():
+    engine = ScriptedEngine(gated=True)
+    failures: list[int] = []
+    async with running(engine, max_wait_ms=0) as b:
+        first, second = image(80), image(81)
+        assert b.submit_background(first, lambda heat: None, lambda: failures.append(80))
+        await until(lambda: len(engine.calls) == 1)  # the first one runs, blocked on the gate
+        assert b.submit_background(second, lambda heat: None, lambda: failures.append(81))
+        assert b.withdraw_background(second) is True  # still queued: taken back
+        assert b.background_depth == 0
+        await until(lambda: failures == [81])  # its owner hears it will not be computed
+        assert b.withdraw_background(first) is False  # running: its result comes as submitted
+        assert b.withdraw_background(image(82)) is None  # never queued
+        engine.gate.set()
+        await until(lambda: not b._running)
+    assert engine.batches == [[80]]
+
+
+async def test_a_failed_background_call_tells_its_owner():
+    engine = ScriptedEngine(fail_marker=90)
+    failed = asyncio.Event()
+    async with running(engine, max_wait_ms=0) as b:
+        assert b.submit_background(image(90), lambda heat: None, failed.set)
+        await asyncio.wait_for(failed.wait(), GUARD)

@@ -15,10 +15,11 @@ import pytest
 from skimage import data as skdata
 
 from sidecar.app import make_app
-from sidecar.batcher import ServiceModel
+from sidecar.batcher import Batcher, ServiceModel
+from sidecar.decode import decode
 from sidecar.legacy import Thumbor
 from sidecar.metrics import CONTENT_TYPE
-from sidecar.pipeline import IdentityMemo
+from sidecar.pipeline import IdentityMemo, _analyse, _finish_in_background
 from sidecar.routes import SERVICES
 from sidecar.settings import (
     CacheSettings,
@@ -29,6 +30,7 @@ from sidecar.settings import (
 )
 from sidecar.sizes import Size
 from tests.images import jpeg
+from tests.test_batcher import ScriptedEngine
 
 TOKEN = "s3cret"
 
@@ -490,3 +492,44 @@ async def test_start_up_objects_are_frozen_out_of_collections(client) -> None:
     # Full collections walking the model, numba and aiohttp paused the loop 80-120 ms under load.
     assert gc.get_freeze_count() > 0
     assert (await client.get("/healthz")).status == 200
+
+
+async def test_a_miss_takes_back_a_queued_background_image_instead_of_decoding_again(
+    client, photos
+) -> None:
+    svc = client.app[SERVICES]
+    engine = ScriptedEngine(svc.engine.input_shapes, gated=True)
+    svc.batcher = Batcher(engine, max_batch=4, max_wait_ms=0, max_queue=16)
+    await svc.batcher.start()
+    try:
+        loop = asyncio.get_running_loop()
+        blocker = asyncio.create_task(
+            svc.batcher.infer(np.full((*engine.input_shapes[0], 3), 1, np.uint8), loop.time() + 60)
+        )
+        await _until(lambda: len(engine.calls) == 1)  # the engine is busy, blocked on the gate
+        data = (photos / "five.jpg").read_bytes()
+        decoded = decode(data, max_bytes=10**8, max_pixels=10**8)
+        decoded.pixels[0, 0, 0] = 7  # a marker the scripted engine reports
+        _finish_in_background(svc, decoded, "key-five")  # a give-up's pixels, queued
+        assert svc.batcher.background_depth == 1
+        decodes = await _metric(client, "heatcrop_stage_seconds_count", stage="decode")
+        analysing = asyncio.create_task(_analyse(svc, data, "key-five", loop.time() + 60))
+        await _until(lambda: svc.batcher.depth == 1)  # in the foreground queue now
+        assert svc.batcher.background_depth == 0
+        engine.gate.set()
+        analysis = await asyncio.wait_for(analysing, 10)
+        await blocker
+    finally:
+        engine.gate.set()
+        await svc.batcher.close()
+    assert analysis.width == decoded.width
+    assert engine.batches == [[1], [7]]  # the marked pixels ran once, in the foreground
+    assert await _metric(client, "heatcrop_stage_seconds_count", stage="decode") == decodes
+
+
+async def _until(condition, polls: int = 1000) -> None:
+    for _ in range(polls):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("condition never became true")
