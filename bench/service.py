@@ -188,9 +188,7 @@ def bench_heatmap(
     runs_before = nn_runs(svc)
     env = {"HEATCROP_BENCH_PATHS": write_list(lists / "heatmap.txt", originals)}
     env["HEATCROP_BENCH_HEIGHT"] = str(HEIGHTS["heatmap"])
-    result = wrk(
-        svc.base + "/", "sizes.lua", seconds=args.heatmap_seconds, connections=1, env=env
-    )
+    result = wrk(svc.base + "/", "sizes.lua", seconds=args.heatmap_seconds, connections=1, env=env)
     return result, nn_runs(svc) - runs_before
 
 
