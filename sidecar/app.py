@@ -29,7 +29,7 @@ from sidecar.core import CropCore
 from sidecar.decode import configure_vips
 from sidecar.legacy import make_dialect
 from sidecar.metrics import Metrics
-from sidecar.pipeline import Services
+from sidecar.pipeline import Services, search_is_quick
 from sidecar.priority import lowered_pool, run_lowered
 from sidecar.routes import (
     DIALECT,
@@ -187,6 +187,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         source=app[SOURCE],
         pool=app[POOL],
         search_pool=app[SEARCH_POOL],
+        search_inline=search_is_quick(app[CORE]),
         metrics=app[METRICS],
     )
     yield

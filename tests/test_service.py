@@ -8,6 +8,7 @@ import gc
 import logging
 import math
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from sidecar.batcher import Batcher, ServiceModel
 from sidecar.decode import decode
 from sidecar.legacy import Thumbor
 from sidecar.metrics import CONTENT_TYPE
-from sidecar.pipeline import IdentityMemo, _analyse, _finish_in_background
+from sidecar.pipeline import IdentityMemo, _analyse, _finish_in_background, search_is_quick
 from sidecar.routes import SERVICES
 from sidecar.settings import (
     CacheSettings,
@@ -533,3 +534,25 @@ async def _until(condition, polls: int = 1000) -> None:
             return
         await asyncio.sleep(0.001)
     raise AssertionError("condition never became true")
+
+
+async def test_a_quick_search_runs_on_the_loop_and_a_slow_one_in_its_thread(client) -> None:
+    core = client.app[SERVICES].core
+    assert search_is_quick(core, limit_s=10.0)
+    assert not search_is_quick(core, limit_s=0.0)
+    svc = client.app[SERVICES]
+    threads: set[str] = set()
+    box = core.box
+
+    def recording_box(*args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return box(*args, **kwargs)
+
+    core.box = recording_box  # type: ignore[method-assign]
+    try:
+        for inline, size in ((True, "301x200"), (False, "302x200")):
+            svc.search_inline = inline
+            assert (await _crop(client, size)).headers["X-Heatcrop-Path"] != "giveup"
+    finally:
+        del core.box
+    assert threads == {threading.main_thread().name, "heatcrop-search_0"}
