@@ -441,9 +441,7 @@ def headroom_table(result: SetResult) -> str:
         f"{m.title} {result.mean(CENTRE, m.key):.3f} → {result.mean(ORACLE, m.key):.3f}"
         for m in metrics
     )
-    intro = (
-        f"Headroom captured: (method − centre) / (oracle − centre); centre → oracle: {room}."
-    )
+    intro = f"Headroom captured: (method − centre) / (oracle − centre); centre → oracle: {room}."
     return intro + "\n\n" + "\n".join(lines)
 
 

@@ -55,9 +55,9 @@ def test_oracle_is_the_max_over_positions_random_cases():
         item = _item(w, h, [gt], fix)
         for aspect in (1.0, 4 / 5, 16 / 9, 9 / 16, gt.aspect):
             for score in (
-                lambda b: iou(b, gt),
-                lambda b: food_kept(b, [gt]),
-                lambda b: fixations_kept(b, fix),
+                lambda b, gt=gt: iou(b, gt),
+                lambda b, gt=gt: food_kept(b, [gt]),
+                lambda b, fix=fix: fixations_kept(b, fix),
             ):
                 box = oracle_box(item, aspect, score)
                 cw, ch = largest_window(w, h, aspect)
