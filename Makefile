@@ -55,8 +55,10 @@ bench: bench-speed bench-quality
 bench-speed: setup
 	$(BIN)/python -m bench.speed --out bench/results/speed.md
 
+# Also writes the picture gallery (12 dev photos, several aspects) to build/gallery/index.html.
 bench-quality: setup
 	$(BIN)/python -m bench.quality --out bench/results/quality.md
+	$(BIN)/python -m bench.gallery --out build/gallery
 
 clean:
 	rm -rf build .pytest_cache

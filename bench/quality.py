@@ -184,16 +184,26 @@ class SmartcropMethod(Method):
 class HeatcropMethod(Method):
     """heatcrop's box per profile; with `fallback`, the service's low-confidence rule."""
 
-    def __init__(self, core: Any, profile: str, fallback: bool) -> None:
+    def __init__(
+        self,
+        core: Any,
+        profile: str,
+        fallback: bool,
+        heldout: dict[str, npt.NDArray[np.float32]] | None = None,
+    ) -> None:
         self.core = core
         self.profile = profile
         self.fallback = fallback
-        self.name = f"heatcrop {profile}" + (" (low conf → centre)" if fallback else "")
+        self.heldout = heldout
+        tag = " held-out" if heldout is not None else ""
+        self.name = f"heatcrop {profile}{tag}" + (" (low conf → centre)" if fallback else "")
         self.counts: Counter[str] = Counter()
 
     def boxes(self, ctx: ImageContext, aspects: Sequence[float]) -> list[Box]:
         # Both profiles come out of one CNN run: the analysis is shared across rows.
         analysis = ctx.memo("heatcrop analyse (decode + CNN)", lambda: self.core.analyse(ctx.data))
+        if self.heldout is not None:
+            analysis = heldout_analysis(analysis, self.heldout.get(str(ctx.item.path)))
         out = []
         for aspect in aspects:
             box = self.core.box(analysis, aspect, self.profile)
@@ -470,8 +480,37 @@ def baseline_methods() -> list[Method]:
     return [CentreMethod(), OracleMethod(), *(SmartcropMethod(kind) for kind in SMARTCROP_KINDS)]
 
 
+def heldout_analysis(analysis: Any, heat: npt.NDArray[np.float32] | None) -> Any:
+    """The analysis with its read-out channel replaced by the held-out map (when there is one)."""
+    from engines.base import PROFILES
+
+    if heat is None:
+        return analysis
+    if heat.shape != analysis.heatmaps.shape[1:]:
+        raise ValueError(f"held-out map {heat.shape} vs heatmaps {analysis.heatmaps.shape}")
+    maps = analysis.heatmaps.copy()
+    maps[PROFILES.index("readout")] = heat.astype(np.float16)
+    return dataclasses.replace(analysis, heatmaps=maps)
+
+
+def load_heldout(model_dir: Path) -> dict[str, npt.NDArray[np.float32]] | None:
+    """bench/fit_readout.py's held-out read-out maps by image path, if they were computed."""
+    from bench.fit_readout import feature_session, heldout_path
+
+    path = heldout_path(feature_session(model_dir)[1])
+    if not path.exists():
+        return None
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
 def heatcrop_methods(settings: Any, profiles: Sequence[str]) -> tuple[list[Method], str]:
-    """heatcrop rows, plus a line describing the engine; imports the model stack lazily."""
+    """heatcrop rows, plus a line describing the engine; imports the model stack lazily.
+
+    The shipped read-out was fitted on saliency_dev and food_dev, so its rows there are
+    in-sample; the `held-out` rows use each image's map from a cross-validation head that
+    never saw it (bench/fit_readout.py), the figures to trust for other photos.
+    """
     from engines.loader import load_engine
     from sidecar.core import CropCore
     from sidecar.decode import configure_vips
@@ -480,6 +519,9 @@ def heatcrop_methods(settings: Any, profiles: Sequence[str]) -> tuple[list[Metho
     engine = load_engine(settings.engine)
     core = CropCore(engine, settings.kernel, settings.source, profiles[0])
     methods: list[Method] = []
+    heldout = load_heldout(Path(settings.engine.model_dir)) if "readout" in profiles else None
+    if heldout is not None:
+        methods += [HeatcropMethod(core, "readout", f, heldout) for f in (False, True)]
     for profile in profiles:
         methods += [HeatcropMethod(core, profile, False), HeatcropMethod(core, profile, True)]
     return methods, f"{engine.name}, model {engine.version}, threads {settings.engine.threads}"
@@ -600,14 +642,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--profile",
         action="append",
-        choices=("food", "generic", "auto"),
-        help="heatcrop profile(s) to run (default: auto, food, generic)",
+        choices=("food", "generic", "readout", "auto"),
+        help="heatcrop profile(s) to run (default: readout, auto)",
     )
     parser.add_argument("--only-baselines", action="store_true", help="skip heatcrop")
     parser.add_argument("--config", help="heatcrop settings TOML (default: $HEATCROP_CONFIG)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    args.profile = args.profile or ["auto", "food", "generic"]
+    args.profile = args.profile or ["readout", "auto"]
     if args.limit is not None and args.limit <= 0:
         parser.error("--limit must be positive")
     return args

@@ -55,7 +55,8 @@ class CropCore:
     def warm(self) -> None:
         """Load the numba kernels (from the on-disk cache, or compile them once) up front."""
         flat = np.ones((7, 7), np.float32)
-        analysis = Analysis(64, 48, np.stack([flat, flat]).astype(np.float16), 0.5, "warm")
+        maps = np.stack([flat] * len(PROFILES)).astype(np.float16)
+        analysis = Analysis(64, 48, maps, 0.5, "warm")
         self.box(analysis, 1.0)
 
     def analyse(self, data: bytes) -> Analysis:

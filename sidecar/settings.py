@@ -140,8 +140,8 @@ _RULES: tuple[tuple[str, str, typing.Callable[[Any], bool], str], ...] = (
     (
         "engine",
         "profile",
-        lambda v: v in ("food", "generic", "auto"),
-        "must be food, generic or auto",
+        lambda v: v in ("food", "generic", "readout", "auto"),
+        "must be food, generic, readout or auto",
     ),
     ("kernel", "min_scale", lambda v: 0.1 <= v <= 1.0, "must be in [0.1, 1]"),
     ("kernel", "scales", lambda v: 1 <= v <= 64, "must be in [1, 64]"),
