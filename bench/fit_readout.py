@@ -24,6 +24,7 @@ The shipped weights are fitted on everything (fcdb_train + saliency_dev + food_d
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -53,9 +54,13 @@ from sidecar.settings import KernelSettings, SourceSettings
 FIT_SETS: tuple[str, ...] = ("fcdb_train", "saliency_dev", "food_dev")
 ALL_SETS: tuple[str, ...] = ("fcdb_train", "fcdb_dev", "saliency_dev", "food_dev")
 CACHE = Path("build/readout")
-L2 = 0.05
+# Chosen on the held-out shares of headroom (fixations / food kept / fcdb IoU, no prior, no
+# cut): L2 0.05 and equal set weights 13 / 27 / 23 %; L2 1 equal weights 24 / 27 / 18 %; L2 0.3
+# equal weights 21 / 26 / 21 %; L2 1 with fcdb_train counted twice 21 / 27 / 21 %, the most even.
+# fcdb_train alone gives fcdb 34 % but fixations -10 % and food -49 %: the kinds disagree.
+L2 = 1.0
 # Total weight of each set in the likelihood (spread evenly over its images).
-SET_WEIGHT: dict[str, float] = {"fcdb_train": 1.0, "saliency_dev": 1.0, "food_dev": 1.0}
+SET_WEIGHT: dict[str, float] = {"fcdb_train": 2.0, "saliency_dev": 1.0, "food_dev": 1.0}
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -424,7 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "",
             table,
             "",
-            f"Shipped weights ({args.out}) are fitted on all of {', '.join(FIT_SETS)}.",
+            f"Shipped weights ({os.path.relpath(args.out)}) are fitted on all of "
+            f"{', '.join(FIT_SETS)}.",
             "",
         ]
     )

@@ -269,10 +269,10 @@ def _coord_bias(g: _Graph, z: str, a: npt.NDArray[Any]) -> str:
         x = g.op("Cast", [idx], f"readout.idxf_{name}", to=TensorProto.FLOAT)
         x = g.op("Add", [x, half], f"readout.centre_{name}")
         x = g.op("Div", [g.op("Mul", [x, two], f"readout.twice_{name}"), nf], f"readout.rel_{name}")
-        x = g.op("Sub", [x, one], name)
+        x = g.op("Sub", [x, one], f"readout.{name}")
         lin_c = g.const(f"readout.a_{name}", lin, np.float32)
         sq_c = g.const(f"readout.a_{name}2", sq, np.float32)
-        x2 = g.op("Mul", [x, x], f"{name}2")
+        x2 = g.op("Mul", [x, x], f"readout.{name}_sq")
         bias = g.op(
             "Add",
             [g.op("Mul", [x, lin_c], f"readout.lin_{name}"),
