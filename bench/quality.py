@@ -195,6 +195,8 @@ class HeatcropMethod(Method):
         self.profile = profile
         self.fallback = fallback
         self.heldout = heldout
+        # The shipped read-out was fitted on saliency_dev and food_dev: its own rows are
+        # in-sample there; `held-out` rows use maps from heads that never saw the image.
         tag = " held-out" if heldout is not None else ""
         self.name = f"heatcrop {profile}{tag}" + (" (low conf → centre)" if fallback else "")
         self.counts: Counter[str] = Counter()
@@ -519,11 +521,16 @@ def heatcrop_methods(settings: Any, profiles: Sequence[str]) -> tuple[list[Metho
     engine = load_engine(settings.engine)
     core = CropCore(engine, settings.kernel, settings.source, profiles[0])
     methods: list[Method] = []
-    heldout = load_heldout(Path(settings.engine.model_dir)) if "readout" in profiles else None
-    if heldout is not None:
-        methods += [HeatcropMethod(core, "readout", f, heldout) for f in (False, True)]
+    uses_readout = ("readout", "learned")
+    heldout = None
+    if any(p in uses_readout for p in profiles):
+        heldout = load_heldout(Path(settings.engine.model_dir))
+    # With no confidence cut-off the service never falls back: the second row would repeat.
+    fallbacks = (False, True) if settings.kernel.min_confidence > 0 else (False,)
     for profile in profiles:
-        methods += [HeatcropMethod(core, profile, False), HeatcropMethod(core, profile, True)]
+        if heldout is not None and profile in uses_readout:
+            methods += [HeatcropMethod(core, profile, f, heldout) for f in fallbacks]
+        methods += [HeatcropMethod(core, profile, f) for f in fallbacks]
     return methods, f"{engine.name}, model {engine.version}, threads {settings.engine.threads}"
 
 
@@ -575,6 +582,12 @@ def report_header(results: Sequence[SetResult], info: dict[str, Any]) -> str:
         lines.append(f"- heatcrop: {info['engine']}")
         lines.append(
             "- kernel settings: " + ", ".join(f"{k}={v}" for k, v in info["kernel"].items())
+        )
+        lines.append(
+            "- `held-out` rows: the read-out channel replaced by the map of a cross-validation "
+            "head that never saw the image (`python -m bench.fit_readout`); rows without it use "
+            "the shipped read-out, fitted on fcdb_train, saliency_dev and food_dev: in-sample on "
+            "food_dev and saliency_dev, held-out on fcdb_dev"
         )
     else:
         lines.append("- heatcrop: not run (--only-baselines)")
@@ -642,14 +655,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--profile",
         action="append",
-        choices=("food", "generic", "readout", "auto"),
-        help="heatcrop profile(s) to run (default: readout, auto)",
+        choices=("food", "generic", "readout", "auto", "learned"),
+        help="heatcrop profile(s) to run (default: learned, readout)",
     )
     parser.add_argument("--only-baselines", action="store_true", help="skip heatcrop")
     parser.add_argument("--config", help="heatcrop settings TOML (default: $HEATCROP_CONFIG)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    args.profile = args.profile or ["readout", "auto"]
+    args.profile = args.profile or ["learned", "readout"]
     if args.limit is not None and args.limit <= 0:
         parser.error("--limit must be positive")
     return args

@@ -40,7 +40,7 @@ from engines.loader import load_engine
 from kernels.heat import prepare_heatmap
 from kernels.window import best_window, center_box
 from sidecar import settings as settings_mod
-from sidecar.core import Analysis, CropCore, blend_profiles, search_params
+from sidecar.core import CAM_SHARE, Analysis, CropCore, blend_profiles, search_params
 from sidecar.settings import KernelSettings
 
 PRIMARY = {"crop": "iou", "object": "kept", "saliency": "fix"}
@@ -50,11 +50,13 @@ PRIMARY = {"crop": "iou", "object": "kept", "saliency": "fix"}
 class Candidate:
     profile: str
     kernel: KernelSettings
+    cam_share: float = CAM_SHARE
 
     def label(self) -> str:
         k = self.kernel
+        mix = f" cam={self.cam_share}" if self.profile == "learned" else ""
         return (
-            f"{self.profile} w={k.center_weight} σ={k.center_sigma} cut={k.cut_weight} "
+            f"{self.profile}{mix} w={k.center_weight} σ={k.center_sigma} cut={k.cut_weight} "
             f"γ={k.gamma} conf≥{k.min_confidence}"
         )
 
@@ -110,7 +112,7 @@ def with_heldout_readout(stored: dict[str, Analysis], model_dir: Path) -> dict[s
 
 def boxes_for(cand: Candidate, analysis: Analysis, aspects: Sequence[float]) -> list[Box]:
     k = cand.kernel
-    raw = blend_profiles(analysis, cand.profile)
+    raw = blend_profiles(analysis, cand.profile, cand.cam_share)
     h, w = raw.shape
     heat = prepare_heatmap(
         raw,
@@ -170,24 +172,28 @@ def objective(per_set: dict[str, float]) -> float:
 
 def candidates(base: KernelSettings) -> list[Candidate]:
     # The CAM profiles' best region was measured before (centre weight 0.4-0.8, σ 0.25-0.4,
-    # cut 1-3); the read-out has its own centre bias, so its grid starts at no prior at all.
-    grid = itertools.chain(
-        itertools.product(
-            ("readout",),
-            (0.0, 0.1, 0.2, 0.4),  # center_weight
-            (0.3,),  # center_sigma
-            (0.0, 1.0, 3.0),  # cut_weight
-            (1.0, 1.5, 2.0),  # gamma
-            (0.0, 0.01),  # min_confidence
-        ),
-        itertools.product(("auto",), (0.4, 0.6), (0.25, 0.4), (1.0, 3.0), (1.0,), (0.0, 0.01)),
+    # cut 1-3); the read-out has its own centre bias, so its grid starts at no prior at all
+    # (an earlier grid with weights up to 0.4 and cut 3 ranked those lower). `learned` with
+    # cam share 0 is the read-out alone.
+    learned = itertools.product(
+        ("learned",),
+        (0.0, 0.1),  # center_weight
+        (0.3,),  # center_sigma
+        (0.0, 1.0),  # cut_weight
+        (1.0, 1.5, 2.0),  # gamma
+        (0.0, 0.01),  # min_confidence
+        (0.0, 0.15, 0.3),  # cam_share
+    )
+    auto = itertools.product(
+        ("auto",), (0.4, 0.6), (0.25, 0.4), (1.0, 3.0), (1.0,), (0.0, 0.01), (CAM_SHARE,)
     )
     return [
         Candidate(
             p,
             replace(base, center_weight=w, center_sigma=s, cut_weight=c, gamma=g, min_confidence=m),
+            x,
         )
-        for p, w, s, c, g, m in grid
+        for p, w, s, c, g, m, x in itertools.chain(learned, auto)
     ]
 
 

@@ -77,3 +77,25 @@ def test_readout_portrait_bucket_and_weights_file(tapped):
     assert weights["w1"].shape[1] == FEATURES and weights["a"].shape == (COORD_TERMS,)
     # Small enough to ship in the repository.
     assert WEIGHTS_PATH.stat().st_size < 200_000
+
+
+def test_learned_profile_mixes_readout_with_the_cam_blend():
+    from sidecar.core import CAM_SHARE, SEARCH_PROFILES, Analysis, blend_profiles
+
+    food = np.zeros((7, 7), np.float32)
+    food[0, 0] = 4.0
+    generic = np.zeros((7, 7), np.float32)
+    generic[6, 6] = 2.0
+    readout = np.full((7, 7), 0.5, np.float32)
+    readout[3, 3] = 1.0
+    heat = np.stack([food, generic, readout]).astype(np.float16)
+    analysis = Analysis(100, 50, heat, 1.0, "test")  # all food: auto is the food map
+    assert "learned" in SEARCH_PROFILES and "readout" in SEARCH_PROFILES
+    mixed = blend_profiles(analysis, "learned")
+    assert mixed.sum() == pytest.approx(1.0)
+    unit = readout / readout.sum()
+    assert mixed[3, 3] == pytest.approx((1 - CAM_SHARE) * unit[3, 3])
+    assert mixed[0, 0] == pytest.approx((1 - CAM_SHARE) * unit[0, 0] + CAM_SHARE)
+    alone = blend_profiles(analysis, "learned", cam_share=0.0)
+    np.testing.assert_allclose(alone, unit, rtol=1e-3)
+    np.testing.assert_array_equal(blend_profiles(analysis, "readout"), readout)
