@@ -73,8 +73,10 @@ bench-speed: setup
 bench-load: setup thumbor
 	$(BIN)/python -m bench.load --out bench/results/load.md
 
+# Also writes the picture gallery (12 dev photos, several aspects) to build/gallery/index.html.
 bench-quality: setup
 	$(BIN)/python -m bench.quality --out bench/results/quality.md
+	$(BIN)/python -m bench.gallery --out build/gallery
 
 clean:
 	rm -rf build .pytest_cache

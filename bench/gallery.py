@@ -1,7 +1,7 @@
 """Picture gallery: heatcrop vs centre vs libvips attention on 12 fixed dev photos.
 
-    python -m bench.gallery [--out bench/results/gallery] [--eval-dir ../shared/eval]
-        [--profile food|generic]
+    python -m bench.gallery [--out build/gallery] [--eval-dir ../shared/eval]
+        [--profile readout|auto|food|generic]
 
 Writes index.html and one JPEG per photo and aspect: the photo with the crop boxes drawn on
 it (heatcrop green, centre white, attention magenta) and the ground truth in yellow (the
@@ -189,9 +189,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", type=Path, default=Path("bench/results/gallery"))
+    parser.add_argument("--out", type=Path, default=Path("build/gallery"))
     parser.add_argument("--eval-dir", type=Path, default=Path("../shared/eval"))
-    parser.add_argument("--profile", choices=("food", "generic", "auto"), default="food")
+    parser.add_argument(
+        "--profile", choices=("food", "generic", "readout", "auto"), default=None,
+        help="heatmap profile (default: the settings' engine.profile)",
+    )  # fmt: skip
     parser.add_argument("--config", help="heatcrop settings TOML (default: $HEATCROP_CONFIG)")
     args = parser.parse_args(argv)
 
@@ -202,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_vips()
     settings = settings_mod.load(args.config)
+    args.profile = args.profile or settings.engine.profile
     core = CropCore(load_engine(settings.engine), settings.kernel, settings.source, args.profile)
     args.out.mkdir(parents=True, exist_ok=True)
     sections = []

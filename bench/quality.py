@@ -44,14 +44,18 @@ from bench.baselines import (
     SMARTCROP_KINDS,
     WORKING_LONG_SIDE,
     centre_box,
+    largest_window,
     smartcrop_box,
     working_image,
 )
-from bench.eval_sets import DEFAULT_SETS, EvalItem, EvalSet, Metric, load_set
+from bench.eval_sets import DEFAULT_SETS, EvalItem, EvalSet, Metric, Protocol, load_set
 from bench.metrics import Box
 
 T = TypeVar("T")
 CENTRE = "centre"
+ORACLE = "oracle (ground truth)"
+# Offsets the oracle tries along the free axis: every pixel up to this many, evenly spaced beyond.
+ORACLE_MAX_OFFSETS = 1024
 
 
 @dataclass
@@ -93,12 +97,75 @@ class Method:
     def reset(self) -> None:
         """Forget what notes() would report (after the warm-up, between sets)."""
 
+    def begin_set(self, eval_set: EvalSet) -> None:
+        """Called before the images of a set (methods that read the set's protocol)."""
+
 
 class CentreMethod(Method):
     name = CENTRE
 
     def boxes(self, ctx: ImageContext, aspects: Sequence[float]) -> list[Box]:
         return [centre_box(ctx.item.width, ctx.item.height, a) for a in aspects]
+
+
+def oracle_box(
+    item: EvalItem,
+    aspect: float,
+    score: Callable[[Box], float],
+    max_offsets: int = ORACLE_MAX_OFFSETS,
+) -> Box:
+    """The largest window at `aspect` whose position maximises `score` (higher is better).
+
+    A largest window has one free axis; every integer offset along it is tried (evenly spaced
+    ones, always including both ends and the centre, when there are more than `max_offsets`).
+    Ties go to the offset nearest the centre, so a flat score gives the centre crop.
+    """
+    cw, ch = largest_window(item.width, item.height, aspect)
+    free_x = item.width - cw
+    free = free_x if free_x > 0 else item.height - ch
+    middle = free // 2
+    if free + 1 <= max_offsets:
+        offsets = list(range(free + 1))
+    else:
+        grid = np.round(np.linspace(0, free, max_offsets)).astype(int).tolist()
+        offsets = sorted({*grid, middle})
+    best, best_value = middle, -math.inf
+    for off in offsets:
+        x0, y0 = (off, 0) if free_x > 0 else (0, off)
+        value = score(Box(x0, y0, x0 + cw, y0 + ch))
+        if value > best_value or (value == best_value and abs(off - middle) < abs(best - middle)):
+            best, best_value = off, value
+    x0, y0 = (best, 0) if free_x > 0 else (0, best)
+    return Box(x0, y0, x0 + cw, y0 + ch)
+
+
+class OracleMethod(Method):
+    """The best position of the largest window, chosen with the ground truth.
+
+    What a largest-window crop can win at most: best IoU on fcdb, most dish area kept on
+    food, most fixations kept on saliency (each protocol's first metric). Oracle minus centre
+    is the headroom the headroom table measures heatcrop against.
+    """
+
+    name = ORACLE
+
+    def __init__(self) -> None:
+        self.protocol: Protocol | None = None
+
+    def begin_set(self, eval_set: EvalSet) -> None:
+        self.protocol = eval_set.protocol
+
+    def boxes(self, ctx: ImageContext, aspects: Sequence[float]) -> list[Box]:
+        protocol = self.protocol
+        if protocol is None:  # the warm-up pass: no set yet
+            return [centre_box(ctx.item.width, ctx.item.height, a) for a in aspects]
+        key = protocol.metrics[0].key
+        sign = 1.0 if protocol.metrics[0].higher_is_better else -1.0
+
+        def score(box: Box) -> float:
+            return sign * protocol.score(ctx.item, box)[key]
+
+        return [oracle_box(ctx.item, a, score) for a in aspects]
 
 
 class SmartcropMethod(Method):
@@ -117,16 +184,28 @@ class SmartcropMethod(Method):
 class HeatcropMethod(Method):
     """heatcrop's box per profile; with `fallback`, the service's low-confidence rule."""
 
-    def __init__(self, core: Any, profile: str, fallback: bool) -> None:
+    def __init__(
+        self,
+        core: Any,
+        profile: str,
+        fallback: bool,
+        heldout: dict[str, npt.NDArray[np.float32]] | None = None,
+    ) -> None:
         self.core = core
         self.profile = profile
         self.fallback = fallback
-        self.name = f"heatcrop {profile}" + (" (low conf → centre)" if fallback else "")
+        self.heldout = heldout
+        # The shipped read-out was fitted on saliency_dev and food_dev: its own rows are
+        # in-sample there; `held-out` rows use maps from heads that never saw the image.
+        tag = " held-out" if heldout is not None else ""
+        self.name = f"heatcrop {profile}{tag}" + (" (low conf → centre)" if fallback else "")
         self.counts: Counter[str] = Counter()
 
     def boxes(self, ctx: ImageContext, aspects: Sequence[float]) -> list[Box]:
         # Both profiles come out of one CNN run: the analysis is shared across rows.
         analysis = ctx.memo("heatcrop analyse (decode + CNN)", lambda: self.core.analyse(ctx.data))
+        if self.heldout is not None:
+            analysis = heldout_analysis(analysis, self.heldout.get(str(ctx.item.path)))
         out = []
         for aspect in aspects:
             box = self.core.box(analysis, aspect, self.profile)
@@ -192,6 +271,7 @@ def evaluate(eval_set: EvalSet, methods: Sequence[Method], progress: bool = True
     bad: Counter[str] = Counter()
     for method in methods:
         method.reset()  # notes are per set
+        method.begin_set(eval_set)
     t0 = time.perf_counter()
     items = tqdm(
         eval_set.items,
@@ -306,7 +386,8 @@ def markdown_table(result: SetResult) -> str:
     for j, col in enumerate(cols):
         if col.value is None or len(result.methods) < 2:
             continue
-        scores = {m: col.value(result, m) for m in result.methods}
+        # The oracle sees the answer; bold marks the best of the methods that do not.
+        scores = {m: col.value(result, m) for m in result.methods if m != ORACLE}
         best = max(scores.values()) if col.higher_is_better else min(scores.values())
         for m, score in scores.items():
             if f"{score:.3f}" == f"{best:.3f}":
@@ -319,11 +400,71 @@ def markdown_table(result: SetResult) -> str:
     return "\n".join(lines)
 
 
+def headroom_share(result: SetResult, method: str, metric: str, aspect: str | None) -> float:
+    """(method − centre) / (oracle − centre): 1 is the oracle, 0 the centre crop, < 0 worse.
+
+    NaN when the oracle does not differ from the centre crop (no headroom to share).
+    """
+    centre = result.mean(CENTRE, metric, aspect)
+    room = result.mean(ORACLE, metric, aspect) - centre
+    if abs(room) < 1e-12:
+        return float("nan")
+    return (result.mean(method, metric, aspect) - centre) / room
+
+
+def aspects_below_centre(result: SetResult, method: str, metric: Metric) -> list[str]:
+    """The aspects where the method's mean is worse than the centre crop's."""
+    sign = 1.0 if metric.higher_is_better else -1.0
+    return [
+        a
+        for a in result.aspect_labels
+        if sign * (result.mean(method, metric.key, a) - result.mean(CENTRE, metric.key, a)) < 0
+    ]
+
+
+def headroom_table(result: SetResult) -> str:
+    """Share of the centre → oracle headroom each method captures, per metric and aspect."""
+    if CENTRE not in result.values or ORACLE not in result.values:
+        return ""
+    labels = result.aspect_labels
+    aspects: list[str | None] = [*labels, None] if len(labels) > 1 else [None]
+    metrics = result.eval_set.protocol.metrics
+    headers = []
+    for metric in metrics:
+        headers += [f"{metric.title} {a if a is not None else 'mean'}" for a in aspects]
+    headers += [f"{metric.title}: aspects below centre" for metric in metrics]
+    lines = [
+        "| method | " + " | ".join(headers) + " |",
+        "|---|" + "---:|" * len(headers),
+    ]
+    for method in result.methods:
+        if method in (CENTRE, ORACLE):
+            continue
+        cells = []
+        for metric in metrics:
+            for a in aspects:
+                share = headroom_share(result, method, metric.key, a)
+                cells.append("—" if math.isnan(share) else f"{share:+.0%}")
+        for metric in metrics:
+            below = aspects_below_centre(result, method, metric)
+            cells.append(", ".join(below) if below else "none")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    room = ", ".join(
+        f"{m.title} {result.mean(CENTRE, m.key):.3f} → {result.mean(ORACLE, m.key):.3f}"
+        for m in metrics
+    )
+    intro = f"Headroom captured: (method − centre) / (oracle − centre); centre → oracle: {room}."
+    return intro + "\n\n" + "\n".join(lines)
+
+
 def set_section(result: SetResult) -> str:
     es = result.eval_set
     aspects = ", ".join(result.aspect_labels)
     head = f"## {es.name} ({result.n_images} images, kind `{es.protocol.kind}`, aspects: {aspects})"
     parts = [head, "", es.protocol.legend, "", markdown_table(result), ""]
+    headroom = headroom_table(result)
+    if headroom:
+        parts += [headroom, ""]
     for method, note in result.notes.items():
         parts.append(f"- {method}: {note}")
     n = max(result.n_images, 1)
@@ -338,11 +479,40 @@ def set_section(result: SetResult) -> str:
 
 
 def baseline_methods() -> list[Method]:
-    return [CentreMethod(), *(SmartcropMethod(kind) for kind in SMARTCROP_KINDS)]
+    return [CentreMethod(), OracleMethod(), *(SmartcropMethod(kind) for kind in SMARTCROP_KINDS)]
+
+
+def heldout_analysis(analysis: Any, heat: npt.NDArray[np.float32] | None) -> Any:
+    """The analysis with its read-out channel replaced by the held-out map (when there is one)."""
+    from engines.base import PROFILES
+
+    if heat is None:
+        return analysis
+    if heat.shape != analysis.heatmaps.shape[1:]:
+        raise ValueError(f"held-out map {heat.shape} vs heatmaps {analysis.heatmaps.shape}")
+    maps = analysis.heatmaps.copy()
+    maps[PROFILES.index("readout")] = heat.astype(np.float16)
+    return dataclasses.replace(analysis, heatmaps=maps)
+
+
+def load_heldout(model_dir: Path) -> dict[str, npt.NDArray[np.float32]] | None:
+    """bench/fit_readout.py's held-out read-out maps by image path, if they were computed."""
+    from bench.fit_readout import feature_session, heldout_path
+
+    path = heldout_path(feature_session(model_dir)[1])
+    if not path.exists():
+        return None
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
 
 
 def heatcrop_methods(settings: Any, profiles: Sequence[str]) -> tuple[list[Method], str]:
-    """heatcrop rows, plus a line describing the engine; imports the model stack lazily."""
+    """heatcrop rows, plus a line describing the engine; imports the model stack lazily.
+
+    The shipped read-out was fitted on saliency_dev and food_dev, so its rows there are
+    in-sample; the `held-out` rows use each image's map from a cross-validation head that
+    never saw it (bench/fit_readout.py), the figures to trust for other photos.
+    """
     from engines.loader import load_engine
     from sidecar.core import CropCore
     from sidecar.decode import configure_vips
@@ -351,8 +521,16 @@ def heatcrop_methods(settings: Any, profiles: Sequence[str]) -> tuple[list[Metho
     engine = load_engine(settings.engine)
     core = CropCore(engine, settings.kernel, settings.source, profiles[0])
     methods: list[Method] = []
+    uses_readout = ("readout", "learned")
+    heldout = None
+    if any(p in uses_readout for p in profiles):
+        heldout = load_heldout(Path(settings.engine.model_dir))
+    # With no confidence cut-off the service never falls back: the second row would repeat.
+    fallbacks = (False, True) if settings.kernel.min_confidence > 0 else (False,)
     for profile in profiles:
-        methods += [HeatcropMethod(core, profile, False), HeatcropMethod(core, profile, True)]
+        if heldout is not None and profile in uses_readout:
+            methods += [HeatcropMethod(core, profile, f, heldout) for f in fallbacks]
+        methods += [HeatcropMethod(core, profile, f) for f in fallbacks]
     return methods, f"{engine.name}, model {engine.version}, threads {settings.engine.threads}"
 
 
@@ -404,6 +582,12 @@ def report_header(results: Sequence[SetResult], info: dict[str, Any]) -> str:
         lines.append(f"- heatcrop: {info['engine']}")
         lines.append(
             "- kernel settings: " + ", ".join(f"{k}={v}" for k, v in info["kernel"].items())
+        )
+        lines.append(
+            "- `held-out` rows: the read-out channel replaced by the map of a cross-validation "
+            "head that never saw the image (`python -m bench.fit_readout`); rows without it use "
+            "the shipped read-out, fitted on fcdb_train, saliency_dev and food_dev: in-sample on "
+            "food_dev and saliency_dev, held-out on fcdb_dev"
         )
     else:
         lines.append("- heatcrop: not run (--only-baselines)")
@@ -471,14 +655,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--profile",
         action="append",
-        choices=("food", "generic", "auto"),
-        help="heatcrop profile(s) to run (default: auto, food, generic)",
+        choices=("food", "generic", "readout", "auto", "learned"),
+        help="heatcrop profile(s) to run (default: learned, readout)",
     )
     parser.add_argument("--only-baselines", action="store_true", help="skip heatcrop")
     parser.add_argument("--config", help="heatcrop settings TOML (default: $HEATCROP_CONFIG)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
-    args.profile = args.profile or ["auto", "food", "generic"]
+    args.profile = args.profile or ["learned", "readout"]
     if args.limit is not None and args.limit <= 0:
         parser.error("--limit must be positive")
     return args

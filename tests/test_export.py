@@ -22,6 +22,7 @@ from engines.base import INPUT_NAME, OUTPUT_NAMES, PROFILES
 from engines.export import MANIFEST_NAME, export, model_file_name, sha256_hex
 from engines.graph import GENERIC_HEAD, same_pads
 from engines.model import find_model
+from engines.readout import WEIGHTS_PATH
 from sidecar.errors import ModelNotBuilt
 
 GOLDEN = Path(__file__).parent / "golden" / "lite0_reference.npz"
@@ -61,10 +62,16 @@ def _assert_close(got: np.ndarray, want: np.ndarray, what: str) -> None:
     assert err <= tol, f"{what}: max |Δ| {err:.3g} > {tol:.3g}"
 
 
+# The channels the torch reference computes; the learned read-out is checked in
+# tests/test_readout.py against a numpy recomputation from the graph's own features.
+REFERENCE_PROFILES = ("food", "generic")
+
+
 def _assert_heatmaps_close(got: np.ndarray, want: np.ndarray, what: str) -> None:
     # Per channel: the food map is in logits (tens), the generic one in ReLU6 activations
     # (about 1), so one tolerance from the larger channel would hide an error in the smaller.
-    for channel, profile in enumerate(PROFILES):
+    assert PROFILES[: len(REFERENCE_PROFILES)] == REFERENCE_PROFILES
+    for channel, profile in enumerate(REFERENCE_PROFILES):
         _assert_close(got[:, channel], want[:, channel], f"{what} {profile}")
 
 
@@ -137,7 +144,7 @@ def test_every_bucket_runs(session):
         out = _run(session, batch)
         h, w = buckets.heatmap_shape((height, width))
         assert (h, w) == (height // 32, width // 32)
-        assert out["heatmaps"].shape == (2, 2, h, w)
+        assert out["heatmaps"].shape == (2, len(PROFILES), h, w)
         assert out["food_mass"].shape == (2,)
         assert out["logits"].shape == (2, classes.NUM_CLASSES)
 
@@ -162,13 +169,16 @@ def test_manifest(model_path):
     assert [tuple(b) for b in info["buckets"]] == list(buckets.all_buckets())
     assert tuple(info["food_classes"]) == classes.FOOD_CLASSES
     assert info["generic"] == GENERIC_HEAD
+    assert info["profiles"] == list(PROFILES)
+    assert info["readout"]["weights_sha256"] == sha256_hex(WEIGHTS_PATH.read_bytes())
 
 
 def test_graph_structure(model_path):
     model = onnx.load(model_path)
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
-    # stem + block 0 (depthwise, project) + 15 blocks x 3 + head + the food CAM.
-    assert len(convs) == 1 + 2 + 15 * 3 + 1 + 1
+    # stem + block 0 (depthwise, project) + 15 blocks x 3 + head + the food CAM + read-out.
+    readout = 2 if "readout.w2" in {i.name for i in model.graph.initializer} else 1
+    assert len(convs) == 1 + 2 + 15 * 3 + 1 + 1 + readout
     attrs = {
         n.name: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in convs
     }

@@ -25,6 +25,7 @@ from sidecar.routes import SERVICES
 from sidecar.settings import (
     CacheSettings,
     EngineSettings,
+    KernelSettings,
     ServerSettings,
     Settings,
     SourceSettings,
@@ -127,7 +128,13 @@ async def test_smart_answer_has_a_box_inside_the_image_at_the_exact_aspect(clien
     assert f"/{x0}x{y0}:{x1}x{y1}/300x100/recipes/coffee.jpg" in url
 
 
-async def test_low_confidence_answers_the_legacy_crop(client) -> None:
+async def test_low_confidence_answers_the_legacy_crop(aiohttp_client, model_dir, photos) -> None:
+    # A threshold no box can reach (confidence is a share of the heat, below 1), so the answer
+    # does not depend on the tuned defaults (which have no cut-off: it cost quality).
+    settings = dataclasses.replace(
+        _settings(model_dir, photos), kernel=KernelSettings(min_confidence=1.0)
+    )
+    client = await aiohttp_client(make_app(settings))
     resp = await _crop(client, "300x400")
     assert resp.headers["X-Heatcrop-Path"] == "low-confidence"
     url = Thumbor().plain_url("recipes/coffee.jpg", Size(300, 400))
