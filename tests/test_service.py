@@ -170,7 +170,9 @@ async def test_another_aspect_reuses_the_heatmap(client) -> None:
 async def test_concurrent_requests_for_a_new_original_run_the_model_once(client) -> None:
     sizes = ["400x400", "300x100", "100x300", "640x480", "200x200", "800x600"]
     answers = await asyncio.gather(*(_crop(client, s, "two.jpg") for s in sizes))
-    assert {r.headers["X-Heatcrop-Path"] for r in answers} <= {"smart", "low-confidence"}
+    # Sizes of one aspect share a box: whoever searches second may find it cached.
+    paths = {r.headers["X-Heatcrop-Path"] for r in answers}
+    assert paths <= {"smart", "low-confidence", "cached"}
     assert await _metric(client, "heatcrop_nn_runs_total") == 1
     assert await _metric(client, "heatcrop_requests_total", outcome="giveup") == 0
     # Requests that joined the run in flight never looked the heatmap up themselves; had they
