@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sidecar import settings as settings_mod
+from sidecar.core import SEARCH_PROFILES
 from sidecar.errors import HeatcropError
 from sidecar.sizes import parse_size
 
@@ -43,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     crop = sub.add_parser("crop", help="decide the crop box of one photo and print it as JSON")
     crop.add_argument("photo", type=Path)
     crop.add_argument("--size", required=True, help="WxH, e.g. 400x300 (0 on one side: no crop)")
-    crop.add_argument("--profile", choices=("food", "generic", "auto"), help="heatmap profile")
+    crop.add_argument(
+        "--profile", choices=SEARCH_PROFILES, help="heatmap profile (default: settings)"
+    )
     crop.add_argument("--debug", type=Path, help="write a PNG: heatmap, chosen box, centre box")
     crop.add_argument("--out", type=Path, help="write the cropped and resized image")
     crop.set_defaults(func=_crop)
