@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import logging
 import math
 import re
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
@@ -446,23 +448,12 @@ async def test_a_busy_engine_refuses_before_the_decode(aiohttp_client, model_dir
     # When even the cheapest image could not be admitted after its decode, the decode is
     # skipped: under overload that CPU is what the requests that can still make it need.
     client = await aiohttp_client(make_app(_settings(model_dir, photos, deadline_ms=120)))
-    svc = client.app[SERVICES]
-    shape = max(svc.engine.input_shapes, key=lambda s: s[0] * s[1])
-    filler = np.zeros((*shape, 3), np.uint8)
-    far = asyncio.get_running_loop().time() + 3600
-    # Seconds of engine work at any plausible speed; cancelled below, so mostly never run.
-    backlog = [asyncio.create_task(svc.batcher.infer(filler, far)) for _ in range(200)]
-    try:
-        await until_queued(svc, 100)
+    async with busy_engine(client.app[SERVICES]):
         decodes = await _metric(client, "heatcrop_stage_seconds_count", stage="decode")
         resp = await _crop(client, "300x200", "five.jpg")
         assert resp.headers["X-Heatcrop-Path"] == "giveup"
         assert await _metric(client, "heatcrop_giveups_total", reason="admission") >= 1
         assert await _metric(client, "heatcrop_stage_seconds_count", stage="decode") == decodes
-    finally:
-        for task in backlog:
-            task.cancel()
-        await asyncio.gather(*backlog, return_exceptions=True)
 
 
 async def test_a_known_original_is_not_even_read_when_the_engine_is_busy(
@@ -471,31 +462,30 @@ async def test_a_known_original_is_not_even_read_when_the_engine_is_busy(
     settings = _settings(model_dir, photos, deadline_ms=120)
     settings = dataclasses.replace(settings, cache=CacheSettings(heatmap_entries=1))
     client = await aiohttp_client(make_app(settings))
-    svc = client.app[SERVICES]
     await _crop(client, "300x200", "four.jpg")  # its identity is now known...
     await _crop(client, "300x200", "three.jpg")  # ...and its heatmap evicted by this one
+    async with busy_engine(client.app[SERVICES]):
+        reads = await _metric(client, "heatcrop_stage_seconds_count", stage="fetch")
+        resp = await _crop(client, "200x300", "four.jpg")
+        assert resp.headers["X-Heatcrop-Path"] == "giveup"
+        assert await _metric(client, "heatcrop_stage_seconds_count", stage="fetch") == reads
+
+
+@contextlib.asynccontextmanager
+async def busy_engine(svc) -> AsyncIterator[None]:
+    """The batcher holding seconds of queued work at any plausible engine speed (cancelled on
+    the way out, so mostly never run): no new image could be admitted in 120 ms."""
     shape = max(svc.engine.input_shapes, key=lambda s: s[0] * s[1])
     filler = np.zeros((*shape, 3), np.uint8)
     far = asyncio.get_running_loop().time() + 3600
     backlog = [asyncio.create_task(svc.batcher.infer(filler, far)) for _ in range(200)]
     try:
-        await until_queued(svc, 100)
-        reads = await _metric(client, "heatcrop_stage_seconds_count", stage="fetch")
-        resp = await _crop(client, "200x300", "four.jpg")
-        assert resp.headers["X-Heatcrop-Path"] == "giveup"
-        assert await _metric(client, "heatcrop_stage_seconds_count", stage="fetch") == reads
+        await _until(lambda: svc.batcher.depth >= 100)
+        yield
     finally:
         for task in backlog:
             task.cancel()
         await asyncio.gather(*backlog, return_exceptions=True)
-
-
-async def until_queued(svc, depth: int) -> None:
-    for _ in range(1000):
-        if svc.batcher.depth >= depth:
-            return
-        await asyncio.sleep(0.001)
-    raise AssertionError(f"batcher depth stayed at {svc.batcher.depth}")
 
 
 async def test_start_up_objects_are_frozen_out_of_collections(client) -> None:

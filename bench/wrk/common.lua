@@ -47,24 +47,32 @@ function M.count(status, headers)
    counts[key] = (counts[key] or 0) + 1
 end
 
-function M.done(summary, latency, requests)
-   local merged = {}
-   for _, t in ipairs(M.threads) do
-      local c = t:get("counts")
-      if c then
-         for k, v in pairs(c) do merged[k] = (merged[k] or 0) + v end
+-- A done() that merges every thread's `counts` and prints one JSON line, "<tag> {...}", with
+-- wrk's summary, latency percentiles 50/90/95/99 and the counts under `key`, for the Python
+-- side to parse (wrk's own text report is meant for people).
+function M.summary_writer(tag, key)
+   return function(summary, latency, requests)
+      local merged = {}
+      for _, t in ipairs(M.threads) do
+         local c = t:get("counts")
+         if c then
+            for k, v in pairs(c) do merged[k] = (merged[k] or 0) + v end
+         end
       end
+      local parts = {}
+      for k, v in pairs(merged) do parts[#parts + 1] = string.format("%q:%d", k, v) end
+      local e = summary.errors
+      io.write(string.format(
+         "%s {\"duration_us\":%d,\"requests\":%d,\"connect\":%d,\"read\":%d," ..
+         "\"write\":%d,\"status\":%d,\"timeout\":%d,\"mean_us\":%.1f,\"p50_us\":%d," ..
+         "\"p90_us\":%d,\"p95_us\":%d,\"p99_us\":%d,\"max_us\":%d,\"%s\":{%s}}\n",
+         tag, summary.duration, summary.requests, e.connect, e.read, e.write, e.status,
+         e.timeout, latency.mean, latency:percentile(50), latency:percentile(90),
+         latency:percentile(95), latency:percentile(99), latency.max, key,
+         table.concat(parts, ",")))
    end
-   local parts = {}
-   for k, v in pairs(merged) do parts[#parts + 1] = string.format("%q:%d", k, v) end
-   local e = summary.errors
-   io.write(string.format(
-      "HEATCROP_WRK {\"duration_us\":%d,\"requests\":%d,\"connect\":%d,\"read\":%d," ..
-      "\"write\":%d,\"status\":%d,\"timeout\":%d,\"mean_us\":%.1f,\"p50_us\":%d," ..
-      "\"p90_us\":%d,\"p99_us\":%d,\"max_us\":%d,\"paths\":{%s}}\n",
-      summary.duration, summary.requests, e.connect, e.read, e.write, e.status, e.timeout,
-      latency.mean, latency:percentile(50), latency:percentile(90), latency:percentile(99),
-      latency.max, table.concat(parts, ",")))
 end
+
+M.done = M.summary_writer("HEATCROP_WRK", "paths")
 
 return M

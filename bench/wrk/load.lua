@@ -121,22 +121,4 @@ function response(status, headers, body)
    counts[key] = (counts[key] or 0) + 1
 end
 
-function done(summary, latency, requests)
-   local merged = {}
-   for _, t in ipairs(common.threads) do
-      local c = t:get("counts")
-      if c then
-         for k, v in pairs(c) do merged[k] = (merged[k] or 0) + v end
-      end
-   end
-   local parts = {}
-   for k, v in pairs(merged) do parts[#parts + 1] = string.format("%q:%d", k, v) end
-   local e = summary.errors
-   io.write(string.format(
-      "HEATCROP_LOAD {\"duration_us\":%d,\"requests\":%d,\"connect\":%d,\"read\":%d," ..
-      "\"write\":%d,\"status\":%d,\"timeout\":%d,\"mean_us\":%.1f,\"p50_us\":%d," ..
-      "\"p95_us\":%d,\"p99_us\":%d,\"max_us\":%d,\"counts\":{%s}}\n",
-      summary.duration, summary.requests, e.connect, e.read, e.write, e.status, e.timeout,
-      latency.mean, latency:percentile(50), latency:percentile(95), latency:percentile(99),
-      latency.max, table.concat(parts, ",")))
-end
+done = common.summary_writer("HEATCROP_LOAD", "counts")
