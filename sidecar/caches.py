@@ -101,6 +101,23 @@ class BoundedMemoryCache(BaseCache):
     def __len__(self) -> int:
         return len(self._data)
 
+    # -- synchronous access, for callers in this process -------------------------------------
+    # aiocache's public methods wrap every call in decorators (an os.environ lookup, plugin
+    # hooks, a serializer, a timeout) that cost more than the lookup itself; TieredCache's L1
+    # is read on every request, so it uses these.
+
+    def get_now(self, key: str) -> Any:
+        return self._lookup(self.build_key(key), touch=True)
+
+    def set_now(self, key: str, value: Any, ttl: float | None) -> bool:
+        return self._store(self.build_key(key), value, ttl)
+
+    def exists_now(self, key: str) -> bool:
+        return self._lookup(self.build_key(key), touch=False) is not None
+
+    def delete_now(self, key: str) -> bool:
+        return self._drop(self.build_key(key))
+
     # -- aiocache primitives --------------------------------------------------------------
 
     async def _get(self, key: str, encoding: str | None = None, _conn: Any = None) -> Any:
@@ -332,7 +349,7 @@ class TieredCache:
         return self.l2 is not None and self._down_until is None
 
     async def get(self, key: str) -> bytes | None:
-        value = await self.l1.get(key)
+        value = self.l1.get_now(key)
         if value is _ABSENT:
             self.l1_negative_hits += 1
             return None
@@ -357,7 +374,7 @@ class TieredCache:
         if not isinstance(value, bytes):
             raise TypeError(f"{self.name}: values are bytes, got {type(value).__name__}")
         ttl = self.ttl_s if ttl_s is _NOT_SET else ttl_s
-        stored = bool(await self.l1.set(key, value, ttl=_min_ttl(ttl, self.l1_ttl_s)))
+        stored = self.l1.set_now(key, value, _min_ttl(ttl, self.l1_ttl_s))
         if self.l2 is None:
             return stored
         done = await self._l2_call(
@@ -367,7 +384,7 @@ class TieredCache:
 
     async def delete(self, key: str) -> bool:
         """Remove from both tiers; True unless L2 exists and could not be told."""
-        await self.l1.delete(key)
+        self.l1.delete_now(key)
         if self.l2 is None:
             return True
         done = await self._l2_call(lambda l2: l2.delete(key, timeout=self.l2_timeout_s))
@@ -397,8 +414,8 @@ class TieredCache:
     async def _fill_l1(self, key: str, value: Any, ttl: float | None) -> None:
         # Whatever reached L1 while we waited on L2 (a local set) is newer than L2's answer,
         # which may predate it; exists + set run without yielding, so nothing slips between.
-        if not await self.l1.exists(key):
-            await self.l1.set(key, value, ttl=ttl)
+        if not self.l1.exists_now(key):
+            self.l1.set_now(key, value, ttl)
 
     async def _l2_call(self, op: Callable[[BaseCache], Awaitable[Any]]) -> Any:
         if self.l2 is None or not self._l2_admitted():

@@ -490,3 +490,13 @@ def test_box_key_reduces_the_aspect():
 def test_override_key():
     assert len(override_key("recipes/1.jpg")) == 40
     assert override_key("recipes/1.jpg") != override_key("recipes/2.jpg")
+
+
+async def test_the_synchronous_methods_see_what_the_aiocache_api_sees():
+    cache = BoundedMemoryCache(max_entries=100, namespace="hm:")
+    assert cache.set_now("a", b"1", None)
+    assert await cache.get("a") == b"1"
+    await cache.set("b", b"2")
+    assert cache.get_now("b") == b"2" and cache.exists_now("b")
+    assert cache.delete_now("b") and not await cache.exists("b")
+    assert cache.get_now("missing") is None and not cache.delete_now("missing")
