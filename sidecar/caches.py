@@ -102,7 +102,7 @@ class BoundedMemoryCache(BaseCache):
         return len(self._data)
 
     # -- synchronous access, for callers in this process -------------------------------------
-XX
+    # aiocache's public methods wrap every call in decorators (an environment lookup, plugin
     # hooks, a serializer, a timeout) that cost more than the lookup itself; TieredCache's L1
     # is read on every request, so it uses these.
 
