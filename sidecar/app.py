@@ -27,9 +27,9 @@ from sidecar.batcher import Batcher
 from sidecar.caches import Caches, make_caches
 from sidecar.core import CropCore
 from sidecar.decode import configure_vips
+from sidecar.job import Services
 from sidecar.legacy import make_dialect
 from sidecar.metrics import Metrics
-from sidecar.pipeline import Services, search_is_quick
 from sidecar.priority import lowered_pool, run_lowered
 from sidecar.routes import (
     DIALECT,
@@ -42,6 +42,7 @@ from sidecar.routes import (
 )
 from sidecar.settings import Settings
 from sidecar.sources import Source, make_source
+from sidecar.step_search import search_is_quick
 
 log = logging.getLogger("heatcrop.app")
 

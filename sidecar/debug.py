@@ -46,8 +46,9 @@ from kernels.window import CropBox, largest_window
 from sidecar.caches import heatmap_key
 from sidecar.core import Analysis
 from sidecar.errors import BadRequest, BadSize, CorruptImage, HeatcropError
+from sidecar.job import CropJob, Services
 from sidecar.overlay import render_overlay
-from sidecar.pipeline import CropJob, Services, run_crop
+from sidecar.pipeline import run_crop
 from sidecar.singleflight import SingleFlight
 from sidecar.sizes import Size, parse_size
 from sidecar.sources import Original, clean_path

@@ -47,8 +47,9 @@ from sidecar import metrics as metrics_mod
 from sidecar.caches import override_key
 from sidecar.debug import add_debug_routes
 from sidecar.errors import BadRequest, DeadlineExceeded, HeatcropError, Overloaded
+from sidecar.job import CropJob, Override, Services
 from sidecar.legacy import Dialect
-from sidecar.pipeline import CropJob, Override, Services, run_crop
+from sidecar.pipeline import run_crop
 from sidecar.sizes import parse_size
 from sidecar.sources import clean_path
 

@@ -29,9 +29,9 @@ from sidecar.batcher import Batcher
 from sidecar.caches import Caches, heatmap_key, make_caches
 from sidecar.decode import decode
 from sidecar.errors import HeatcropError
-from sidecar.pipeline import make_analysis
 from sidecar.settings import Settings
 from sidecar.sources import Source, make_source
+from sidecar.step_analyse import make_analysis
 
 log = logging.getLogger("heatcrop.warm")
 

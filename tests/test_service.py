@@ -20,9 +20,9 @@ from skimage import data as skdata
 from sidecar.app import make_app
 from sidecar.batcher import Batcher, ServiceModel
 from sidecar.decode import decode
+from sidecar.job import IdentityMemo
 from sidecar.legacy import Thumbor
 from sidecar.metrics import CONTENT_TYPE
-from sidecar.pipeline import IdentityMemo, _analyse, _finish_in_background, search_is_quick
 from sidecar.routes import SERVICES
 from sidecar.settings import (
     CacheSettings,
@@ -33,6 +33,8 @@ from sidecar.settings import (
     SourceSettings,
 )
 from sidecar.sizes import Size
+from sidecar.step_analyse import analyse, finish_in_background
+from sidecar.step_search import search_is_quick
 from tests.images import jpeg
 from tests.test_batcher import ScriptedEngine
 
@@ -510,10 +512,10 @@ async def test_a_miss_takes_back_a_queued_background_image_instead_of_decoding_a
         data = (photos / "five.jpg").read_bytes()
         decoded = decode(data, max_bytes=10**8, max_pixels=10**8)
         decoded.pixels[0, 0, 0] = 7  # a marker the scripted engine reports
-        _finish_in_background(svc, decoded, "key-five")  # a give-up's pixels, queued
+        finish_in_background(svc, decoded, "key-five")  # a give-up's pixels, queued
         assert svc.batcher.background_depth == 1
         decodes = await _metric(client, "heatcrop_stage_seconds_count", stage="decode")
-        analysing = asyncio.create_task(_analyse(svc, data, "key-five", loop.time() + 60))
+        analysing = asyncio.create_task(analyse(svc, data, "key-five", loop.time() + 60))
         await _until(lambda: svc.batcher.depth == 1)  # in the foreground queue now
         assert svc.batcher.background_depth == 0
         engine.gate.set()

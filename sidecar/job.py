@@ -1,0 +1,157 @@
+"""What the /crop steps share: the job they fill in, the services they use, and the small
+records kept between requests (the path's override, the original's last seen identity).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from engines.base import Engine
+from kernels.window import CropBox
+from sidecar.batcher import Batcher
+from sidecar.caches import Caches, box_key, heatmap_key
+from sidecar.core import Analysis, CropCore
+from sidecar.decode import Decoded
+from sidecar.metrics import Metrics
+from sidecar.settings import Settings
+from sidecar.singleflight import SingleFlight
+from sidecar.sizes import Size
+from sidecar.sources import Source
+
+log = logging.getLogger("heatcrop.pipeline")
+
+# How long a fetched original's identity is trusted without asking the source again.
+IDENTITY_TTL_S = 30.0
+IDENTITY_ENTRIES = 100_000
+DECODE_EWMA_ALPHA = 0.1
+
+Box = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class Override:
+    """An editor's must-keep box for one path; ``box`` None is a cleared override."""
+
+    box: Box | None
+    version: int
+
+    def encode(self) -> bytes:
+        return json.dumps({"box": self.box, "version": self.version}).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes | None) -> Override | None:
+        """The stored record, or None when there is none or it does not parse."""
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+            box = data["box"]
+            version = int(data["version"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("override record does not parse; ignored")
+            return None
+        if box is not None and not (isinstance(box, list) and len(box) == 4):
+            return None
+        return cls(None if box is None else (box[0], box[1], box[2], box[3]), version)
+
+
+class IdentityMemo:
+    """path → the original's last seen identity, trusted for ``ttl_s``; a bounded LRU.
+
+    The heatmap and box keys name the original's identity (path + validators), which only a
+    fetch tells. Remembering it lets box and heatmap cache hits answer without touching the
+    source at all (for an HTTP origin a full GET per request); the price is that a changed
+    original is noticed up to ``ttl_s`` late.
+    """
+
+    def __init__(self, ttl_s: float = IDENTITY_TTL_S, max_entries: int = IDENTITY_ENTRIES) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    def get(self, path: str, now: float) -> str | None:
+        entry = self._entries.get(path)
+        if entry is None:
+            return None
+        if entry[1] <= now:
+            del self._entries[path]
+            return None
+        self._entries.move_to_end(path)
+        return entry[0]
+
+    def put(self, path: str, identity: str, now: float) -> None:
+        self._entries[path] = (identity, now + self.ttl_s)
+        self._entries.move_to_end(path)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A give-up's decoded original queued for a background heatmap, and that heatmap."""
+
+    decoded: Decoded
+    analysis: asyncio.Future[Analysis]
+
+
+@dataclass
+class Services:
+    """What the steps use; built once per app."""
+
+    settings: Settings
+    engine: Engine
+    core: CropCore
+    batcher: Batcher
+    caches: Caches
+    source: Source
+    pool: Executor  # decodes
+    search_pool: Executor  # window searches, unless quick enough to run on the loop
+    metrics: Metrics
+    search_inline: bool = False
+    flights: SingleFlight[tuple[str, Analysis]] = field(default_factory=SingleFlight)
+    identities: IdentityMemo = field(default_factory=IdentityMemo)
+    background: dict[str, Pending] = field(default_factory=dict)  # by heatmap key
+    decoding: int = 0  # decodes queued or running in the pool
+    decode_s: float = 0.010  # EWMA of one decode's own seconds (not its wait for a thread)
+
+    @property
+    def max_decoding(self) -> int:
+        # A few decodes per thread keep the pool busy; more only wait, past the deadline.
+        return 2 * self.settings.server.decode_threads
+
+    def decode_ready_in(self) -> float:
+        """Expected seconds until a decode submitted now is done, queueing included."""
+        ahead = self.decoding // self.settings.server.decode_threads
+        return self.decode_s * (ahead + 1)
+
+    def observe_decode(self, seconds: float) -> None:
+        self.decode_s += DECODE_EWMA_ALPHA * (seconds - self.decode_s)
+
+
+@dataclass
+class CropJob:
+    path: str
+    size: Size
+    deadline: float  # loop.time()
+    identity: str | None = None
+    override: Override | None = None
+    heat_key: str = ""
+    box_key: str = ""
+    analysis: Analysis | None = None
+    box: CropBox | None = None
+    cached: bool = False
+
+    def set_identity(self, identity: str, model_version: str) -> None:
+        self.identity = identity
+        self.heat_key = heatmap_key(identity, model_version)
+        version = self.override.version if self.override else 0
+        self.box_key = box_key(self.heat_key, self.size.width, self.size.height, version)
+
+
+Step = Callable[[Services, CropJob], Awaitable[None]]
