@@ -341,7 +341,8 @@ class Batcher:
         if not self._depth and not self._running and len(self._background) < self.max_background:
             return True
         cheapest = min(self._shapes, key=_units)
-        finish = before_s + self.estimated_finish(cheapest) * (1.0 + self.headroom)
+        # The headroom covers the preparation's estimate too: it is as noisy as the engine's.
+        finish = (before_s + self.estimated_finish(cheapest)) * (1.0 + self.headroom)
         return self._require_loop().time() + finish <= deadline
 
     async def infer(self, pixels: npt.NDArray[np.uint8], deadline: float) -> ImageHeat:
