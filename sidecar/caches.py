@@ -10,6 +10,7 @@ nor a connect attempt per request.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -504,6 +505,12 @@ def override_key(path: str) -> str:
 # -- the set of caches the service uses ---------------------------------------------------
 
 
+# A popular box is read thousands of times a second: checking its CRC and parsing it again
+# each time was a tenth of a box-cache hit. The records are immutable and small, the key is
+# the cached bytes themselves (which keep their hash), and the memo is bounded.
+_decode_box_memo = functools.lru_cache(maxsize=4096)(decode_box)
+
+
 @dataclass
 class Caches:
     heatmaps: TieredCache
@@ -524,7 +531,7 @@ class Caches:
         raw = await self.boxes.get(key)
         if raw is None:
             return None
-        return await self._decoded(self.boxes, key, raw, decode_box)
+        return await self._decoded(self.boxes, key, raw, _decode_box_memo)
 
     async def put_box(
         self, key: str, box: tuple[int, int, int, int], confidence: float, path: str

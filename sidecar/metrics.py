@@ -62,6 +62,7 @@ class _Metric:
         self.label_values: tuple[tuple[str, ...], ...] = tuple(tuple(v) for v in labels.values())
         for label, values in zip(self.label_names, self.label_values, strict=True):
             self._check_label_schema(label, values)
+        self._valid = frozenset(self._keys())
         self._lock = threading.Lock()
 
     def _check_label_schema(self, label: str, values: tuple[str, ...]) -> None:
@@ -78,6 +79,12 @@ class _Metric:
         return itertools.product(*self.label_values)
 
     def _key(self, labels: Mapping[str, str]) -> LabelKey:
+        # Every request records a few samples: the common case is one tuple and one set lookup;
+        # anything else goes through the checks below, which name what is wrong.
+        if len(labels) == len(self.label_names):
+            found = tuple(labels.get(n) for n in self.label_names)
+            if found in self._valid:
+                return found  # type: ignore[return-value]  # in _valid: every value a str
         if set(labels) != set(self.label_names):
             raise ValueError(
                 f"{self.name}: labels {sorted(labels)} != declared {sorted(self.label_names)}"
