@@ -21,7 +21,6 @@ heatcrop's own cost: (b), (c), (d) again on a fresh stack.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -37,6 +36,7 @@ from pathlib import Path
 import pyvips
 
 from bench.service import cpu_model
+from bench.wrk_summary import WrkSummary, parse_summary
 from nginx.stack import Stack, StackOptions
 
 WRK_DIR = Path(__file__).parent / "wrk"
@@ -47,32 +47,13 @@ HOT_SIZES = ("480x360", "360x360")
 
 
 @dataclass
-class Result:
-    name: str
-    legacy: str
-    setup: str
-    duration_s: float
-    requests: int
-    socket_errors: int
-    non_2xx: int
-    timeouts: int
-    mean_ms: float
-    p50_ms: float
-    p95_ms: float
-    p99_ms: float
-    max_ms: float
-    counts: dict[str, int]
+class Result(WrkSummary):
+    name: str = ""
+    legacy: str = ""
+    setup: str = ""
     sidecar_requests: int | None = None
     nn_runs: int | None = None
     notes: list[str] = field(default_factory=list)
-
-    @property
-    def rate(self) -> float:
-        return self.requests / self.duration_s
-
-    @property
-    def errors(self) -> int:
-        return self.socket_errors + self.non_2xx
 
     def share(self, key: str) -> float:
         served = {k: v for k, v in self.counts.items() if k.startswith(("served:", "status:"))}
@@ -315,26 +296,8 @@ def wrk_run(
     out = subprocess.run(
         cmd, env=env, capture_output=True, text=True, timeout=load.seconds + 60, check=True
     ).stdout
-    match = re.search(r"^HEATCROP_LOAD (\{.*\})$", out, re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"no summary line in wrk output:\n{out}")
-    d = json.loads(match.group(1))
-    return Result(
-        name=name,
-        legacy=legacy,
-        setup=setup,
-        duration_s=d["duration_us"] / 1e6,
-        requests=d["requests"],
-        socket_errors=d["connect"] + d["read"] + d["write"] + d["timeout"],
-        non_2xx=d["status"],
-        timeouts=d["timeout"],
-        mean_ms=d["mean_us"] / 1e3,
-        p50_ms=d["p50_us"] / 1e3,
-        p95_ms=d["p95_us"] / 1e3,
-        p99_ms=d["p99_us"] / 1e3,
-        max_ms=d["max_us"] / 1e3,
-        counts=dict(d["counts"]),
-    )
+    summary = parse_summary(out, "HEATCROP_LOAD", "counts")
+    return Result(**vars(summary), name=name, legacy=legacy, setup=setup)
 
 
 def settle(base: str, quiet_s: float = 1.0, limit_s: float = 20.0) -> None:

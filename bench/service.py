@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import math
 import os
 import re
@@ -39,6 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
+from bench.wrk_summary import WrkSummary, parse_summary
 from sidecar import settings as settings_mod
 
 WRK_DIR = Path(__file__).parent / "wrk"
@@ -57,25 +57,10 @@ PROBE_INTERVAL_S = 0.05
 WRK_PRIORITY = ("nice", "-n", "-10") if os.geteuid() == 0 else ()
 
 
-@dataclass(frozen=True)
-class WrkResult:
-    duration_s: float
-    requests: int
-    socket_errors: int
-    non_2xx: int
-    mean_ms: float
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    max_ms: float
-    paths: dict[str, int]
-
-    @property
-    def rate(self) -> float:
-        return self.requests / self.duration_s
-
+class WrkResult(WrkSummary):
     def share(self, *names: str) -> float:
-        return sum(self.paths.get(n, 0) for n in names) / max(1, sum(self.paths.values()))
+        """Share of the answers whose X-Heatcrop-Path is one of ``names``."""
+        return sum(self.counts.get(n, 0) for n in names) / max(1, sum(self.counts.values()))
 
 
 @dataclass(frozen=True)
@@ -371,22 +356,7 @@ def wrk(
 
 
 def parse_wrk(out: str) -> WrkResult:
-    match = re.search(r"^HEATCROP_WRK (\{.*\})$", out, re.MULTILINE)
-    if match is None:
-        raise RuntimeError(f"no summary line in wrk output:\n{out}")
-    d = json.loads(match.group(1))
-    return WrkResult(
-        duration_s=d["duration_us"] / 1e6,
-        requests=d["requests"],
-        socket_errors=d["connect"] + d["read"] + d["write"] + d["timeout"],
-        non_2xx=d["status"],
-        mean_ms=d["mean_us"] / 1e3,
-        p50_ms=d["p50_us"] / 1e3,
-        p90_ms=d["p90_us"] / 1e3,
-        p99_ms=d["p99_us"] / 1e3,
-        max_ms=d["max_us"] / 1e3,
-        paths=dict(d["paths"]),
-    )
+    return WrkResult(**vars(parse_summary(out, "HEATCROP_WRK", "paths")))
 
 
 def get(url: str) -> Mapping[str, str]:
@@ -573,9 +543,9 @@ def row(name: str, setup: str, r: WrkResult, target: str, met: bool | None) -> s
 
 
 def fmt_paths(r: WrkResult) -> str:
-    total = max(1, sum(r.paths.values()))
+    total = max(1, sum(r.counts.values()))
     return ", ".join(
-        f"{k} {100 * v / total:.1f}%" for k, v in sorted(r.paths.items(), key=lambda kv: -kv[1])
+        f"{k} {100 * v / total:.1f}%" for k, v in sorted(r.counts.items(), key=lambda kv: -kv[1])
     )
 
 

@@ -226,6 +226,7 @@ class Batcher:
         self.metrics = metrics
         self.model = ServiceModel(max_batch, service_prior_s)
         self._shapes = frozenset(engine.input_shapes)
+        self._cheapest = min(self._shapes, key=_units)
         self._queues: dict[Shape, deque[_Request]] = {}
         self._background: deque[_Request] = deque()
         self._depth = 0
@@ -340,9 +341,8 @@ class Batcher:
             return False
         if not self._depth and not self._running and len(self._background) < self.max_background:
             return True
-        cheapest = min(self._shapes, key=_units)
         # The headroom covers the preparation's estimate too: it is as noisy as the engine's.
-        finish = (before_s + self.estimated_finish(cheapest)) * (1.0 + self.headroom)
+        finish = (before_s + self.estimated_finish(self._cheapest)) * (1.0 + self.headroom)
         return self._require_loop().time() + finish <= deadline
 
     async def infer(self, pixels: npt.NDArray[np.uint8], deadline: float) -> ImageHeat:

@@ -1,9 +1,13 @@
-"""Lower the CPU priority of the threads that do bulk work, so the event loop is never starved.
+"""Optionally lower the CPU priority of the threads that do bulk work, below the event loop's.
 
-On a small box under overload every core is busy with decodes and engine calls. The event loop
-needs only a sliver of CPU per request, but when it competes as an equal with four busy threads
-it waits its turn for tens of milliseconds at a time, and every answer (give-ups and cache hits
-included) waits with it: the overload p99 was the loop's queueing delay, not the engine's.
+On a small box under overload every core is busy with decodes and engine calls, and the event
+loop, which needs only a sliver of CPU per request, competes with them as an equal; every
+answer (give-ups and cache hits included) waits when it does. Lowering the workers
+(``server.worker_nice``) is meant to keep the loop ahead of them. Measured on the 2-core dev box
+(``python -m bench.service --only overload``, worker_nice 10 against 0) it shortened the client
+tail in some runs but cut the cold capacity, and the runs were too noisy to decide, so it is off
+by default.
+
 Linux schedules threads individually and a thread's nice value is its own, inherited by the
 threads it starts, so the decode pool, the batcher's worker and the threads ONNX Runtime starts
 when a session is created (from a thread already lowered) all run below the loop. Raising a

@@ -31,6 +31,14 @@ NGINX_HINT = "nginx is not installed: `apt-get install nginx` (or `make apt-deps
 SMART = "coffee-wide"  # the demo photo whose subject is off centre: smart crops differ
 
 
+def sidecar_env(model_dir: Path, redis_url: str = "", **extra: str) -> dict[str, str]:
+    """A test sidecar's settings: the session's model, one engine thread, Redis if given."""
+    env = {"HEATCROP_ENGINE_MODEL_DIR": str(model_dir), "HEATCROP_ENGINE_THREADS": "1"}
+    if redis_url:
+        env |= {"HEATCROP_CACHE_BACKEND": "redis", "HEATCROP_CACHE_REDIS_URL": redis_url}
+    return env | extra
+
+
 def require_tools() -> None:
     if not (REPO / THUMBOR_VENV / "bin" / "thumbor").exists():
         pytest.fail(THUMBOR_HINT, pytrace=False)

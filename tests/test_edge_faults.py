@@ -22,7 +22,15 @@ from nginx.stack import (
     sidecar_service,
     thumbor_service,
 )
-from tests.edge_stack import SMART, fake_sidecar, fetch, make_images, pixels, require_tools
+from tests.edge_stack import (
+    SMART,
+    fake_sidecar,
+    fetch,
+    make_images,
+    pixels,
+    require_tools,
+    sidecar_env,
+)
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -122,7 +130,7 @@ def test_engine_raising_serves_the_legacy_crop(
         tmp_path,
         images=images,
         legacy_base=f"http://{thumbor.address}",
-        env={"HEATCROP_ENGINE_MODEL_DIR": str(model_dir), "HEATCROP_ENGINE_THREADS": "1"},
+        env=sidecar_env(model_dir),
         nginx_timeout_ms=2000,
     )
     sidecar.cmd = [*sidecar.cmd[:1], "-m", "tests.edge_servers", "broken-engine"]
@@ -146,12 +154,7 @@ def test_redis_down_still_serves_every_request(
         workdir=tmp_path / "stack",
         images=images,
         legacy=thumbor.address,
-        sidecar_env={
-            "HEATCROP_ENGINE_MODEL_DIR": str(model_dir),
-            "HEATCROP_ENGINE_THREADS": "1",
-            "HEATCROP_CACHE_BACKEND": "redis",
-            "HEATCROP_CACHE_REDIS_URL": redis_server.url,
-        },
+        sidecar_env=sidecar_env(model_dir, redis_server.url),
         sidecar_timeout_ms=3000,
     )
     with Stack(options) as stack:
@@ -172,7 +175,7 @@ def test_sidecar_killed_then_restarted(
         workdir=tmp_path / "stack",
         images=images,
         legacy=thumbor.address,
-        sidecar_env={"HEATCROP_ENGINE_MODEL_DIR": str(model_dir), "HEATCROP_ENGINE_THREADS": "1"},
+        sidecar_env=sidecar_env(model_dir),
         sidecar_timeout_ms=3000,
     )
     with Stack(options) as stack:

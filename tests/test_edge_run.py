@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from nginx.stack import REPO, http_status
-from tests.edge_stack import fetch, pixels, require_tools
+from tests.edge_stack import fetch, pixels, require_tools, sidecar_env
 
 pytestmark = pytest.mark.slow
 READY_TIMEOUT_S = 180.0
@@ -41,8 +41,7 @@ def test_stack_prints_urls_serves_them_and_stops_on_sigterm(
     tmp_path: Path, model_dir: Path
 ) -> None:
     require_tools()
-    env = {**os.environ, "HEATCROP_ENGINE_MODEL_DIR": str(model_dir)}
-    env["HEATCROP_ENGINE_THREADS"] = "1"
+    env = {**os.environ, **sidecar_env(model_dir)}
     cmd = [sys.executable, "-m", "nginx.stack", "--images", str(tmp_path / "images")]
     cmd += ["--workdir", str(tmp_path / "run"), "--port", "0", "--admin-port", "0"]
     cmd += ["--sidecar-port", "0", "--thumbor-port", "0", "--sidecar-timeout-ms", "3000"]

@@ -11,7 +11,7 @@ from nginx.render import NginxConfig
 from nginx.stack import HOST, Stack, StackOptions, free_port, nginx_service
 from sidecar.legacy import Thumbor
 from sidecar.sizes import Size
-from tests.edge_stack import SMART, fetch, make_images, nn_runs, pixels, require_tools
+from tests.edge_stack import SMART, fetch, make_images, nn_runs, pixels, require_tools, sidecar_env
 from tests.redis_server import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ def signed(
         images=images,
         thumbor_key=KEY,
         thumbor_allow_unsafe=False,
-        sidecar_env={"HEATCROP_ENGINE_MODEL_DIR": str(model_dir), "HEATCROP_ENGINE_THREADS": "1"},
+        sidecar_env=sidecar_env(model_dir),
         sidecar_timeout_ms=5000,
     )
     with Stack(options) as stack:
@@ -102,12 +102,7 @@ def test_two_sidecars_share_heatmaps_through_redis(
         workdir=tmp_path / "stack",
         images=images,
         sidecar_ports=(0, 0),
-        sidecar_env={
-            "HEATCROP_ENGINE_MODEL_DIR": str(model_dir),
-            "HEATCROP_ENGINE_THREADS": "1",
-            "HEATCROP_CACHE_BACKEND": "redis",
-            "HEATCROP_CACHE_REDIS_URL": redis_server.url,
-        },
+        sidecar_env=sidecar_env(model_dir, redis_server.url),
         sidecar_timeout_ms=5000,
     )
     with Stack(options) as stack:

@@ -24,6 +24,7 @@ from tests.edge_stack import (
     nn_runs,
     pixels,
     require_tools,
+    sidecar_env,
 )
 
 pytestmark = pytest.mark.slow
@@ -43,11 +44,7 @@ def stack(
     options = StackOptions(
         workdir=tmp_path_factory.mktemp("edge-stack"),
         images=images,
-        sidecar_env={
-            "HEATCROP_ENGINE_MODEL_DIR": str(model_dir),
-            "HEATCROP_ENGINE_THREADS": "1",
-            "HEATCROP_SERVER_OVERRIDE_TOKEN": TOKEN,
-        },
+        sidecar_env=sidecar_env(model_dir, HEATCROP_SERVER_OVERRIDE_TOKEN=TOKEN),
         sidecar_timeout_ms=5000,
     )
     with Stack(options) as running:

@@ -34,13 +34,16 @@ function M.setup(thread)
    M.threads[#M.threads + 1] = thread
 end
 
--- X-Heatcrop-Path values (and HTTP statuses) counted per thread, merged in done().
-local function header(headers, want)
+-- A response header by its lower-case name (wrk keeps the server's spelling).
+function M.header(headers, want)
    for k, v in pairs(headers) do
       if string.lower(k) == want then return v end
    end
    return nil
 end
+local header = M.header
+
+-- X-Heatcrop-Path values (and HTTP statuses) counted per thread, merged in done().
 
 function M.count(status, headers)
    local key = header(headers, "x-heatcrop-path") or ("status-" .. status)

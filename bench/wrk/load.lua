@@ -100,12 +100,7 @@ function delay()
    return pause
 end
 
-local function header(headers, want)
-   for k, v in pairs(headers) do
-      if string.lower(k) == want then return v end
-   end
-   return nil
-end
+local header = common.header
 
 function response(status, headers, body)
    local key
