@@ -50,6 +50,7 @@ from bench.baselines import (
 )
 from bench.eval_sets import DEFAULT_SETS, EvalItem, EvalSet, Metric, Protocol, load_set
 from bench.metrics import Box
+from bench.observers import ObserverGain, observer_gains, observers_table
 
 T = TypeVar("T")
 CENTRE = "centre"
@@ -237,6 +238,8 @@ class SetResult:
     shared_s: dict[str, float]
     seconds: float
     notes: dict[str, str] = field(default_factory=dict)
+    # Saliency sets: what windows chosen by other viewers win (bench/observers.py).
+    observers: list[ObserverGain] = field(default_factory=list)
 
     @property
     def n_images(self) -> int:
@@ -465,6 +468,8 @@ def set_section(result: SetResult) -> str:
     headroom = headroom_table(result)
     if headroom:
         parts += [headroom, ""]
+    if result.observers:
+        parts += [viewer_section(result), ""]
     for method, note in result.notes.items():
         parts.append(f"- {method}: {note}")
     n = max(result.n_images, 1)
@@ -473,6 +478,13 @@ def set_section(result: SetResult) -> str:
     )
     parts += [f"- ms per image: {timing}; set total {result.seconds:.1f} s", ""]
     return "\n".join(parts)
+
+
+def viewer_section(result: SetResult) -> str:
+    key = result.eval_set.protocol.metrics[0].key
+    centre = result.mean(CENTRE, key)
+    heatcrop = {m: result.mean(m, key) - centre for m in result.methods if m.startswith("heatcrop")}
+    return observers_table(result.observers, result.mean(ORACLE, key) - centre, heatcrop)
 
 
 # --- run ----------------------------------------------------------------------------------------
@@ -552,6 +564,9 @@ def run(args: argparse.Namespace) -> tuple[list[SetResult], dict[str, Any]]:
         info["kernel"] = dataclasses.asdict(settings.kernel)
     warm_up(sets, methods)
     results = [evaluate(s, methods, progress=not args.quiet) for s in sets]
+    for result in results:
+        if result.eval_set.protocol.kind == "saliency" and result.n_images:
+            result.observers = observer_gains(result.eval_set, oracle_box)
     info["runtime_s"] = time.perf_counter() - t0
     return results, info
 

@@ -1,0 +1,97 @@
+"""bench/observers.py: windows chosen by some viewers, scored on the others."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench.baselines import centre_box
+from bench.eval_sets import PROTOCOLS, EvalItem, EvalSet
+from bench.metrics import fixations_kept
+from bench.observers import HALF, observer_gains, observers_table
+from bench.quality import oracle_box
+
+W, H = 300, 100
+
+
+def _item(fixations: np.ndarray) -> EvalItem:
+    return EvalItem("x.jpg", path=None, width=W, height=H, boxes=(), fixations=fixations)  # type: ignore[arg-type]
+
+
+def _set(items: list[EvalItem], kind: str = "saliency") -> EvalSet:
+    return EvalSet(name="s", protocol=PROTOCOLS[kind], items=items)
+
+
+def _viewers(points_per_viewer: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(
+        [np.column_stack([p, np.full(len(p), v)]) for v, p in enumerate(points_per_viewer)]
+    )
+
+
+def _oracle_gain(es: EvalSet) -> float:
+    """In-sample: the window chosen on all fixations, scored on the same fixations."""
+    gains = []
+    for item in es.items:
+        for a in es.protocol.aspects(item).values():
+            box = oracle_box(item, a, lambda b, f=item.fixations: fixations_kept(b, f), 64)
+            centre = centre_box(item.width, item.height, a)
+            gains.append(
+                fixations_kept(box, item.fixations) - fixations_kept(centre, item.fixations)
+            )
+    return float(np.mean(gains))
+
+
+def test_viewers_who_agree_win_what_the_oracle_wins():
+    # Every viewer looks at the same places near the left edge: one viewer already finds the
+    # oracle's window.
+    rng = np.random.default_rng(3)
+    items = []
+    for _ in range(5):
+        spots = np.column_stack([rng.uniform(5, 40, 4), rng.uniform(20, 80, 4)])
+        items.append(_item(_viewers([spots] * 8)))
+    es = _set(items)
+    gains = observer_gains(es, oracle_box, ks=(1, 2, HALF))
+    oracle = _oracle_gain(es)
+    assert oracle > 0.2
+    for g in gains:
+        assert g.images == 5
+        assert g.gain == pytest.approx(oracle, abs=1e-9)
+
+
+def test_viewers_who_disagree_win_far_less_than_the_in_sample_oracle():
+    # Each viewer looks at one random place of their own: the oracle's in-sample gain is
+    # selection on noise, which viewers chosen apart from the scored ones cannot repeat.
+    rng = np.random.default_rng(5)
+    items = []
+    for _ in range(40):
+        spots = [np.tile([rng.uniform(0, W), rng.uniform(0, H)], (3, 1)) for _ in range(10)]
+        items.append(_item(_viewers(spots)))
+    es = _set(items)
+    (half,) = observer_gains(es, oracle_box, ks=(HALF,), splits=2)
+    oracle = _oracle_gain(es)
+    assert oracle > 0.05
+    assert half.gain < 0.5 * oracle
+    assert half.images == 40 and half.se > 0
+
+
+def test_images_without_enough_viewers_do_not_count():
+    one = _item(_viewers([np.array([[10.0, 10.0], [20.0, 20.0]])]))
+    four = _item(_viewers([np.array([[10.0 * v + 5, 50.0]]) for v in range(4)]))
+    gains = observer_gains(_set([one, four]), oracle_box, ks=(1, 2, 3, HALF))
+    # Four viewers: two held out, two choose; three choosers are more than there are.
+    assert [g.images for g in gains] == [1, 1, 0, 1]
+    assert np.isnan(gains[2].gain)
+
+
+def test_only_saliency_sets():
+    with pytest.raises(ValueError, match="no fixations"):
+        observer_gains(_set([], kind="crop"), oracle_box)
+
+
+def test_table_gives_shares_of_the_headroom():
+    gains = observer_gains(
+        _set([_item(_viewers([np.array([[10.0, 50.0]])] * 4))]), oracle_box, ks=(1, HALF)
+    )
+    text = observers_table(gains, headroom=gains[0].gain * 2, heatcrop={"heatcrop x": 0.0})
+    assert "| 1 viewer |" in text and "| half the viewers |" in text
+    assert "+50%" in text and "| heatcrop x | +0.000 | +0% | |" in text
