@@ -36,7 +36,7 @@ from sidecar.sizes import Size
 from sidecar.step_analyse import analyse, finish_in_background
 from sidecar.step_search import search_is_quick
 from tests.images import jpeg
-from tests.test_batcher import ScriptedEngine
+from tests.scripted_engine import ScriptedEngine
 
 TOKEN = "s3cret"
 
