@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from bench.baselines import centre_box, largest_window
-from bench.eval_sets import EvalItem, load_set
+from bench.eval_sets import PROTOCOLS, EvalItem, EvalSet, load_set
 from bench.metrics import Box, fixations_kept, food_kept, iou
 from bench.quality import (
     CENTRE,
@@ -16,8 +16,10 @@ from bench.quality import (
     CentreMethod,
     Method,
     OracleMethod,
+    SetResult,
     aspects_below_centre,
     evaluate,
+    headroom_interval,
     headroom_share,
     headroom_table,
     oracle_box,
@@ -115,3 +117,29 @@ def test_headroom_on_a_synthetic_set(tmp_path):
     assert aspects_below_centre(result, ORACLE, metric) == []
     table = headroom_table(result)
     assert "| left | -50% |" in table and "oracle (ground truth) |" not in table
+    # Every photo alike: resampling them cannot move the share.
+    lo, hi = headroom_interval(result, "left", "iou")
+    assert math.isclose(lo, -0.5) and math.isclose(hi, -0.5)
+    assert "-50% to -50%" in table
+
+
+def test_headroom_interval_is_paired_and_shrinks_with_more_photos():
+    rng = np.random.default_rng(4)
+
+    def synthetic(n: int) -> SetResult:
+        centre = rng.uniform(0.5, 0.8, n)
+        oracle = centre + rng.uniform(0.0, 0.3, n)
+        # A method that wins a noisy ~40 % of each photo's headroom.
+        method = centre + (oracle - centre) * rng.uniform(-0.2, 1.0, n)
+        values = {name: {"gt": {"iou": v}} for name, v in
+                  ((CENTRE, centre), (ORACLE, oracle), ("m", method))}  # fmt: skip
+        es = EvalSet(name="s", protocol=PROTOCOLS["crop"], items=[])
+        return SetResult(es, [CENTRE, ORACLE, "m"], values, {}, {}, 0.0)
+
+    small, large = synthetic(30), synthetic(3000)
+    for result in (small, large):
+        lo, hi = headroom_interval(result, "m", "iou")
+        assert lo < headroom_share(result, "m", "iou", None) < hi
+    (slo, shi), (llo, lhi) = (headroom_interval(r, "m", "iou") for r in (small, large))
+    assert lhi - llo < (shi - slo) / 4
+    assert llo < 0.4 < lhi
