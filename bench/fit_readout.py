@@ -28,7 +28,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -112,9 +112,26 @@ def image_features(session: ort.InferenceSession, pixels: npt.NDArray[np.uint8])
     return stacked.reshape(stacked.shape[0], -1).T.astype(np.float32)
 
 
-def extract(eval_set: EvalSet, model_dir: Path) -> SetFeatures:
+def mirrored_item(item: EvalItem) -> EvalItem:
+    """The item's ground truth for its left-right mirror image (pixel x -> width - x)."""
+    boxes = tuple(Box(item.width - b.x1, b.y0, item.width - b.x0, b.y1) for b in item.boxes)
+    fix = item.fixations.copy()
+    fix[:, 0] = item.width - fix[:, 0]
+    return replace(item, boxes=boxes, fixations=fix)
+
+
+def mirrored_set(eval_set: EvalSet) -> EvalSet:
+    return replace(
+        eval_set, name=eval_set.name + "-mirrored",
+        items=tuple(mirrored_item(i) for i in eval_set.items),
+    )  # fmt: skip
+
+
+def extract(eval_set: EvalSet, model_dir: Path, mirror: bool = False) -> SetFeatures:
+    """Per-cell features of every image (of its mirror image with `mirror`), cached."""
     session, stem = feature_session(model_dir)
-    cache = CACHE / f"features-{stem}-{eval_set.name}.npz"
+    tag = "-mirrored" if mirror else ""
+    cache = CACHE / f"features-{stem}-{eval_set.name}{tag}.npz"
     if cache.exists():
         with np.load(cache) as z:
             return SetFeatures(list(z["names"]), z["shapes"], z["offsets"], z["features"])
@@ -125,7 +142,8 @@ def extract(eval_set: EvalSet, model_dir: Path) -> SetFeatures:
         decoded = decode(item.path.read_bytes(), max_bytes=src.max_bytes, max_pixels=src.max_pixels)
         if (decoded.width, decoded.height) != (item.width, item.height):
             raise ValueError(f"{item.name}: decoded {decoded.width}x{decoded.height}")
-        feats = image_features(session, decoded.pixels)
+        pixels = np.ascontiguousarray(decoded.pixels[:, ::-1]) if mirror else decoded.pixels
+        feats = image_features(session, pixels)
         h, w = decoded.pixels.shape[0] // 32, decoded.pixels.shape[1] // 32
         names.append(item.name)
         shapes.append((h, w))
@@ -302,6 +320,8 @@ class Data:
     sets: dict[str, EvalSet]
     feats: dict[str, SetFeatures]
     targets: dict[str, F64]
+    # Mirror images of the fit sets (training-time augmentation), when asked for.
+    mirrored: dict[str, tuple[SetFeatures, F64]] = field(default_factory=dict)
 
 
 def fit_parts(
@@ -311,7 +331,12 @@ def fit_parts(
     parts = []
     for name in FIT_SETS:
         keep = [i for i in range(len(data.feats[name].names)) if not held[name][i]]
-        parts.append((data.feats[name], data.targets[name], keep, set_weight[name] / len(keep)))
+        copies = [(data.feats[name], data.targets[name])]
+        if name in data.mirrored:
+            # A held-out image's mirror is held out too: it is the same photo.
+            copies.append(data.mirrored[name])
+        weight = set_weight[name] / (len(keep) * len(copies))
+        parts += [(feats, t, keep, weight) for feats, t in copies]
     return parts
 
 
@@ -388,6 +413,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="total likelihood weight of a fit set (default 1 each)",
     )  # fmt: skip
     parser.add_argument("--extract-only", action="store_true")
+    parser.add_argument(
+        "--mirror", action="store_true",
+        help="also fit on the left-right mirror image of every fit image",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     set_weight = dict(SET_WEIGHT)
     for spec in args.set_weight:
@@ -400,6 +429,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.extract_only:
         return 0
     data = Data(sets, feats, {n: targets(sets[n], feats[n]) for n in sets})
+    if args.mirror:
+        for name in FIT_SETS:
+            flipped = extract(sets[name], args.model_dir, mirror=True)
+            data.mirrored[name] = (flipped, targets(mirrored_set(sets[name]), flipped))
     maps = cross_validate(data, args.folds, args.l2, set_weight)
     _, stem = feature_session(args.model_dir)
     save_heldout(args.heldout or heldout_path(stem), data, maps)
@@ -420,7 +453,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"# learned read-out ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
             "",
             f"`python -m bench.fit_readout`: linear read-out on {FEATURES} features + centre "
-            f"bias, L2 {args.l2}, set weights {set_weight}; {args.folds}-fold cross-validation "
+            f"bias, L2 {args.l2}, set weights {set_weight}"
+            f"{', plus the mirror image of every fit image' if args.mirror else ''}; "
+            f"{args.folds}-fold cross-validation "
             "over saliency_dev and food_dev images (fcdb_train always fitted on, fcdb_dev "
             f"never); {time.perf_counter() - t0:.0f} s.",
             "",
