@@ -1,24 +1,28 @@
-"""Experiment (measured, not shipped): fit the read-out on the window choice itself.
+"""Fit the read-out on the window choice itself: the term bench/fit_readout.py adds.
 
     python -m bench.fit_window [--dims 128] [--hidden 0] [--tau 0.02] [--l2 3] [--aux 3]
         [--win 1] [--scene 16] [--weights 2,1,1] [--folds 5] [--report bench/results/fit_window.md]
 
-bench/fit_readout.py fits the shipped read-out by a per-cell likelihood of the ground truth.
-This fits it on what the benchmark scores instead. For every fitting image and aspect, the
+bench/fit_readout.py fits the read-out by a per-cell likelihood of the ground truth; this
+module fits it on what the benchmark scores. For every fitting image and aspect, the
 largest windows along the free axis are candidates; a candidate's share of the heat is linear
 in the cell heats (the kernel's bilinear upsampling and its box sums are linear), so the
 model's choice is a softmax over those shares at temperature `tau`, and the loss is minus the
 expected ground-truth metric of that choice (IoU, food kept, fixations kept) in units of the
 set's headroom, plus `aux` times the per-cell likelihood and an L2 penalty. Features are the
 tapped Lite0 features (cached by fit_readout), standardised and whitened to `dims` principal
-components fitted on fcdb_train; `scene` > 0 adds the centre-bias terms times the image's
-first `scene` mean components (a centre bias that depends on the kind of photo); `hidden` > 0
+components fitted on fcdb_train (`dims` 0: the standardised features themselves, as
+fit_readout uses them); `scene` > 0 adds the centre-bias terms times the image's first
+`scene` mean components (a centre bias that depends on the kind of photo); `hidden` > 0
 puts a ReLU layer in between. Cross-validation as in fit_readout: fcdb_train always fitted,
 saliency_dev and food_dev in folds, fcdb_dev never. Each run appends its held-out shares of
 the headroom to the report.
 
-Result (README "Levers"): held-out shares stay within a few points of the shipped read-out's,
-inside the benchmark's noise, so the shipped head keeps the simpler per-cell fit.
+The command line explores the variants (README "Levers", bench/results/fit_window.md); the
+shipped head comes from bench/fit_readout.py, which calls `WindowData`, `heldout_maps` and
+`readout_weights` here with the per-cell likelihood at full weight and this term at 0.05 (the
+only weight better than the likelihood alone on every set); principal components, scene terms
+and a hidden layer did not pay.
 """
 
 from __future__ import annotations
@@ -141,6 +145,11 @@ class Inputs:
     def fit(cls, feats: SetFeatures, dims: int, scene: int) -> Inputs:
         x = feats.features.astype(np.float32)
         mean, scale = x.mean(0), x.std(0) + 1e-3
+        if dims == 0:  # the standardised features themselves, as fit_readout fits them
+            if scene:
+                raise ValueError("scene terms need principal components (dims > 0)")
+            basis = np.eye(x.shape[1], dtype=np.float32)
+            return cls(mean, scale.astype(np.float32), basis, 0)
         xs = (x - mean) / scale
         vals, vecs = np.linalg.eigh((xs.T @ xs).astype(np.float64) / len(xs))
         order = np.argsort(vals)[::-1][:dims]
@@ -373,41 +382,93 @@ def share(scores: F64, refs: tuple[F64, F64]) -> float:
     return float((scores.mean() - centre.mean()) / (oracle.mean() - centre.mean()))
 
 
+@dataclass
+class WindowData:
+    """Everything a fold's fit needs, computed once: features, episodes, targets, units."""
+
+    sets: dict[str, EvalSet]
+    feats: dict[str, SetFeatures]
+    episodes: dict[str, list[Episode]]
+    targets: dict[str, F64]
+    refs: dict[str, tuple[F64, F64]]  # per image: centre and oracle primary metric
+    inputs: Inputs
+
+    @classmethod
+    def load(
+        cls, sets: dict[str, EvalSet], feats: dict[str, SetFeatures], cfg: Config
+    ) -> WindowData:
+        refs = {n: reference_scores(sets[n]) for n in sets}
+        return cls(
+            sets, feats,
+            {n: episodes(sets[n], feats[n]) for n in sets},
+            {n: targets(sets[n], feats[n]) for n in sets},
+            refs, Inputs.fit(feats["fcdb_train"], cfg.dims, cfg.scene),
+        )  # fmt: skip
+
+    def headroom(self, name: str) -> float:
+        centre, oracle = self.refs[name]
+        return float((oracle - centre).mean())
+
+    def fit(
+        self, held: dict[str, npt.NDArray[np.bool_]], weights: dict[str, float], cfg: Config
+    ) -> Params:
+        parts = []
+        for n in FIT_ORDER:
+            keep = np.flatnonzero(~held[n]) if n in held else np.arange(len(self.sets[n].items))
+            parts.append(Part(self.feats[n], self.episodes[n], keep.tolist(), weights[n],
+                              self.headroom(n), self.targets[n]))  # fmt: skip
+        return fit(problem(parts, self.inputs), cfg)
+
+    def maps(self, params: Params, name: str, cfg: Config) -> list[F32]:
+        return heat_maps(params, self.feats[name], self.inputs, cfg.hidden)
+
+
+CV_SETS = ("saliency_dev", "food_dev")
+
+
+def heldout_maps(
+    wd: WindowData, cfg: Config, weights: dict[str, float], folds: int
+) -> dict[str, list[F32]]:
+    """Each dev image's map from a head that never saw it (fcdb_dev: the first fold's head)."""
+    fold = {n: fold_of(len(wd.sets[n].items), folds) for n in CV_SETS}
+    out: dict[str, list[F32]] = {
+        n: [np.zeros(0, np.float32)] * len(wd.sets[n].items) for n in CV_SETS
+    }
+    for f in range(folds):
+        params = wd.fit({n: fold[n] == f for n in CV_SETS}, weights, cfg)
+        for n in CV_SETS:
+            maps = wd.maps(params, n, cfg)
+            for i in np.flatnonzero(fold[n] == f):
+                out[n][i] = maps[i]
+        if f == 0:
+            out["fcdb_dev"] = wd.maps(params, "fcdb_dev", cfg)
+        print(f"fold {f + 1}/{folds} fitted", file=sys.stderr)
+    return out
+
+
+def readout_weights(params: Params, inputs: Inputs) -> dict[str, F32]:
+    """The head as engines/readout_weights.npz holds it: on the raw tapped features."""
+    if inputs.scene or params.w1.shape[1] != 1 or not np.array_equal(params.w2, np.ones(1)):
+        raise ValueError("only a linear head without scene terms maps onto the ONNX read-out")
+    w = (inputs.basis.astype(np.float64) @ params.w1[:, 0]) / inputs.scale
+    bias = -float(inputs.mean.astype(np.float64) @ w)
+    return {
+        "w1": w[np.newaxis].astype(np.float32),
+        "b1": np.array([bias], dtype=np.float32),
+        "a": params.a.astype(np.float32),
+    }
+
+
 def cross_validate(
     eval_dir: str, cfg: Config, weights: dict[str, float], folds: int
 ) -> dict[str, float]:
     """Held-out share of the headroom per dev set (fcdb_dev from the first fold's head)."""
     sets = {n: load_set(eval_dir, n) for n in ALL_SETS}
     feats = {n: extract(s, Path("build/model")) for n, s in sets.items()}
-    eps = {n: episodes(sets[n], feats[n]) for n in sets}
-    targ = {n: targets(sets[n], feats[n]) for n in sets}
-    refs = {n: reference_scores(sets[n]) for n in sets}
-    room = {n: float((refs[n][1] - refs[n][0]).mean()) for n in sets}
-    inputs = Inputs.fit(feats["fcdb_train"], cfg.dims, cfg.scene)
+    wd = WindowData.load(sets, feats, cfg)
+    maps = heldout_maps(wd, cfg, weights, folds)
     kernel = replace(KernelSettings(), center_weight=0.0, cut_weight=0.0, min_confidence=0.0)
-    cv = ("saliency_dev", "food_dev")
-    fold = {n: fold_of(len(sets[n].items), folds) for n in cv}
-    held: dict[str, list[F32]] = {n: [np.zeros(0, np.float32)] * len(sets[n].items) for n in cv}
-    out: dict[str, float] = {}
-    for f in range(folds):
-        parts = []
-        for n in FIT_ORDER:
-            keep = range(len(sets[n].items)) if n not in fold else np.flatnonzero(fold[n] != f)
-            parts.append(Part(feats[n], eps[n], list(keep), weights[n], room[n], targ[n]))
-        p = fit(problem(parts, inputs), cfg)
-        for n in cv:
-            maps = heat_maps(p, feats[n], inputs, cfg.hidden)
-            for i in np.flatnonzero(fold[n] == f):
-                held[n][i] = maps[i]
-        if f == 0:
-            maps = heat_maps(p, feats["fcdb_dev"], inputs, cfg.hidden)
-            out["fcdb_dev"] = share(
-                primary_scores(sets["fcdb_dev"], maps, kernel), refs["fcdb_dev"]
-            )
-        print(f"fold {f + 1}/{folds} fitted", file=sys.stderr)
-    for n in cv:
-        out[n] = share(primary_scores(sets[n], held[n], kernel), refs[n])
-    return out
+    return {n: share(primary_scores(sets[n], maps[n], kernel), wd.refs[n]) for n in maps}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

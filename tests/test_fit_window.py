@@ -121,3 +121,35 @@ def test_config_is_frozen():
     with pytest.raises(AttributeError):
         Config().dims = 3  # type: ignore[misc]
     assert replace(Config(), dims=3).dims == 3
+
+
+def test_dims_zero_keeps_the_standardised_features():
+    _, feats = _data()
+    inputs = Inputs.fit(feats, dims=0, scene=0)
+    x = feats.features.astype(np.float32)
+    expected = (x[feats.rows(1)] - x.mean(0)) / (x.std(0) + 1e-3)
+    assert np.allclose(inputs.cells(feats, 1), expected, atol=1e-5)
+    with pytest.raises(ValueError, match="principal components"):
+        Inputs.fit(feats, dims=0, scene=2)
+
+
+@pytest.mark.parametrize("dims", [0, 5])
+def test_readout_weights_give_the_same_logits_on_the_raw_features(dims):
+    from bench.fit_window import Params, forward, readout_weights
+    from engines.readout import coord_features
+
+    _, feats = _data()
+    inputs = Inputs.fit(feats, dims=dims, scene=0)
+    d = inputs.basis.shape[1]
+    rng = np.random.default_rng(9)
+    params = Params(rng.normal(0, 0.3, (d, 1)), np.zeros(1), np.ones(1), rng.normal(0, 1, 4))
+    shipped = readout_weights(params, inputs)
+    assert shipped["w1"].shape == (1, feats.features.shape[1]) and shipped["a"].shape == (4,)
+    for i, (h, w) in enumerate(SHAPES):
+        coords = coord_features(h, w)
+        expected, _ = forward(params, inputs.cells(feats, i).astype(np.float64), coords, 0)
+        raw = feats.features[feats.rows(i)].astype(np.float64)
+        got = raw @ shipped["w1"][0] + shipped["b1"][0] + coords @ shipped["a"]
+        assert np.allclose(got, expected, atol=1e-3)
+    with pytest.raises(ValueError, match="scene"):
+        readout_weights(params, Inputs.fit(feats, dims=5, scene=2))
