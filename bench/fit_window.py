@@ -179,6 +179,7 @@ class Part:
     weight: float  # total weight of the set
     headroom: float  # mean oracle - centre: the metric's unit
     targets: F64  # [rows of the set] per-cell ground truth (fit_readout.targets)
+    win_mult: float = 1.0  # the window term's weight on this set, relative to `Config.win`
 
 
 @dataclass
@@ -229,7 +230,7 @@ def problem(parts: Sequence[Part], inputs: Inputs) -> Problem:
             ep_starts.append(cands)
             cand_ep += [eps] * len(e.m)
             ms.append(e.m / part.headroom)
-            ep_w.append(part.weight / len(mine))
+            ep_w.append(part.weight * part.win_mult / len(mine))
             cands += len(e.m)
             eps += 1
     a = sp.csr_matrix(
@@ -267,6 +268,8 @@ class Config:
     win: float = 1.0
     scene: int = 16
     iters: int = 150
+    # Multiplier of `win` per fit set (FIT_ORDER): where the window term applies.
+    win_sets: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
 
 @dataclass
@@ -413,10 +416,10 @@ class WindowData:
         self, held: dict[str, npt.NDArray[np.bool_]], weights: dict[str, float], cfg: Config
     ) -> Params:
         parts = []
-        for n in FIT_ORDER:
+        for n, mult in zip(FIT_ORDER, cfg.win_sets, strict=True):
             keep = np.flatnonzero(~held[n]) if n in held else np.arange(len(self.sets[n].items))
             parts.append(Part(self.feats[n], self.episodes[n], keep.tolist(), weights[n],
-                              self.headroom(n), self.targets[n]))  # fmt: skip
+                              self.headroom(n), self.targets[n], mult))  # fmt: skip
         return fit(problem(parts, self.inputs), cfg)
 
     def maps(self, params: Params, name: str, cfg: Config) -> list[F32]:
@@ -481,10 +484,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                        ("aux", float), ("win", float), ("scene", int), ("iters", int)):  # fmt: skip
         ap.add_argument(f"--{name}", type=kind, default=getattr(defaults, name))
     ap.add_argument("--weights", default="2,1,1", help="fcdb_train,saliency_dev,food_dev")
+    ap.add_argument(
+        "--win-sets", default="1,1,1", help="the window term's multiplier per fit set (same order)"
+    )
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--report", type=Path, default=Path("bench/results/fit_window.md"))
     args = ap.parse_args(argv)
-    cfg = Config(**{k: getattr(args, k) for k in Config.__dataclass_fields__})
+    fields = {k: getattr(args, k) for k in Config.__dataclass_fields__ if k != "win_sets"}
+    win_sets = tuple(float(v) for v in args.win_sets.split(","))
+    if len(win_sets) != len(FIT_ORDER):
+        ap.error(f"--win-sets needs {len(FIT_ORDER)} numbers")
+    cfg = Config(**fields, win_sets=win_sets)  # type: ignore[arg-type]
     weights = dict(zip(FIT_ORDER, (float(v) for v in args.weights.split(",")), strict=True))
     t0 = time.perf_counter()
     shares = cross_validate(args.eval_dir, cfg, weights, args.folds)
