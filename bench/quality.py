@@ -665,6 +665,7 @@ def to_json(results: Sequence[SetResult], info: dict[str, Any]) -> dict[str, Any
             "aspects": list(r.aspect_labels),
             "images": [item.name for item in r.eval_set.items],
             "notes": r.notes,
+            "observers": [dataclasses.asdict(g) for g in r.observers],
             "methods": {
                 m: {
                     "mean": {

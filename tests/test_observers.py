@@ -95,3 +95,22 @@ def test_table_gives_shares_of_the_headroom():
     text = observers_table(gains, headroom=gains[0].gain * 2, heatcrop={"heatcrop x": 0.0})
     assert "| 1 viewer |" in text and "| half the viewers |" in text
     assert "+50%" in text and "| heatcrop x | +0.000 | +0% | |" in text
+
+
+def test_quality_report_and_json_carry_the_viewers():
+    import json
+
+    from bench.quality import CentreMethod, OracleMethod, evaluate, set_section, to_json
+
+    spots = np.array([[20.0, 50.0], [30.0, 40.0]])
+    es = _set([_item(_viewers([spots] * 4)) for _ in range(3)])
+    result = evaluate(es, [CentreMethod(), OracleMethod()], progress=False)
+    result.observers = observer_gains(es, oracle_box, ks=(1, HALF))
+    text = set_section(result)
+    assert "Viewers as predictors" in text and "| half the viewers |" in text
+    data = json.loads(json.dumps(to_json([result], {})))
+    rows = data["sets"]["s"]["observers"]
+    assert [r["k"] for r in rows] == [1, HALF] and rows[0]["images"] == 3
+    assert rows[0]["gain"] == pytest.approx(
+        result.mean("oracle (ground truth)", "fix") - result.mean("centre", "fix")
+    )
