@@ -36,7 +36,7 @@ from pathlib import Path
 import pyvips
 
 from bench.service import cpu_model
-from bench.wrk_summary import WrkSummary, parse_summary
+from bench.wrk_summary import WRK_PRIORITY, WrkSummary, parse_summary
 from nginx.stack import Stack, StackOptions
 
 WRK_DIR = Path(__file__).parent / "wrk"
@@ -291,7 +291,7 @@ def wrk_run(
         "HEATCROP_BENCH_DELAY_MS": f"{load.delay_ms:.3f}",
         "HEATCROP_BENCH_THREADS": str(load.threads),
     }
-    cmd = ["wrk", f"-t{load.threads}", f"-c{load.connections}", f"-d{load.seconds}s"]
+    cmd = [*WRK_PRIORITY, "wrk", f"-t{load.threads}", f"-c{load.connections}", f"-d{load.seconds}s"]
     cmd += ["--timeout", "2s", "-s", str(WRK_DIR / "load.lua"), base + "/"]
     out = subprocess.run(
         cmd, env=env, capture_output=True, text=True, timeout=load.seconds + 60, check=True
@@ -358,7 +358,8 @@ def report(
         "",
         f"Load: wrk {load.threads} threads, {load.connections} connections, each pausing "
         f"{load.delay_ms:.0f} ms after every answer, to offer ≈ {load.rate:.0f} req/s; "
-        f"{load.seconds} s per scenario ({args.fault_seconds} s for (e)); wrk timeout 2 s. "
+        f"{load.seconds} s per scenario ({args.fault_seconds} s for (e)); wrk timeout 2 s"
+        f"{', wrk at a higher priority than the servers (nice -10)' if WRK_PRIORITY else ''}. "
         f"{args.originals} originals per set from `{args.source}`; sizes {', '.join(SIZES)}. "
         f"nginx → sidecar timeout {args.sidecar_timeout_ms} ms (sidecar deadline 30 ms less). "
         "Before each heatcrop scenario the benchmark waits until the sidecar has run no CNN "

@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
-from bench.wrk_summary import WrkSummary, parse_summary
+from bench.wrk_summary import WRK_PRIORITY, WrkSummary, parse_summary
 from sidecar import settings as settings_mod
 
 WRK_DIR = Path(__file__).parent / "wrk"
@@ -51,10 +51,6 @@ STOP_TIMEOUT_S = 10.0
 HEIGHTS = {"heatmap": 1009, "capacity": 1013, "overload": 1019, "overload_cached": 1021}
 HEATMAP_ORIGINALS = 20
 PROBE_INTERVAL_S = 0.05
-# The load generator shares the 2 cores with the sidecar it measures; a wrk that waits for a
-# core reads answers late and reports the wait as the sidecar's latency. Where allowed (root),
-# wrk runs at a higher priority than the sidecar so that what it reports is the sidecar's.
-WRK_PRIORITY = ("nice", "-n", "-10") if os.geteuid() == 0 else ()
 
 
 class WrkResult(WrkSummary):
