@@ -340,7 +340,7 @@ def window_fit(
         dims=0, scene=0, hidden=0, l2=args.l2, win=args.window, iters=WINDOW_ITERS,
         aux=1.0 / sum(set_weight.values()),  # fit()'s likelihood is normalised by the weights
     )  # fmt: skip
-    wd = WindowData.load(data.sets, data.feats, cfg)
+    wd = WindowData.load(data, cfg)
     maps = heldout_maps(wd, cfg, set_weight, args.folds)
     return maps, readout_weights(wd.fit({}, set_weight, cfg), wd.inputs)
 
@@ -356,6 +356,20 @@ class Data:
     targets: dict[str, F64]
     # Mirror images of the fit sets (training-time augmentation), when asked for.
     mirrored: dict[str, tuple[SetFeatures, F64]] = field(default_factory=dict)
+    _refs: dict[str, tuple[F64, F64]] = field(default_factory=dict)
+
+    def reference(self, name: str) -> tuple[F64, F64]:
+        """Per image, the centre crop's and the oracle's primary metric (computed once:
+        the oracle tries 256 positions per image and aspect)."""
+        if name not in self._refs:
+            self._refs[name] = reference_scores(self.sets[name])
+        return self._refs[name]
+
+
+def share(scores: F64, refs: tuple[F64, F64]) -> float:
+    """Share of the centre → oracle headroom that mean `scores` capture."""
+    centre, oracle = refs
+    return float((scores.mean() - centre.mean()) / (oracle.mean() - centre.mean()))
 
 
 def fit_parts(
@@ -415,7 +429,7 @@ def report(data: Data, maps: dict[str, list[F32]], kernels: dict[str, KernelSett
         "| search settings | " + " | ".join(maps) + " |",
         "|---|" + "---:|" * len(maps),
     ]
-    refs = {n: reference_scores(data.sets[n]) for n in maps}
+    refs = {n: data.reference(n) for n in maps}
     lines.append(
         "| centre → oracle | "
         + " | ".join(f"{refs[n][0].mean():.3f} → {refs[n][1].mean():.3f}" for n in maps)
@@ -424,9 +438,8 @@ def report(data: Data, maps: dict[str, list[F32]], kernels: dict[str, KernelSett
     for label, kernel in kernels.items():
         cells = []
         for n in maps:
-            s = primary_scores(data.sets[n], maps[n], kernel).mean()
-            c, o = refs[n][0].mean(), refs[n][1].mean()
-            cells.append(f"{s:.3f} ({(s - c) / (o - c):+.0%})")
+            s = primary_scores(data.sets[n], maps[n], kernel)
+            cells.append(f"{s.mean():.3f} ({share(s, refs[n]):+.0%})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

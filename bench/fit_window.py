@@ -43,11 +43,12 @@ from scipy.optimize import minimize
 from bench.eval_sets import EvalSet, load_set
 from bench.fit_readout import (
     ALL_SETS,
+    Data,
     SetFeatures,
     extract,
     fold_of,
     primary_scores,
-    reference_scores,
+    share,
     targets,
 )
 from bench.metrics import Box
@@ -380,36 +381,26 @@ def heat_maps(p: Params, feats: SetFeatures, inputs: Inputs, hidden: int) -> lis
 # --- cross-validation -------------------------------------------------------------------------
 
 
-def share(scores: F64, refs: tuple[F64, F64]) -> float:
-    centre, oracle = refs
-    return float((scores.mean() - centre.mean()) / (oracle.mean() - centre.mean()))
-
-
 @dataclass
 class WindowData:
-    """Everything a fold's fit needs, computed once: features, episodes, targets, units."""
+    """fit_readout's data plus what a fold's fit needs, computed once: the fit sets'
+    candidate windows and the inputs' projection."""
 
-    sets: dict[str, EvalSet]
-    feats: dict[str, SetFeatures]
+    data: Data
     episodes: dict[str, list[Episode]]
-    targets: dict[str, F64]
-    refs: dict[str, tuple[F64, F64]]  # per image: centre and oracle primary metric
     inputs: Inputs
 
     @classmethod
-    def load(
-        cls, sets: dict[str, EvalSet], feats: dict[str, SetFeatures], cfg: Config
-    ) -> WindowData:
-        refs = {n: reference_scores(sets[n]) for n in sets}
-        return cls(
-            sets, feats,
-            {n: episodes(sets[n], feats[n]) for n in sets},
-            {n: targets(sets[n], feats[n]) for n in sets},
-            refs, Inputs.fit(feats["fcdb_train"], cfg.dims, cfg.scene),
-        )  # fmt: skip
+    def load(cls, data: Data, cfg: Config) -> WindowData:
+        eps = {n: episodes(data.sets[n], data.feats[n]) for n in FIT_ORDER}
+        return cls(data, eps, Inputs.fit(data.feats["fcdb_train"], cfg.dims, cfg.scene))
+
+    @property
+    def sets(self) -> dict[str, EvalSet]:
+        return self.data.sets
 
     def headroom(self, name: str) -> float:
-        centre, oracle = self.refs[name]
+        centre, oracle = self.data.reference(name)
         return float((oracle - centre).mean())
 
     def fit(
@@ -418,12 +409,12 @@ class WindowData:
         parts = []
         for n, mult in zip(FIT_ORDER, cfg.win_sets, strict=True):
             keep = np.flatnonzero(~held[n]) if n in held else np.arange(len(self.sets[n].items))
-            parts.append(Part(self.feats[n], self.episodes[n], keep.tolist(), weights[n],
-                              self.headroom(n), self.targets[n], mult))  # fmt: skip
+            parts.append(Part(self.data.feats[n], self.episodes[n], keep.tolist(), weights[n],
+                              self.headroom(n), self.data.targets[n], mult))  # fmt: skip
         return fit(problem(parts, self.inputs), cfg)
 
     def maps(self, params: Params, name: str, cfg: Config) -> list[F32]:
-        return heat_maps(params, self.feats[name], self.inputs, cfg.hidden)
+        return heat_maps(params, self.data.feats[name], self.inputs, cfg.hidden)
 
 
 CV_SETS = ("saliency_dev", "food_dev")
@@ -468,10 +459,10 @@ def cross_validate(
     """Held-out share of the headroom per dev set (fcdb_dev from the first fold's head)."""
     sets = {n: load_set(eval_dir, n) for n in ALL_SETS}
     feats = {n: extract(s, Path("build/model")) for n, s in sets.items()}
-    wd = WindowData.load(sets, feats, cfg)
-    maps = heldout_maps(wd, cfg, weights, folds)
+    data = Data(sets, feats, {n: targets(sets[n], feats[n]) for n in sets})
+    maps = heldout_maps(WindowData.load(data, cfg), cfg, weights, folds)
     kernel = replace(KernelSettings(), center_weight=0.0, cut_weight=0.0, min_confidence=0.0)
-    return {n: share(primary_scores(sets[n], maps[n], kernel), wd.refs[n]) for n in maps}
+    return {n: share(primary_scores(sets[n], maps[n], kernel), data.reference(n)) for n in maps}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
