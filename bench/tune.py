@@ -55,9 +55,10 @@ class Candidate:
     def label(self) -> str:
         k = self.kernel
         mix = f" cam={self.cam_share}" if self.profile == "learned" else ""
+        zoom = f" zoom≥{k.min_scale} zw={k.zoom_weight}" if k.min_scale < 1.0 else ""
         return (
             f"{self.profile}{mix} w={k.center_weight} σ={k.center_sigma} cut={k.cut_weight} "
-            f"γ={k.gamma} conf≥{k.min_confidence}"
+            f"γ={k.gamma} conf≥{k.min_confidence}{zoom}"
         )
 
 
@@ -187,7 +188,7 @@ def candidates(base: KernelSettings) -> list[Candidate]:
     auto = itertools.product(
         ("auto",), (0.4, 0.6), (0.25, 0.4), (1.0, 3.0), (1.0,), (0.0, 0.01), (CAM_SHARE,)
     )
-    return [
+    plain = [
         Candidate(
             p,
             replace(base, center_weight=w, center_sigma=s, cut_weight=c, gamma=g, min_confidence=m),
@@ -195,6 +196,29 @@ def candidates(base: KernelSettings) -> list[Candidate]:
         )
         for p, w, s, c, g, m, x in itertools.chain(learned, auto)
     ]
+    return plain + zoom_candidates(base)
+
+
+def zoom_candidates(base: KernelSettings) -> list[Candidate]:
+    """Scale freedom on the learned map, which must pay for itself in the same numbers.
+
+    A smaller window never holds more heat than some largest one, so the search zooms in only
+    to avoid an edge cut (cut > 0) or for a reward: a negative zoom weight, which the service's
+    settings do not allow and only this grid tries.
+    """
+    learned = replace(base, center_weight=0.0, center_sigma=0.3, gamma=1.0, min_confidence=0.0)
+    cut = [replace(learned, min_scale=0.6, cut_weight=1.0, zoom_weight=z) for z in (0.0, 0.05)]
+    reward = [
+        replace(learned, min_scale=m, cut_weight=0.0, zoom_weight=z)
+        for m in (0.8, 0.6)
+        for z in (-0.3, -0.6, -1.0)
+    ]
+    return [Candidate("learned", k, CAM_SHARE) for k in cut + reward]
+
+
+def unzoomed(kernel: KernelSettings, base: KernelSettings) -> KernelSettings:
+    """The same search without scale freedom: what a zoom candidate is compared with."""
+    return replace(kernel, min_scale=1.0, zoom_weight=base.zoom_weight)
 
 
 def cross_validate(
@@ -272,6 +296,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         + " | ".join(f"{table[i][s.name].mean():+.1%}" for s in sets)
         + " |"
         for i in ranked[:10]
+    ]
+    zoom = [i for i, c in enumerate(cands) if c.kernel.min_scale < 1.0]
+    twins = {replace(cands[i], kernel=unzoomed(cands[i].kernel, settings.kernel)) for i in zoom}
+    plain = [i for i, c in enumerate(cands) if c in twins]
+    lines += [
+        "",
+        "Scale freedom (zoom) on the learned map, in-sample, against the same settings without "
+        "zoom; a negative zoom weight rewards tighter windows:",
+        "",
+        "| candidate | " + " | ".join(s.name for s in sets) + " |",
+        "|---|" + "---:|" * len(sets),
+    ]
+    lines += [
+        f"| `{cands[i].label()}` | "
+        + " | ".join(f"{table[i][s.name].mean():+.1%}" for s in sets)
+        + " |"
+        for i in plain + zoom
     ]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -11,7 +11,10 @@ Score:
 
     inside - cut_weight * cut - zoom_weight * (1 - s)
 
-``inside`` is the heat in the window (the map is normalised to sum 1). ``cut`` sums, over the
+``inside`` is the heat in the window (the map is normalised to sum 1); a smaller window never
+holds more heat than some largest one, so zooming in only wins by avoiding a cut, or when
+``zoom_weight`` is negative, a reward for tighter windows (bench/tune.py measures that lever;
+the service's settings keep the weight >= 0). ``cut`` sums, over the
 window edges not lying on the image border, the heat in a band of ``cut_band`` x the window's
 short side straddling the edge, in excess of what the band would hold on a flat map:
 an edge through background slices nothing, an edge through a hot object slices the excess.
@@ -241,8 +244,8 @@ def _check_params(p: SearchParams) -> None:
         raise ValueError(f"SearchParams.scales must be an int in [1, {MAX_SCALES}], got {p.scales}")
     if not _is_int(p.steps) or not 2 <= p.steps <= MAX_STEPS:
         raise ValueError(f"SearchParams.steps must be an int in [2, {MAX_STEPS}], got {p.steps}")
-    if p.cut_weight < 0.0 or p.zoom_weight < 0.0:
-        raise ValueError("SearchParams.cut_weight and zoom_weight must be >= 0")
+    if p.cut_weight < 0.0:
+        raise ValueError("SearchParams.cut_weight must be >= 0")
     if not 0.0 <= p.cut_band <= 0.5:
         raise ValueError(f"SearchParams.cut_band must be in [0, 0.5], got {p.cut_band!r}")
 

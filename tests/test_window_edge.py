@@ -11,6 +11,7 @@ import pytest
 from kernels.heat import prepare_heatmap
 from kernels.sat import summed_area_table, window_sum
 from kernels.window import CropBox, SearchParams, best_window, center_box, largest_window
+from sidecar import settings as settings_mod
 
 DEFAULT = SearchParams()
 ZOOM = SearchParams(min_scale=0.6)
@@ -140,6 +141,24 @@ def test_zoom_wins_when_every_largest_window_slices_something() -> None:
     )
     assert penalised.as_tuple() == box.as_tuple()
     assert penalised.score == pytest.approx(box.score - 0.1 * (1 - s), abs=1e-12)
+
+
+def test_a_negative_zoom_weight_rewards_tighter_windows() -> None:
+    # A smaller window never holds more heat, so without a cut term only a reward zooms in;
+    # the reward is bounded by the heat it gives up.
+    heat = np.full((30, 40), 0.01)
+    heat[12:18, 16:24] = 1.0
+    base = SearchParams(min_scale=0.3, scales=8, cut_weight=0.0, zoom_weight=0.0)
+    assert best_window(heat, 400, 300, 4 / 3, base).as_tuple() == (0, 0, 400, 300)
+    box = best_window(heat, 400, 300, 4 / 3, dataclasses.replace(base, zoom_weight=-0.3))
+    assert box.width < 400 and box.height < 300
+    assert box.x0 <= 160 and box.x1 >= 240 and box.y0 <= 120 and box.y1 >= 180
+    assert box.confidence > 0.0
+
+
+def test_the_service_settings_keep_the_zoom_weight_non_negative() -> None:
+    with pytest.raises(settings_mod.SettingsError, match="HEATCROP_KERNEL_ZOOM_WEIGHT"):
+        settings_mod.load(None, {"HEATCROP_KERNEL_ZOOM_WEIGHT": "-0.3"})
 
 
 def test_keep_restricts_the_scales_to_those_that_can_hold_it() -> None:

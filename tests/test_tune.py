@@ -1,0 +1,23 @@
+"""bench/tune.py: the candidate grid."""
+
+from __future__ import annotations
+
+from bench.tune import candidates, unzoomed
+from sidecar.settings import KernelSettings
+
+
+def test_every_zoom_candidate_is_compared_with_its_unzoomed_twin() -> None:
+    base = KernelSettings()
+    cands = candidates(base)
+    zoom = [c for c in cands if c.kernel.min_scale < 1.0]
+    assert zoom, "the grid measures scale freedom"
+    assert any(c.kernel.zoom_weight < 0 for c in zoom) and any(c.kernel.cut_weight > 0 for c in zoom)
+    for c in zoom:
+        twin = type(c)(c.profile, unzoomed(c.kernel, base), c.cam_share)
+        assert twin in cands
+        assert "zoom≥" in c.label() and "zoom≥" not in twin.label()
+
+
+def test_the_grid_has_no_duplicates() -> None:
+    cands = candidates(KernelSettings())
+    assert len(set(cands)) == len(cands)
