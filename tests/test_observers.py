@@ -8,7 +8,7 @@ import pytest
 from bench.baselines import centre_box
 from bench.eval_sets import PROTOCOLS, EvalItem, EvalSet
 from bench.metrics import fixations_kept
-from bench.observers import HALF, observer_gains, observers_table
+from bench.observers import ALL_BUT_ONE, HALF, observer_gains, observers_table
 from bench.quality import oracle_box
 
 W, H = 300, 100
@@ -50,7 +50,7 @@ def test_viewers_who_agree_win_what_the_oracle_wins():
         spots = np.column_stack([rng.uniform(5, 40, 4), rng.uniform(20, 80, 4)])
         items.append(_item(_viewers([spots] * 8)))
     es = _set(items)
-    gains = observer_gains(es, oracle_box, ks=(1, 2, HALF))
+    gains = observer_gains(es, oracle_box, ks=(1, 2, HALF, ALL_BUT_ONE))
     oracle = _oracle_gain(es)
     assert oracle > 0.2
     for g in gains:
@@ -67,11 +67,36 @@ def test_viewers_who_disagree_win_far_less_than_the_in_sample_oracle():
         spots = [np.tile([rng.uniform(0, W), rng.uniform(0, H)], (3, 1)) for _ in range(10)]
         items.append(_item(_viewers(spots)))
     es = _set(items)
-    (half,) = observer_gains(es, oracle_box, ks=(HALF,), splits=2)
+    half, rest = observer_gains(es, oracle_box, ks=(HALF, ALL_BUT_ONE), splits=2)
     oracle = _oracle_gain(es)
     assert oracle > 0.05
-    assert half.gain < 0.5 * oracle
-    assert half.images == 40 and half.se > 0
+    assert half.gain < 0.5 * oracle and rest.gain < 0.5 * oracle
+    assert half.images == rest.images == 40 and half.se > 0
+
+
+def test_all_but_one_scores_each_viewer_on_the_others_window_pooled_over_fixations():
+    # Viewer 0 (3 fixations) looks just left of the centre, which every centre crop of a
+    # 300 x 100 image keeps; viewers 1 and 2 (1 fixation each) look at the far right. Viewer 0
+    # held out: the others choose the right edge and lose all of viewer 0's fixations. Viewer 1
+    # or 2 held out: the remaining two (4 fixations, 3 near the centre) choose a window without
+    # the far right, as the centre crop does.
+    left = np.array([[140.0, 50.0]] * 3)
+    right = np.array([[290.0, 50.0]])
+    item = _item(_viewers([left, right, right]))
+    es = EvalSet(name="s", protocol=PROTOCOLS["saliency"], items=[item])
+    aspects = list(es.protocol.aspects(item).values())
+    (rest,) = observer_gains(es, oracle_box, ks=(ALL_BUT_ONE,))
+    others_of_1 = np.vstack([left, right])
+    expected = 0.0
+    for aspect in aspects:
+        centre = centre_box(W, H, aspect)
+        by_0_2 = oracle_box(item, aspect, lambda b: fixations_kept(b, others_of_1), 64)
+        by_1_2 = oracle_box(item, aspect, lambda b: fixations_kept(b, right), 64)
+        held_0 = fixations_kept(by_1_2, left) - fixations_kept(centre, left)
+        held_1 = fixations_kept(by_0_2, right) - fixations_kept(centre, right)
+        expected += (3 * held_0 + 2 * held_1) / 5
+    assert rest.gain == pytest.approx(expected / len(aspects), abs=1e-12)
+    assert rest.gain < 0  # every viewer disagrees with the rest: worse than the centre crop
 
 
 def test_images_without_enough_viewers_do_not_count():
@@ -90,10 +115,13 @@ def test_only_saliency_sets():
 
 def test_table_gives_shares_of_the_headroom():
     gains = observer_gains(
-        _set([_item(_viewers([np.array([[10.0, 50.0]])] * 4))]), oracle_box, ks=(1, HALF)
+        _set([_item(_viewers([np.array([[10.0, 50.0]])] * 4))]),
+        oracle_box,
+        ks=(1, HALF, ALL_BUT_ONE),
     )
     text = observers_table(gains, headroom=gains[0].gain * 2, heatcrop={"heatcrop x": 0.0})
     assert "| 1 viewer |" in text and "| half the viewers |" in text
+    assert "| all the other viewers (each scored in turn) |" in text
     assert "+50%" in text and "| heatcrop x | +0.000 | +0% | |" in text
 
 
