@@ -147,22 +147,30 @@ def _who(k: int) -> str:
 def observers_table(
     gains: Sequence[ObserverGain], headroom: float, heatcrop: dict[str, float]
 ) -> str:
-    """Markdown: each chooser's gain and share of the oracle's headroom, heatcrop's beside."""
+    """Markdown: each chooser's gain and share of the oracle's headroom, heatcrop's beside,
+    and each gain as a share of the largest panel's (the ceiling a predictor can be shown to
+    reach on this data)."""
+    panel = max((g for g in gains if g.images), key=lambda g: g.gain, default=None)
+    ceiling = panel.gain if panel is not None and panel.gain > 0 else float("nan")
     lines = [
         "Viewers as predictors: windows chosen on the fixations of k viewers, scored on "
         "other viewers of the same photo (half of them, or the one left out; never the "
-        "choosers): an unbiased "
-        "estimate of what a predictor as good as k people wins. The oracle chooses on the "
-        "fixations it is scored on, so part of its headroom is noise no predictor can win.",
+        "choosers): an unbiased estimate of what a predictor as good as k people wins. The "
+        "oracle chooses on the fixations it is scored on, so part of its headroom is noise "
+        "no predictor can win. Last column: the gain as a share of the best panel's"
+        + (f" ({_who(panel.k)})." if panel is not None else "."),
         "",
-        "| chosen by | Δ fixations vs centre | share of the oracle's headroom | images |",
-        "|---|---:|---:|---:|",
+        "| chosen by | Δ fixations vs centre | share of the oracle's headroom | images "
+        "| share of the best panel's gain |",
+        "|---|---:|---:|---:|---:|",
     ]
     for g in gains:
-        who = _who(g.k)
         share = g.gain / headroom if headroom > 0 else float("nan")
-        lines.append(f"| {who} | {g.gain:+.3f} ± {1.96 * g.se:.3f} | {share:+.0%} | {g.images} |")
+        lines.append(
+            f"| {_who(g.k)} | {g.gain:+.3f} ± {1.96 * g.se:.3f} | {share:+.0%} | {g.images} "
+            f"| {g.gain / ceiling:+.0%} |"
+        )
     for name, gain in heatcrop.items():
         share = gain / headroom if headroom > 0 else float("nan")
-        lines.append(f"| {name} | {gain:+.3f} | {share:+.0%} | |")
+        lines.append(f"| {name} | {gain:+.3f} | {share:+.0%} | | {gain / ceiling:+.0%} |")
     return "\n".join(lines)

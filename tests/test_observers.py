@@ -122,7 +122,19 @@ def test_table_gives_shares_of_the_headroom():
     text = observers_table(gains, headroom=gains[0].gain * 2, heatcrop={"heatcrop x": 0.0})
     assert "| 1 viewer |" in text and "| half the viewers |" in text
     assert "| all the other viewers (each scored in turn) |" in text
-    assert "+50%" in text and "| heatcrop x | +0.000 | +0% | |" in text
+    assert "+50%" in text and "| heatcrop x | +0.000 | +0% | | +0% |" in text
+    # One fixation per viewer at the same place: every panel wins the same, 100 % of the best.
+    assert text.count("| +100% |") == 3
+
+
+def test_table_gives_each_gain_as_a_share_of_the_best_panels():
+    from bench.observers import ObserverGain
+
+    gains = [ObserverGain(1, 0.01, 0.001, 10), ObserverGain(ALL_BUT_ONE, 0.04, 0.002, 10)]
+    text = observers_table(gains, headroom=0.08, heatcrop={"heatcrop x": 0.02})
+    assert "(all the other viewers (each scored in turn))" in text
+    assert "| 1 viewer | +0.010 ± 0.002 | +12% | 10 | +25% |" in text
+    assert "| heatcrop x | +0.020 | +25% | | +50% |" in text
 
 
 def test_quality_report_and_json_carry_the_viewers():
