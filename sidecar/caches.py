@@ -383,6 +383,14 @@ class TieredCache:
         )
         return stored and done is not _FAILED
 
+    def restore_local(self, key: str, value: bytes | None) -> None:
+        """Put this process's copy back to ``value`` (None: no copy); the shared tier is not
+        touched. For undoing a ``set`` that only this process took."""
+        if value is None:
+            self.l1.delete_now(key)
+        else:
+            self.l1.set_now(key, value, _min_ttl(self.ttl_s, self.l1_ttl_s))
+
     async def delete(self, key: str) -> bool:
         """Remove from both tiers; True unless L2 exists and could not be told."""
         self.l1.delete_now(key)

@@ -6,6 +6,7 @@ run serves every size of an original), the window search is cheap and runs per a
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 
@@ -47,6 +48,9 @@ class CropCore:
         self.source = source
         self.profile = profile
         self.params = search_params(kernel)
+        # Part of every box key: boxes found with other search settings are not reused.
+        what = repr((profile, CAM_SHARE, kernel))
+        self.search_version = hashlib.sha1(what.encode()).hexdigest()[:10]
 
     @classmethod
     def from_settings(cls, settings: Settings, engine: Engine) -> CropCore:

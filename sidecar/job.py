@@ -5,6 +5,7 @@ records kept between requests (the path's override, the original's last seen ide
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 from collections import OrderedDict
@@ -43,6 +44,14 @@ class Override:
 
     def encode(self) -> bytes:
         return json.dumps({"box": self.box, "version": self.version}).encode()
+
+    def tag(self) -> str:
+        """What the box key says of this override: its box, not its version, so that a box
+        found for one must-keep box is never served for another, even if the record (and
+        with it the version count) was lost and restarted."""
+        if self.box is None:
+            return ""
+        return hashlib.sha1(json.dumps(list(self.box)).encode()).hexdigest()[:12]
 
     @classmethod
     def decode(cls, raw: bytes | None) -> Override | None:
@@ -147,11 +156,12 @@ class CropJob:
     box: CropBox | None = None
     cached: bool = False
 
-    def set_identity(self, identity: str, model_version: str) -> None:
+    def set_identity(self, identity: str, model_version: str, search_version: str) -> None:
         self.identity = identity
         self.heat_key = heatmap_key(identity, model_version)
-        version = self.override.version if self.override else 0
-        self.box_key = box_key(self.heat_key, self.size.width, self.size.height, version)
+        tag = self.override.tag() if self.override else ""
+        variant = f"{search_version}.{tag}" if tag else search_version
+        self.box_key = box_key(self.heat_key, self.size.width, self.size.height, variant)
 
 
 Step = Callable[[Services, CropJob], Awaitable[None]]

@@ -74,6 +74,8 @@ SERVICES = web.AppKey("services", Services)
 DIALECT = web.AppKey("dialect", Dialect)
 HEALTH = web.AppKey("health", Health)
 OVERRIDE_LOCK = web.AppKey("override_lock", OverrideLock)
+# {"box": [x0, y0, x1, y1]} with sane numbers is under 100 bytes; refuse long bodies unread.
+MAX_OVERRIDE_BODY = 4096
 
 
 def add_routes(app: web.Application) -> None:
@@ -169,6 +171,9 @@ def error_response(exc: HeatcropError) -> web.Response:
 def _raw_tail(request: web.Request, skip: int) -> str:
     """The raw (still percent-encoded) path after its first ``skip`` segments."""
     raw = request.raw_path.partition("?")[0]
+    if not raw.startswith("/"):
+        # An absolute-form request line (GET http://host/crop/...): drop scheme and host.
+        raw = "/" + raw.partition("://")[2].partition("/")[2]
     parts = raw.split("/", skip + 1)
     return parts[skip + 1] if len(parts) > skip + 1 else ""
 
@@ -182,10 +187,15 @@ async def put_override(request: web.Request) -> web.Response:
         return denied
     try:
         path = clean_path(_raw_tail(request, 1))
-        box = parse_override(await request.read())
+        body = await request.content.read(MAX_OVERRIDE_BODY + 1)
+        if len(body) > MAX_OVERRIDE_BODY:
+            raise BadRequest("override body too large", public_message="body too large")
+        box = parse_override(body)
     except HeatcropError as exc:
         return error_response(exc)
     record = await _store_override(request, path, box)
+    if record is None:
+        return _not_stored()
     return web.json_response({"path": path, "box": record.box, "version": record.version})
 
 
@@ -199,27 +209,39 @@ async def delete_override(request: web.Request) -> web.Response:
         return error_response(exc)
     # A cleared record, not a deletion: the version must keep growing, or a later override
     # could reuse a version whose boxes are still cached.
-    await _store_override(request, path, None)
+    if await _store_override(request, path, None) is None:
+        return _not_stored()
     return web.Response(status=204)
 
 
 async def _store_override(
     request: web.Request, path: str, box: tuple[int, int, int, int] | None
-) -> Override:
+) -> Override | None:
+    """The stored record; None when a tier could not take it (Redis down): the editor must
+    hear that, since the local copy alone lives only seconds in a shared deployment."""
     overrides = request.app[SERVICES].caches.overrides
     key = override_key(path)
     async with request.app[OVERRIDE_LOCK].lock:
-        previous = Override.decode(await overrides.get(key))
+        raw = await overrides.get(key)
+        previous = Override.decode(raw)
         record = Override(box, (previous.version if previous else 0) + 1)
-        await overrides.set(key, record.encode())
+        if not await overrides.set(key, record.encode()):
+            # Not half-stored: this sidecar must not apply what the others never see.
+            overrides.restore_local(key, raw)
+            log.warning("override for %s not stored: the shared cache is unavailable", path)
+            return None
     return record
+
+
+def _not_stored() -> web.Response:
+    return web.Response(status=503, text="override store unavailable; nothing changed")
 
 
 def parse_override(body: bytes) -> tuple[int, int, int, int]:
     """The box of ``{"box": [x0, y0, x1, y1]}``; BadRequest for anything else."""
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise BadRequest("override body is not JSON", public_message="body must be JSON") from exc
     box = data.get("box") if isinstance(data, dict) else None
     if not (
@@ -246,7 +268,8 @@ def _authorise(request: web.Request) -> web.Response | None:
         return web.Response(
             status=401, text="bearer token required", headers={"WWW-Authenticate": "Bearer"}
         )
-    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+    # Header values arrive with undecodable bytes as surrogates: encode them back, never fail.
+    if not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"), token.encode()):
         return web.Response(status=403, text="wrong token")
     return None
 

@@ -9,7 +9,9 @@ operator has to go and fix.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import string
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -130,15 +132,62 @@ class Settings:
                 f"{env_name('server', 'answer_margin_ms')}={server.answer_margin_ms}: "
                 f"must be below {env_name('server', 'deadline_ms')}={server.deadline_ms}"
             )
+        if server.max_wait_ms >= server.deadline_ms:
+            raise SettingsError(
+                f"{env_name('server', 'max_wait_ms')}={server.max_wait_ms}: "
+                f"must be below {env_name('server', 'deadline_ms')}={server.deadline_ms}"
+            )
+        _check_legacy(self.legacy)
         return self
+
+
+# Fields each legacy URL template may use (sidecar/legacy.py fills them).
+CROP_FIELDS = frozenset({"x0", "y0", "x1", "y1", "cw", "ch", "w", "h", "path"})
+PLAIN_FIELDS = frozenset({"w", "h", "path"})
+
+
+def _check_legacy(legacy: LegacySettings) -> None:
+    """Dialect-specific values, so that a wrong one stops start-up instead of every answer."""
+    if legacy.dialect == "imgproxy":
+        for name in ("key", "salt"):
+            try:
+                bytes.fromhex(getattr(legacy, name))
+            except ValueError as exc:
+                raise SettingsError(f"{env_name('legacy', name)}: must be hex ({exc})") from exc
+    if legacy.dialect == "template":
+        var = env_name("legacy", "template")
+        crop, bar, plain = legacy.template.partition("|")
+        if not bar or "|" in plain:
+            raise SettingsError(f"{var}={legacy.template!r}: must be CROP|PLAIN, one '|'")
+        for what, text, allowed in (("crop", crop, CROP_FIELDS), ("plain", plain, PLAIN_FIELDS)):
+            _check_template(var, what, text, allowed)
+
+
+def _check_template(var: str, what: str, text: str, allowed: frozenset[str]) -> None:
+    if not text.startswith("/"):
+        raise SettingsError(f"{var}: the {what} template must start with '/', got {text!r}")
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
+    except ValueError as exc:
+        raise SettingsError(f"{var}: the {what} template {text!r} does not parse ({exc})") from exc
+    unknown = fields - allowed
+    if unknown:
+        raise SettingsError(
+            f"{var}: the {what} template uses {sorted(unknown)}; allowed: {sorted(allowed)}"
+        )
+    try:
+        text.format(**dict.fromkeys(allowed, 1))
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:
+        raise SettingsError(f"{var}: the {what} template {text!r} does not format ({exc})") from exc
 
 
 def env_name(section: str, name: str) -> str:
     return f"{ENV_PREFIX}{section}_{name}".upper()
 
 
-_POS = (lambda v: v > 0, "must be > 0")
-_NONNEG = (lambda v: v >= 0, "must be >= 0")
+# Finite too: an `inf` deadline or weight passes a plain comparison and breaks at run time.
+_POS = (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0")
+_NONNEG = (lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0")
 _RULES: tuple[tuple[str, str, typing.Callable[[Any], bool], str], ...] = (
     ("server", "port", lambda v: 0 <= v < 65536, "must be a TCP port"),
     ("server", "deadline_ms", *_POS),
@@ -176,7 +225,7 @@ _RULES: tuple[tuple[str, str, typing.Callable[[Any], bool], str], ...] = (
     ("kernel", "cut_weight", *_NONNEG),
     ("kernel", "cut_band", lambda v: 0 <= v <= 0.25, "must be in [0, 0.25]"),
     ("kernel", "zoom_weight", *_NONNEG),
-    ("kernel", "center_sigma", *_POS),
+    ("kernel", "center_sigma", lambda v: 0 < v <= 10, "must be in (0, 10]"),
     ("kernel", "center_weight", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     ("kernel", "gamma", lambda v: 0.1 <= v <= 8, "must be in [0.1, 8]"),
     ("kernel", "min_confidence", *_NONNEG),

@@ -46,7 +46,7 @@ async def step_analyse(svc: Services, job: CropJob) -> None:
     identity, job.analysis = await svc.flights.run(
         job.path, partial(_fetch_and_analyse, svc, job.path, job.deadline)
     )
-    job.set_identity(identity, svc.engine.version)
+    job.set_identity(identity, svc.engine.version, svc.core.search_version)
     if identity != known:  # first sight of this original here (or it changed): maybe cached
         await box_lookup(svc, job)
 

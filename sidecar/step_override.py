@@ -1,5 +1,5 @@
-"""Step ``override``: the path's override record (box + version; the version is part of the
-box key) and the original's identity as last seen (``IdentityMemo``), which gives the heatmap
+"""Step ``override``: the path's override record (box + version; the box is part of the box
+key) and the original's identity as last seen (``IdentityMemo``), which gives the heatmap
 and box keys without asking the source."""
 
 from __future__ import annotations
@@ -14,4 +14,4 @@ async def step_override(svc: Services, job: CropJob) -> None:
     job.override = Override.decode(await svc.caches.overrides.get(override_key(job.path)))
     identity = svc.identities.get(job.path, asyncio.get_running_loop().time())
     if identity is not None:
-        job.set_identity(identity, svc.engine.version)
+        job.set_identity(identity, svc.engine.version, svc.core.search_version)

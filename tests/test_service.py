@@ -90,16 +90,23 @@ async def _metric(client, name: str, **labels: str) -> float:
 
 
 async def _raw_get(
-    client, target: str, method: str = "GET", body: bytes = b""
+    client,
+    target: str,
+    method: str = "GET",
+    body: bytes = b"",
+    auth: bytes = f"Bearer {TOKEN}".encode(),
 ) -> tuple[int, bytes]:
-    """One request with the target sent byte for byte: aiohttp's client would remove the dot
-    segments before sending, while nginx passes them on."""
+    """One request with the target (and the Authorization value) sent byte for byte:
+    aiohttp's client would remove the dot segments before sending, while nginx passes them
+    on."""
     reader, writer = await asyncio.open_connection(client.host, client.port)
     head = (
-        f"{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-        f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n".encode()
+        + b"Authorization: "
+        + auth
+        + f"\r\nContent-Length: {len(body)}\r\n\r\n".encode()
     )
-    writer.write(head.encode() + body)
+    writer.write(head + body)
     await writer.drain()
     raw = await reader.read()
     writer.close()
@@ -345,6 +352,37 @@ async def test_bad_override_bodies_are_400(client, body: bytes) -> None:
     assert resp.status == 400
 
 
+async def test_an_undecodable_authorization_header_is_403_not_500(client) -> None:
+    body = b'{"box": [1, 1, 5, 5]}'
+    for auth in (b"Bearer \xff\xfe", b"Bearer " + TOKEN.encode() + b"\xc3"):
+        assert await _raw_get(client, "/override/cat.jpg", "PUT", body, auth) == (
+            403,
+            b"wrong token",
+        )
+
+
+@pytest.mark.parametrize(
+    ("body", "answer"),
+    [
+        (b"[" * 3000, b"body must be JSON"),  # nested deeper than the JSON parser recurses
+        (b"[" * 200_000, b"body too large"),
+        (b'{"box": [1, 1, 5, 5], "pad": "' + b"x" * 5000 + b'"}', b"body too large"),
+    ],
+)
+async def test_hostile_override_bodies_are_400(client, body: bytes, answer: bytes) -> None:
+    assert await _raw_get(client, "/override/cat.jpg", "PUT", body) == (400, answer)
+
+
+async def test_an_absolute_form_request_target_reads_the_same_original(client) -> None:
+    status, _ = await _raw_get(client, "http://x/crop/400x300/recipes/coffee.jpg")
+    assert status == 200
+    assert await _metric(client, "heatcrop_nn_runs_total") == 1
+    assert (await _crop(client, "400x300")).headers["X-Heatcrop-Path"] in (
+        "cached",
+        "low-confidence",
+    )
+
+
 @pytest.mark.parametrize("path", ["../x.jpg", "%2e%2e/x.jpg", "a/%2F..%2Fx"])
 async def test_override_path_traversal_is_400(client, path: str) -> None:
     body = b'{"box": [1, 1, 5, 5]}'
@@ -371,7 +409,8 @@ async def test_override_is_kept_and_delete_restores(client) -> None:
     deleted = await client.delete("/override/cat.jpg", headers=_auth())
     assert deleted.status == 204
     restored = await _crop(client, "300x300", "cat.jpg")
-    assert restored.headers["X-Heatcrop-Path"] in ("smart", "low-confidence")
+    # The box found before the override is valid again: box keys name the override's box.
+    assert restored.headers["X-Heatcrop-Path"] in ("cached", "low-confidence")
     assert _box(restored) == _box(before)
     assert await _metric(client, "heatcrop_nn_runs_total") == 1
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from functools import partial
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 from skimage import data as skdata
 
 import sidecar.app
+import sidecar.caches
 from sidecar.app import make_app
 from sidecar.caches import make_caches
 from sidecar.settings import (
@@ -106,3 +108,30 @@ async def test_redis_going_down_mid_test_never_breaks_crop(
     assert await _metric(second, "heatcrop_nn_runs_total") == 2
     assert "redis failed" in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_an_override_that_redis_cannot_take_is_refused_not_half_stored(
+    aiohttp_client, settings, redis_server, monkeypatch
+) -> None:
+    # The local copy of an override lives 2 s in a shared deployment; a slow first crop on a
+    # busy machine must not let it expire mid-test.
+    monkeypatch.setattr(sidecar.caches, "OVERRIDE_L1_TTL_S", 60.0)
+    shared = dataclasses.replace(
+        settings, server=dataclasses.replace(settings.server, override_token="t")
+    )
+    client = await aiohttp_client(make_app(shared))
+    auth = {"Authorization": "Bearer t"}
+    box = {"box": [0, 0, 50, 50]}
+    put = await client.put("/override/cat.jpg", json=box, headers=auth)
+    assert put.status == 200 and (await put.json())["version"] == 1
+    assert await _crop(client, "100x300", "cat.jpg") == "override"
+
+    redis_server.kill()
+    moved = await client.put("/override/cat.jpg", json={"box": [600, 400, 640, 430]}, headers=auth)
+    assert moved.status == 503
+    assert (await client.delete("/override/cat.jpg", headers=auth)).status == 503
+    # Nothing changed here either: this sidecar still applies the override it had.
+    resp = await client.get("/crop/100x300/cat.jpg")
+    assert resp.headers["X-Heatcrop-Path"] == "override"
+    x0, _, x1, _ = (int(v) for v in resp.headers["X-Heatcrop-Box"].split(","))
+    assert x0 == 0 and x1 >= 50

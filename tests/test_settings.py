@@ -94,3 +94,71 @@ def test_answer_margin_must_leave_time_for_work():
         s.load(environ=env)
     env["HEATCROP_SERVER_ANSWER_MARGIN_MS"] = "10"
     assert s.load(environ=env).server.answer_margin_ms == 10
+
+
+@pytest.mark.parametrize(
+    "var",
+    [
+        "HEATCROP_SERVER_MAX_WAIT_MS",
+        "HEATCROP_SERVER_DEADLINE_MS",
+        "HEATCROP_KERNEL_ZOOM_WEIGHT",
+        "HEATCROP_KERNEL_CUT_WEIGHT",
+        "HEATCROP_KERNEL_CENTER_SIGMA",
+        "HEATCROP_KERNEL_MIN_CONFIDENCE",
+    ],
+)
+def test_infinite_values_are_refused(var):
+    with pytest.raises(s.SettingsError, match=var):
+        s.load(environ={var: "inf"})
+
+
+def test_max_wait_must_leave_time_for_work():
+    with pytest.raises(s.SettingsError, match="HEATCROP_SERVER_MAX_WAIT_MS"):
+        s.load(environ={"HEATCROP_SERVER_MAX_WAIT_MS": "1e9"})
+
+
+@pytest.mark.parametrize(
+    ("env", "match"),
+    [
+        ({"HEATCROP_LEGACY_KEY": "my-secret-key"}, "HEATCROP_LEGACY_KEY: must be hex"),
+        ({"HEATCROP_LEGACY_KEY": "abcd", "HEATCROP_LEGACY_SALT": "xyz"}, "HEATCROP_LEGACY_SALT"),
+    ],
+)
+def test_imgproxy_key_and_salt_must_be_hex(env, match):
+    with pytest.raises(s.SettingsError, match=match):
+        s.load(environ={"HEATCROP_LEGACY_DIALECT": "imgproxy", **env})
+    s.load(
+        environ={
+            "HEATCROP_LEGACY_DIALECT": "imgproxy",
+            "HEATCROP_LEGACY_KEY": "ab12",
+            "HEATCROP_LEGACY_SALT": "cd34",
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("template", "match"),
+    [
+        ("", "CROP|PLAIN"),
+        ("/c/{x0}/{path}", "CROP|PLAIN"),
+        ("/c/{path}|/p/{path}|/q", "CROP|PLAIN"),
+        ("/c/{wat}/{path}|/p/{path}", "uses \\['wat'\\]"),
+        ("/c/{x0}/{path}|/p/{x0}/{path}", "plain template uses \\['x0'\\]"),
+        ("c/{x0}/{path}|/p/{path}", "must start with '/'"),
+        ("/c/{x0/{path}|/p/{path}", "does not parse"),
+        ("/c/{x0:q}/{path}|/p/{path}", "does not format"),
+        ("/c/{}/{path}|/p/{path}", "uses \\[''\\]"),
+    ],
+)
+def test_legacy_templates_are_checked_at_start_up(template, match):
+    env = {"HEATCROP_LEGACY_DIALECT": "template", "HEATCROP_LEGACY_TEMPLATE": template}
+    with pytest.raises(s.SettingsError, match=f"HEATCROP_LEGACY_TEMPLATE.*{match}"):
+        s.load(environ=env)
+
+
+def test_a_good_legacy_template_loads():
+    env = {
+        "HEATCROP_LEGACY_DIALECT": "template",
+        "HEATCROP_LEGACY_TEMPLATE": "/c/{x0},{y0},{x1},{y1}/{w}x{h}/{path}|/p/{w}x{h}/{path}",
+    }
+    assert s.load(environ=env).legacy.dialect == "template"
