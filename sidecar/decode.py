@@ -46,6 +46,7 @@ import numpy.typing as npt
 import pyvips
 
 from engines.buckets import bucket_for
+from kernels.window import MAX_SIDE
 from sidecar.errors import (
     CorruptImage,
     HeatcropError,
@@ -182,6 +183,10 @@ def _checked_header(
         raise CorruptImage(f"header gives an empty {width}x{height} image")
     if width * height > max_pixels:
         raise TooManyPixels(f"{width}x{height} = {width * height} pixels > limit {max_pixels}")
+    if max(width, height) > MAX_SIDE:
+        # A 1,200,000 x 1 strip passes the pixel limit, but neither the window search nor the
+        # heatmap record takes a side that long: refuse it before decoding, not after the CNN.
+        raise TooManyPixels(f"{width}x{height}: a side over {MAX_SIDE} pixels")
     return image, width, height, fmt
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from kernels.window import MAX_ASPECT, MIN_ASPECT
 from sidecar.errors import BadSize
 
 _SIZE = re.compile(r"^(\d{1,6})x(\d{1,6})$")
@@ -42,6 +43,12 @@ def parse_size(
         raise BadSize(
             f"size {width}x{height} over {max_width}x{max_height}",
             public_message=f"size over the limit {max_width}x{max_height}",
+        )
+    if width and height and not MIN_ASPECT <= width / height <= MAX_ASPECT:
+        # The window search refuses such aspects: say so before any fetch, decode or CNN.
+        raise BadSize(
+            f"size {width}x{height}: aspect outside [{MIN_ASPECT}, {MAX_ASPECT}]",
+            public_message="aspect ratio out of range",
         )
     size = Size(width, height)
     if allowed and str(size) not in allowed:

@@ -8,6 +8,7 @@ percent-decoding, so ``%2e%2e`` or ``%252e%252e`` cannot climb out of the root.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import posixpath
 import stat
@@ -59,7 +60,9 @@ def clean_path(raw: str) -> str:
         path = decoded
     else:
         raise BadPath(f"path {raw[:64]!r} is encoded too many times")
-    if not path or len(path) > MAX_PATH or "\x00" in path or "\\" in path:
+    # MAX_PATH counts UTF-8 bytes, as the box record that stores the path does.
+    too_long = len(path.encode("utf-8", "surrogatepass")) > MAX_PATH
+    if not path or too_long or "\x00" in path or "\\" in path:
         raise BadPath(f"path {raw[:64]!r} is empty, too long or has NUL/backslash")
     if path.startswith("/") or any(part in ("..", ".") for part in path.split("/")):
         raise BadPath(f"path {raw[:64]!r} is absolute or has dot segments")
@@ -107,7 +110,10 @@ class FolderSource:
     def _read(self, rel: str, expires: float | None = None) -> Original:
         if expires is not None and time.monotonic() > expires:
             raise DeadlineExceeded(f"{rel}: budget spent while the read was queued")
-        full = (self.root / rel).resolve()
+        try:
+            full = (self.root / rel).resolve()
+        except (OSError, RuntimeError) as exc:  # a name too long, a symlink loop
+            raise SourceNotFound(f"{rel}: {exc}") from exc
         if not full.is_relative_to(self.root):  # a symlink pointing outside the root
             raise BadPath(f"{rel} resolves outside the root")
         try:
@@ -121,6 +127,10 @@ class FolderSource:
         except (FileNotFoundError, NotADirectoryError) as exc:
             raise SourceNotFound(rel) from exc
         except PermissionError as exc:
+            raise SourceNotFound(f"{rel}: {exc}") from exc
+        except OSError as exc:
+            if exc.errno not in (errno.ENAMETOOLONG, errno.ELOOP):
+                raise
             raise SourceNotFound(f"{rel}: {exc}") from exc
         if len(data) > self.max_bytes:
             raise InputTooLarge(f"{rel} grew past the limit while reading")

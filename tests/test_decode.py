@@ -334,6 +334,15 @@ def test_too_many_pixels_for_an_ordinary_image() -> None:
     assert probe(data, max_bytes=LIMITS["max_bytes"], max_pixels=5000) == (100, 50, "jpeg")
 
 
+def test_a_side_longer_than_the_search_takes_is_refused_from_the_header(
+    no_full_decode: None,
+) -> None:
+    # 1.2 M pixels pass the pixel limit, but no box or heatmap record takes a 1.2 M side.
+    data = pyvips.Image.black(1_200_000, 1).pngsave_buffer()
+    with pytest.raises(TooManyPixels, match="side over"):
+        decode(data, max_bytes=LIMITS["max_bytes"], max_pixels=LIMITS["max_pixels"])
+
+
 @pytest.fixture
 def no_full_decode(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Make any pixel decode through the thumbnail path blow up."""

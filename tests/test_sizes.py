@@ -33,3 +33,15 @@ def test_limits_and_allow_list():
     assert parse_size("400x300", allowed=("400x300",)).width == 400
     with pytest.raises(BadSize, match="not allowed"):
         parse_size("401x300", allowed=("400x300",))
+
+
+@pytest.mark.parametrize("text", ["4000x1", "1x4000", "3001x3"])
+def test_aspects_the_search_refuses_are_400_before_any_work(text):
+    with pytest.raises(BadSize, match="aspect") as info:
+        parse_size(text)
+    assert info.value.public_message == "aspect ratio out of range"
+
+
+@pytest.mark.parametrize("text", ["1000x1", "1x1000", "4000x0", "0x4000"])
+def test_extreme_but_searchable_sizes_pass(text):
+    assert parse_size(text).width == int(text.split("x")[0])

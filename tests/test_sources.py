@@ -176,3 +176,25 @@ async def test_folder_reads_are_bounded_and_skip_what_nobody_waits_for(tmp_path)
         assert (await src.fetch("a.jpg", budget_s=5)).data == b"x"
     finally:
         await src.close()
+
+
+def test_clean_path_limit_counts_utf8_bytes():
+    # 410 characters, 1210 bytes: the box record stores at most 1024 bytes of path.
+    with pytest.raises(BadPath):
+        clean_path("/".join(["食" * 80] * 5) + "/a.jpg")
+    assert clean_path("食" * 300 + ".jpg")  # 904 bytes
+
+
+async def test_a_file_name_too_long_for_the_file_system_is_not_found(folder):
+    src = FolderSource(SourceSettings(root=str(folder), max_bytes=100))
+    with pytest.raises(SourceNotFound):
+        await src.fetch("a" * 300 + ".jpg")
+    with pytest.raises(SourceNotFound):
+        await src.fetch("r/" + "b" * 300 + "/a.jpg")
+
+
+async def test_a_symlink_loop_is_not_found(folder):
+    os.symlink(folder / "r" / "loop.jpg", folder / "r" / "loop.jpg")
+    src = FolderSource(SourceSettings(root=str(folder), max_bytes=100))
+    with pytest.raises((SourceNotFound, BadPath)):
+        await src.fetch("r/loop.jpg")
