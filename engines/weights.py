@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import pickle
 import struct
 import zipfile
@@ -157,6 +158,11 @@ def _rebuild_tensor_v2(
             raise WeightsError(
                 f"tensor reaches element {last} of a {storage.numel}-element storage"
             )
+        # Materialising copies every element: a zero or overlapping stride must not turn a
+        # small storage into a huge array (weights never share elements within a tensor).
+        count = math.prod(shape)
+        if count > storage.numel:
+            raise WeightsError(f"tensor of {count} elements over a {storage.numel}-element storage")
     return _PendingTensor(storage, storage_offset, shape, strides)
 
 

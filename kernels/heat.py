@@ -128,14 +128,21 @@ def _gaussian_axis(n: int, sigma: float) -> np.ndarray:
     """Gaussian over the n cell centres of one axis, sigma = sigma x n, peak scaled to 1.
 
     Scaling by the nearest-to-centre cell (not the ideal peak) keeps a tiny sigma from
-    underflowing every cell to zero, which would make the normalisation divide by zero.
+    underflowing every cell to zero, which would make the normalisation divide by zero. The
+    distances are compared before dividing by sigma: divided first, they all overflow to inf
+    for a tiny sigma, and inf - inf is NaN.
     """
     s = sigma * n
-    d2 = np.empty(n, dtype=np.float64)
+    raw = np.empty(n, dtype=np.float64)
     for i in range(n):
-        d = (i + 0.5 - 0.5 * n) / s
-        d2[i] = d * d
-    return np.exp(-0.5 * (d2 - d2.min()))
+        d = i + 0.5 - 0.5 * n
+        raw[i] = d * d
+    m = raw.min()
+    out = np.ones(n, dtype=np.float64)
+    for i in range(n):
+        if raw[i] > m:
+            out[i] = np.exp(-0.5 * ((raw[i] - m) / s) / s)
+    return out
 
 
 @njit(cache=True)

@@ -28,3 +28,18 @@ def test_gamma_matches_power_of_the_map():
 def test_gamma_validation(gamma):
     with pytest.raises(ValueError, match="gamma"):
         prepare_heatmap(np.ones((2, 2)), (4, 4), center_sigma=0.3, center_weight=0.0, gamma=gamma)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (2, 3), (5, 8)])
+@pytest.mark.parametrize("sigma", [1e-160, 1e-300, 5e-324])
+def test_a_vanishing_centre_prior_is_the_centre_cells_not_nan(
+    sigma: float, shape: tuple[int, int]
+) -> None:
+    out = prepare_heatmap(np.zeros((7, 7)), shape, center_sigma=sigma, center_weight=1.0)
+    assert np.isfinite(out).all() and abs(float(out.sum()) - 1.0) < 1e-5
+    gh, gw = shape
+    rows = [gh // 2 - 1, gh // 2] if gh % 2 == 0 else [gh // 2]
+    cols = [gw // 2 - 1, gw // 2] if gw % 2 == 0 else [gw // 2]
+    expected = np.zeros(shape)
+    expected[np.ix_(rows, cols)] = 1.0 / (len(rows) * len(cols))
+    np.testing.assert_allclose(out, expected, atol=1e-6)

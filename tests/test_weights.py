@@ -290,6 +290,19 @@ def test_tensor_outside_its_storage_is_refused(tmp_path, offset, size, stride):
         W.load_state_dict(_write(tmp_path, data))
 
 
+@pytest.mark.parametrize(
+    ("size", "stride"), [((1 << 20, 1 << 20), (0, 0)), ((30,), (0,)), ((4, 6), (1, 1))]
+)
+def test_a_tensor_with_more_elements_than_its_storage_is_refused(tmp_path, size, stride):
+    # Zero or overlapping strides stay inside a 20-element storage, but materialising would
+    # copy every element: 4 TiB for the first one.
+    main = _state_dict([("t", _tensor(_pid("FloatStorage", "0", 20, legacy=True), 0, size,
+                                      stride))])  # fmt: skip
+    data = _legacy_file(main, [("0", np.zeros(20, np.float32))])
+    with pytest.raises(W.WeightsError, match="elements over a 20-element storage"):
+        W.load_state_dict(_write(tmp_path, data))
+
+
 def test_zip_storage_size_mismatch_is_refused(tmp_path):
     main, storages, _ = _sample(legacy=False)
     storages[0] = ("0", storages[0][1][:-1])
