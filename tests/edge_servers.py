@@ -2,11 +2,13 @@
 
     python -m tests.edge_servers hang PORT     # accepts, reads the request, never answers
     python -m tests.edge_servers error PORT    # answers every request with 500
+    python -m tests.edge_servers hang-first PORT  # the first /crop hangs 3 s, the rest 500
     python -m tests.edge_servers broken-engine # the real sidecar (HEATCROP_* settings) whose
                                                # engine raises on every request after warming
 
 nginx must turn each into the legacy crop. ``/healthz`` answers 200 in every mode so the
-stack's readiness check works the same way as for the real sidecar.
+stack's readiness check works the same way as for the real sidecar; ``/count`` tells how many
+other requests reached this process.
 """
 
 from __future__ import annotations
@@ -21,14 +23,26 @@ import numpy as np
 
 class _Handler(BaseHTTPRequestHandler):
     mode = "error"
+    seen = 0
+    lock = threading.Lock()
 
     def do_GET(self) -> None:
         if self.path == "/healthz":
             self._answer(200, b"ok")
-        elif self.mode == "hang":
+            return
+        if self.path == "/count":
+            self._answer(200, str(_Handler.seen).encode())
+            return
+        with _Handler.lock:
+            _Handler.seen += 1
+            first = _Handler.seen == 1
+        if self.mode == "hang":
             threading.Event().wait()  # until the process is stopped
-        else:
-            self._answer(500, b"sidecar broke")
+        elif self.mode == "hang-first" and first:
+            threading.Event().wait(3.0)  # past any edge timeout, then a late 500
+        self._answer(500, b"sidecar broke")
+
+    do_PUT = do_GET  # noqa: N815 (http.server dispatches on the method name)
 
     def _answer(self, status: int, body: bytes) -> None:
         self.send_response(status)
@@ -70,7 +84,7 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["broken-engine"]:
         return serve_broken_engine()
     mode, port = argv[0], int(argv[1])
-    if mode not in ("hang", "error"):
+    if mode not in ("hang", "error", "hang-first"):
         raise SystemExit(f"unknown mode {mode}")
     serve_fake(mode, port)
     return 0

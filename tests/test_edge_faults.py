@@ -56,10 +56,13 @@ def _edge(workdir: Path, sidecars: tuple[str, ...], thumbor: Service, **kw: obje
     cfg = NginxConfig(
         out=workdir / "nginx",
         listen=f"{HOST}:{free_port()}",
-        admin_listen=f"{HOST}:{free_port()}",
         sidecars=sidecars,
         legacy=thumbor.address,
-        **{"sidecar_timeout_ms": TIMEOUT_MS, **kw},  # type: ignore[arg-type]
+        **{  # type: ignore[arg-type]
+            "sidecar_timeout_ms": TIMEOUT_MS,
+            "admin_listen": f"{HOST}:{free_port()}",
+            **kw,
+        },
     )
     return nginx_service(cfg)
 
@@ -103,6 +106,76 @@ def test_sidecar_down_serves_the_legacy_crop_which_expires(
         assert fetch(url).header("X-Heatcrop-Cache") in ("EXPIRED", "MISS")
     finally:
         edge.stop()
+
+
+def test_a_plain_path_without_max_age_still_expires_at_the_fallback_age(
+    tmp_path: Path, thumbor: Service
+) -> None:
+    # Thumbor keeps an unfiltered result a day; nginx caps what it keeps and what browsers see.
+    nobody = f"{HOST}:{free_port()}"
+    plain = "/unsafe/$crop_size/$crop_source"
+    edge = _edge(tmp_path, (nobody,), thumbor, fallback_max_age_s=1, plain_path=plain).start()
+    try:
+        url = f"{_public(edge)}/img/400x300/recipes/{SMART}.jpg"
+        first = fetch(url)
+        assert first.header("X-Heatcrop-Path") == "edge-fallback"
+        assert first.max_age == 1 and first.header("Expires") == ""
+        time.sleep(2.2)
+        assert fetch(url).header("X-Heatcrop-Cache") in ("EXPIRED", "MISS")
+    finally:
+        edge.stop()
+
+
+def test_one_timeout_does_not_move_an_original_to_another_sidecar(
+    tmp_path: Path, thumbor: Service
+) -> None:
+    # Each original is hashed to one sidecar, whose memory holds its heatmap. A single slow
+    # answer must not evict that sidecar and send the original's other sizes elsewhere.
+    ports = (free_port(), free_port())
+    fakes = [fake_sidecar(tmp_path, "hang-first", p).start() for p in ports]
+    edge = _edge(tmp_path, tuple(f"{HOST}:{p}" for p in ports), thumbor).start()
+    try:
+        for n in range(4):
+            resp = fetch(f"{_public(edge)}/img/{400 + n}x300/recipes/{SMART}.jpg")
+            assert resp.status == 200 and resp.header("X-Heatcrop-Path") == "edge-fallback"
+        seen = sorted(int(fetch(f"http://{HOST}:{p}/count").body) for p in ports)
+        assert seen == [0, 4]
+    finally:
+        edge.stop()
+        for fake in fakes:
+            fake.stop()
+
+
+def test_admin_requests_for_an_original_reach_the_sidecar_that_serves_it(
+    tmp_path: Path, thumbor: Service
+) -> None:
+    # An override lands in the memory of the sidecar it reaches: without Redis, that must be
+    # the sidecar the original's public URLs are hashed to.
+    ports = (free_port(), free_port())
+    fakes = [fake_sidecar(tmp_path, "error", p).start() for p in ports]
+    admin_listen = f"{HOST}:{free_port()}"
+    sidecars = tuple(f"{HOST}:{p}" for p in ports)
+    edge = _edge(tmp_path, sidecars, thumbor, admin_listen=admin_listen).start()
+    admin = f"http://{admin_listen}"
+
+    def counts() -> list[int]:
+        return [int(fetch(f"http://{HOST}:{p}/count").body) for p in ports]
+
+    try:
+        for name in "ghijklmn":
+            before = counts()
+            fetch(f"{_public(edge)}/img/400x300/x/{name}.jpg")
+            public = counts()
+            fetch(f"{admin}/override/x/{name}.jpg", method="PUT", data=b"{}")
+            fetch(f"{admin}/debug/400x300/x/{name}.jpg")
+            after = counts()
+            hit = [i for i in range(2) if public[i] > before[i]]
+            assert len(hit) == 1
+            assert after[hit[0]] - public[hit[0]] == 2, (name, before, public, after)
+    finally:
+        edge.stop()
+        for fake in fakes:
+            fake.stop()
 
 
 @pytest.mark.parametrize("mode", ["hang", "error"])

@@ -34,6 +34,7 @@ def test_every_mode_renders_a_config_nginx_accepts(tmp_path: Path, mode: str) ->
         sidecars=("127.0.0.1:18081", "127.0.0.1:18082"),
         legacy="127.0.0.1:18888",
         standin_image=_standin_image(tmp_path),
+        access_log=True,
     )
     text = render(cfg).read_text()
     assert "{{" not in text

@@ -126,3 +126,19 @@ def test_two_sidecars_share_heatmaps_through_redis(
         assert resp.status == 200
         assert resp.header("Content-Type") == "image/jpeg"
         assert nn_runs(other) == 0
+
+
+def test_names_with_reserved_characters_keep_their_signature(signed: Stack, images: Path) -> None:
+    # nginx would decode and re-escape a static proxy_pass URI (%2B -> +), and Thumbor checks
+    # the signature against the path it receives: the sidecar's URL must reach it unchanged.
+    name = "recipes/a+b (1),x'&=;@!$*.jpg"
+    target = images / name
+    if not target.exists():
+        target.write_bytes((images / f"recipes/{SMART}.jpg").read_bytes())
+    raw = "recipes/a%2Bb%20%281%29%2Cx%27%26%3D%3B%40%21%24%2A.jpg"
+    for size, served in (("400x300", "smart"), ("300x0", "fallback")):
+        resp = fetch(f"{signed.public}/img/{size}/{raw}")
+        assert resp.status == 200, resp.body[:200]
+        assert resp.header("X-Heatcrop-Served") == served
+        assert resp.header("X-Heatcrop-Path") != "edge-fallback"
+        assert pixels(resp.body).shape[2] == 3

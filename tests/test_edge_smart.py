@@ -127,6 +127,13 @@ def test_operator_endpoints_are_not_public(stack: Stack, path: str) -> None:
     assert fetch(stack.admin + path).status == 200
 
 
+def test_operators_see_the_sidecars_redirect_on_the_admin_server(stack: Stack) -> None:
+    resp = fetch(f"{stack.admin}/crop/400x300/recipes/{SMART}.jpg")
+    assert resp.status == 200 and resp.body == b""
+    assert resp.header("X-Accel-Redirect").startswith("/@legacy/")
+    assert resp.header("X-Heatcrop-Path") in ("smart", "cached", "low-confidence")
+
+
 def test_override_writes_go_through_admin_with_the_token(stack: Stack) -> None:
     body = json.dumps({"box": [0, 0, 200, 200]}).encode()
     path = "/override/photos/astronaut.jpg"
