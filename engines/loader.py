@@ -92,9 +92,14 @@ def load_engine(
         assert choice.plan is not None and choice.machine is not None
         try:
             return _load_trt(choice.plan, choice.machine, digest, settings.kind, warm)
-        except (EngineError, PlanError, NoMatchingPlan, ImportError, OSError) as exc:
+        except Exception as exc:
+            # kind=auto promises a working engine: whatever the TensorRT bindings raise (their
+            # API moves between versions), ONNX Runtime still serves.
             if settings.kind == "trt":
                 raise
+            expected = (EngineError, PlanError, NoMatchingPlan, ImportError, OSError)
+            if not isinstance(exc, expected):
+                log.warning("TensorRT failed unexpectedly; using ONNX Runtime", exc_info=True)
             first_line = (str(exc).splitlines() or ["?"])[0]
             reason = f"TensorRT plan {choice.plan.plan_file} failed to load: {first_line}"
     engine: Engine = OrtEngine(model, threads=settings.threads)

@@ -194,14 +194,21 @@ class TrtEngine:
             self._ctx = self._cuda.Device(device).retain_primary_context()
         except self._cuda_error as exc:
             raise EngineError(f"CUDA: cannot open GPU #{device}: {exc}") from exc
-        self._push()
+        try:
+            self._push()
+        except BaseException:
+            self._ctx.detach()  # the retained primary context is released on every path
+            self._ctx = None
+            raise
         try:
             self._load(data)
         except BaseException:
-            self._free()
-            self._pop()
-            self._ctx.detach()
-            self._ctx = None
+            try:
+                self._free()
+                self._pop()
+            finally:
+                self._ctx.detach()
+                self._ctx = None
             raise
         self._pop()
 
@@ -250,11 +257,13 @@ class TrtEngine:
             self._closed = True
             if self._ctx is None:
                 return
-            self._push()
             try:
-                self._free()
+                self._push()
+                try:
+                    self._free()
+                finally:
+                    self._pop()
             finally:
-                self._pop()
                 self._ctx.detach()
                 self._ctx = None
 

@@ -167,3 +167,23 @@ def test_load_trt_with_unloadable_plan_raises(model_dir, tmp_path):
     write_plan(tmp_path, H100, str(read_manifest(model_dir)["sha256"]))
     with pytest.raises(EngineError):
         load_engine(_model_settings(model_dir, tmp_path, "trt"), warm=False, probe=lambda: H100)
+
+
+@pytest.mark.parametrize("error", [RuntimeError, TypeError, AttributeError])
+def test_load_auto_falls_back_whatever_the_tensorrt_bindings_raise(
+    model_dir, tmp_path, monkeypatch, caplog, error
+):
+    import engines.loader
+
+    def broken(*args, **kwargs):
+        raise error("binding changed")
+
+    monkeypatch.setattr(engines.loader, "_load_trt", broken)
+    write_plan(tmp_path, H100, str(read_manifest(model_dir)["sha256"]))
+    with caplog.at_level(logging.INFO, logger="heatcrop.engine"):
+        engine = load_engine(_model_settings(model_dir, tmp_path), warm=False, probe=lambda: H100)
+    assert isinstance(engine, OrtEngine)
+    engine.close()
+    assert "failed to load: binding changed" in caplog.records[-1].getMessage()
+    with pytest.raises(error):
+        load_engine(_model_settings(model_dir, tmp_path, "trt"), warm=False, probe=lambda: H100)

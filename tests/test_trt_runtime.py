@@ -156,3 +156,50 @@ def test_matching_plan_without_the_libraries_is_a_typed_error(tmp_path):
 
     with pytest.raises(EngineError, match="TensorRT runtime not importable"):
         TrtEngine(manifest, H100, MODEL_SHA, importer=refuse)
+
+
+class _FakeContext:
+    def __init__(self, log: list[str], fail: str) -> None:
+        self.log, self.fail = log, fail
+
+    def push(self) -> None:
+        self.log.append("push")
+        if self.fail == "push":
+            raise _FakeCudaError("push failed")
+
+    def detach(self) -> None:
+        self.log.append("detach")
+
+
+class _FakeCudaError(Exception):
+    pass
+
+
+def _fake_cuda(log: list[str], fail: str):
+    import types
+
+    cuda = types.SimpleNamespace(Error=_FakeCudaError, init=lambda: None)
+    cuda.Device = lambda n: types.SimpleNamespace(
+        retain_primary_context=lambda: _FakeContext(log, fail)
+    )
+
+    def pop() -> None:
+        log.append("pop")
+        if fail == "pop":
+            raise _FakeCudaError("pop failed")
+
+    cuda.Context = types.SimpleNamespace(pop=pop)
+    return cuda
+
+
+@pytest.mark.parametrize("fail", ["push", "pop"])
+def test_the_retained_gpu_context_is_released_whatever_fails(tmp_path, fail):
+    # No GPU here: fake CUDA bindings record what the engine does with its context.
+    import types
+
+    manifest = write_plan(tmp_path)
+    log: list[str] = []
+    modules = {"tensorrt": types.SimpleNamespace(), "pycuda.driver": _fake_cuda(log, fail)}
+    with pytest.raises(EngineError):
+        TrtEngine(manifest, H100, MODEL_SHA, importer=modules.__getitem__)
+    assert log[-1] == "detach" and log.count("detach") == 1
