@@ -55,6 +55,8 @@ CACHES = web.AppKey("caches", Caches)
 SOURCE = web.AppKey("source", Source)
 POOL = web.AppKey("pool", Executor)
 SEARCH_POOL = web.AppKey("search_pool", Executor)
+# Clean-up waits this long for background cache writes (each bounded by its own timeout).
+WRITES_DRAIN_S = 2.0
 
 Context = Callable[[web.Application], AsyncIterator[None]]
 
@@ -179,7 +181,7 @@ async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
-    app[SERVICES] = Services(
+    svc = app[SERVICES] = Services(
         settings=app[SETTINGS],
         engine=app[ENGINE],
         core=app[CORE],
@@ -192,6 +194,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         metrics=app[METRICS],
     )
     yield
+    await svc.drain_writes(WRITES_DRAIN_S)
 
 
 def serve(settings: Settings) -> None:

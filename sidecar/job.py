@@ -12,6 +12,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any
 
 from engines.base import Engine
 from kernels.window import CropBox
@@ -126,6 +127,9 @@ class Services:
     flights: SingleFlight[tuple[str, Analysis]] = field(default_factory=SingleFlight)
     identities: IdentityMemo = field(default_factory=IdentityMemo)
     background: dict[str, Pending] = field(default_factory=dict)  # by heatmap key
+    # Fire-and-forget cache writes: the loop keeps only weak references to tasks, so these
+    # hold them until done; the services' clean-up waits for them before the caches close.
+    writes: set[asyncio.Task[Any]] = field(default_factory=set)
     decoding: int = 0  # decodes queued or running in the pool
     decode_s: float = 0.010  # EWMA of one decode's own seconds (not its wait for a thread)
 
@@ -141,6 +145,24 @@ class Services:
 
     def observe_decode(self, seconds: float) -> None:
         self.decode_s += DECODE_EWMA_ALPHA * (seconds - self.decode_s)
+
+    def spawn_write(
+        self, write: Awaitable[Any], on_done: Callable[[asyncio.Task[Any]], None]
+    ) -> None:
+        task: asyncio.Task[Any] = asyncio.ensure_future(write)
+        self.writes.add(task)
+        task.add_done_callback(self.writes.discard)
+        task.add_done_callback(on_done)
+
+    async def drain_writes(self, timeout_s: float) -> None:
+        """Let pending cache writes finish (a Redis write is bounded by its own timeout);
+        cancel what is left after ``timeout_s``."""
+        if not self.writes:
+            return
+        _, late = await asyncio.wait(set(self.writes), timeout=timeout_s)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
 
 
 @dataclass

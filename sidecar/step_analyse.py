@@ -167,8 +167,7 @@ def finish_in_background(svc: Services, decoded: Decoded, key: str) -> None:
     def store(heat: ImageHeat) -> None:
         analysis = make_analysis(decoded, heat, svc.engine.version)
         settle(analysis)
-        task = asyncio.ensure_future(svc.caches.put_analysis(key, analysis))
-        task.add_done_callback(_log_failure)
+        svc.spawn_write(svc.caches.put_analysis(key, analysis), _log_failure)
 
     def settle(result: Analysis | None = None) -> None:
         if svc.background.get(key) is pending:
