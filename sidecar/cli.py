@@ -53,7 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the sidecar HTTP service (aiohttp on uvloop)")
     serve.set_defaults(func=_serve)
     warm = sub.add_parser("warm", help="precompute heatmaps of a list of paths into the cache")
-    warm.add_argument("--list", required=True, type=Path, help="paths, one a line (# comments)")
+    warm.add_argument(
+        "--list",
+        required=True,
+        type=Path,
+        help="paths under the source root as named there (not URL-encoded), one a line",
+    )
     warm.add_argument("--concurrency", type=int, default=4, help="originals in flight at once")
     warm.set_defaults(func=_warm)
     engines = sub.add_parser("engines", help="TensorRT plans (see `make engines`)")

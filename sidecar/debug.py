@@ -51,7 +51,7 @@ from sidecar.overlay import render_overlay
 from sidecar.pipeline import run_crop
 from sidecar.singleflight import SingleFlight
 from sidecar.sizes import Size, parse_size
-from sidecar.sources import Original, clean_path
+from sidecar.sources import Original, checked_path, clean_path
 
 log = logging.getLogger("heatcrop.debug")
 
@@ -292,7 +292,7 @@ def crop_jpeg(data: bytes, box: CropBox, size: Size) -> bytes:
 async def gallery(request: web.Request) -> web.Response:
     src = request.query.get("src", "")
     try:
-        path = clean_path(src)
+        path = checked_path(src)  # the query string is decoded already
     except HeatcropError as exc:
         return web.Response(status=exc.status, text=exc.public_message)
     return web.Response(

@@ -44,33 +44,48 @@ class Original:
 
 class Source(Protocol):
     async def fetch(self, path: str, budget_s: float | None = None) -> Original:
-        """The original at ``path``; ``budget_s``: seconds after which nobody waits for it."""
+        """The original at ``path`` (decoded, as ``clean_path`` returns it); ``budget_s``:
+        seconds after which nobody waits for it."""
         ...
 
     async def close(self) -> None: ...
 
 
 def clean_path(raw: str) -> str:
-    """A relative, normalised path inside the root, or BadPath."""
-    path = raw
-    for _ in range(4):  # nested encodings; more than that is not a real image path
-        decoded = unquote(path)
-        if decoded == path:
+    """The path a raw (percent-encoded) URL tail names, decoded once as nginx and the legacy
+    server decode it, relative and normalised; BadPath otherwise.
+
+    Deeper decodings are checked too (``%252e%252e`` is refused), but not used: a file whose
+    name holds ``%41`` is requested as ``%2541`` and must stay ``%41``.
+    """
+    path = unquote(raw)
+    deeper = path
+    for _ in range(3):  # nested encodings; more than that is not a real image path
+        decoded = unquote(deeper)
+        if decoded == deeper:
             break
-        path = decoded
+        deeper = decoded
+        checked_path(deeper, shown=raw)
     else:
         raise BadPath(f"path {raw[:64]!r} is encoded too many times")
+    return checked_path(path, shown=raw)
+
+
+def checked_path(path: str, shown: str | None = None) -> str:
+    """``path`` (already decoded) if it is relative, normalised and within limits; BadPath
+    otherwise. ``shown``: what to quote in the error, the raw form when there is one."""
+    what = (path if shown is None else shown)[:64]
     # MAX_PATH counts UTF-8 bytes, as the box record that stores the path does.
     too_long = len(path.encode("utf-8", "surrogatepass")) > MAX_PATH
     if not path or too_long or "\x00" in path or "\\" in path:
-        raise BadPath(f"path {raw[:64]!r} is empty, too long or has NUL/backslash")
+        raise BadPath(f"path {what!r} is empty, too long or has NUL/backslash")
     if path.startswith("/") or any(part in ("..", ".") for part in path.split("/")):
-        raise BadPath(f"path {raw[:64]!r} is absolute or has dot segments")
+        raise BadPath(f"path {what!r} is absolute or has dot segments")
     if any(ord(c) < 32 for c in path):
-        raise BadPath(f"path {raw[:64]!r} has control characters")
+        raise BadPath(f"path {what!r} has control characters")
     normal = posixpath.normpath(path)
     if normal != path.rstrip("/") or normal.startswith(".."):
-        raise BadPath(f"path {raw[:64]!r} is not normalised")
+        raise BadPath(f"path {what!r} is not normalised")
     return normal
 
 
@@ -93,7 +108,7 @@ class FolderSource:
         self._pool = ThreadPoolExecutor(self.READ_THREADS, thread_name_prefix="heatcrop-read")
 
     async def fetch(self, path: str, budget_s: float | None = None) -> Original:
-        rel = clean_path(path)
+        rel = checked_path(path)  # decoded already: decoding again would name another file
         if self.reads >= self.MAX_READS:
             raise Overloaded(f"{self.reads} reads already queued")
         # Only a read that has to queue behind others may be skipped: one that starts at once
@@ -164,7 +179,7 @@ class HttpSource:
         return self._session
 
     async def fetch(self, path: str, budget_s: float | None = None) -> Original:
-        rel = clean_path(path)
+        rel = checked_path(path)  # decoded already: quoted once for the origin
         url = self.base + quote(rel, safe="/")
         # The budget caps the whole exchange; the per-socket limits still apply within it.
         # (timeout=None would mean no limit at all, not the session's: pass it only when set.)
