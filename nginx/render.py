@@ -151,7 +151,8 @@ def render(cfg: NginxConfig) -> Path:
             # max_fails=0: a timeout (one slow answer under load) must not evict a sidecar
             # and move its originals to one without their heatmaps; a refused connection
             # still moves on (proxy_next_upstream error), a dead host costs one connect timeout.
-            f"        server {s} max_fails=0;" for s in cfg.sidecars
+            f"        server {s} max_fails=0;"
+            for s in cfg.sidecars
         ),
         "sidecar_timeout": f"{cfg.sidecar_timeout_ms}ms",
         "sidecar_connect_timeout": f"{cfg.sidecar_connect_timeout_ms}ms",
