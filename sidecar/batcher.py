@@ -241,6 +241,9 @@ class Batcher:
         self._counts = dict.fromkeys(
             ("batches", "images", "background", "errors", "admission", "full", "expired"), 0
         )
+        # Engine calls failed since the last one that worked: a GPU in a sticky error state
+        # fails every call, and /healthz must say so (each request alone only falls back).
+        self.failing_calls = 0
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -630,11 +633,13 @@ class Batcher:
             )
         except Exception as exc:
             self._counts["errors"] += 1
+            self.failing_calls += 1
             log.warning("engine call of %d images failed: %s", len(batch), exc)
             self._settle(batch, [_engine_error(exc) for _ in batch])
             return
         finally:
             self._running = []
+        self.failing_calls = 0
         self.model.observe(len(batch), len(batch) * unit, seconds)
         self._record(batch, start, loop.time(), seconds)
         self._settle(batch, heats)

@@ -74,6 +74,9 @@ SERVICES = web.AppKey("services", Services)
 DIALECT = web.AppKey("dialect", Dialect)
 HEALTH = web.AppKey("health", Health)
 OVERRIDE_LOCK = web.AppKey("override_lock", OverrideLock)
+# Engine calls failing in a row before /healthz says 503: a few can fail on bad luck (an
+# input the engine refuses), a run this long means the engine itself is broken.
+ENGINE_FAILING_AFTER = 10
 # {"box": [x0, y0, x1, y1]} with sane numbers is under 100 bytes; refuse long bodies unread.
 MAX_OVERRIDE_BODY = 4096
 
@@ -278,9 +281,13 @@ def _authorise(request: web.Request) -> web.Response | None:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    if request.app[HEALTH].engine_warm:
-        return web.Response(text="ok")
-    return web.Response(status=503, text="starting")
+    if not request.app[HEALTH].engine_warm:
+        return web.Response(status=503, text="starting")
+    failing = request.app[SERVICES].batcher.failing_calls
+    if failing >= ENGINE_FAILING_AFTER:
+        # Every crop still gets the legacy fallback; a supervisor should restart this one.
+        return web.Response(status=503, text=f"engine failing: {failing} calls in a row")
+    return web.Response(text="ok")
 
 
 async def metrics(request: web.Request) -> web.Response:

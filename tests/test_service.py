@@ -464,6 +464,28 @@ async def test_healthz(client) -> None:
     assert await resp.text() == "ok"
 
 
+async def test_healthz_says_when_the_engine_keeps_failing(client, monkeypatch) -> None:
+    from sidecar.routes import ENGINE_FAILING_AFTER
+
+    engine = client.app[SERVICES].engine
+    real = engine.infer
+
+    def broken(batch):
+        raise RuntimeError("the GPU is in a sticky error state")
+
+    monkeypatch.setattr(engine, "infer", broken)
+    for n in range(ENGINE_FAILING_AFTER):
+        # Each request still gets the legacy crop, and alone says nothing is wrong.
+        resp = await client.get("/crop/400x300/recipes/coffee.jpg")
+        assert resp.headers["X-Heatcrop-Path"] == "giveup"
+        expected = 200 if n + 1 < ENGINE_FAILING_AFTER else 503
+        assert (await client.get("/healthz")).status == expected
+    assert "engine failing" in await (await client.get("/healthz")).text()
+    monkeypatch.setattr(engine, "infer", real)
+    await _crop(client, "400x300")
+    assert (await client.get("/healthz")).status == 200
+
+
 _SAMPLE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? \S+$')
 
 
