@@ -142,6 +142,9 @@ def raw_tail(request: web.Request, skip: int) -> str:
     Raw for the same reason as /crop: ``..`` must reach ``clean_path`` to be refused.
     """
     raw = request.raw_path.partition("?")[0]
+    if not raw.startswith("/"):
+        # An absolute-form request line (GET http://host/crop/...): drop scheme and host.
+        raw = "/" + raw.partition("://")[2].partition("/")[2]
     parts = raw.split("/", skip + 1)
     return parts[skip + 1] if len(parts) > skip + 1 else ""
 
@@ -149,7 +152,7 @@ def raw_tail(request: web.Request, skip: int) -> str:
 async def inspect(request: web.Request, svc: Services, size: Size, path: str) -> Inspection:
     """Fetch, heatmap (cache or analysis in the pool), then /crop's own box for ``size``."""
     loop = asyncio.get_running_loop()
-    original = await svc.source.fetch(path)
+    original = await svc.source.fetch(path, budget_s=DEBUG_DEADLINE_S)
     key = heatmap_key(original.identity, svc.engine.version)
     flights: SingleFlight[Analysis] = request.app[DEBUG_FLIGHTS]
     analysis = await flights.run(

@@ -45,7 +45,7 @@ from aiohttp import web
 from kernels.window import CropBox
 from sidecar import metrics as metrics_mod
 from sidecar.caches import override_key
-from sidecar.debug import add_debug_routes
+from sidecar.debug import add_debug_routes, raw_tail
 from sidecar.errors import BadRequest, DeadlineExceeded, HeatcropError, Overloaded
 from sidecar.job import CropJob, Override, Services
 from sidecar.legacy import Dialect
@@ -113,7 +113,7 @@ async def _crop(request: web.Request, svc: Services, start: float) -> web.Respon
             max_height=server.max_height,
             allowed=server.allowed_sizes,
         )
-        path = clean_path(_raw_tail(request, 2))
+        path = clean_path(raw_tail(request, 2))
     except HeatcropError as exc:
         svc.metrics.requests.inc(outcome="error")
         return error_response(exc)
@@ -171,16 +171,6 @@ def error_response(exc: HeatcropError) -> web.Response:
     return web.Response(status=exc.status, text=exc.public_message)
 
 
-def _raw_tail(request: web.Request, skip: int) -> str:
-    """The raw (still percent-encoded) path after its first ``skip`` segments."""
-    raw = request.raw_path.partition("?")[0]
-    if not raw.startswith("/"):
-        # An absolute-form request line (GET http://host/crop/...): drop scheme and host.
-        raw = "/" + raw.partition("://")[2].partition("/")[2]
-    parts = raw.split("/", skip + 1)
-    return parts[skip + 1] if len(parts) > skip + 1 else ""
-
-
 # -- /override ------------------------------------------------------------------------------
 
 
@@ -189,7 +179,7 @@ async def put_override(request: web.Request) -> web.Response:
     if denied is not None:
         return denied
     try:
-        path = clean_path(_raw_tail(request, 1))
+        path = clean_path(raw_tail(request, 1))
         body = await request.content.read(MAX_OVERRIDE_BODY + 1)
         if len(body) > MAX_OVERRIDE_BODY:
             raise BadRequest("override body too large", public_message="body too large")
@@ -207,7 +197,7 @@ async def delete_override(request: web.Request) -> web.Response:
     if denied is not None:
         return denied
     try:
-        path = clean_path(_raw_tail(request, 1))
+        path = clean_path(raw_tail(request, 1))
     except HeatcropError as exc:
         return error_response(exc)
     # A cleared record, not a deletion: the version must keep growing, or a later override
