@@ -210,11 +210,13 @@ def calibration_batches(
     """[batch, H, W, 3] uint8 batches of the photos decoded by the service's own decode path.
 
     Photos the service would refuse are skipped (and reported to ``on_skip``); a last,
-    incomplete batch is dropped, since calibration runs at one fixed batch size.
+    incomplete batch is dropped, since calibration runs at one fixed batch size. Fewer
+    usable photos than one batch is a BuildError, not a calibration on nothing.
     """
     from sidecar.decode import decode_to
 
     pending: list[npt.NDArray[np.uint8]] = []
+    yielded = 0
     for path in paths:
         try:
             data = path.read_bytes()
@@ -227,8 +229,13 @@ def calibration_batches(
             continue
         pending.append(pixels)
         if len(pending) == batch:
+            yielded += 1
             yield np.stack(pending)
             pending = []
+    if yielded == 0:
+        raise BuildError(
+            f"calibration needs at least {batch} usable photos (--calib-batch), got {len(pending)}"
+        )
 
 
 def make_calibrator(
@@ -503,7 +510,12 @@ def _build_int8(
                 trt, onnx_bytes, spec, timing_cache, calibrator=calibrator, verbose=verbose
             )
         finally:
+            # Both buffers freed while their context is current, not by the garbage collector
+            # after it is gone.
             calibrator.device.free()
+            free_host = getattr(calibrator.host.base, "free", None)
+            if free_host is not None:
+                free_host()
     finally:
         cuda.Context.pop()
         context.detach()

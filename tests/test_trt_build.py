@@ -204,6 +204,14 @@ def test_calibration_batches_use_the_service_decode(tmp_path):
     np.testing.assert_array_equal(np.concatenate(got), np.stack(want))
 
 
+def test_fewer_usable_photos_than_one_calibration_batch_is_a_build_error(tmp_path):
+    paths = _photos(tmp_path / "photos", 3)
+    bad = tmp_path / "photos" / "p99.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    with pytest.raises(BuildError, match=r"at least 4 usable photos .* got 3"):
+        list(calibration_batches([*paths, bad], (224, 224), 4))
+
+
 def test_calibration_photos_and_digest(tmp_path):
     folder = tmp_path / "photos"
     paths = _photos(folder, 3)
