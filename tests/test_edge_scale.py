@@ -142,3 +142,25 @@ def test_names_with_reserved_characters_keep_their_signature(signed: Stack, imag
         assert resp.header("X-Heatcrop-Served") == served
         assert resp.header("X-Heatcrop-Path") != "edge-fallback"
         assert pixels(resp.body).shape[2] == 3
+
+
+def test_a_template_dialects_fallback_is_kept_briefly_and_smart_crops_long(
+    tmp_path: Path, images: Path, model_dir: Path
+) -> None:
+    # The `template` dialect's plain URL carries no max-age filter: Thumbor would have its
+    # fallback kept a day. nginx keeps a fallback the sidecar chose 30 s at most.
+    require_tools()
+    template = "/unsafe/{x0}x{y0}:{x1}x{y1}/{w}x{h}/{path}|/unsafe/{w}x{h}/{path}"
+    env = sidecar_env(
+        model_dir, HEATCROP_LEGACY_DIALECT="template", HEATCROP_LEGACY_TEMPLATE=template
+    )
+    options = StackOptions(
+        workdir=tmp_path, images=images, sidecar_env=env, sidecar_timeout_ms=5000
+    )
+    with Stack(options) as stack:
+        fallback = fetch(f"{stack.public}/img/300x0/photos/rocket.jpg")  # no-crop
+        assert fallback.status == 200 and fallback.header("X-Heatcrop-Path") == "no-crop"
+        assert fallback.max_age == 30 and fallback.header("Expires") == ""
+        smart = fetch(f"{stack.public}/img/400x300/recipes/{SMART}.jpg")
+        assert smart.status == 200 and smart.header("X-Heatcrop-Served") == "smart"
+        assert smart.max_age == 86400 and smart.header("Expires") != ""
