@@ -210,7 +210,15 @@ class TrtEngine:
                 self._ctx.detach()
                 self._ctx = None
             raise
-        self._pop()
+        try:
+            self._pop()
+        except BaseException:
+            try:
+                self._free()  # the context is still current: the pop failed
+            finally:
+                self._ctx.detach()
+                self._ctx = None
+            raise
 
     # -- Engine protocol -------------------------------------------------------------------
 

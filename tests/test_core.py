@@ -6,7 +6,6 @@ import pyvips
 import skimage.data
 
 from engines.base import PROFILES
-from kernels.window import CropBox
 from sidecar import cli
 from sidecar.core import Analysis, CropCore, blend_profiles
 from sidecar.errors import NotAnImage
@@ -139,4 +138,3 @@ def test_settings_default_profile_is_a_search_profile():
     from sidecar.core import SEARCH_PROFILES
 
     assert Settings().engine.profile in SEARCH_PROFILES
-    assert isinstance(CropBox(0, 0, 1, 1), CropBox)

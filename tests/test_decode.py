@@ -338,20 +338,32 @@ def test_a_side_longer_than_the_search_takes_is_refused_from_the_header(
     no_full_decode: None,
 ) -> None:
     # 1.2 M pixels pass the pixel limit, but no box or heatmap record takes a 1.2 M side.
-    data = pyvips.Image.black(1_200_000, 1).pngsave_buffer()
+    data = bytes(pyvips.Image.black(1_200_000, 1).pngsave_buffer())
     with pytest.raises(TooManyPixels, match="side over"):
         decode(data, max_bytes=LIMITS["max_bytes"], max_pixels=LIMITS["max_pixels"])
 
 
 @pytest.fixture
 def no_full_decode(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Make any pixel decode through the thumbnail path blow up."""
+    """Fail on any pixel decode: through the thumbnail path (an error at once), or of an image
+    opened from a buffer, however it is evaluated (libvips' preeval signal, checked after)."""
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("a full decode was attempted")
 
+    opened = pyvips.Image.new_from_buffer
+    evaluated: list[bool] = []
+
+    def watched(*args: object, **kwargs: object) -> pyvips.Image:
+        image = opened(*args, **kwargs)
+        image.set_progress(True)
+        image.signal_connect("preeval", lambda img, progress: evaluated.append(True))
+        return image
+
     monkeypatch.setattr(pyvips.Image, "thumbnail_buffer", refuse)
+    monkeypatch.setattr(pyvips.Image, "new_from_buffer", staticmethod(watched))
     yield
+    assert not evaluated, "the pixels of an image opened for its header were decoded"
 
 
 @pytest.fixture(scope="session")
@@ -368,7 +380,7 @@ def test_png_bomb_is_refused_from_the_header(png_bomb: bytes, no_full_decode: No
     assert len(png_bomb) < 1_000_000
     # The header alone knows the size ...
     assert probe(png_bomb, max_bytes=LIMITS["max_bytes"], max_pixels=10**9) == (30000, 30000, "png")
-    # ... and the limit refuses it without a decode (the fixture would turn one into an error).
+    # ... and the limit refuses it without a decode (the fixture fails the test on one).
     with pytest.raises(TooManyPixels) as info:
         decode(png_bomb, **LIMITS)
     assert info.value.status == 413

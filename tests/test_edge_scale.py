@@ -125,6 +125,10 @@ def test_two_sidecars_share_heatmaps_through_redis(
         resp = fetch(f"{stack.public}/img/500x500/photos/chelsea-wide.jpg")
         assert resp.status == 200
         assert resp.header("Content-Type") == "image/jpeg"
+        # The surviving sidecar answered (nginx's own fallback would be `edge-fallback`)...
+        assert resp.header("X-Heatcrop-Path") in ("smart", "cached", "low-confidence")
+        assert pixels(resp.body).shape == (500, 500, 3)
+        # ...from the heatmap in Redis.
         assert nn_runs(other) == 0
 
 

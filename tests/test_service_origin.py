@@ -21,6 +21,8 @@ from sidecar.settings import EngineSettings, ServerSettings, Settings, SourceSet
 from tests.images import jpeg
 
 MAX_BYTES = 2 * 1024 * 1024
+# What huge.jpg would send: far more than the cap plus every socket buffer on the way.
+HUGE_BYTES = 64 * MAX_BYTES
 SVG = (
     b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" width="600" height="400">'
     b'<rect width="600" height="400" fill="red"/></svg>\n'
@@ -47,6 +49,8 @@ class Origin:
     etag: str = '"v1"'
     slow_s: float = 5.0
     slow_done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    huge_written: int = 0  # bytes of huge.jpg the origin got onto the socket
+    huge_done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
 
 def _origin_app(origin: Origin) -> web.Application:
@@ -67,10 +71,13 @@ def _origin_app(origin: Origin) -> web.Application:
         await resp.prepare(request)
         chunk = b"\xff" * (256 * 1024)
         try:
-            for _ in range(MAX_BYTES // len(chunk) * 4):
+            for _ in range(HUGE_BYTES // len(chunk)):
                 await resp.write(chunk)
+                origin.huge_written += len(chunk)
         except (ConnectionResetError, RuntimeError):
             pass  # the sidecar hung up once it had seen enough
+        finally:
+            origin.huge_done.set()
         return resp
 
     async def empty(request: web.Request) -> web.Response:
@@ -193,9 +200,13 @@ async def test_slow_origin_times_out_into_the_legacy_crop(
     assert await _metric(client, "heatcrop_requests_total", outcome="giveup") == 0
 
 
-async def test_body_over_the_cap_without_content_length_is_refused(client) -> None:
+async def test_body_over_the_cap_without_content_length_is_refused(client, origin) -> None:
     resp = await _get(client, "/crop/300x100/huge.jpg")
     _assert_fallback_or(resp, 413)  # InputTooLarge falls back
+    # The running count stopped the read: the origin could not send the rest of its 128 MB
+    # (what it got onto the socket is the cap plus the socket buffers at most).
+    await asyncio.wait_for(origin.huge_done.wait(), 10)
+    assert origin.huge_written < HUGE_BYTES // 2
     await _assert_smart_or_low_confidence(client)
 
 

@@ -76,16 +76,45 @@ def test_bool_and_float_parsing():
     assert s.load(environ={"HEATCROP_SERVER_MAX_WAIT_MS": "1.5"}).server.max_wait_ms == 1.5
 
 
+# Any spelling of reading the environment: os.environ, os.getenv, `from os import environ`.
+_ENVIRON = {"environ", "environb", "getenv", "getenvb", "putenv", "unsetenv"}
+
+
+def _environ_uses(text: str) -> list[int]:
+    import ast
+
+    lines = []
+    for node in ast.walk(ast.parse(text)):
+        names = []
+        if isinstance(node, ast.Attribute):
+            names = [node.attr]
+        elif isinstance(node, ast.ImportFrom) and node.module == "os":
+            names = [a.name for a in node.names]
+        if _ENVIRON.intersection(names):
+            lines.append(node.lineno)
+    return lines
+
+
 def test_only_settings_reads_environ():
     import pathlib
 
     root = pathlib.Path(__file__).resolve().parents[1]
     offenders = []
-    service = [p for d in ("sidecar", "engines", "kernels") for p in root.glob(f"{d}/*.py")]
-    for path in service:
-        if path.name != "settings.py" and "os.environ" in path.read_text():
-            offenders.append(path.name)
+    for d in ("sidecar", "engines", "kernels"):
+        for path in sorted(root.glob(f"{d}/**/*.py")):
+            if path == root / "sidecar" / "settings.py":
+                continue
+            offenders += [f"{path.relative_to(root)}:{n}" for n in _environ_uses(path.read_text())]
     assert offenders == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["import os\nos.getenv('X')", "from os import environ", "import os\nos.environ.get('X')"],
+)
+def test_the_environ_check_sees_every_spelling(text):
+    assert _environ_uses(text)
+    assert not _environ_uses("import os\nos.path.join('a')")
 
 
 def test_answer_margin_must_leave_time_for_work():

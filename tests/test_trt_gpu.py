@@ -137,11 +137,18 @@ def test_outputs_are_owned_copies(trt_engine, decoded):
 
 
 def test_called_from_another_thread(trt_engine, decoded):
+    # The service calls the engine from its batcher thread, not the one that loaded it.
     batch = decoded[1].pixels[np.newaxis]
     here = trt_engine.infer(batch)
+    seen: list[int] = []
+
+    def infer_elsewhere():
+        seen.append(threading.get_ident())
+        return trt_engine.infer(batch)
+
     with ThreadPoolExecutor(1) as pool:
-        there = pool.submit(trt_engine.infer, batch).result()
-        assert pool.submit(threading.get_ident).result() != threading.get_ident()
+        there = pool.submit(infer_elsewhere).result()
+    assert seen and seen[0] != threading.get_ident()
     np.testing.assert_array_equal(here.heatmaps, there.heatmaps)
 
 

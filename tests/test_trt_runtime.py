@@ -192,11 +192,15 @@ def _fake_cuda(log: list[str], fail: str):
     return cuda
 
 
-@pytest.mark.parametrize("fail", ["push", "pop"])
-def test_the_retained_gpu_context_is_released_whatever_fails(tmp_path, fail):
-    # No GPU here: fake CUDA bindings record what the engine does with its context.
+@pytest.mark.parametrize(("fail", "loads"), [("push", False), ("pop", False), ("pop", True)])
+def test_the_retained_gpu_context_is_released_whatever_fails(tmp_path, monkeypatch, fail, loads):
+    # No GPU here: fake CUDA bindings record what the engine does with its context. `loads`:
+    # the plan loads (the pop after a good load fails), else loading fails (the fake
+    # TensorRT has no runtime) and the pop of the clean-up fails.
     import types
 
+    if loads:
+        monkeypatch.setattr(TrtEngine, "_load", lambda self, data: None)
     manifest = write_plan(tmp_path)
     log: list[str] = []
     modules = {"tensorrt": types.SimpleNamespace(), "pycuda.driver": _fake_cuda(log, fail)}
