@@ -12,6 +12,7 @@ import pytest
 import redis.asyncio
 
 from sidecar.caches import (
+    RETRY_AFTER_S,
     BoundedMemoryCache,
     Caches,
     TieredCache,
@@ -500,3 +501,30 @@ async def test_the_synchronous_methods_see_what_the_aiocache_api_sees():
     assert cache.get_now("b") == b"2" and cache.exists_now("b")
     assert cache.delete_now("b") and not await cache.exists("b")
     assert cache.get_now("missing") is None and not cache.delete_now("missing")
+
+
+async def test_a_stalled_real_redis_costs_one_timeout_then_the_breaker_keeps_it_out(
+    redis_server, redis_client, caplog
+):
+    # The service's own 50 ms budget against a real Redis that stops answering (CLIENT PAUSE
+    # holds every command for 2 s): one read gives up at the budget, the breaker opens, the
+    # next read does not wait at all; once Redis answers again the breaker lets it back in.
+    clock = FakeClock()
+    settings = CacheSettings(backend="redis", redis_url=redis_server.url, ttl_s=3600)
+    caches = make_caches(settings, clock=clock)
+    try:
+        assert await caches.boxes.set("k", b"box") is True  # connected and up
+        await redis_client.execute_command("CLIENT", "PAUSE", "2000", "ALL")
+        with caplog.at_level(logging.WARNING, logger="sidecar.caches"):
+            assert await caches.heatmaps.get("absent") is None
+            assert await caches.heatmaps.get("absent") is None
+        stats = caches.heatmaps.stats()
+        assert (stats["l2_errors"], stats["l2_skipped"], stats["l2_up"]) == (1, 1, 0)
+        assert "redis failed" in caplog.text
+        while not redis_server.ping():  # the pause ends
+            await asyncio.sleep(0.05)
+        clock.advance(RETRY_AFTER_S)
+        assert await caches.heatmaps.set("h", b"heat") is True
+        assert caches.heatmaps.stats()["l2_up"] == 1
+    finally:
+        await caches.close()
