@@ -33,11 +33,10 @@ import numpy.typing as npt
 from tqdm import tqdm
 
 from bench import tune
-from bench.eval_sets import DEFAULT_SETS, EvalSet, load_set
+from bench.eval_sets import EvalSet
 from bench.metrics import Box
 from kernels.heat import prepare_heatmap
 from kernels.window import TIE_EPS, largest_window
-from sidecar import settings as settings_mod
 from sidecar.core import CAM_SHARE, Analysis, blend_profiles
 from sidecar.settings import KernelSettings
 
@@ -183,13 +182,8 @@ def report(
         "",
         "In-sample, every candidate:",
         "",
-        "| candidate | " + " | ".join(names) + " |",
-        "|---|" + "---:|" * len(names),
     ]
-    lines += [
-        f"| `{p.label()}` | " + " | ".join(f"{table[i][n].mean():+.1%}" for n in names) + " |"
-        for i, p in enumerate(grid)
-    ]
+    lines += tune.score_rows([(p.label(), table[i]) for i, p in enumerate(grid)], names)
     return "\n".join(lines) + "\n"
 
 
@@ -200,19 +194,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/composition.md"))
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    settings = settings_mod.load()
-    sets = [load_set(args.eval_dir, name) for name in DEFAULT_SETS]
-    store = tune.analyses(sets, settings)
-    heats = {
-        path: (learned_heat(a, settings.kernel), a.width, a.height) for path, a in store.items()
-    }
-    centre, room = tune.centre_and_room(sets)
+    inputs = tune.load_inputs(args.eval_dir)
+    kernel = inputs.settings.kernel
+    heats = {path: (learned_heat(a, kernel), a.width, a.height) for path, a in inputs.store.items()}
     grid = priors()
     table = {
-        i: gains(p, sets, heats, centre, room, settings.kernel.steps)
+        i: gains(p, inputs.sets, heats, inputs.centre, inputs.room, kernel.steps)
         for i, p in enumerate(tqdm(grid, desc="priors", file=sys.stderr))
     }
-    text = report(grid, table, sets, args.folds, time.perf_counter() - t0)
+    text = report(grid, table, inputs.sets, args.folds, time.perf_counter() - t0)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

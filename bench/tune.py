@@ -241,6 +241,38 @@ def cross_validate(
     return {n: float(np.mean(v)) for n, v in held.items()}, chosen
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """What a search-settings study works on: the dev sets, their stored analyses (held-out
+    read-out maps), and per set the centre crop's scores and the oracle's headroom."""
+
+    settings: settings_mod.Settings
+    sets: list[EvalSet]
+    store: dict[str, Analysis]
+    centre: dict[str, npt.NDArray[np.float64]]
+    room: dict[str, float]
+
+
+def load_inputs(eval_dir: str) -> Inputs:
+    settings = settings_mod.load()
+    sets = [load_set(eval_dir, name) for name in DEFAULT_SETS]
+    store = analyses(sets, settings)
+    centre, room = centre_and_room(sets)
+    return Inputs(settings, sets, store, centre, room)
+
+
+def score_rows(
+    rows: Sequence[tuple[str, dict[str, npt.NDArray[np.float64]]]], names: Sequence[str]
+) -> list[str]:
+    """Markdown lines: a candidate a row, its mean headroom share per set."""
+    out = ["| candidate | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    out += [
+        f"| `{label}` | " + " | ".join(f"{g[n].mean():+.1%}" for n in names) + " |"
+        for label, g in rows
+    ]
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--eval-dir", default="../shared/eval")
@@ -248,10 +280,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results/tune.md"))
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    settings = settings_mod.load()
-    sets = [load_set(args.eval_dir, name) for name in DEFAULT_SETS]
-    store = analyses(sets, settings)
-    centre, room = centre_and_room(sets)
+    inputs = load_inputs(args.eval_dir)
+    settings, sets, store, centre, room = (
+        inputs.settings, inputs.sets, inputs.store, inputs.centre, inputs.room
+    )  # fmt: skip
     cands = candidates(settings.kernel)
     table = {
         i: gains(c, sets, store, centre, room)
@@ -285,18 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ranked = sorted(
         table, key=lambda i: -objective({n: float(g.mean()) for n, g in table[i].items()})
     )
-    lines += [
-        "Top 10 in-sample:",
-        "",
-        "| candidate | " + " | ".join(s.name for s in sets) + " |",
-        "|---|" + "---:|" * len(sets),
-    ]
-    lines += [
-        f"| `{cands[i].label()}` | "
-        + " | ".join(f"{table[i][s.name].mean():+.1%}" for s in sets)
-        + " |"
-        for i in ranked[:10]
-    ]
+    names = [s.name for s in sets]
+    lines += ["Top 10 in-sample:", ""]
+    lines += score_rows([(cands[i].label(), table[i]) for i in ranked[:10]], names)
     zoom = [i for i, c in enumerate(cands) if c.kernel.min_scale < 1.0]
     twins = {replace(cands[i], kernel=unzoomed(cands[i].kernel, settings.kernel)) for i in zoom}
     plain = [i for i, c in enumerate(cands) if c in twins]
@@ -305,15 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "Scale freedom (zoom) on the learned map, in-sample, against the same settings without "
         "zoom; a negative zoom weight rewards tighter windows:",
         "",
-        "| candidate | " + " | ".join(s.name for s in sets) + " |",
-        "|---|" + "---:|" * len(sets),
     ]
-    lines += [
-        f"| `{cands[i].label()}` | "
-        + " | ".join(f"{table[i][s.name].mean():+.1%}" for s in sets)
-        + " |"
-        for i in plain + zoom
-    ]
+    lines += score_rows([(cands[i].label(), table[i]) for i in plain + zoom], names)
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
