@@ -5,8 +5,10 @@ answer 500, have a failing engine, or lose their Redis.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -126,24 +128,44 @@ def test_a_plain_path_without_max_age_still_expires_at_the_fallback_age(
         edge.stop()
 
 
+@dataclass
+class TwoFakes:
+    """An edge in front of two fake sidecars that count the requests reaching them."""
+
+    public: str
+    admin: str
+    ports: tuple[int, int]
+
+    def counts(self) -> list[int]:
+        return [int(fetch(f"http://{HOST}:{p}/count").body) for p in self.ports]
+
+
+@contextlib.contextmanager
+def two_fakes(tmp_path: Path, thumbor: Service, mode: str) -> Iterator[TwoFakes]:
+    ports = (free_port(), free_port())
+    fakes = [fake_sidecar(tmp_path, mode, p).start() for p in ports]
+    admin_listen = f"{HOST}:{free_port()}"
+    sidecars = tuple(f"{HOST}:{p}" for p in ports)
+    edge = _edge(tmp_path, sidecars, thumbor, admin_listen=admin_listen)
+    try:
+        edge.start()
+        yield TwoFakes(_public(edge), f"http://{admin_listen}", ports)
+    finally:
+        edge.stop()
+        for fake in fakes:
+            fake.stop()
+
+
 def test_one_timeout_does_not_move_an_original_to_another_sidecar(
     tmp_path: Path, thumbor: Service
 ) -> None:
     # Each original is hashed to one sidecar, whose memory holds its heatmap. A single slow
     # answer must not evict that sidecar and send the original's other sizes elsewhere.
-    ports = (free_port(), free_port())
-    fakes = [fake_sidecar(tmp_path, "hang-first", p).start() for p in ports]
-    edge = _edge(tmp_path, tuple(f"{HOST}:{p}" for p in ports), thumbor).start()
-    try:
+    with two_fakes(tmp_path, thumbor, "hang-first") as edge:
         for n in range(4):
-            resp = fetch(f"{_public(edge)}/img/{400 + n}x300/recipes/{SMART}.jpg")
+            resp = fetch(f"{edge.public}/img/{400 + n}x300/recipes/{SMART}.jpg")
             assert resp.status == 200 and resp.header("X-Heatcrop-Path") == "edge-fallback"
-        seen = sorted(int(fetch(f"http://{HOST}:{p}/count").body) for p in ports)
-        assert seen == [0, 4]
-    finally:
-        edge.stop()
-        for fake in fakes:
-            fake.stop()
+        assert sorted(edge.counts()) == [0, 4]
 
 
 def test_admin_requests_for_an_original_reach_the_sidecar_that_serves_it(
@@ -151,31 +173,17 @@ def test_admin_requests_for_an_original_reach_the_sidecar_that_serves_it(
 ) -> None:
     # An override lands in the memory of the sidecar it reaches: without Redis, that must be
     # the sidecar the original's public URLs are hashed to.
-    ports = (free_port(), free_port())
-    fakes = [fake_sidecar(tmp_path, "error", p).start() for p in ports]
-    admin_listen = f"{HOST}:{free_port()}"
-    sidecars = tuple(f"{HOST}:{p}" for p in ports)
-    edge = _edge(tmp_path, sidecars, thumbor, admin_listen=admin_listen).start()
-    admin = f"http://{admin_listen}"
-
-    def counts() -> list[int]:
-        return [int(fetch(f"http://{HOST}:{p}/count").body) for p in ports]
-
-    try:
+    with two_fakes(tmp_path, thumbor, "error") as edge:
         for name in "ghijklmn":
-            before = counts()
-            fetch(f"{_public(edge)}/img/400x300/x/{name}.jpg")
-            public = counts()
-            fetch(f"{admin}/override/x/{name}.jpg", method="PUT", data=b"{}")
-            fetch(f"{admin}/debug/400x300/x/{name}.jpg")
-            after = counts()
+            before = edge.counts()
+            fetch(f"{edge.public}/img/400x300/x/{name}.jpg")
+            public = edge.counts()
+            fetch(f"{edge.admin}/override/x/{name}.jpg", method="PUT", data=b"{}")
+            fetch(f"{edge.admin}/debug/400x300/x/{name}.jpg")
+            after = edge.counts()
             hit = [i for i in range(2) if public[i] > before[i]]
             assert len(hit) == 1
             assert after[hit[0]] - public[hit[0]] == 2, (name, before, public, after)
-    finally:
-        edge.stop()
-        for fake in fakes:
-            fake.stop()
 
 
 @pytest.mark.parametrize("mode", ["hang", "error"])
