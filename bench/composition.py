@@ -120,6 +120,7 @@ def learned_heat(analysis: Analysis, kernel: KernelSettings) -> npt.NDArray[np.f
         center_sigma=kernel.center_sigma,
         center_weight=kernel.center_weight,
         gamma=kernel.gamma,
+        smooth=kernel.smooth,
     ).astype(np.float64)
     return heat / heat.sum()
 

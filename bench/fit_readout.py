@@ -540,7 +540,7 @@ def primary_scores(eval_set: EvalSet, heats: Sequence[F32], kernel: KernelSettin
         h, w = raw.shape
         heat = prepare_heatmap(
             raw, (h * kernel.upsample, w * kernel.upsample), center_sigma=kernel.center_sigma,
-            center_weight=kernel.center_weight, gamma=kernel.gamma,
+            center_weight=kernel.center_weight, gamma=kernel.gamma, smooth=kernel.smooth,
         )  # fmt: skip
         vals = []
         for aspect in eval_set.protocol.aspects(item).values():

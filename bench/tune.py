@@ -56,9 +56,10 @@ class Candidate:
         k = self.kernel
         mix = f" cam={self.cam_share}" if self.profile == "learned" else ""
         zoom = f" zoom≥{k.min_scale} zw={k.zoom_weight}" if k.min_scale < 1.0 else ""
+        smooth = f" smooth={k.smooth}" if k.smooth else ""
         return (
             f"{self.profile}{mix} w={k.center_weight} σ={k.center_sigma} cut={k.cut_weight} "
-            f"γ={k.gamma} conf≥{k.min_confidence}{zoom}"
+            f"γ={k.gamma} conf≥{k.min_confidence}{zoom}{smooth}"
         )
 
 
@@ -121,6 +122,7 @@ def boxes_for(cand: Candidate, analysis: Analysis, aspects: Sequence[float]) -> 
         center_sigma=k.center_sigma,
         center_weight=k.center_weight,
         gamma=k.gamma,
+        smooth=k.smooth,
     )
     params = search_params(k)
     out = []
@@ -188,15 +190,28 @@ def candidates(base: KernelSettings) -> list[Candidate]:
     auto = itertools.product(
         ("auto",), (0.4, 0.6), (0.25, 0.4), (1.0, 3.0), (1.0,), (0.0, 0.01), (CAM_SHARE,)
     )
+    flat = replace(base, smooth=0.0)  # the blur is its own dimension, below
     plain = [
         Candidate(
             p,
-            replace(base, center_weight=w, center_sigma=s, cut_weight=c, gamma=g, min_confidence=m),
+            replace(flat, center_weight=w, center_sigma=s, cut_weight=c, gamma=g, min_confidence=m),
             x,
         )
         for p, w, s, c, g, m, x in itertools.chain(learned, auto)
     ]
-    return plain + zoom_candidates(base)
+    return plain + zoom_candidates(flat) + smooth_candidates(base)
+
+
+def smooth_candidates(base: KernelSettings) -> list[Candidate]:
+    """The learned map blurred before the search: sigma 1-8 cells of the upsampled grid (at
+    the default 4x upsampling, 1/4 to 2 cells of the CNN's own map), with and without the
+    edge-cut term."""
+    learned = replace(base, center_weight=0.0, center_sigma=0.3, gamma=1.0, min_confidence=0.0)
+    return [
+        Candidate("learned", replace(learned, cut_weight=c, smooth=s), CAM_SHARE)
+        for c in (0.0, 1.0)
+        for s in (1.0, 2.0, 4.0, 8.0)
+    ]
 
 
 def zoom_candidates(base: KernelSettings) -> list[Candidate]:
@@ -317,6 +332,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ranked = sorted(
         table, key=lambda i: -objective({n: float(g.mean()) for n, g in table[i].items()})
     )
+    shipped = Candidate("learned", settings.kernel, CAM_SHARE)
+    if settings.engine.profile == "learned" and shipped in cands:
+        i = cands.index(shipped)
+        lines += [
+            f"Shipped defaults `{shipped.label()}`: in-sample "
+            + " / ".join(f"{table[i][s.name].mean():+.1%}" for s in sets)
+            + f", rank {ranked.index(i) + 1} of {len(cands)}.",
+            "",
+        ]
     names = [s.name for s in sets]
     lines += ["Top 10 in-sample:", ""]
     lines += score_rows([(cands[i].label(), table[i]) for i in ranked[:10]], names)
@@ -330,6 +354,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
     ]
     lines += score_rows([(cands[i].label(), table[i]) for i in plain + zoom], names)
+    smoothed = [i for i, c in enumerate(cands) if c.kernel.smooth]
+    flat = {replace(cands[i], kernel=replace(cands[i].kernel, smooth=0.0)) for i in smoothed}
+    unsmoothed = [i for i, c in enumerate(cands) if c in flat]
+    lines += [
+        "",
+        "Smoothing the map before the search (Gaussian, sigma in cells of the upsampled map), "
+        "in-sample, against the same settings without it:",
+        "",
+    ]
+    lines += score_rows([(cands[i].label(), table[i]) for i in unsmoothed + smoothed], names)
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)

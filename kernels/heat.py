@@ -22,6 +22,7 @@ from numba import njit
 
 # A grid larger than this buys nothing for a 7x14 CAM and only costs search time.
 MAX_GRID_SIDE = 4096
+MAX_SMOOTH = 16.0  # sigma in output cells; wider would only flatten the map
 
 
 def prepare_heatmap(
@@ -31,6 +32,7 @@ def prepare_heatmap(
     center_sigma: float,
     center_weight: float,
     gamma: float = 1.0,
+    smooth: float = 0.0,
 ) -> np.ndarray:
     """Return a float32 (gh, gw) map, non-negative, summing to 1, with the centre prior blended in.
 
@@ -39,13 +41,17 @@ def prepare_heatmap(
     also normalised. ``gamma`` > 1 sharpens the non-negative map before upsampling (a CAM's
     blob is broader than the object it fires on). An all-zero map or one with any non-finite
     value (a broken model output carries no information) becomes flat, so the result is never
-    NaN.
+    NaN. ``smooth`` > 0 blurs the result with a Gaussian of that sigma in output cells (edges
+    replicated, as scipy.ndimage's mode "nearest"): the bilinear map has creases at the CNN's
+    cell centres, and a window edge should not snap to them (bench/tune.py measures it).
     """
     src = _check_heat(heat)
     gh, gw = _check_shape(out_shape)
     _check_prior(center_sigma, center_weight)
     if not isinstance(gamma, int | float) or not 0.1 <= gamma <= 8.0:
         raise ValueError(f"gamma must be a number in [0.1, 8], got {gamma!r}")
+    if not isinstance(smooth, int | float) or not 0.0 <= smooth <= MAX_SMOOTH:
+        raise ValueError(f"smooth must be a number in [0, {MAX_SMOOTH}], got {smooth!r}")
     if np.isfinite(src).all():
         positive = np.maximum(src, 0.0)
         if gamma != 1.0:
@@ -62,7 +68,42 @@ def prepare_heatmap(
     if center_weight > 0.0:
         prior = _gaussian_kernel(gh, gw, float(center_sigma))
         base = (1.0 - center_weight) * base + center_weight * prior
+    if smooth > 0.0:
+        base = _blur(base, _blur_taps(float(smooth)))
+        base = base / base.sum()  # a blur with replicated edges moves a little mass
     return base.astype(np.float32)
+
+
+def _blur_taps(sigma: float) -> np.ndarray:
+    """Normalised 1-D Gaussian taps out to 4 sigma (scipy.ndimage's default truncation)."""
+    radius = int(4.0 * sigma + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    taps = np.exp(-0.5 * (x / sigma) ** 2)
+    return taps / taps.sum()
+
+
+@njit(cache=True)
+def _blur(img: np.ndarray, taps: np.ndarray) -> np.ndarray:
+    """Separable convolution with ``taps`` along both axes, edges replicated."""
+    gh, gw = img.shape
+    r = taps.size // 2
+    rows = np.zeros((gh, gw), dtype=np.float64)
+    for i in range(gh):
+        for j in range(gw):
+            acc = 0.0
+            for t in range(taps.size):
+                jj = min(max(j + t - r, 0), gw - 1)
+                acc += taps[t] * img[i, jj]
+            rows[i, j] = acc
+    out = np.zeros((gh, gw), dtype=np.float64)
+    for i in range(gh):
+        for j in range(gw):
+            acc = 0.0
+            for t in range(taps.size):
+                ii = min(max(i + t - r, 0), gh - 1)
+                acc += taps[t] * rows[ii, j]
+            out[i, j] = acc
+    return out
 
 
 def _check_heat(heat: np.ndarray) -> np.ndarray:

@@ -88,6 +88,7 @@ class CropCore:
             center_sigma=self.kernel.center_sigma,
             center_weight=self.kernel.center_weight,
             gamma=self.kernel.gamma,
+            smooth=self.kernel.smooth,
         )
 
     def box(

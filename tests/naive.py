@@ -70,6 +70,26 @@ def naive_bilinear(src: np.ndarray, gh: int, gw: int) -> np.ndarray:
     return out
 
 
+def naive_blur(img: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur as a direct 2-D sum over every source cell, edges replicated (each
+    out-of-range index clamped), taps out to 4 sigma and normalised."""
+    radius = int(4.0 * sigma + 0.5)
+    gh, gw = img.shape
+    out = np.zeros((gh, gw))
+    weights = {d: math.exp(-0.5 * (d / sigma) ** 2) for d in range(-radius, radius + 1)}
+    norm = sum(weights.values())
+    for i in range(gh):
+        for j in range(gw):
+            acc = 0.0
+            for di, wi in weights.items():
+                for dj, wj in weights.items():
+                    ii = min(max(i + di, 0), gh - 1)
+                    jj = min(max(j + dj, 0), gw - 1)
+                    acc += wi * wj * img[ii, jj]
+            out[i, j] = acc / (norm * norm)
+    return out
+
+
 def window_size(width: int, height: int, aspect: float, s: float) -> tuple[int, int]:
     if width >= height * aspect:  # the image is wider than the aspect: height-bound
         ch = max(1, math.floor(height * s + 0.5))

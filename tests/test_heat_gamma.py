@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from kernels.heat import prepare_heatmap
+from tests.naive import naive_blur
 
 
 def test_gamma_sharpens_and_keeps_sum():
@@ -43,3 +44,30 @@ def test_a_vanishing_centre_prior_is_the_centre_cells_not_nan(
     expected = np.zeros(shape)
     expected[np.ix_(rows, cols)] = 1.0 / (len(rows) * len(cols))
     np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 2.5])
+@pytest.mark.parametrize("shape", [(28, 40), (5, 3), (1, 9)])
+def test_smoothing_is_a_gaussian_blur_with_replicated_edges(
+    sigma: float, shape: tuple[int, int]
+) -> None:
+    rng = np.random.default_rng(int(sigma * 10) + shape[0])
+    src = rng.uniform(0, 1, (7, 9))
+    plain = prepare_heatmap(src, shape, center_sigma=0.3, center_weight=0.2).astype(np.float64)
+    smooth = prepare_heatmap(src, shape, center_sigma=0.3, center_weight=0.2, smooth=sigma)
+    expected = naive_blur(plain, sigma)
+    np.testing.assert_allclose(smooth, expected / expected.sum(), rtol=1e-5, atol=1e-9)
+    assert abs(float(smooth.sum()) - 1.0) < 1e-5
+    # and scipy agrees (a second, independent reference)
+    from scipy.ndimage import gaussian_filter
+
+    ref = gaussian_filter(plain, sigma, mode="nearest")
+    np.testing.assert_allclose(smooth, ref / ref.sum(), rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("smooth", [-1.0, 17.0, float("nan"), "1"])
+def test_smoothing_out_of_range_is_refused(smooth) -> None:
+    with pytest.raises(ValueError, match="smooth"):
+        prepare_heatmap(
+            np.ones((7, 7)), (28, 28), center_sigma=0.3, center_weight=0.0, smooth=smooth
+        )

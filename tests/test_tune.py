@@ -19,6 +19,21 @@ def test_every_zoom_candidate_is_compared_with_its_unzoomed_twin() -> None:
         assert "zoom≥" in c.label() and "zoom≥" not in twin.label()
 
 
+def test_the_shipped_defaults_are_a_candidate_and_every_blur_has_its_unblurred_twin() -> None:
+    from dataclasses import replace
+
+    from bench.tune import Candidate
+    from sidecar.core import CAM_SHARE
+
+    base = KernelSettings()
+    cands = candidates(base)
+    assert Candidate("learned", base, CAM_SHARE) in cands
+    blurred = [c for c in cands if c.kernel.smooth]
+    assert blurred
+    for c in blurred:
+        assert replace(c, kernel=replace(c.kernel, smooth=0.0)) in cands
+
+
 def test_the_grid_has_no_duplicates() -> None:
     cands = candidates(KernelSettings())
     assert len(set(cands)) == len(cands)
