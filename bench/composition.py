@@ -12,8 +12,9 @@ image on the other axis, so a prior along that one cannot move it), and t is a t
 zero mean over [0, 1], so a flat map gains nothing anywhere: `thirds` peaks at u = 1/3 and 2/3
 (a subject on a thirds line), `centre` at 1/2 (a subject centred in the crop, not just in it).
 
-Same maps (the shipped `learned` blend with the read-out's held-out maps, bench/tune.py), same
-offsets and tie-break as the kernel, same objective and k-fold selection as bench.tune: a prior
+Same maps (the shipped `learned` blend with the read-out's held-out maps, bench/tune.py,
+prepared with the shipped settings, blur included), same offsets and tie-break as the kernel
+(without its cut term), same objective and k-fold selection as bench.tune: a prior
 and its weight are chosen on k-1 folds and the figures reported are the held-out fold's; weight
 0 is among the candidates, so "no prior" is what a prior has to beat.
 """

@@ -195,12 +195,16 @@ def _readout_cost(
 def _search(data: bytes, core: CropCore, settings: settings_mod.Settings) -> list[str]:
     analysis = core.analyse(data)
     rows = []
-    for label, min_scale in (
-        ("largest window only (default)", settings.kernel.min_scale),
-        ("with zoom, min_scale 0.6", 0.6),
+    default = settings.kernel
+    plain = dataclasses.replace(default, smooth=0.0, cut_weight=0.0)
+    for label, kernel in (
+        ("largest window only (default)", default),
+        ("without the blur and the cut term", plain),
+        ("with zoom, min_scale 0.6", dataclasses.replace(default, min_scale=0.6)),
     ):
-        params = search_params(dataclasses.replace(settings.kernel, min_scale=min_scale))
-        heat = core.prepared(analysis)
+        params = search_params(kernel)
+        variant = CropCore(core.engine, kernel, core.source, core.profile)
+        heat = variant.prepared(analysis)
         for aspect in ASPECTS:
             best_window(heat, analysis.width, analysis.height, aspect, params)
         runs = []
@@ -209,7 +213,7 @@ def _search(data: bytes, core: CropCore, settings: settings_mod.Settings) -> lis
             for aspect in ASPECTS:
                 best_window(heat, analysis.width, analysis.height, aspect, params)
             runs.append((time.perf_counter() - t0) * 1e3)
-        t_prep = _time_prepare(core, analysis)
+        t_prep = _time_prepare(variant, analysis)
         rows.append(f"| {label} | {statistics.median(runs):.3f} | {t_prep:.3f} |")
     size = f"{analysis.width}x{analysis.height}"
     return [
