@@ -138,7 +138,7 @@ def gains(
     sets: Sequence[EvalSet],
     heats: dict[str, tuple[npt.NDArray[np.float64], int, int]],
     centre: dict[str, npt.NDArray[np.float64]],
-    room: dict[str, float],
+    room: dict[str, npt.NDArray[np.float64]],
     steps: int,
 ) -> dict[str, npt.NDArray[np.float64]]:
     """Per set, the per-image gain over the centre crop in units of the set's headroom."""
@@ -152,7 +152,7 @@ def gains(
                 choose_box(heat, w, h, a, prior, steps) for a in s.protocol.aspects(item).values()
             ]
             vals[i] = np.mean([s.protocol.score(item, b)[key] for b in boxes])
-        out[s.name] = (vals - centre[s.name]) / room[s.name]
+        out[s.name] = (vals - centre[s.name]) / room[s.name].mean()
     return out
 
 
@@ -161,9 +161,10 @@ def report(
     table: dict[int, dict[str, npt.NDArray[np.float64]]],
     sets: Sequence[EvalSet],
     folds: int,
+    room: dict[str, npt.NDArray[np.float64]],
     seconds: float,
 ) -> str:
-    held, chosen = tune.cross_validate(table, sets, folds)
+    held, chosen = tune.cross_validate(table, sets, folds, room)
     names = [s.name for s in sets]
     lines = [
         f"# composition priors ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
@@ -204,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         i: gains(p, inputs.sets, heats, inputs.centre, inputs.room, kernel.steps)
         for i, p in enumerate(tqdm(grid, desc="priors", file=sys.stderr))
     }
-    text = report(grid, table, inputs.sets, args.folds, time.perf_counter() - t0)
+    text = report(grid, table, inputs.sets, args.folds, inputs.room, time.perf_counter() - t0)
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

@@ -415,12 +415,18 @@ def heldout_path(stem: str) -> Path:
     return CACHE / f"heldout-{stem}.npz"
 
 
+def heldout_key(path: Path) -> str:
+    """The key of an image's held-out map: its resolved path, so that another spelling of the
+    eval folder (relative, absolute, with `..`) finds the same maps."""
+    return str(Path(path).resolve())
+
+
 def save_heldout(path: Path, data: Data, maps: dict[str, list[F32]]) -> None:
-    """Held-out maps by image path, for bench/tune.py to tune the search on."""
+    """Held-out maps by image (heldout_key), for bench/quality.py and bench/tune.py."""
     arrays = {}
     for name, per_image in maps.items():
         for item, m in zip(data.sets[name].items, per_image, strict=True):
-            arrays[str(item.path)] = m
+            arrays[heldout_key(item.path)] = m
     np.savez_compressed(path, **arrays)  # type: ignore[arg-type]
 
 

@@ -399,9 +399,11 @@ class WindowData:
     def sets(self) -> dict[str, EvalSet]:
         return self.data.sets
 
-    def headroom(self, name: str) -> float:
+    def headroom(self, name: str, keep: npt.NDArray[np.int64]) -> float:
+        """Mean oracle - centre over the fitted images only: the held-out ones must not set
+        even the unit of the loss."""
         centre, oracle = self.data.reference(name)
-        return float((oracle - centre).mean())
+        return float((oracle - centre)[keep].mean())
 
     def fit(
         self, held: dict[str, npt.NDArray[np.bool_]], weights: dict[str, float], cfg: Config
@@ -410,7 +412,7 @@ class WindowData:
         for n, mult in zip(FIT_ORDER, cfg.win_sets, strict=True):
             keep = np.flatnonzero(~held[n]) if n in held else np.arange(len(self.sets[n].items))
             parts.append(Part(self.data.feats[n], self.episodes[n], keep.tolist(), weights[n],
-                              self.headroom(n), self.data.targets[n], mult))  # fmt: skip
+                              self.headroom(n, keep), self.data.targets[n], mult))  # fmt: skip
         return fit(problem(parts, self.inputs), cfg)
 
     def maps(self, params: Params, name: str, cfg: Config) -> list[F32]:

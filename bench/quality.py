@@ -98,6 +98,12 @@ class Method:
     def reset(self) -> None:
         """Forget what notes() would report (after the warm-up, between sets)."""
 
+    def scores(
+        self, ctx: ImageContext, aspect: float, box: Box, protocol: Protocol
+    ) -> dict[str, float]:
+        """Every metric of the protocol for this method's box at `aspect`."""
+        return protocol.score(ctx.item, box)
+
     def begin_set(self, eval_set: EvalSet) -> None:
         """Called before the images of a set (methods that read the set's protocol)."""
 
@@ -141,11 +147,12 @@ def oracle_box(
 
 
 class OracleMethod(Method):
-    """The best position of the largest window, chosen with the ground truth.
+    """The best position of the largest window, chosen with the ground truth, per metric.
 
     What a largest-window crop can win at most: best IoU on fcdb, most dish area kept on
-    food, most fixations kept on saliency (each protocol's first metric). Oracle minus centre
-    is the headroom the headroom table measures heatcrop against.
+    food, most fixations kept on saliency (each protocol's first metric, whose box `boxes`
+    returns); every other metric gets its own best position too (best BDE, most images with
+    every dish ≥ 90 %), so that oracle minus centre is that metric's headroom.
     """
 
     name = ORACLE
@@ -167,6 +174,20 @@ class OracleMethod(Method):
             return sign * protocol.score(ctx.item, box)[key]
 
         return [oracle_box(ctx.item, a, score) for a in aspects]
+
+    def scores(
+        self, ctx: ImageContext, aspect: float, box: Box, protocol: Protocol
+    ) -> dict[str, float]:
+        out = protocol.score(ctx.item, box)
+        for metric in protocol.metrics[1:]:
+            sign = 1.0 if metric.higher_is_better else -1.0
+
+            def score(b: Box, key: str = metric.key, sign: float = sign) -> float:
+                return sign * protocol.score(ctx.item, b)[key]
+
+            best = oracle_box(ctx.item, aspect, score)
+            out[metric.key] = protocol.score(ctx.item, best)[metric.key]
+        return out
 
 
 class SmartcropMethod(Method):
@@ -201,12 +222,13 @@ class HeatcropMethod(Method):
         tag = " held-out" if heldout is not None else ""
         self.name = f"heatcrop {profile}{tag}" + (" (low conf → centre)" if fallback else "")
         self.counts: Counter[str] = Counter()
+        self.fitted_on = False
 
     def boxes(self, ctx: ImageContext, aspects: Sequence[float]) -> list[Box]:
         # Both profiles come out of one CNN run: the analysis is shared across rows.
         analysis = ctx.memo("heatcrop analyse (decode + CNN)", lambda: self.core.analyse(ctx.data))
         if self.heldout is not None:
-            analysis = heldout_analysis(analysis, self.heldout.get(str(ctx.item.path)))
+            analysis = heldout_analysis(analysis, self._heldout_map(ctx.item))
         out = []
         for aspect in aspects:
             box = self.core.box(analysis, aspect, self.profile)
@@ -216,6 +238,24 @@ class HeatcropMethod(Method):
                 box = self.core.center(analysis, aspect)
             out.append(Box.of(box))
         return out
+
+    def begin_set(self, eval_set: EvalSet) -> None:
+        from bench.fit_readout import FIT_SETS
+
+        self.fitted_on = eval_set.name in FIT_SETS
+
+    def _heldout_map(self, item: EvalItem) -> npt.NDArray[np.float32] | None:
+        """The image's held-out map; None for a set the read-out never saw (its own map is
+        held-out already). A fitted-on image without one would pass in-sample as held-out."""
+        from bench.fit_readout import heldout_key
+
+        assert self.heldout is not None
+        heat = self.heldout.get(heldout_key(item.path))
+        if heat is None and self.fitted_on:
+            raise RuntimeError(
+                f"no held-out read-out map for {item.path}: run `python -m bench.fit_readout`"
+            )
+        return heat
 
     def reset(self) -> None:
         self.counts.clear()
@@ -301,7 +341,7 @@ def evaluate(eval_set: EvalSet, methods: Sequence[Method], progress: bool = True
             for (label, aspect), box in zip(aspects.items(), boxes, strict=True):
                 if not box_ok(box, item.width, item.height, aspect):
                     bad[method.name] += 1
-                for key, value in protocol.score(item, box).items():
+                for key, value in method.scores(ctx, aspect, box, protocol).items():
                     values[method.name][label][key][i] = value
         shared_s.update(ctx.memo_s)
     notes = {m.name: m.notes() for m in methods if m.notes()}
