@@ -180,10 +180,7 @@ async def put_override(request: web.Request) -> web.Response:
         return denied
     try:
         path = clean_path(raw_tail(request, 1))
-        body = await request.content.read(MAX_OVERRIDE_BODY + 1)
-        if len(body) > MAX_OVERRIDE_BODY:
-            raise BadRequest("override body too large", public_message="body too large")
-        box = parse_override(body)
+        box = parse_override(await _read_capped(request, MAX_OVERRIDE_BODY))
     except HeatcropError as exc:
         return error_response(exc)
     record = await _store_override(request, path, box)
@@ -228,6 +225,19 @@ async def _store_override(
 
 def _not_stored() -> web.Response:
     return web.Response(status=503, text="override store unavailable; nothing changed")
+
+
+async def _read_capped(request: web.Request, limit: int) -> bytes:
+    """The body, or BadRequest as soon as it passes `limit` bytes (a read may return any
+    part of it: loop to the end)."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(limit + 1 - size):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest("override body too large", public_message="body too large")
+    return b"".join(chunks)
 
 
 def parse_override(body: bytes) -> tuple[int, int, int, int]:

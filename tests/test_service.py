@@ -373,6 +373,25 @@ async def test_hostile_override_bodies_are_400(client, body: bytes, answer: byte
     assert await _raw_get(client, "/override/cat.jpg", "PUT", body) == (400, answer)
 
 
+async def test_an_override_body_arriving_in_pieces_is_read_whole(client) -> None:
+    body = b'{"box": [10, 10, 60, 60]}'
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(
+        f"PUT /override/cat.jpg HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body[:9]
+    )
+    await writer.drain()
+    await asyncio.sleep(0.05)  # the server's first read sees only the start of the body
+    writer.write(body[9:])
+    await writer.drain()
+    raw = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    assert raw.startswith(b"HTTP/1.1 200"), raw[:200]
+    assert b'"version": 1' in raw
+
+
 async def test_an_absolute_form_request_target_reads_the_same_original(client) -> None:
     status, _ = await _raw_get(client, "http://x/crop/400x300/recipes/coffee.jpg")
     assert status == 200
