@@ -36,9 +36,8 @@ from tqdm import tqdm
 from bench import tune
 from bench.eval_sets import EvalSet
 from bench.metrics import Box
-from kernels.heat import prepare_heatmap
 from kernels.window import TIE_EPS, largest_window
-from sidecar.core import CAM_SHARE, Analysis, blend_profiles
+from sidecar.core import CAM_SHARE, Analysis, blend_profiles, prepare
 from sidecar.settings import KernelSettings
 
 # Midpoint samples of the template term per window: the map has at most a few dozen cells
@@ -113,16 +112,7 @@ def choose_box(
 
 def learned_heat(analysis: Analysis, kernel: KernelSettings) -> npt.NDArray[np.float64]:
     """The shipped default's prepared map (learned blend, upsampled, sum 1)."""
-    raw = blend_profiles(analysis, "learned", CAM_SHARE)
-    h, w = raw.shape
-    heat = prepare_heatmap(
-        raw,
-        (h * kernel.upsample, w * kernel.upsample),
-        center_sigma=kernel.center_sigma,
-        center_weight=kernel.center_weight,
-        gamma=kernel.gamma,
-        smooth=kernel.smooth,
-    ).astype(np.float64)
+    heat = prepare(blend_profiles(analysis, "learned", CAM_SHARE), kernel).astype(np.float64)
     return heat / heat.sum()
 
 

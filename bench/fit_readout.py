@@ -50,9 +50,8 @@ from bench.quality import oracle_box
 from engines.base import INPUT_NAME
 from engines.model import find_model, read_manifest
 from engines.readout import FEATURES, TAPS, WEIGHTS_PATH, coord_features
-from kernels.heat import prepare_heatmap
 from kernels.window import best_window, center_box
-from sidecar.core import search_params
+from sidecar.core import prepare, search_params
 from sidecar.decode import configure_vips, decode
 from sidecar.settings import KernelSettings, SourceSettings
 
@@ -543,11 +542,7 @@ def primary_scores(eval_set: EvalSet, heats: Sequence[F32], kernel: KernelSettin
     key = eval_set.protocol.metrics[0].key
     out = np.zeros(len(eval_set.items))
     for i, (item, raw) in enumerate(zip(eval_set.items, heats, strict=True)):
-        h, w = raw.shape
-        heat = prepare_heatmap(
-            raw, (h * kernel.upsample, w * kernel.upsample), center_sigma=kernel.center_sigma,
-            center_weight=kernel.center_weight, gamma=kernel.gamma, smooth=kernel.smooth,
-        )  # fmt: skip
+        heat = prepare(raw, kernel)
         vals = []
         for aspect in eval_set.protocol.aspects(item).values():
             box = best_window(heat, item.width, item.height, aspect, params)

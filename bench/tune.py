@@ -38,10 +38,9 @@ from bench.fit_readout import feature_session, heldout_key, heldout_path, refere
 from bench.metrics import Box
 from engines.base import PROFILES
 from engines.loader import load_engine
-from kernels.heat import prepare_heatmap
 from kernels.window import best_window, center_box
 from sidecar import settings as settings_mod
-from sidecar.core import CAM_SHARE, Analysis, CropCore, blend_profiles, search_params
+from sidecar.core import CAM_SHARE, Analysis, CropCore, blend_profiles, prepare, search_params
 from sidecar.settings import KernelSettings
 
 PRIMARY = {"crop": "iou", "object": "kept", "saliency": "fix"}
@@ -118,16 +117,7 @@ def with_heldout_readout(stored: dict[str, Analysis], model_dir: Path) -> dict[s
 
 def boxes_for(cand: Candidate, analysis: Analysis, aspects: Sequence[float]) -> list[Box]:
     k = cand.kernel
-    raw = blend_profiles(analysis, cand.profile, cand.cam_share)
-    h, w = raw.shape
-    heat = prepare_heatmap(
-        raw,
-        (h * k.upsample, w * k.upsample),
-        center_sigma=k.center_sigma,
-        center_weight=k.center_weight,
-        gamma=k.gamma,
-        smooth=k.smooth,
-    )
+    heat = prepare(blend_profiles(analysis, cand.profile, cand.cam_share), k)
     params = search_params(k)
     out = []
     for aspect in aspects:
@@ -257,9 +247,7 @@ def cross_validate(
     held: dict[str, list[float]] = {s.name: [] for s in sets}
     chosen = []
     for f in range(folds):
-        unit = {
-            n: float(r.mean() / r[fold_of[n] != f].mean()) for n, r in room.items() if n in fold_of
-        }
+        unit = {n: float(r.mean() / r[fold_of[n] != f].mean()) for n, r in room.items()}
 
         def train_score(idx: int, f: int = f, unit: dict[str, float] = unit) -> float:
             return objective(

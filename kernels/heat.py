@@ -82,26 +82,23 @@ def _blur_taps(sigma: float) -> np.ndarray:
     return taps / taps.sum()
 
 
-@njit(cache=True)
 def _blur(img: np.ndarray, taps: np.ndarray) -> np.ndarray:
     """Separable convolution with ``taps`` along both axes, edges replicated."""
+    rows = _blur_rows(img, taps)
+    return _blur_rows(np.ascontiguousarray(rows.T), taps).T
+
+
+@njit(cache=True)
+def _blur_rows(img: np.ndarray, taps: np.ndarray) -> np.ndarray:
+    """Convolution with ``taps`` along each row, the row's end values replicated."""
     gh, gw = img.shape
     r = taps.size // 2
-    rows = np.zeros((gh, gw), dtype=np.float64)
-    for i in range(gh):
-        for j in range(gw):
-            acc = 0.0
-            for t in range(taps.size):
-                jj = min(max(j + t - r, 0), gw - 1)
-                acc += taps[t] * img[i, jj]
-            rows[i, j] = acc
     out = np.zeros((gh, gw), dtype=np.float64)
     for i in range(gh):
         for j in range(gw):
             acc = 0.0
             for t in range(taps.size):
-                ii = min(max(i + t - r, 0), gh - 1)
-                acc += taps[t] * rows[ii, j]
+                acc += taps[t] * img[i, min(max(j + t - r, 0), gw - 1)]
             out[i, j] = acc
     return out
 

@@ -79,17 +79,7 @@ class CropCore:
         )
 
     def prepared(self, analysis: Analysis, profile: str | None = None) -> npt.NDArray[np.float32]:
-        raw = blend_profiles(analysis, profile or self.profile)
-        h, w = raw.shape
-        up = self.kernel.upsample
-        return prepare_heatmap(
-            raw,
-            (h * up, w * up),
-            center_sigma=self.kernel.center_sigma,
-            center_weight=self.kernel.center_weight,
-            gamma=self.kernel.gamma,
-            smooth=self.kernel.smooth,
-        )
+        return prepare(blend_profiles(analysis, profile or self.profile), self.kernel)
 
     def box(
         self,
@@ -145,6 +135,20 @@ def blend_profiles(
         w * food / max(float(food.sum()), 1e-12)
         + (1.0 - w) * generic / max(float(generic.sum()), 1e-12)
     ).astype(np.float32)
+
+
+def prepare(raw: npt.NDArray[np.float32], kernel: KernelSettings) -> npt.NDArray[np.float32]:
+    """A raw profile map prepared for the search as `kernel` says (upsampling, centre prior,
+    gamma, blur): the one place that maps the settings onto prepare_heatmap."""
+    h, w = raw.shape
+    return prepare_heatmap(
+        raw,
+        (h * kernel.upsample, w * kernel.upsample),
+        center_sigma=kernel.center_sigma,
+        center_weight=kernel.center_weight,
+        gamma=kernel.gamma,
+        smooth=kernel.smooth,
+    )
 
 
 def search_params(kernel: KernelSettings) -> SearchParams:
