@@ -196,9 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for i, p in enumerate(tqdm(grid, desc="priors", file=sys.stderr))
     }
     text = report(grid, table, inputs.sets, args.folds, inputs.room, time.perf_counter() - t0)
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    tune.publish(text, args.out)
     return 0
 
 

@@ -293,6 +293,13 @@ def score_rows(
     return out
 
 
+def publish(text: str, out: Path) -> None:
+    """Print a study's markdown report and write it to `out`."""
+    print(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--eval-dir", default="../shared/eval")
@@ -369,10 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "",
     ]
     lines += score_rows([(cands[i].label(), table[i]) for i in unsmoothed + smoothed], names)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    publish("\n".join(lines) + "\n", args.out)
     return 0
 
 
