@@ -3,23 +3,17 @@
 Modelled on imgproxy's errors.go: the message is safe to show a client, the status is what
 the sidecar answers, and ``fallback`` says whether nginx should serve the legacy crop instead
 of an error (the original may be fine, only our path failed).
+
+The base ``HeatcropError`` and the engines' two (``EngineError`` 500, ``ModelNotBuilt`` 503)
+are defined in engines/errors.py, so the engines raise them without importing the service;
+they are the same classes here. Everything else is the service's own.
 """
 
 from __future__ import annotations
 
-
-class HeatcropError(Exception):
-    """Base of every error our code raises on purpose."""
-
-    status: int = 500
-    public_message: str = "internal error"
-    fallback: bool = True
-
-    def __init__(self, detail: str = "", *, public_message: str | None = None) -> None:
-        super().__init__(detail or self.public_message)
-        self.detail = detail
-        if public_message is not None:
-            self.public_message = public_message
+from engines.errors import EngineError as EngineError
+from engines.errors import HeatcropError as HeatcropError
+from engines.errors import ModelNotBuilt as ModelNotBuilt
 
 
 class BadRequest(HeatcropError):
@@ -43,19 +37,23 @@ class SourceNotFound(HeatcropError):
 
 
 class InputTooLarge(HeatcropError):
-    """The original's byte size is over the limit: refused before decoding."""
+    """The original's byte size is over the limit: refused before decoding. No fallback: the
+    legacy server is configured with the same limit (nginx/thumbor.py) and would refuse it
+    too, with a less useful answer."""
 
     status = 413
     public_message = "source too large"
-    fallback = True
+    fallback = False
 
 
 class TooManyPixels(HeatcropError):
-    """A decompression bomb or simply a huge image: refused from the header alone."""
+    """A decompression bomb or simply a huge image: refused from the header alone. No fallback:
+    ``source.max_pixels`` is the legacy server's limit too (Thumbor's MAX_PIXELS), so the
+    legacy crop would be a refusal with an empty body."""
 
     status = 413
     public_message = "source has too many pixels"
-    fallback = True
+    fallback = False
 
 
 class NotAnImage(HeatcropError):
@@ -99,16 +97,4 @@ class DeadlineExceeded(HeatcropError):
 class Overloaded(HeatcropError):
     status = 503
     public_message = "overloaded"
-    fallback = True
-
-
-class EngineError(HeatcropError):
-    status = 500
-    public_message = "engine failure"
-    fallback = True
-
-
-class ModelNotBuilt(HeatcropError):
-    status = 503
-    public_message = "model not built"
     fallback = True

@@ -25,7 +25,9 @@ total; the batcher adds queue and infer), box and heatmap cache hits and misses.
 ``PUT /override/{path}`` with ``Authorization: Bearer <server.override_token>`` and a JSON body
 ``{"box": [x0, y0, x1, y1]}`` stores a must-keep box for the path (``DELETE`` clears it): 401
 without a bearer token, 403 with a wrong one or when no token is configured (overrides off), 400
-for a bad body or path. Each change bumps the override's version, which is part of the box
+for a bad body or path, 404 when the original does not exist. The box is clipped to the
+original (read from its header) before it is stored, and refused with 400 when nothing of it
+lies inside; the answer carries the stored box. Each change bumps the override's version, which is part of the box
 cache key, so boxes computed before the change are never served after it.
 
 Paths are taken from the raw request line (not the router's decoded and normalised copy), so
@@ -46,6 +48,7 @@ from kernels.window import CropBox
 from sidecar import metrics as metrics_mod
 from sidecar.caches import override_key
 from sidecar.debug import add_debug_routes, raw_tail
+from sidecar.decode import probe
 from sidecar.errors import BadRequest, DeadlineExceeded, HeatcropError, Overloaded
 from sidecar.job import CropJob, Override, Services
 from sidecar.legacy import Dialect
@@ -79,6 +82,8 @@ OVERRIDE_LOCK = web.AppKey("override_lock", OverrideLock)
 ENGINE_FAILING_AFTER = 10
 # {"box": [x0, y0, x1, y1]} with sane numbers is under 100 bytes; refuse long bodies unread.
 MAX_OVERRIDE_BODY = 4096
+# An override write reads the original's header to clip the box to it: an editor can wait.
+OVERRIDE_FETCH_S = 5.0
 
 
 def add_routes(app: web.Application) -> None:
@@ -181,6 +186,7 @@ async def put_override(request: web.Request) -> web.Response:
     try:
         path = clean_path(raw_tail(request, 1))
         box = parse_override(await _read_capped(request, MAX_OVERRIDE_BODY))
+        box = clip_to_image(box, await _image_size(request.app[SERVICES], path))
     except HeatcropError as exc:
         return error_response(exc)
     record = await _store_override(request, path, box)
@@ -257,6 +263,32 @@ def parse_override(body: bytes) -> tuple[int, int, int, int]:
     if min(box) < 0 or x0 >= x1 or y0 >= y1:
         raise BadRequest(
             "bad override box", public_message="box needs 0 <= x0 < x1 and 0 <= y0 < y1"
+        )
+    return x0, y0, x1, y1
+
+
+async def _image_size(svc: Services, path: str) -> tuple[int, int]:
+    """The original's display size from its header: an override is stored as it applies."""
+    limits = svc.settings.source
+    original = await svc.source.fetch(path, OVERRIDE_FETCH_S)
+    width, height, _ = await asyncio.to_thread(
+        probe, original.data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels
+    )
+    return width, height
+
+
+def clip_to_image(
+    box: tuple[int, int, int, int], size: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """``box`` cut to the image, so that every crop can contain what is stored; BadRequest
+    when nothing of it is inside (a box for another image, or for another orientation)."""
+    width, height = size
+    x0, y0 = min(box[0], width), min(box[1], height)
+    x1, y1 = min(box[2], width), min(box[3], height)
+    if x0 >= x1 or y0 >= y1:
+        raise BadRequest(
+            f"override box {box} outside the {width}x{height} image",
+            public_message=f"box lies outside the {width}x{height} image",
         )
     return x0, y0, x1, y1
 

@@ -56,7 +56,9 @@ class SourceSettings:
     root: str = "demo/images"
     base_url: str = ""
     max_bytes: int = 30 * 1024 * 1024
-    max_pixels: int = 100_000_000
+    # Thumbor's own default MAX_PIXELS: one limit for both servers (the stack renders Thumbor's
+    # from this one); an original over it is a 413, never a smart box the legacy server refuses.
+    max_pixels: int = 75_000_000
     connect_timeout_ms: int = 200
     read_timeout_ms: int = 1000
 
@@ -73,6 +75,11 @@ class EngineSettings:
     # learned head) | learned (read-out + 15 % auto); the kernel defaults below were chosen
     # with it by 5-fold cross-validation (bench/tune.py, bench/results/tune.md).
     profile: str = "learned"
+
+    @property
+    def kind_var(self) -> str:
+        """The variable that sets ``kind``; engines.loader quotes it in its messages."""
+        return env_name("engine", "kind")
 
 
 @dataclass(frozen=True)

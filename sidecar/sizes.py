@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from kernels.window import MAX_ASPECT, MIN_ASPECT
 from sidecar.errors import BadSize
 
-_SIZE = re.compile(r"^(\d{1,6})x(\d{1,6})$")
+# ASCII digits only: `\d` also matches Arabic-Indic, fullwidth and Devanagari digits, which
+# int() reads as 400 but no other part of the chain (nginx, the legacy server) does.
+_SIZE = re.compile(r"^([0-9]{1,6})x([0-9]{1,6})$")
 
 
 @dataclass(frozen=True)

@@ -460,6 +460,41 @@ async def test_override_outside_the_image_is_clamped(client) -> None:
     assert abs((x1 - x0) - 2 * (y1 - y0)) <= 2
 
 
+async def test_an_override_beyond_the_image_is_stored_clipped_and_every_crop_holds_it(
+    client,
+) -> None:
+    # five.jpg is 600x400: the stored box is what the crops can keep, and the editor sees it.
+    put = await client.put(
+        "/override/five.jpg", json={"box": [430, 50, 5000, 290]}, headers=_auth()
+    )
+    assert put.status == 200
+    assert (await put.json())["box"] == [430, 50, 600, 290]
+    for size in ("200x100", "300x300", "100x200", "400x300", "160x90"):
+        resp = await _crop(client, size, "five.jpg")
+        assert resp.headers["X-Heatcrop-Path"] == "override"
+        x0, y0, x1, y1 = _box(resp)
+        assert x0 <= 430 and y0 <= 50 and x1 == 600 and y1 >= 290, (size, _box(resp))
+
+
+@pytest.mark.parametrize(
+    ("path", "box", "status"),
+    [
+        ("five.jpg", [600, 0, 700, 100], 400),  # starts at the right edge: nothing inside
+        ("five.jpg", [0, 400, 50, 450], 400),
+        ("missing.jpg", [1, 1, 5, 5], 404),
+    ],
+)
+async def test_an_override_outside_the_image_or_for_no_image_is_refused(
+    client, path: str, box: list[int], status: int
+) -> None:
+    put = await client.put(f"/override/{path}", json={"box": box}, headers=_auth())
+    assert put.status == status, await put.text()
+    if status == 400:
+        assert await put.text() == "box lies outside the 600x400 image"
+        resp = await _crop(client, "200x100", path)
+        assert resp.headers["X-Heatcrop-Path"] != "override"
+
+
 def test_identity_memo_expires_and_stays_bounded() -> None:
     memo = IdentityMemo(ttl_s=10.0, max_entries=2)
     memo.put("a.jpg", "file:a.jpg:1", now=0.0)

@@ -202,7 +202,8 @@ async def test_slow_origin_times_out_into_the_legacy_crop(
 
 async def test_body_over_the_cap_without_content_length_is_refused(client, origin) -> None:
     resp = await _get(client, "/crop/300x100/huge.jpg")
-    _assert_fallback_or(resp, 413)  # InputTooLarge falls back
+    # The legacy server has the same byte limit: a clear 413, not a fallback it would refuse.
+    assert resp.status == 413 and await resp.text() == "source too large"
     # The running count stopped the read: the origin could not send the rest of its 128 MB
     # (what it got onto the socket is the cap plus the socket buffers at most).
     await asyncio.wait_for(origin.huge_done.wait(), 10)
@@ -223,7 +224,8 @@ async def test_truncated_jpeg_falls_back_or_is_damaged(client) -> None:
 
 async def test_png_bomb_is_refused_and_the_sidecar_keeps_answering(client) -> None:
     resp = await _get(client, "/crop/300x100/bomb.png")
-    _assert_giveup(resp)  # TooManyPixels falls back
+    # One pixel limit for the sidecar and the legacy server: a 413 that says why.
+    assert resp.status == 413 and await resp.text() == "source has too many pixels"
     assert await _metric(client, "heatcrop_nn_runs_total") == 0
     await _assert_smart_or_low_confidence(client)
 

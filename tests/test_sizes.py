@@ -45,3 +45,11 @@ def test_aspects_the_search_refuses_are_400_before_any_work(text):
 @pytest.mark.parametrize("text", ["1000x1", "1x1000", "4000x0", "0x4000"])
 def test_extreme_but_searchable_sizes_pass(text):
     assert parse_size(text).width == int(text.split("x")[0])
+
+
+# Arabic-Indic, extended Arabic-Indic, fullwidth and Devanagari digits: int() reads them all.
+@pytest.mark.parametrize("text", ["٤٠٠x٣٠٠", "۴۰۰x۳۰۰", "４００x３００", "४००x३००", "4٠0x300"])
+def test_sizes_are_ascii_digits_only(text):
+    with pytest.raises(BadSize) as info:
+        parse_size(text)
+    assert info.value.public_message == "size must be WxH"
