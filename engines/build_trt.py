@@ -11,8 +11,9 @@ or TensorRT versions in the same folder are kept: a shared folder can serve seve
 
 The timing cache (kernel timings per GPU model + TensorRT version) is loaded before and saved
 after each build, so rebuilding after a model change is much faster than the first build.
-INT8 uses an entropy calibrator fed with photos from ``--calib-dir``, decoded exactly as the
-service decodes them (sidecar/decode.py); its scales are cached per model + photo set. Every
+INT8 uses an entropy calibrator fed with photos from ``--calib-dir``, decoded by the pixel
+pipeline the service's decode uses (engines/pixels.py); its scales are cached per model + photo
+set. Every
 ONNX parser error is printed, and on a failed build the end of TensorRT's log too.
 """
 
@@ -34,8 +35,9 @@ import numpy as np
 import numpy.typing as npt
 
 from engines import buckets
+from engines.artifacts import sha256_hex, write_atomic
 from engines.base import INPUT_NAME
-from engines.export import _write_atomic, sha256_hex
+from engines.errors import HeatcropError
 from engines.plans import (
     MANIFEST_SUFFIX,
     PLAN_SUFFIX,
@@ -58,7 +60,6 @@ from engines.plans import (
     timing_cache_path,
     write_manifest,
 )
-from sidecar.errors import HeatcropError
 
 Shape = tuple[int, int]
 PHOTO_SUFFIXES = frozenset((".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".gif", ".avif"))
@@ -207,25 +208,33 @@ def calibration_batches(
     batch: int,
     on_skip: Callable[[Path, str], None] | None = None,
 ) -> Iterator[npt.NDArray[np.uint8]]:
-    """[batch, H, W, 3] uint8 batches of the photos decoded by the service's own decode path.
+    """[batch, H, W, 3] uint8 batches of the photos, decoded as the service decodes them.
 
-    Photos the service would refuse are skipped (and reported to ``on_skip``); a last,
-    incomplete batch is dropped, since calibration runs at one fixed batch size. Fewer
-    usable photos than one batch is a BuildError, not a calibration on nothing.
+    Photos that do not decode, or are over the builder's byte or pixel limit, are skipped (and
+    reported to ``on_skip``); a last, incomplete batch is dropped, since calibration runs at one
+    fixed batch size. Fewer usable photos than one batch is a BuildError, not a calibration on
+    nothing.
     """
-    from sidecar.decode import decode_to
+    import pyvips
+
+    from engines.pixels import model_pixels, open_header
 
     pending: list[npt.NDArray[np.uint8]] = []
     yielded = 0
     for path in paths:
         try:
             data = path.read_bytes()
-            pixels = decode_to(
-                data, bucket, max_bytes=CALIB_MAX_BYTES, max_pixels=CALIB_MAX_PIXELS
-            ).pixels
-        except (OSError, HeatcropError) as exc:
+            if len(data) > CALIB_MAX_BYTES:
+                raise ValueError(f"{len(data)} bytes > limit {CALIB_MAX_BYTES}")
+            header = open_header(data)
+            if header.width * header.height > CALIB_MAX_PIXELS:
+                raise ValueError(
+                    f"{header.width}x{header.height} > limit {CALIB_MAX_PIXELS} pixels"
+                )
+            pixels = model_pixels(data, header, bucket)
+        except (OSError, pyvips.Error, ValueError) as exc:  # model_pixels' WrongSize is one
             if on_skip is not None:
-                on_skip(path, str(exc))
+                on_skip(path, " ".join(str(exc).split()))
             continue
         pending.append(pixels)
         if len(pending) == batch:
@@ -281,7 +290,7 @@ def make_calibrator(
             return cache_path.read_bytes() if cache_path.is_file() else None
 
         def write_calibration_cache(self, cache: Any) -> None:
-            _write_atomic(cache_path, bytes(cache))
+            write_atomic(cache_path, bytes(cache))
 
     return EntropyCalibrator()
 
@@ -350,7 +359,7 @@ def build_plan(
         raise BuildError("TensorRT could not build the plan; end of its log:\n" + logger.tail(60))
     if calibrator is not None and calibrator.error is not None:
         raise BuildError(f"calibration data failed: {calibrator.error!r}")
-    _write_atomic(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
+    write_atomic(timing_cache, bytes(memoryview(config.get_timing_cache().serialize())))
     del cache, config
     plan = bytes(memoryview(serialized))
     _print_err(f"  built in {time.perf_counter() - started:.0f} s")
@@ -452,7 +461,7 @@ def build(
         )
     stem = path.name.removesuffix(MANIFEST_SUFFIX)
     plan_file = stem + PLAN_SUFFIX
-    _write_atomic(out / plan_file, plan)
+    write_atomic(out / plan_file, plan)
     manifest = PlanManifest(
         path=path,
         plan_file=plan_file,

@@ -13,32 +13,19 @@ a file that already holds those bytes is left alone, so ``make setup`` is cheap 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from engines import buckets, classes
+from engines.artifacts import MANIFEST_NAME, model_file_name, sha256_hex, write_atomic
 from engines.base import INPUT_NAME, OUTPUT_NAMES, PROFILES
 from engines.graph import GENERIC_HEAD, OPSET, build_model
 from engines.readout import TAPS, WEIGHTS_PATH, load_weights
 from engines.weights import load_state_dict, shipped_weights_path
 
-MODEL_STEM = "heatcrop-lite0"
-MANIFEST_NAME = "model.json"
 MANIFEST_FORMAT = 1
-HASH_CHARS = 12
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def model_file_name(digest: str) -> str:
-    return f"{MODEL_STEM}-{digest[:HASH_CHARS]}.onnx"
 
 
 def model_bytes(
@@ -91,24 +78,10 @@ def manifest(file_name: str, digest: str, weights_digest: str) -> dict[str, Any]
     }
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Readers never see a half-written file: write beside it, then rename over it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        # mkstemp makes the file private; the service may run as another user.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_if_changed(path: Path, data: bytes) -> bool:
     if path.is_file() and path.read_bytes() == data:
         return False
-    _write_atomic(path, data)
+    write_atomic(path, data)
     return True
 
 

@@ -5,6 +5,9 @@ matches this GPU + TensorRT version + model hash + ``trt_precision``; otherwise 
 Either way one log line says which runtime and why. ``trt`` never falls back: without a match
 it raises ``NoMatchingPlan`` saying what is missing. ``ort`` does not even look for TensorRT.
 A plan that does not match is never handed to TensorRT (``TrtEngine`` checks again).
+
+The settings are anything shaped like ``EngineConfig``: the service passes its own engine
+settings; scripts and tests without the service can pass an ``EngineOptions``.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from engines import buckets
+from engines.artifacts import HASH_CHARS
 from engines.base import Engine
+from engines.errors import EngineError
 from engines.plans import (
     BUILD_HINT,
-    HASH_CHARS,
     Machine,
     NoMatchingPlan,
     PlanError,
@@ -28,12 +33,46 @@ from engines.plans import (
     detect_machine,
     find_plan,
 )
-from sidecar.errors import EngineError
-from sidecar.settings import EngineSettings, env_name
 
 log = logging.getLogger("heatcrop.engine")
 
-KIND_VAR = env_name("engine", "kind")
+
+class EngineConfig(Protocol):
+    """What ``choose`` and ``load_engine`` read.
+
+    ``kind_var`` is how an operator sets ``kind`` (for the service: its environment variable);
+    messages about ``kind`` quote it, since that is what has to be changed.
+    """
+
+    @property
+    def kind(self) -> str: ...  # auto | ort | trt
+
+    @property
+    def model_dir(self) -> str: ...
+
+    @property
+    def plan_dir(self) -> str: ...
+
+    @property
+    def trt_precision(self) -> str: ...  # fp16 | int8 | fp32
+
+    @property
+    def threads(self) -> int: ...
+
+    @property
+    def kind_var(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """An ``EngineConfig`` spelled out, for callers without the service's settings."""
+
+    kind: str
+    model_dir: str
+    plan_dir: str
+    trt_precision: str
+    threads: int
+    kind_var: str = "kind"
 
 
 @dataclass(frozen=True)
@@ -47,18 +86,19 @@ class Choice:
 
 
 def choose(
-    settings: EngineSettings,
+    settings: EngineConfig,
     model_sha256: str,
     probe: Probe,
     shapes: Sequence[tuple[int, int]] | None = None,
 ) -> Choice:
     """The runtime for these settings on a machine described by ``probe``; pure apart from
     reading the plan folder. Raises ``NoMatchingPlan`` when ``kind=trt`` cannot be honoured."""
+    kind_var = settings.kind_var
     if settings.kind == "ort":
-        return Choice("ort", f"{KIND_VAR}=ort")
+        return Choice("ort", f"{kind_var}=ort")
     if isinstance(probe, Unavailable):
         if settings.kind == "trt":
-            raise NoMatchingPlan(f"{KIND_VAR}=trt, but {probe.describe()}")
+            raise NoMatchingPlan(f"{kind_var}=trt, but {probe.describe()}")
         return Choice("ort", f"TensorRT not used: {probe.describe()}")
     wanted = buckets.all_buckets() if shapes is None else tuple(shapes)
     search = find_plan(settings.plan_dir, probe, model_sha256, settings.trt_precision, wanted)
@@ -68,13 +108,13 @@ def choose(
             f"{model_sha256[:HASH_CHARS]}: {search.why_none()}; {BUILD_HINT}"
         )
         if settings.kind == "trt":
-            raise NoMatchingPlan(f"{KIND_VAR}=trt, but {why}")
+            raise NoMatchingPlan(f"{kind_var}=trt, but {why}")
         return Choice("ort", f"TensorRT not used: {why}")
     return Choice("trt", f"plan {search.plan.plan_file}", search.plan, probe)
 
 
 def load_engine(
-    settings: EngineSettings,
+    settings: EngineConfig,
     *,
     warm: bool = True,
     probe: Callable[[], Probe] = detect_machine,

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from engines.export import HASH_CHARS, MANIFEST_NAME, model_file_name
-from sidecar.errors import ModelNotBuilt
+from engines.artifacts import HASH_CHARS, MANIFEST_NAME, model_file_name
+from engines.errors import ModelNotBuilt
 
 HINT = "run `make setup` (or `python -m engines.export --out {dir}`) to build it"
 

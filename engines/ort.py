@@ -21,10 +21,9 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from engines import buckets
+from engines.artifacts import HASH_CHARS
 from engines.base import INPUT_NAME, OUTPUT_NAMES, PROFILES, HeatmapBatch, prepare_batch
-from sidecar.errors import EngineError
-
-HASH_CHARS = 12
+from engines.errors import EngineError
 
 
 def _session_options(threads: int, spin: bool) -> ort.SessionOptions:

@@ -25,14 +25,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from engines.export import MODEL_STEM, _write_atomic, sha256_hex
-from sidecar.errors import ModelNotBuilt
+from engines.artifacts import HASH_CHARS, MODEL_STEM, sha256_hex, write_atomic
+from engines.errors import ModelNotBuilt
 
 PLAN_FORMAT = 1
 PRECISIONS: tuple[str, ...] = ("fp16", "int8", "fp32")
 PLAN_SUFFIX = ".plan"
 MANIFEST_SUFFIX = ".json"
-HASH_CHARS = 12
 BUILD_HINT = "run `make engines` on this machine"
 
 Shape = tuple[int, int]
@@ -267,7 +266,7 @@ def read_manifest(path: str | Path) -> PlanManifest:
 
 def write_manifest(manifest: PlanManifest) -> None:
     text = json.dumps(manifest.to_json(), indent=2) + "\n"
-    _write_atomic(manifest.path, text.encode())
+    write_atomic(manifest.path, text.encode())
 
 
 def read_plan(manifest: PlanManifest) -> bytes:

@@ -16,8 +16,8 @@ Threads: the engine may be created in one thread and used from another (the serv
 in ``asyncio.to_thread`` and the batcher calls it from its one worker thread), because every
 method pushes the GPU's primary CUDA context for the duration of the call and pops it after.
 Calls are not concurrent: one stream, one execution context and one set of staging buffers
-per bucket. A lock serialises ``infer`` and ``close``; behind the batcher, which makes one
-engine call at a time from one thread (sidecar/batcher.py), that lock is never contended.
+per bucket. A lock serialises ``infer`` and ``close``; behind the service's batcher, which makes
+one engine call at a time from one thread, that lock is never contended.
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ import numpy as np
 import numpy.typing as npt
 
 from engines import buckets, classes
+from engines.artifacts import HASH_CHARS
 from engines.base import INPUT_NAME, OUTPUT_NAMES, PROFILES, HeatmapBatch, prepare_batch
+from engines.errors import EngineError
 from engines.plans import (
-    HASH_CHARS,
     Importer,
     Machine,
     NoMatchingPlan,
@@ -45,7 +46,6 @@ from engines.plans import (
     judge,
     read_plan,
 )
-from sidecar.errors import EngineError
 
 log = logging.getLogger("heatcrop.engine")
 

@@ -7,27 +7,13 @@ Order of checks, cheapest first, so hostile input costs next to nothing:
   3. the header only (libvips opens images lazily): a header that does not parse is
      ``CorruptImage``, width × height over the limit is ``TooManyPixels`` — a 30000×30000
      "bomb" is refused here without a pixel being decoded;
-  4. ``thumbnail_buffer`` to the bucket size: JPEG shrink-on-load (libjpeg DCT scaling), WebP and
-     HEIF scale-on-load, EXIF orientation applied, colour converted to sRGB.
+  4. the pixels, from engines/pixels.py (the pipeline the TensorRT builder's calibrator shares):
+     ``thumbnail_buffer`` to the bucket size, JPEG shrink-on-load (libjpeg DCT scaling), WebP and
+     HEIF scale-on-load, EXIF orientation applied, colour converted to sRGB. Its libvips facts
+     (``fail_on``, colour profiles, alpha) are listed there; every libvips failure on the way
+     is mapped onto a typed error here.
 
 Facts about pyvips 3.2 / libvips 8.18 this relies on (each is checked in tests/test_decode.py):
-  - ``thumbnail_buffer(..., fail_on=...)`` does not reach the loader; only
-    ``option_string="fail_on=error"`` does. Without it a truncated JPEG or PNG decodes "fine",
-    the missing part grey or black. With it, truncation surfaces as a ``pyvips.Error`` when the
-    pixels are read (not at the call), so the read is inside the same error mapping.
-    ``fail_on="warning"`` would also reject the many real JPEGs with harmless libjpeg warnings;
-    the price is that a JPEG whose end marker comes before its scan is complete (libjpeg:
-    "premature end of data segment", a warning) decodes with the missing part grey.
-  - Without ``export_profile`` the thumbnail keeps an embedded RGB profile's numbers (a Display
-    P3 red stays (234, 51, 35)); with ``export_profile="srgb"`` it converts them. That costs
-    ~11 ms a call on an untagged 1600×1067 JPEG on one thread (~3.5 ms on a P3-tagged one),
-    twice the whole ~6 ms shrink-on-load decode, so it is asked for only when the embedded
-    profile is not sRGB.
-    Untagged images are taken as sRGB; CMYK is converted by the thumbnail either way (with the
-    embedded profile, else libvips' built-in CMYK profile); 16-bit, grey and float images come
-    out of the thumbnail as 8-bit and the rest is done by ``_to_rgb8``.
-  - The thumbnail premultiplies alpha before resampling, so a fully transparent pixel is black
-    before flattening; we flatten on white, like a browser showing the image on a white page.
   - Ultra HDR JPEGs are claimed by the ``uhdrload`` loader, which gives the SDR base image; they
     are JPEGs to everyone else, so they report format "jpeg".
   - This build's libheif decodes AV1 (AVIF) but has no HEVC decoder: an iPhone HEIC is
@@ -36,7 +22,6 @@ Facts about pyvips 3.2 / libvips 8.18 this relies on (each is checked in tests/t
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -46,6 +31,8 @@ import numpy.typing as npt
 import pyvips
 
 from engines.buckets import bucket_for
+from engines.pixels import WrongSize, model_pixels, open_header
+from engines.pixels import needs_colour_transform as needs_colour_transform
 from kernels.window import MAX_SIDE
 from sidecar.errors import (
     CorruptImage,
@@ -71,18 +58,12 @@ ACCEPTED_LOADERS: dict[str, str] = {
 
 # Orientations 5-8 are the transposing ones: the displayed image is the stored one on its side.
 _TRANSPOSING = frozenset((5, 6, 7, 8))
-_WHITE = 255.0
 # How libheif says it has no decoder for the file's codec (HEVC in this build): the bundled
 # libheif prints "Support for this compression format has not been built in"; the other two are
 # its wordings for the same condition in other libheif versions.
 _HEIF_NO_CODEC = ("has not been built in", "No matching decoder", "Unsupported codec")
 
 T = TypeVar("T")
-
-# sRGB's primaries as RGB ICC profiles store them (rXYZ, gXYZ, bXYZ: D50-adapted XYZ); the
-# sRGB profiles in the wild (IEC 61966-2.1, sRGB2014, libvips' own) agree to ~0.0005.
-_SRGB_COLORANTS = ((0.4361, 0.2225, 0.0139), (0.3851, 0.7169, 0.0971), (0.1431, 0.0606, 0.7141))
-_COLORANT_TOLERANCE = 0.003
 
 
 @dataclass(frozen=True)
@@ -147,8 +128,7 @@ def decode_to(
     target = bucket_for(width, height) if bucket is None else bucket
     if target[0] <= 0 or target[1] <= 0:
         raise ValueError(f"bucket must be positive, got {target}")
-    convert = _guarded(lambda: needs_colour_transform(header), fmt)
-    pixels = _guarded(lambda: _pixels(data, target, fmt, convert), fmt)
+    pixels = _guarded(lambda: model_pixels(data, header, target), fmt)
     return Decoded(pixels=pixels, width=width, height=height, format=fmt)
 
 
@@ -177,7 +157,7 @@ def _checked_header(
         raise InputTooLarge(f"{len(data)} bytes > limit {max_bytes}")
     fmt = _guarded(lambda: sniff_format(data), None)
     # Lazy open: libvips reads the header here and decodes nothing until pixels are asked for.
-    image = _guarded(lambda: pyvips.Image.new_from_buffer(data, "", access="sequential"), fmt)
+    image = _guarded(lambda: open_header(data), fmt)
     width, height = _display_size(image)
     if width <= 0 or height <= 0:
         raise CorruptImage(f"header gives an empty {width}x{height} image")
@@ -197,83 +177,6 @@ def _display_size(image: pyvips.Image) -> tuple[int, int]:
     return image.width, image.height
 
 
-def needs_colour_transform(header: pyvips.Image) -> bool:
-    """Whether the embedded ICC profile would change the pixel numbers on the way to sRGB."""
-    if not header.get_typeof("icc-profile-data"):
-        return False
-    colorants = _rgb_colorants(bytes(header.get("icc-profile-data")))
-    if colorants is None:
-        return True
-    return any(
-        abs(got - want) > _COLORANT_TOLERANCE
-        for xyz, srgb in zip(colorants, _SRGB_COLORANTS, strict=True)
-        for got, want in zip(xyz, srgb, strict=True)
-    )
-
-
-def _rgb_colorants(profile: bytes) -> list[tuple[float, ...]] | None:
-    """rXYZ, gXYZ, bXYZ of an RGB matrix profile; None for anything else or anything odd."""
-    if len(profile) < 132 or profile[16:20] != b"RGB ":
-        return None
-    count = min(int.from_bytes(profile[128:132]), (len(profile) - 132) // 12)
-    offsets = {}
-    for entry in range(132, 132 + 12 * count, 12):
-        offsets[profile[entry : entry + 4]] = int.from_bytes(profile[entry + 4 : entry + 8])
-    colorants = []
-    for tag in (b"rXYZ", b"gXYZ", b"bXYZ"):
-        at = offsets.get(tag)
-        if at is None or at + 20 > len(profile) or profile[at : at + 4] != b"XYZ ":
-            return None
-        colorants.append(tuple(v / 65536 for v in struct.unpack_from(">3i", profile, at + 8)))
-    return colorants
-
-
-def _pixels(data: bytes, bucket: tuple[int, int], fmt: str, convert: bool) -> npt.NDArray[np.uint8]:
-    height, width = bucket
-    colour = {"export_profile": "srgb"} if convert else {}
-    image = pyvips.Image.thumbnail_buffer(
-        data,
-        width,
-        height=height,
-        size="force",
-        option_string="fail_on=error",
-        **colour,
-    )
-    image = _to_rgb8(image)
-    if (image.height, image.width) != bucket:
-        raise CorruptImage(f"{fmt} decoded to {image.width}x{image.height}, wanted {bucket}")
-    # numpy() evaluates the whole pipeline: truncation and decode errors are raised here.
-    return np.ascontiguousarray(image.numpy(), dtype=np.uint8).reshape(height, width, 3)
-
-
-def _to_rgb8(image: pyvips.Image) -> pyvips.Image:
-    """Any band count / interpretation / format the thumbnail can give → 3-band uchar sRGB."""
-    if image.format != "uchar" or image.interpretation not in ("srgb", "b-w"):
-        # The thumbnail has usually done this already (16-bit, CMYK, float, Lab); this covers
-        # what it leaves alone, e.g. extra-band TIFFs tagged "multiband".
-        image = _colourspace_or_cast(image)
-    colour = 1 if image.bands < 3 else 3
-    if image.hasalpha():
-        # libvips takes the band after the colour ones as alpha (a TIFF may carry more extra
-        # bands after it); flatten() would use the last band, so cut the extras off first.
-        image = image.extract_band(0, n=colour + 1).flatten(background=[_WHITE] * colour)
-    if image.bands > colour:
-        image = image.extract_band(0, n=colour)
-    if colour == 1:
-        image = image.bandjoin([image, image])
-    return image.cast("uchar")
-
-
-def _colourspace_or_cast(image: pyvips.Image) -> pyvips.Image:
-    try:
-        return image.colourspace("srgb")
-    except pyvips.Error:
-        # Unknown interpretation: treat the first bands as RGB and bring the range to 8 bits.
-        if image.format in ("ushort", "short"):
-            return image.cast("uchar", shift=True)
-        return image.cast("uchar")
-
-
 def _guarded(step: Callable[[], T], fmt: str | None) -> T:
     """Run a libvips step, turning every failure into a HeatcropError subclass."""
     try:
@@ -282,6 +185,8 @@ def _guarded(step: Callable[[], T], fmt: str | None) -> T:
         raise
     except pyvips.Error as exc:
         raise _vips_error(exc, fmt) from exc
+    except WrongSize as exc:
+        raise CorruptImage(f"{fmt} {exc}") from exc
     except Exception as exc:
         # Not the image's fault as far as we know; 500 with fallback keeps the page working.
         raise HeatcropError(f"decoder failed unexpectedly: {exc!r}") from exc

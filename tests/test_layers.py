@@ -1,0 +1,41 @@
+"""Which modules a process loads: the engines stand without the service, and the service runs
+without the model exporter (``onnx``, the weights unpickler). Each check imports in a fresh
+interpreter, so what other tests imported does not count."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ENGINE_MODULES = sorted(f"engines.{p.stem}" for p in (ROOT / "engines").glob("*.py"))
+# The app factory, the command line that serves it, and what load_engine imports lazily.
+SERVING_MODULES = ["sidecar.app", "sidecar.cli", "engines.model", "engines.ort", "engines.trt"]
+
+
+def modules_after_importing(names: list[str]) -> set[str]:
+    code = (
+        "import importlib, json, sys\n"
+        f"for name in {names!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(json.dumps(sorted(sys.modules)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    return set(json.loads(done.stdout.splitlines()[-1]))
+
+
+def test_engines_import_nothing_from_the_service() -> None:
+    assert "engines.loader" in ENGINE_MODULES and "engines.build_trt" in ENGINE_MODULES
+    loaded = modules_after_importing(ENGINE_MODULES)
+    assert sorted(m for m in loaded if m.split(".")[0] == "sidecar") == []
+
+
+def test_the_service_does_not_load_the_exporter() -> None:
+    loaded = modules_after_importing(SERVING_MODULES)
+    assert "sidecar.app" in loaded and "engines.loader" in loaded
+    for module in ("onnx", "engines.export", "engines.graph", "engines.weights"):
+        assert module not in loaded, f"{module} is imported by the serving path"
