@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from engines import buckets
-from engines.export import sha256_hex
+from engines.artifacts import sha256_hex
 from engines.plans import Machine, PlanManifest, plan_stem, write_manifest
 
 H100 = Machine("NVIDIA H100 80GB HBM3", (9, 0), "10.16.1.11")

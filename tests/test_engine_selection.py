@@ -7,12 +7,12 @@ import logging
 
 import pytest
 
-from engines.loader import choose, load_engine
+from engines.errors import EngineError, ModelNotBuilt
+from engines.loader import EngineOptions, choose, load_engine
 from engines.model import read_manifest
 from engines.ort import OrtEngine
 from engines.plans import NoMatchingPlan, Unavailable
 from sidecar import settings as settings_mod
-from sidecar.errors import EngineError, ModelNotBuilt
 from sidecar.settings import EngineSettings, SettingsError
 from tests.plan_files import H100, L4, MODEL_SHA, OLD_MODEL_SHA, other_trt, write_plan
 
@@ -40,6 +40,16 @@ def test_trt_without_tensorrt_is_a_typed_error(tmp_path):
     with pytest.raises(NoMatchingPlan, match="HEATCROP_ENGINE_KIND=trt, but no TensorRT") as info:
         choose(_settings(tmp_path, "trt"), MODEL_SHA, ABSENT)
     assert isinstance(info.value, ModelNotBuilt)
+
+
+def test_engine_options_without_the_service_name_their_own_kind_setting(tmp_path):
+    options = EngineOptions(
+        kind="trt", model_dir="", plan_dir=str(tmp_path), trt_precision="fp16", threads=1
+    )
+    with pytest.raises(NoMatchingPlan, match=r"^kind=trt, but no TensorRT"):
+        choose(options, MODEL_SHA, ABSENT)
+    named = EngineOptions("ort", "", str(tmp_path), "fp16", 1, kind_var="--kind")
+    assert choose(named, MODEL_SHA, H100).reason == "--kind=ort"
 
 
 def test_auto_with_tensorrt_but_no_plans(tmp_path):

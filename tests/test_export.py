@@ -18,12 +18,13 @@ import onnxruntime as ort
 import pytest
 
 from engines import buckets, classes
+from engines.artifacts import MANIFEST_NAME, model_file_name, sha256_hex
 from engines.base import INPUT_NAME, OUTPUT_NAMES, PROFILES
-from engines.export import MANIFEST_NAME, export, model_file_name, sha256_hex
+from engines.errors import ModelNotBuilt
+from engines.export import export
 from engines.graph import GENERIC_HEAD, same_pads
 from engines.model import find_model
 from engines.readout import WEIGHTS_PATH
-from sidecar.errors import ModelNotBuilt
 
 GOLDEN = Path(__file__).parent / "golden" / "lite0_reference.npz"
 GOLDEN_BUCKETS = ("224x224", "224x320")

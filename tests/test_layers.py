@@ -9,6 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import engines.errors
+import sidecar.errors
+
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE_MODULES = sorted(f"engines.{p.stem}" for p in (ROOT / "engines").glob("*.py"))
 # The app factory, the command line that serves it, and what load_engine imports lazily.
@@ -39,3 +42,16 @@ def test_the_service_does_not_load_the_exporter() -> None:
     assert "sidecar.app" in loaded and "engines.loader" in loaded
     for module in ("onnx", "engines.export", "engines.graph", "engines.weights"):
         assert module not in loaded, f"{module} is imported by the serving path"
+
+
+def test_the_service_raises_and_catches_the_engines_own_errors() -> None:
+    assert sidecar.errors.HeatcropError is engines.errors.HeatcropError
+    assert sidecar.errors.EngineError is engines.errors.EngineError
+    assert sidecar.errors.ModelNotBuilt is engines.errors.ModelNotBuilt
+    engine, missing = sidecar.errors.EngineError(), sidecar.errors.ModelNotBuilt()
+    assert (engine.status, engine.public_message, engine.fallback) == (500, "engine failure", True)
+    assert (missing.status, missing.public_message, missing.fallback) == (
+        503,
+        "model not built",
+        True,
+    )

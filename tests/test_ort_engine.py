@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from engines import buckets
+from engines.artifacts import sha256_hex
 from engines.base import PROFILES, Engine, HeatmapBatch
-from engines.export import export, sha256_hex
+from engines.errors import EngineError
+from engines.export import export
 from engines.ort import OrtEngine
-from sidecar.errors import EngineError
 
 GOLDEN = Path(__file__).parent / "golden" / "lite0_reference.npz"
 

@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 
 from engines import buckets
+from engines.errors import ModelNotBuilt
 from engines.plans import (
     NoMatchingPlan,
     PlanError,
@@ -26,7 +27,6 @@ from engines.plans import (
     read_plan,
     timing_cache_path,
 )
-from sidecar.errors import ModelNotBuilt
 from tests.plan_files import H100, L4, MODEL_SHA, OLD_MODEL_SHA, other_trt, write_plan
 
 ALL = buckets.all_buckets()

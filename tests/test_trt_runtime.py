@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from engines.base import INPUT_NAME, OUTPUT_NAMES, prepare_batch
+from engines.errors import EngineError
 from engines.model import find_model
 from engines.ort import OrtEngine
 from engines.plans import NoMatchingPlan, PlanError
 from engines.trt import TrtEngine, join_outputs, output_shapes, split_batch, stage
-from sidecar.errors import EngineError
 from tests.plan_files import H100, L4, MODEL_SHA, OLD_MODEL_SHA, other_trt, write_plan
 
 
