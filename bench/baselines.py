@@ -1,4 +1,5 @@
-"""Baseline crops: the centred largest window, and libvips smartcrop (attention, entropy).
+"""Baseline crops: libvips smartcrop (attention, entropy); the centred largest window, the other
+baseline, is training.data.centre_box.
 
 libvips' smartcrop returns the cropped pixels, not where they came from. We run it the way a
 thumbnail pipeline would (on a working copy, long side ~512), then find the crop's offset in
@@ -10,7 +11,6 @@ of the original, so aspect and clamping are exact in original pixels.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ import numpy.typing as npt
 import pyvips
 from numpy.lib.stride_tricks import sliding_window_view
 
-from bench.metrics import Box
+from training.data import Box, largest_window
 
 WORKING_LONG_SIDE = 512
 SMARTCROP_KINDS: tuple[str, ...] = ("attention", "entropy")
@@ -28,27 +28,11 @@ class CropNotFoundError(RuntimeError):
     """smartcrop's output does not occur in its input at any single-axis offset."""
 
 
-def largest_window(width: int, height: int, aspect: float) -> tuple[int, int]:
-    """(w, h) of the largest window of aspect w/h inside width x height, within a pixel."""
-    if width <= 0 or height <= 0 or aspect <= 0:
-        raise ValueError(f"bad size or aspect: {width}x{height}, {aspect}")
-    # Half-up rounding, as kernels.window does: this centre crop is the service's, to the pixel.
-    if width >= height * aspect:
-        return max(1, min(width, math.floor(height * aspect + 0.5))), height
-    return width, max(1, min(height, math.floor(width / aspect + 0.5)))
-
-
 def place_window(cx: float, cy: float, width: int, height: int, aspect: float) -> Box:
     """The largest window at `aspect`, centred as near (cx, cy) as the image bounds allow."""
     cw, ch = largest_window(width, height, aspect)
     x0 = min(max(round(cx - cw / 2), 0), width - cw)
     y0 = min(max(round(cy - ch / 2), 0), height - ch)
-    return Box(x0, y0, x0 + cw, y0 + ch)
-
-
-def centre_box(width: int, height: int, aspect: float) -> Box:
-    cw, ch = largest_window(width, height, aspect)
-    x0, y0 = (width - cw) // 2, (height - ch) // 2
     return Box(x0, y0, x0 + cw, y0 + ch)
 
 

@@ -23,9 +23,8 @@ import numpy as np
 import numpy.typing as npt
 import pyvips
 
-from bench.baselines import centre_box, smartcrop_box, working_image
-from bench.eval_sets import ASPECTS, EvalItem, EvalSet, load_set
-from bench.metrics import Box
+from bench.baselines import smartcrop_box, working_image
+from training.data import ASPECTS, Box, EvalItem, EvalSet, centre_box, load_set
 
 # Evenly spaced through each set's sorted file names, fixed here so the page is comparable
 # from run to run even if a manifest is reordered.

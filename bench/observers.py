@@ -22,11 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from bench.baselines import centre_box
-from bench.eval_sets import EvalItem, EvalSet
-from bench.metrics import Box, fixations_kept
+from training.data import Box, EvalItem, EvalSet, centre_box, fixations_kept
 
-# Chooses the best largest window at an aspect for a score (bench.quality.oracle_box).
+# Chooses the best largest window at an aspect for a score (training.data.oracle_box).
 Chooser = Callable[[EvalItem, float, Callable[[Box], float], int], Box]
 HALF = 0  # k meaning "every viewer of the choosing half"
 ALL_BUT_ONE = -1  # k meaning "every viewer but the one scored", each in turn

@@ -40,23 +40,27 @@ import numpy.typing as npt
 import pyvips
 from tqdm import tqdm
 
-from bench.baselines import (
-    SMARTCROP_KINDS,
-    WORKING_LONG_SIDE,
-    centre_box,
-    largest_window,
-    smartcrop_box,
-    working_image,
-)
-from bench.eval_sets import DEFAULT_SETS, EvalItem, EvalSet, Metric, Protocol, load_set
-from bench.metrics import Box
+from bench.baselines import SMARTCROP_KINDS, WORKING_LONG_SIDE, smartcrop_box, working_image
 from bench.observers import ObserverGain, observer_gains, observers_table
+from training.data import (
+    DEFAULT_SETS,
+    FIT_SETS,
+    Box,
+    EvalItem,
+    EvalSet,
+    Metric,
+    Protocol,
+    centre_box,
+    feature_key,
+    heldout_key,
+    heldout_path,
+    load_set,
+    oracle_box,
+)
 
 T = TypeVar("T")
 CENTRE = "centre"
 ORACLE = "oracle (ground truth)"
-# Offsets the oracle tries along the free axis: every pixel up to this many, evenly spaced beyond.
-ORACLE_MAX_OFFSETS = 1024
 
 
 @dataclass
@@ -113,37 +117,6 @@ class CentreMethod(Method):
 
     def boxes(self, ctx: ImageContext, aspects: Sequence[float]) -> list[Box]:
         return [centre_box(ctx.item.width, ctx.item.height, a) for a in aspects]
-
-
-def oracle_box(
-    item: EvalItem,
-    aspect: float,
-    score: Callable[[Box], float],
-    max_offsets: int = ORACLE_MAX_OFFSETS,
-) -> Box:
-    """The largest window at `aspect` whose position maximises `score` (higher is better).
-
-    A largest window has one free axis; every integer offset along it is tried (evenly spaced
-    ones, always including both ends and the centre, when there are more than `max_offsets`).
-    Ties go to the offset nearest the centre, so a flat score gives the centre crop.
-    """
-    cw, ch = largest_window(item.width, item.height, aspect)
-    free_x = item.width - cw
-    free = free_x if free_x > 0 else item.height - ch
-    middle = free // 2
-    if free + 1 <= max_offsets:
-        offsets = list(range(free + 1))
-    else:
-        grid = np.round(np.linspace(0, free, max_offsets)).astype(int).tolist()
-        offsets = sorted({*grid, middle})
-    best, best_value = middle, -math.inf
-    for off in offsets:
-        x0, y0 = (off, 0) if free_x > 0 else (0, off)
-        value = score(Box(x0, y0, x0 + cw, y0 + ch))
-        if value > best_value or (value == best_value and abs(off - middle) < abs(best - middle)):
-            best, best_value = off, value
-    x0, y0 = (best, 0) if free_x > 0 else (0, best)
-    return Box(x0, y0, x0 + cw, y0 + ch)
 
 
 class OracleMethod(Method):
@@ -240,20 +213,16 @@ class HeatcropMethod(Method):
         return out
 
     def begin_set(self, eval_set: EvalSet) -> None:
-        from bench.fit_readout import FIT_SETS
-
         self.fitted_on = eval_set.name in FIT_SETS
 
     def _heldout_map(self, item: EvalItem) -> npt.NDArray[np.float32] | None:
         """The image's held-out map; None for a set the read-out never saw (its own map is
         held-out already). A fitted-on image without one would pass in-sample as held-out."""
-        from bench.fit_readout import heldout_key
-
         assert self.heldout is not None
         heat = self.heldout.get(heldout_key(item.path))
         if heat is None and self.fitted_on:
             raise RuntimeError(
-                f"no held-out read-out map for {item.path}: run `python -m bench.fit_readout`"
+                f"no held-out read-out map for {item.path}: run `python -m training.fit_readout`"
             )
         return heat
 
@@ -577,10 +546,8 @@ def heldout_analysis(analysis: Any, heat: npt.NDArray[np.float32] | None) -> Any
 
 
 def load_heldout(model_dir: Path) -> dict[str, npt.NDArray[np.float32]] | None:
-    """bench/fit_readout.py's held-out read-out maps by image path, if they were computed."""
-    from bench.fit_readout import feature_session, heldout_path
-
-    path = heldout_path(feature_session(model_dir)[1])
+    """training/fit_readout.py's held-out read-out maps by image path, if they were computed."""
+    path = heldout_path(feature_key(model_dir))
     if not path.exists():
         return None
     with np.load(path) as z:
@@ -592,7 +559,7 @@ def heatcrop_methods(settings: Any, profiles: Sequence[str]) -> tuple[list[Metho
 
     The shipped read-out was fitted on saliency_dev and food_dev, so its rows there are
     in-sample; the `held-out` rows use each image's map from a cross-validation head that
-    never saw it (bench/fit_readout.py), the figures to trust for other photos.
+    never saw it (training/fit_readout.py), the figures to trust for other photos.
     """
     from engines.loader import load_engine
     from sidecar.core import CropCore
@@ -669,7 +636,7 @@ def report_header(results: Sequence[SetResult], info: dict[str, Any]) -> str:
         )
         lines.append(
             "- `held-out` rows: the read-out channel replaced by the map of a cross-validation "
-            "head that never saw the image (`python -m bench.fit_readout`); rows without it use "
+            "head that never saw the image (`python -m training.fit_readout`); rows without it use "
             "the shipped read-out, fitted on fcdb_train, saliency_dev and food_dev: in-sample on "
             "food_dev and saliency_dev, held-out on fcdb_dev"
         )

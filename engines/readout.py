@@ -1,7 +1,7 @@
 """The learned read-out head: which feature maps it reads and how its centre bias is laid out.
 
 Shared by the graph builder (engines/graph.py), which bakes the fitted weights into the ONNX
-model, and the fitting script (bench/fit_readout.py), which computes the same features from
+model, and the fitting script (training/fit_readout.py), which computes the same features from
 the exported model's tapped outputs. Weights live in engines/readout_weights.npz.
 """
 

@@ -137,7 +137,7 @@ def _check_prior(center_sigma: float, center_weight: float) -> None:
 
 
 @njit(cache=True)
-def _source_coord(i: int, scale: float, n: int) -> tuple[int, int, float]:
+def source_coord(i: int, scale: float, n: int) -> tuple[int, int, float]:
     """Half-pixel-centre mapping (as OpenCV/torch align_corners=False), clamped at the edges."""
     c = min(max((i + 0.5) * scale - 0.5, 0.0), float(n - 1))
     lo = math.floor(c)
@@ -152,9 +152,9 @@ def _bilinear_kernel(src: np.ndarray, gh: int, gw: int) -> np.ndarray:
     sy = h / gh
     sx = w / gw
     for i in range(gh):
-        y0, y1, fy = _source_coord(i, sy, h)
+        y0, y1, fy = source_coord(i, sy, h)
         for j in range(gw):
-            x0, x1, fx = _source_coord(j, sx, w)
+            x0, x1, fx = source_coord(j, sx, w)
             top = src[y0, x0] + fx * (src[y0, x1] - src[y0, x0])
             bottom = src[y1, x0] + fx * (src[y1, x1] - src[y1, x0])
             out[i, j] = top + fy * (bottom - top)

@@ -1,13 +1,13 @@
-"""bench/composition.py: composition priors in the largest-window search."""
+"""training/composition.py: composition priors in the largest-window search."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from bench.composition import SAMPLES, Prior, choose_box, offsets, template
-from bench.metrics import Box
 from kernels.window import SearchParams, best_window
+from training.composition import SAMPLES, Prior, choose_box, offsets, template
+from training.data import Box
 
 NONE = Prior("thirds", 0.1, 0.0)
 

@@ -1,21 +1,19 @@
-"""bench/fit_readout.py: targets of mirror images and how they enter a fit."""
+"""training/fit_readout.py: targets of mirror images and how they enter a fit."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from bench.eval_sets import PROTOCOLS, EvalItem, EvalSet
-from bench.fit_readout import (
-    FIT_SETS,
+from training.data import FIT_SETS, PROTOCOLS, Box, EvalItem, EvalSet
+from training.features import (
     Data,
     SetFeatures,
     box_mass,
-    fit_parts,
     fixation_mass,
     mirrored_item,
     mirrored_set,
 )
-from bench.metrics import Box
+from training.fit_readout import fit_parts
 
 
 def _item(**kw) -> EvalItem:

@@ -1,4 +1,4 @@
-"""bench/fit_window.py: candidate windows as linear maps of cell heats; the loss gradient."""
+"""training/fit_window.py: candidate windows as linear maps of cell heats; the loss gradient."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from bench.eval_sets import PROTOCOLS, EvalItem, EvalSet
-from bench.fit_readout import SetFeatures, targets
-from bench.fit_window import (
+from kernels.heat import prepare_heatmap
+from training.data import PROTOCOLS, Box, EvalItem, EvalSet
+from training.features import SetFeatures, targets
+from training.fit_window import (
     UPSAMPLE,
     Config,
     Inputs,
@@ -24,8 +25,6 @@ from bench.fit_window import (
     problem,
     window_weights,
 )
-from bench.metrics import Box
-from kernels.heat import prepare_heatmap
 
 SHAPES = [(3, 5), (4, 4), (5, 3)]  # cells of three images (h, w)
 SIZES = [(500, 300), (400, 400), (300, 500)]  # their pixels (w, h)
@@ -135,8 +134,8 @@ def test_dims_zero_keeps_the_standardised_features():
 
 @pytest.mark.parametrize("dims", [0, 5])
 def test_readout_weights_give_the_same_logits_on_the_raw_features(dims):
-    from bench.fit_window import Params, forward, readout_weights
     from engines.readout import coord_features
+    from training.fit_window import Params, forward, readout_weights
 
     _, feats = _data()
     inputs = Inputs.fit(feats, dims=dims, scene=0)

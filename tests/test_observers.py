@@ -5,11 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.baselines import centre_box
-from bench.eval_sets import PROTOCOLS, EvalItem, EvalSet
-from bench.metrics import fixations_kept
 from bench.observers import ALL_BUT_ONE, HALF, observer_gains, observers_table
-from bench.quality import oracle_box
+from training.data import PROTOCOLS, EvalItem, EvalSet, centre_box, fixations_kept, oracle_box
 
 W, H = 300, 100
 

@@ -1,4 +1,5 @@
-"""Crop-quality metrics and baselines (bench/) on hand-computed and synthetic cases."""
+"""Crop-quality metrics (training/data.py) and baselines (bench/) on hand-computed and synthetic
+cases."""
 
 from __future__ import annotations
 
@@ -11,25 +12,25 @@ import pyvips
 
 from bench.baselines import (
     CropNotFoundError,
-    centre_box,
-    largest_window,
     locate_crop,
     place_window,
     smartcrop_box,
     working_image,
 )
-from bench.eval_sets import load_set
-from bench.metrics import (
+from bench.quality import CentreMethod, SmartcropMethod, box_ok, evaluate, markdown_table
+from training.data import (
     Box,
     all_dishes_kept,
     bde,
+    centre_box,
     drop_first_fixations,
     fixations_kept,
     food_kept,
     iou,
+    largest_window,
+    load_set,
     union_area,
 )
-from bench.quality import CentreMethod, SmartcropMethod, box_ok, evaluate, markdown_table
 
 # --- IoU / BDE ------------------------------------------------------------------------------
 

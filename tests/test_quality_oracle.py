@@ -1,4 +1,5 @@
-"""The oracle row and the headroom table of bench/quality against naive references."""
+"""The oracle row (training/data.py) and the headroom table of bench/quality against naive
+references."""
 
 from __future__ import annotations
 
@@ -7,9 +8,6 @@ import math
 
 import numpy as np
 
-from bench.baselines import centre_box, largest_window
-from bench.eval_sets import PROTOCOLS, EvalItem, EvalSet, load_set
-from bench.metrics import Box, fixations_kept, food_kept, iou
 from bench.quality import (
     CENTRE,
     ORACLE,
@@ -22,6 +20,18 @@ from bench.quality import (
     headroom_interval,
     headroom_share,
     headroom_table,
+)
+from training.data import (
+    PROTOCOLS,
+    Box,
+    EvalItem,
+    EvalSet,
+    centre_box,
+    fixations_kept,
+    food_kept,
+    iou,
+    largest_window,
+    load_set,
     oracle_box,
 )
 

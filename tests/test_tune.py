@@ -1,9 +1,9 @@
-"""bench/tune.py: the candidate grid."""
+"""training/tune.py: the candidate grid."""
 
 from __future__ import annotations
 
-from bench.tune import candidates, unzoomed
 from sidecar.settings import KernelSettings
+from training.tune import candidates, unzoomed
 
 
 def test_every_zoom_candidate_is_compared_with_its_unzoomed_twin() -> None:
@@ -22,8 +22,8 @@ def test_every_zoom_candidate_is_compared_with_its_unzoomed_twin() -> None:
 def test_the_shipped_defaults_are_a_candidate_and_every_blur_has_its_unblurred_twin() -> None:
     from dataclasses import replace
 
-    from bench.tune import Candidate
     from sidecar.core import CAM_SHARE
+    from training.tune import Candidate
 
     base = KernelSettings()
     cands = candidates(base)

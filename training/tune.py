@@ -1,6 +1,6 @@
 """Cross-validated choice of the window-search settings on the dev sets.
 
-    python -m bench.tune [--folds 5] [--out bench/results/tune.md]
+    python -m training.tune [--folds 5] [--out training/results/tune.md]
 
 The CNN part is computed once per image and kept in ``build/tune/`` (keyed by the model
 version); every candidate setting then only re-runs the cheap heatmap preparation and search.
@@ -13,7 +13,7 @@ area kept, fixations kept), averaged, plus twice the sum of the negative ones: a
 share weighs seven times what it does in the plain mean, since "never worse than the centre
 crop" matters more than a larger win elsewhere.
 
-The learned read-out channel is replaced by its held-out maps from bench/fit_readout.py
+The learned read-out channel is replaced by its held-out maps from training/fit_readout.py
 (build/readout/heldout-*.npz: each image's map from a head fitted without it), so the search
 settings are tuned on read-out maps of photos the head never saw, as in service.
 """
@@ -33,15 +33,22 @@ import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm
 
-from bench.eval_sets import DEFAULT_SETS, EvalSet, load_set
-from bench.fit_readout import feature_session, heldout_key, heldout_path, reference_scores
-from bench.metrics import Box
 from engines.base import PROFILES
 from engines.loader import load_engine
 from kernels.window import best_window, center_box
 from sidecar import settings as settings_mod
 from sidecar.core import CAM_SHARE, Analysis, CropCore, blend_profiles, prepare, search_params
 from sidecar.settings import KernelSettings
+from training.data import (
+    DEFAULT_SETS,
+    Box,
+    EvalSet,
+    feature_key,
+    heldout_key,
+    heldout_path,
+    load_set,
+)
+from training.features import reference_scores
 
 PRIMARY = {"crop": "iou", "object": "kept", "saliency": "fix"}
 
@@ -98,17 +105,16 @@ def analyses(sets: Sequence[EvalSet], settings: settings_mod.Settings) -> dict[s
 def with_heldout_readout(stored: dict[str, Analysis], model_dir: Path) -> dict[str, Analysis]:
     """The analyses with the read-out channel swapped for its held-out map. Every image must
     have one: one without would be tuned on in-sample."""
-    _, key = feature_session(model_dir)
-    path = heldout_path(key)
+    path = heldout_path(feature_key(model_dir))
     if not path.exists():
-        raise SystemExit(f"{path} missing: run `python -m bench.fit_readout` first")
+        raise SystemExit(f"{path} missing: run `python -m training.fit_readout` first")
     channel = PROFILES.index("readout")
     out = dict(stored)
     with np.load(path) as held:
         for name, a in stored.items():
             k = heldout_key(Path(name))
             if k not in held.files:
-                raise SystemExit(f"no held-out map for {name} in {path}: run bench.fit_readout")
+                raise SystemExit(f"no held-out map for {name} in {path}: run training.fit_readout")
             maps = a.heatmaps.copy()
             maps[channel] = held[k].astype(np.float16)
             out[name] = Analysis(a.width, a.height, maps, a.food_mass, a.model_version)
@@ -304,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--eval-dir", default="../shared/eval")
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/tune.md"))
+    parser.add_argument("--out", type=Path, default=Path("training/results/tune.md"))
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     inputs = load_inputs(args.eval_dir)

@@ -1,6 +1,6 @@
 """Composition priors on the learned map: does a rule of thirds pay for itself?
 
-    python -m bench.composition [--folds 5] [--out bench/results/composition.md]
+    python -m training.composition [--folds 5] [--out training/results/composition.md]
 
 The window search places the largest window of the aspect where it holds the most heat. A
 composition prior adds a reward for where that heat sits inside the window:
@@ -12,9 +12,9 @@ image on the other axis, so a prior along that one cannot move it), and t is a t
 zero mean over [0, 1], so a flat map gains nothing anywhere: `thirds` peaks at u = 1/3 and 2/3
 (a subject on a thirds line), `centre` at 1/2 (a subject centred in the crop, not just in it).
 
-Same maps (the shipped `learned` blend with the read-out's held-out maps, bench/tune.py,
+Same maps (the shipped `learned` blend with the read-out's held-out maps, training/tune.py,
 prepared with the shipped settings, blur included), same offsets and tie-break as the kernel
-(without its cut term), same objective and k-fold selection as bench.tune: a prior
+(without its cut term), same objective and k-fold selection as training.tune: a prior
 and its weight are chosen on k-1 folds and the figures reported are the held-out fold's; weight
 0 is among the candidates, so "no prior" is what a prior has to beat.
 """
@@ -33,12 +33,11 @@ import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm
 
-from bench import tune
-from bench.eval_sets import EvalSet
-from bench.metrics import Box
 from kernels.window import TIE_EPS, largest_window
 from sidecar.core import CAM_SHARE, Analysis, blend_profiles, prepare
 from sidecar.settings import KernelSettings
+from training import tune
+from training.data import Box, EvalSet
 
 # Midpoint samples of the template term per window: the map has at most a few dozen cells
 # along an axis, so 512 samples put the term within ~1/500 of its exact integral.
@@ -160,7 +159,7 @@ def report(
         f"# composition priors ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
         "",
         f"{len(grid)} candidates on the shipped `learned` map (read-out held-out), "
-        f"{folds}-fold cross-validation as in bench.tune; {seconds:.0f} s.",
+        f"{folds}-fold cross-validation as in training.tune; {seconds:.0f} s.",
         "",
         "Share of the centre → oracle headroom of the primary metric (fcdb IoU, food kept, "
         "fixations):",
@@ -184,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--eval-dir", default="../shared/eval")
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/composition.md"))
+    parser.add_argument("--out", type=Path, default=Path("training/results/composition.md"))
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     inputs = tune.load_inputs(args.eval_dir)

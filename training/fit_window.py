@@ -1,25 +1,26 @@
-"""Fit the read-out on the window choice itself: the term bench/fit_readout.py adds.
+"""Fit the read-out on the window choice itself: the term training/fit_readout.py adds.
 
-    python -m bench.fit_window [--dims 128] [--hidden 0] [--tau 0.02] [--l2 3] [--aux 3]
-        [--win 1] [--scene 16] [--weights 2,1,1] [--folds 5] [--report bench/results/fit_window.md]
+    python -m training.fit_window [--dims 128] [--hidden 0] [--tau 0.02] [--l2 3] [--aux 3]
+        [--win 1] [--scene 16] [--weights 2,1,1] [--folds 5]
+        [--report training/results/fit_window.md]
 
-bench/fit_readout.py fits the read-out by a per-cell likelihood of the ground truth; this
+training/fit_readout.py fits the read-out by a per-cell likelihood of the ground truth; this
 module fits it on what the benchmark scores. For every fitting image and aspect, the
 largest windows along the free axis are candidates; a candidate's share of the heat is linear
 in the cell heats (the kernel's bilinear upsampling and its box sums are linear), so the
 model's choice is a softmax over those shares at temperature `tau`, and the loss is minus the
 expected ground-truth metric of that choice (IoU, food kept, fixations kept) in units of the
 set's headroom, plus `aux` times the per-cell likelihood and an L2 penalty. Features are the
-tapped Lite0 features (cached by fit_readout), standardised and whitened to `dims` principal
-components fitted on fcdb_train (`dims` 0: the standardised features themselves, as
+tapped Lite0 features (cached by training/features.py), standardised and whitened to `dims`
+principal components fitted on fcdb_train (`dims` 0: the standardised features themselves, as
 fit_readout uses them); `scene` > 0 adds the centre-bias terms times the image's first
 `scene` mean components (a centre bias that depends on the kind of photo); `hidden` > 0
 puts a ReLU layer in between. Cross-validation as in fit_readout: fcdb_train always fitted,
 saliency_dev and food_dev in folds, fcdb_dev never. Each run appends its held-out shares of
 the headroom to the report.
 
-The command line explores the variants (README "Levers", bench/results/fit_window.md); the
-shipped head comes from bench/fit_readout.py, which calls `WindowData`, `heldout_maps` and
+The command line explores the variants (README "Levers", training/results/fit_window.md); the
+shipped head comes from training/fit_readout.py, which calls `WindowData`, `heldout_maps` and
 `readout_weights` here with the per-cell likelihood at full weight and this term at 0.05 (the
 only weight better than the likelihood alone on every set); principal components, scene terms
 and a hidden layer did not pay.
@@ -40,9 +41,12 @@ import numpy.typing as npt
 import scipy.sparse as sp
 from scipy.optimize import minimize
 
-from bench.eval_sets import EvalSet, load_set
-from bench.fit_readout import (
-    ALL_SETS,
+from engines.readout import COORD_TERMS, coord_features
+from kernels.heat import source_coord
+from kernels.window import largest_window
+from sidecar.settings import KernelSettings
+from training.data import ALL_SETS, Box, EvalSet, load_set
+from training.features import (
     Data,
     SetFeatures,
     extract,
@@ -51,11 +55,6 @@ from bench.fit_readout import (
     share,
     targets,
 )
-from bench.metrics import Box
-from engines.readout import COORD_TERMS, coord_features
-from kernels.heat import _source_coord
-from kernels.window import largest_window
-from sidecar.settings import KernelSettings
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -72,7 +71,7 @@ def axis_matrix(n: int, g: int) -> F64:
     """[g, n]: the kernel's bilinear upsampling of n cells to g along one axis."""
     r = np.zeros((g, n))
     for i in range(g):
-        lo, hi, f = _source_coord(i, n / g, n)
+        lo, hi, f = source_coord(i, n / g, n)
         r[i, lo] += 1.0 - f
         r[i, hi] += f
     return r
@@ -179,7 +178,7 @@ class Part:
     images: Sequence[int]
     weight: float  # total weight of the set
     headroom: float  # mean oracle - centre: the metric's unit
-    targets: F64  # [rows of the set] per-cell ground truth (fit_readout.targets)
+    targets: F64  # [rows of the set] per-cell ground truth (features.targets)
     win_mult: float = 1.0  # the window term's weight on this set, relative to `Config.win`
 
 
@@ -383,8 +382,8 @@ def heat_maps(p: Params, feats: SetFeatures, inputs: Inputs, hidden: int) -> lis
 
 @dataclass
 class WindowData:
-    """fit_readout's data plus what a fold's fit needs, computed once: the fit sets'
-    candidate windows and the inputs' projection."""
+    """The fitters' Data (training/features.py) plus what a fold's fit needs, computed once:
+    the fit sets' candidate windows and the inputs' projection."""
 
     data: Data
     episodes: dict[str, list[Episode]]
@@ -481,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--win-sets", default="1,1,1", help="the window term's multiplier per fit set (same order)"
     )
     ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--report", type=Path, default=Path("bench/results/fit_window.md"))
+    ap.add_argument("--report", type=Path, default=Path("training/results/fit_window.md"))
     args = ap.parse_args(argv)
     fields = {k: getattr(args, k) for k in Config.__dataclass_fields__ if k != "win_sets"}
     win_sets = tuple(float(v) for v in args.win_sets.split(","))
@@ -500,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.report.exists():
         args.report.parent.mkdir(parents=True, exist_ok=True)
         args.report.write_text(
-            "# read-out fitted on the window choice (`python -m bench.fit_window`)\n\n"
+            "# read-out fitted on the window choice (`python -m training.fit_window`)\n\n"
             "Held-out share of the centre → oracle headroom of the window search on the "
             "read-out map alone (no CAM share, no prior, no cut): fcdb IoU, food kept, "
             "fixations kept.\n\n"

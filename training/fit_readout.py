@@ -1,7 +1,7 @@
-"""Fit the learned read-out head on frozen Lite0 features: ``python -m bench.fit_readout``.
+"""Fit the learned read-out head on frozen Lite0 features: ``python -m training.fit_readout``.
 
-    python -m bench.fit_readout [--folds 5] [--out engines/readout_weights.npz]
-        [--report bench/results/readout.md] [--eval-dir ../shared/eval]
+    python -m training.fit_readout [--folds 5] [--out engines/readout_weights.npz]
+        [--report training/results/readout.md] [--eval-dir ../shared/eval]
 
 A DeepGaze-style read-out: one linear map (a 1x1 convolution) over multi-scale features of the
 frozen network at every cell of the stride-32 grid, plus a learned centre bias (a quadratic in
@@ -12,13 +12,14 @@ right target for the window search: the largest window holding the most ground-t
 the oracle (best IoU, most dish area, most fixations).
 
 Beside that likelihood, the fit carries a small window-choice term (`--window`, default
-0.05; bench/fit_window.py): minus the expected ground-truth metric of the largest window the
+0.05; training/fit_window.py): minus the expected ground-truth metric of the largest window the
 map would choose among 33 positions per image and aspect. It moved the held-out shares from
 21 / 28 / 21 % (fcdb / food / fixations, likelihood alone) to 27 / 29 / 23 %.
 
 Features are computed once per image by the exported model with extra graph outputs (ONNX
-Runtime, no torch) and kept in build/readout/ (per model version). Fitting is L-BFGS with an
-L2 penalty on the CPU (convex with `--window 0`), a few minutes for the 5 + 1 fits.
+Runtime, no torch; training/features.py) and kept in build/readout/ (per model version).
+Fitting is L-BFGS with an L2 penalty on the CPU (convex with `--window 0`), a few minutes for
+the 5 + 1 fits.
 
 Held-out figures: fcdb_train (kept for fitting) + 4/5 of saliency_dev and food_dev fit the
 head, the held-out fifth is scored, folds over images; fcdb_dev is never fitted on, so its
@@ -33,41 +34,38 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-import onnx
-import onnxruntime as ort
-from tqdm import tqdm
 
-from bench.baselines import centre_box
-from bench.eval_sets import EvalItem, EvalSet, load_set
-from bench.metrics import Box
-from bench.quality import oracle_box
-from engines.base import INPUT_NAME
-from engines.model import find_model, read_manifest
-from engines.readout import FEATURES, TAPS, WEIGHTS_PATH, coord_features
-from kernels.window import best_window, center_box
-from sidecar.core import prepare, search_params
-from sidecar.decode import configure_vips, decode
-from sidecar.settings import KernelSettings, SourceSettings
+from engines.readout import FEATURES, WEIGHTS_PATH, coord_features
+from sidecar.settings import KernelSettings
+from training.data import ALL_SETS, FIT_SETS, feature_key, heldout_key, heldout_path, load_set
+from training.features import (
+    Data,
+    SetFeatures,
+    extract,
+    fold_of,
+    mirrored_set,
+    primary_scores,
+    share,
+    targets,
+)
+from training.fit_window import Config, WindowData, heldout_maps, readout_weights
 
-FIT_SETS: tuple[str, ...] = ("fcdb_train", "saliency_dev", "food_dev")
-ALL_SETS: tuple[str, ...] = ("fcdb_train", "fcdb_dev", "saliency_dev", "food_dev")
-CACHE = Path("build/readout")
 # Chosen on the held-out shares of headroom (fixations / food kept / fcdb IoU, no prior, no
 # cut): L2 0.05 and equal set weights 13 / 27 / 23 %; L2 1 equal weights 24 / 27 / 18 %; L2 0.3
 # equal weights 21 / 26 / 21 %; L2 1 with fcdb_train counted twice 21 / 27 / 21 %, the most even.
 # fcdb_train alone gives fcdb 34 % but fixations -10 % and food -49 %: the kinds disagree.
 L2 = 1.0
-# Weight of the window-choice term (bench/fit_window.py) beside the per-cell likelihood, and
+# Weight of the window-choice term (training/fit_window.py) beside the per-cell likelihood, and
 # the L-BFGS iterations with it. Held-out shares fcdb / food / fixations (no CAM share): 0 (the
 # per-cell fit alone) 21 / 28 / 21 %, 0.05 27 / 29 / 23 %, 0.1 32 / 29 / 19 %, 0.15 33 / 27 /
 # 15 %, 0.3 34 / 21 / 7 %, 1 25 / -5 / -10 %: 0.05 is the one better on every set
-# (bench/results/fit_window.md).
+# (training/results/fit_window.md).
 WINDOW = 0.05
 WINDOW_ITERS = 300
 # Total weight of each set in the likelihood (spread evenly over its images).
@@ -75,136 +73,6 @@ SET_WEIGHT: dict[str, float] = {"fcdb_train": 2.0, "saliency_dev": 1.0, "food_de
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
-
-
-@dataclass
-class SetFeatures:
-    """Per-cell features of a set's images, rows of all images stacked."""
-
-    names: list[str]
-    shapes: npt.NDArray[np.int64]  # [n, 2] (h, w) of each image's grid
-    offsets: npt.NDArray[np.int64]  # [n + 1] row ranges
-    features: npt.NDArray[np.float16]  # [rows, C]
-
-    def rows(self, i: int) -> slice:
-        return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
-
-
-def feature_session(model_dir: Path, threads: int = 2) -> tuple[ort.InferenceSession, str]:
-    """The exported model with its tapped feature maps as extra outputs, and a cache key.
-
-    The key names the backbone's weights, not the whole model: the tapped features do not
-    depend on the read-out head, so refitting and re-exporting it keeps the cache.
-    """
-    path = find_model(model_dir)
-    key = "lite0-" + read_manifest(model_dir)["weights_sha256"][:12]
-    model = onnx.load(str(path))
-    for tap in TAPS:
-        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(tap.tensor))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    return session, key
-
-
-def pooled(x: F32, factor: int) -> F32:
-    """[C, H, W] average-pooled by `factor` (sides are multiples of it), as AveragePool does."""
-    c, h, w = x.shape
-    return x.reshape(c, h // factor, factor, w // factor, factor).mean(axis=(2, 4))
-
-
-def image_features(session: ort.InferenceSession, pixels: npt.NDArray[np.uint8]) -> F32:
-    """[h * w, C] tapped features on the stride-32 grid, row-major over cells."""
-    outs = session.run([t.tensor for t in TAPS], {INPUT_NAME: pixels[np.newaxis]})
-    maps = [pooled(o[0], t.pool) if t.pool > 1 else o[0] for o, t in zip(outs, TAPS, strict=True)]
-    stacked = np.concatenate(maps, axis=0)
-    return stacked.reshape(stacked.shape[0], -1).T.astype(np.float32)
-
-
-def mirrored_item(item: EvalItem) -> EvalItem:
-    """The item's ground truth for its left-right mirror image (pixel x -> width - x)."""
-    boxes = tuple(Box(item.width - b.x1, b.y0, item.width - b.x0, b.y1) for b in item.boxes)
-    fix = item.fixations.copy()
-    fix[:, 0] = item.width - fix[:, 0]
-    return replace(item, boxes=boxes, fixations=fix)
-
-
-def mirrored_set(eval_set: EvalSet) -> EvalSet:
-    return replace(
-        eval_set, name=eval_set.name + "-mirrored",
-        items=tuple(mirrored_item(i) for i in eval_set.items),
-    )  # fmt: skip
-
-
-def extract(eval_set: EvalSet, model_dir: Path, mirror: bool = False) -> SetFeatures:
-    """Per-cell features of every image (of its mirror image with `mirror`), cached."""
-    session, stem = feature_session(model_dir)
-    tag = "-mirrored" if mirror else ""
-    cache = CACHE / f"features-{stem}-{eval_set.name}{tag}.npz"
-    if cache.exists():
-        with np.load(cache) as z:
-            return SetFeatures(list(z["names"]), z["shapes"], z["offsets"], z["features"])
-    configure_vips()
-    src = SourceSettings()
-    names, shapes, chunks = [], [], []
-    for item in tqdm(eval_set.items, desc=eval_set.name, file=sys.stderr, mininterval=5.0):
-        decoded = decode(item.path.read_bytes(), max_bytes=src.max_bytes, max_pixels=src.max_pixels)
-        if (decoded.width, decoded.height) != (item.width, item.height):
-            raise ValueError(f"{item.name}: decoded {decoded.width}x{decoded.height}")
-        pixels = np.ascontiguousarray(decoded.pixels[:, ::-1]) if mirror else decoded.pixels
-        feats = image_features(session, pixels)
-        h, w = decoded.pixels.shape[0] // 32, decoded.pixels.shape[1] // 32
-        names.append(item.name)
-        shapes.append((h, w))
-        chunks.append(feats.astype(np.float16))
-    offsets = np.concatenate([[0], np.cumsum([len(c) for c in chunks])]).astype(np.int64)
-    out = SetFeatures(names, np.array(shapes, dtype=np.int64), offsets, np.concatenate(chunks))
-    CACHE.mkdir(parents=True, exist_ok=True)
-    np.savez(cache, names=np.array(names), shapes=out.shapes, offsets=offsets,
-             features=out.features)  # fmt: skip
-    return out
-
-
-# --- targets ---------------------------------------------------------------------------------
-
-RASTER = 16  # sub-cells per grid cell when rasterising boxes
-
-
-def box_mass(item: EvalItem, h: int, w: int) -> F64:
-    """[h * w] share of each cell covered by the union of the item's boxes."""
-    mask = np.zeros((h * RASTER, w * RASTER), dtype=bool)
-    sx, sy = w * RASTER / item.width, h * RASTER / item.height
-    for b in item.boxes:
-        x0, x1 = round(b.x0 * sx), max(round(b.x0 * sx) + 1, round(b.x1 * sx))
-        y0, y1 = round(b.y0 * sy), max(round(b.y0 * sy) + 1, round(b.y1 * sy))
-        mask[y0:y1, x0:x1] = True
-    return mask.reshape(h, RASTER, w, RASTER).mean(axis=(1, 3)).ravel()
-
-
-def fixation_mass(item: EvalItem, h: int, w: int) -> F64:
-    """[h * w] fixation counts per cell."""
-    fx = np.clip(item.fixations[:, 0] / item.width * w, 0, w - 1e-9).astype(int)
-    fy = np.clip(item.fixations[:, 1] / item.height * h, 0, h - 1e-9).astype(int)
-    counts = np.zeros((h, w))
-    np.add.at(counts, (fy, fx), 1.0)
-    return counts.ravel()
-
-
-def targets(eval_set: EvalSet, feats: SetFeatures) -> F64:
-    """[rows] ground truth as a distribution over each image's cells."""
-    out = np.zeros(len(feats.features))
-    for i, item in enumerate(eval_set.items):
-        h, w = (int(v) for v in feats.shapes[i])
-        mass = (
-            fixation_mass(item, h, w)
-            if eval_set.protocol.kind == "saliency"
-            else box_mass(item, h, w)
-        )
-        total = mass.sum()
-        out[feats.rows(i)] = mass / total if total > 0 else 1.0 / (h * w)
-    return out
 
 
 # --- model ------------------------------------------------------------------------------------
@@ -325,14 +193,11 @@ def raw_weights(model: Readout) -> dict[str, F32]:
 def window_fit(
     data: Data, args: argparse.Namespace, set_weight: dict[str, float]
 ) -> tuple[dict[str, list[F32]], dict[str, F32]]:
-    """Held-out maps and the final head with the window-choice term of bench/fit_window.py.
+    """Held-out maps and the final head with the window-choice term of training/fit_window.py.
 
     The same per-cell likelihood and L2 as `fit` (on the standardised features), plus
     `args.window` times minus the expected metric of the window the map would choose.
     """
-    # fit_window builds on this module's features and targets: imported here, not at the top.
-    from bench.fit_window import Config, WindowData, heldout_maps, readout_weights
-
     if data.mirrored:
         raise SystemExit("--mirror is not supported with the window-choice term")
     cfg = Config(
@@ -342,33 +207,6 @@ def window_fit(
     wd = WindowData.load(data, cfg)
     maps = heldout_maps(wd, cfg, set_weight, args.folds)
     return maps, readout_weights(wd.fit({}, set_weight, cfg), wd.inputs)
-
-
-def fold_of(n: int, folds: int) -> npt.NDArray[np.int64]:
-    return np.random.default_rng(0).permutation(n) % folds
-
-
-@dataclass
-class Data:
-    sets: dict[str, EvalSet]
-    feats: dict[str, SetFeatures]
-    targets: dict[str, F64]
-    # Mirror images of the fit sets (training-time augmentation), when asked for.
-    mirrored: dict[str, tuple[SetFeatures, F64]] = field(default_factory=dict)
-    _refs: dict[str, tuple[F64, F64]] = field(default_factory=dict)
-
-    def reference(self, name: str) -> tuple[F64, F64]:
-        """Per image, the centre crop's and the oracle's primary metric (computed once:
-        the oracle tries 256 positions per image and aspect)."""
-        if name not in self._refs:
-            self._refs[name] = reference_scores(self.sets[name])
-        return self._refs[name]
-
-
-def share(scores: F64, refs: tuple[F64, F64]) -> float:
-    """Share of the centre → oracle headroom that mean `scores` capture."""
-    centre, oracle = refs
-    return float((scores.mean() - centre.mean()) / (oracle.mean() - centre.mean()))
 
 
 def fit_parts(
@@ -410,18 +248,8 @@ def cross_validate(
     return out
 
 
-def heldout_path(stem: str) -> Path:
-    return CACHE / f"heldout-{stem}.npz"
-
-
-def heldout_key(path: Path) -> str:
-    """The key of an image's held-out map: its resolved path, so that another spelling of the
-    eval folder (relative, absolute, with `..`) finds the same maps."""
-    return str(Path(path).resolve())
-
-
 def save_heldout(path: Path, data: Data, maps: dict[str, list[F32]]) -> None:
-    """Held-out maps by image (heldout_key), for bench/quality.py and bench/tune.py."""
+    """Held-out maps by image (heldout_key), for bench/quality.py and training/tune.py."""
     arrays = {}
     for name, per_image in maps.items():
         for item, m in zip(data.sets[name].items, per_image, strict=True):
@@ -458,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--l2", type=float, default=L2)
     parser.add_argument("--out", type=Path, default=WEIGHTS_PATH)
-    parser.add_argument("--report", type=Path, default=Path("bench/results/readout.md"))
+    parser.add_argument("--report", type=Path, default=Path("training/results/readout.md"))
     parser.add_argument("--heldout", type=Path, help="held-out maps (default build/readout/)")
     parser.add_argument(
         "--set-weight", action="append", default=[], metavar="SET=W",
@@ -467,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--extract-only", action="store_true")
     parser.add_argument(
         "--window", type=float, default=WINDOW,
-        help="weight of the window-choice term (bench/fit_window.py); 0: per-cell fit only",
+        help="weight of the window-choice term (training/fit_window.py); 0: per-cell fit only",
     )  # fmt: skip
     parser.add_argument(
         "--mirror", action="store_true",
@@ -495,8 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         maps = cross_validate(data, args.folds, args.l2, set_weight)
         none = {n: np.zeros(len(s.items), dtype=bool) for n, s in sets.items()}
         weights = raw_weights(fit(design(fit_parts(data, none, set_weight)), args.l2))
-    _, stem = feature_session(args.model_dir)
-    save_heldout(args.heldout or heldout_path(stem), data, maps)
+    save_heldout(args.heldout or heldout_path(feature_key(args.model_dir)), data, maps)
     base = KernelSettings()
     kernels = {
         "no prior, no cut": replace(base, center_weight=0.0, cut_weight=0.0, min_confidence=0.0),
@@ -507,12 +334,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     table = report(data, maps, kernels)
     np.savez(args.out, **weights)  # type: ignore[arg-type]
-    window_note = f", window-choice term {args.window} (bench/fit_window.py)" * (args.window > 0)
+    window_note = f", window-choice term {args.window} (training/fit_window.py)" * (args.window > 0)
     text = "\n".join(
         [
             f"# learned read-out ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
             "",
-            f"`python -m bench.fit_readout`: linear read-out on {FEATURES} features + centre "
+            f"`python -m training.fit_readout`: linear read-out on {FEATURES} features + centre "
             f"bias, L2 {args.l2}, set weights {set_weight}"
             f"{', plus the mirror image of every fit image' if args.mirror else ''}"
             f"{window_note}; "
@@ -534,39 +361,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.report.parent.mkdir(parents=True, exist_ok=True)
     args.report.write_text(text)
     return 0
-
-
-def primary_scores(eval_set: EvalSet, heats: Sequence[F32], kernel: KernelSettings) -> F64:
-    """Per image, the primary metric of the window search on each heat map (mean of aspects)."""
-    params = search_params(kernel)
-    key = eval_set.protocol.metrics[0].key
-    out = np.zeros(len(eval_set.items))
-    for i, (item, raw) in enumerate(zip(eval_set.items, heats, strict=True)):
-        heat = prepare(raw, kernel)
-        vals = []
-        for aspect in eval_set.protocol.aspects(item).values():
-            box = best_window(heat, item.width, item.height, aspect, params)
-            if box.confidence < kernel.min_confidence:
-                box = center_box(item.width, item.height, aspect)
-            vals.append(eval_set.protocol.score(item, Box.of(box))[key])
-        out[i] = np.mean(vals)
-    return out
-
-
-def reference_scores(eval_set: EvalSet) -> tuple[F64, F64]:
-    """Per image, the primary metric of the centre crop and of the oracle (mean of aspects)."""
-    key = eval_set.protocol.metrics[0].key
-    centre = np.zeros(len(eval_set.items))
-    oracle = np.zeros(len(eval_set.items))
-    for i, item in enumerate(eval_set.items):
-        aspects = list(eval_set.protocol.aspects(item).values())
-
-        def score(box: Box, item: EvalItem = item) -> float:
-            return eval_set.protocol.score(item, box)[key]
-
-        centre[i] = np.mean([score(centre_box(item.width, item.height, a)) for a in aspects])
-        oracle[i] = np.mean([score(oracle_box(item, a, score, 256)) for a in aspects])
-    return centre, oracle
 
 
 if __name__ == "__main__":
