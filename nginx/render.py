@@ -24,6 +24,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nginx.limits import EdgeLimits, edge_limits
+from sidecar import settings as settings_mod
+
 TEMPLATES = Path(__file__).parent
 NGINX = "/usr/sbin/nginx"
 DEFAULT_PATTERN = "/img/{W}x{H}/{path}"
@@ -32,7 +35,8 @@ MODES = ("edge", "legacy", "standin")
 # (Thumbor's Cache-Control wins over proxy_cache_valid, so the filter is what limits it).
 THUMBOR_PLAIN = "/unsafe/$crop_size/filters:max_age({max_age})/$crop_source"
 THUMBOR_LEGACY = "/unsafe/$crop_size/$crop_source"
-# With a Thumbor key, nginx signs its own fallback URL in njs (Debian: libnginx-mod-http-js).
+# The edge checks public URLs in njs (guard.js.in), and with a Thumbor key signs its own
+# fallback URL there too (Debian: libnginx-mod-http-js).
 NJS_MODULE = "/usr/lib/nginx/modules/ngx_http_js_module.so"
 SIGN_JS = """// Rendered by nginx/render.py: Thumbor's signature of nginx's own fallback URL, as
 // libthumbor computes it (urlsafe base64 of HMAC-SHA1(key, path), padding kept).
@@ -62,7 +66,9 @@ class NginxConfig:
     # Whole budget for the sidecar's answer; the sidecar's own deadline is this minus a margin.
     sidecar_timeout_ms: int = 150
     sidecar_connect_timeout_ms: int = 50
-    legacy_timeout_s: int = 10
+    # Each hop to the legacy server. A timed-out or refused hop is answered at once (504/502),
+    # never retried as the plain crop: the worst wait is the sidecar's budget plus this.
+    legacy_timeout_ms: int = 3000
     fallback_max_age_s: int = 30
     plain_path: str = ""  # legacy default-crop path in nginx variables; Thumbor's by default
     cache_lock: bool = True
@@ -81,6 +87,8 @@ class NginxConfig:
     # Thumbor's security key: nginx then signs its own fallback URLs (njs module); the key
     # goes to a file readable by the owner only, next to nginx.conf.
     legacy_key: str = ""
+    # The sidecar's size and path limits, enforced by nginx itself (nginx.limits).
+    limits: EdgeLimits = field(default_factory=EdgeLimits)
     extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -133,13 +141,8 @@ def render(cfg: NginxConfig) -> Path:
     values = {
         "rendered_by": "`python -m nginx.render`",
         "user": f"user {cfg.user};\n" if cfg.user else "",
-        "load_modules": f"load_module {NJS_MODULE};\n" if cfg.legacy_key else "",
-        "js": (
-            f"    js_import thumbor from {out}/thumbor_sign.js;\n"
-            "    js_set $legacy_plain_path thumbor.plain;\n\n"
-            if cfg.legacy_key
-            else ""
-        ),
+        "load_modules": f"load_module {NJS_MODULE};\n" if cfg.mode == "edge" else "",
+        "js": _js_lines(out, cfg),
         "dir": str(out),
         "listen": cfg.listen,
         "admin_listen": cfg.admin_listen,
@@ -156,7 +159,7 @@ def render(cfg: NginxConfig) -> Path:
         ),
         "sidecar_timeout": f"{cfg.sidecar_timeout_ms}ms",
         "sidecar_connect_timeout": f"{cfg.sidecar_connect_timeout_ms}ms",
-        "legacy_timeout": f"{cfg.legacy_timeout_s}s",
+        "legacy_timeout": f"{cfg.legacy_timeout_ms}ms",
         "fallback_max_age": str(cfg.fallback_max_age_s),
         "plain_path": cfg.plain_path
         or (
@@ -181,6 +184,9 @@ def render(cfg: NginxConfig) -> Path:
     if cfg.mode != "edge":  # the access log format is the edge's
         values["access_log"] = f"{out}/logs/access.log" if cfg.access_log else "off"
     text = _fill(template, values)
+    if cfg.mode == "edge":
+        guard = _fill((TEMPLATES / "guard.js.in").read_text(), {"limits": cfg.limits.js()})
+        (out / "guard.js").write_text(guard)
     if cfg.legacy_key:
         sign = out / "thumbor_sign.js"
         sign.touch(mode=0o600)
@@ -191,6 +197,19 @@ def render(cfg: NginxConfig) -> Path:
     path = out / "nginx.conf"
     path.write_text(text)
     return path
+
+
+def _js_lines(out: Path, cfg: NginxConfig) -> str:
+    lines = [
+        f"    js_import guard from {out}/guard.js;",
+        "    js_set $heatcrop_refused guard.refused;",
+    ]
+    if cfg.legacy_key:
+        lines += [
+            f"    js_import thumbor from {out}/thumbor_sign.js;",
+            "    js_set $legacy_plain_path thumbor.plain;",
+        ]
+    return "\n".join(lines) + "\n\n"
 
 
 def _fill(template: str, values: dict[str, str]) -> str:
@@ -265,9 +284,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--access-log", action="store_true")
     parser.add_argument("--standin-image", type=Path)
+    parser.add_argument("--legacy-timeout-ms", type=int, default=3000)
+    parser.add_argument(
+        "--config",
+        help="heatcrop settings TOML (default: $HEATCROP_CONFIG): the size limits nginx "
+        "enforces are the sidecar's, from the same settings",
+    )
     parser.add_argument("--check", action="store_true", help="run nginx -t on the result")
     args = parser.parse_args(argv)
     try:
+        settings = settings_mod.load(args.config)
         cfg = NginxConfig(
             out=args.out,
             mode=args.mode,
@@ -283,6 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             access_log=args.access_log,
             standin_image=args.standin_image,
             legacy_key=args.legacy_key_file.read_text().strip() if args.legacy_key_file else "",
+            legacy_timeout_ms=args.legacy_timeout_ms,
+            limits=edge_limits(settings),
         )
         path = render(cfg)
     except ValueError as exc:

@@ -3,8 +3,9 @@
     python -m nginx.stack [--port 8080] [--admin-port 8090] [--images demo/images]
 
 is ``make run``: it writes the demo photos, starts each process, waits until each answers,
-prints the URLs to try and, on Ctrl-C or SIGTERM, stops each process by its own PID (nginx
-first, so no request reaches a stopped sidecar). The same ``Stack`` (or its parts:
+prints the URLs to try, starts again whatever exits (``Supervisor``: nginx serves the legacy
+crop while a sidecar is down) and, on Ctrl-C or SIGTERM, stops each process by its own PID
+(nginx first, so no request reaches a stopped sidecar). The same ``Stack`` (or its parts:
 ``start_thumbor``, ``start_sidecar``, ``start_nginx``) is what the integration tests and the
 load benchmark start, so there is one piece of code that runs the product.
 
@@ -31,6 +32,7 @@ from pathlib import Path
 from types import FrameType
 
 from nginx import render as render_mod
+from nginx.limits import LegacyLimits, edge_limits, legacy_limits
 from nginx.thumbor import THUMBOR_VENV, render_thumbor_conf, thumbor_binary
 from sidecar import settings as settings_mod
 
@@ -38,6 +40,11 @@ REPO = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 10.0
+# make run's supervisor: a process that exits is started again after this back-off, doubled
+# at each exit up to the maximum, and back to the first once it has run RESTART_RESET_S.
+RESTART_BACKOFF_S = 1.0
+RESTART_BACKOFF_MAX_S = 30.0
+RESTART_RESET_S = 60.0
 # The sidecar's own deadline leaves this much of nginx's timeout for the hop and the redirect.
 DEADLINE_MARGIN_MS = 30
 
@@ -96,6 +103,16 @@ class Service:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self) -> Service:
+        self.spawn()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def spawn(self) -> Service:
+        """Start the process without waiting for it to answer."""
         if self.running:
             raise RuntimeError(f"{self.name} is already running")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,11 +126,6 @@ class Service:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
         return self
 
     def wait_ready(self) -> None:
@@ -180,12 +192,13 @@ def thumbor_service(
     *,
     port: int | None = None,
     key: str = "",
-    allow_unsafe: bool = True,
+    limits: LegacyLimits | None = None,
     processes: int = 1,
     venv: Path = THUMBOR_VENV,
 ) -> Service:
+    """Thumbor on ``images`` with heatcrop's loader and limits (nginx/thumbor.py)."""
     port = port or free_port()
-    conf = render_thumbor_conf(workdir / "thumbor.conf", images, key=key, allow_unsafe=allow_unsafe)
+    conf = render_thumbor_conf(workdir / "thumbor.conf", images, key=key, limits=limits)
     cmd = [str(thumbor_binary(_absolute(venv)))]
     cmd += ["-i", HOST, "-p", str(port), "-c", str(conf), "-l", "warning"]
     if processes != 1:
@@ -194,6 +207,8 @@ def thumbor_service(
     return Service(
         name=f"thumbor:{port}",
         cmd=cmd,
+        # The loader (nginx.thumbor_loader) is this repository's; it imports only Thumbor.
+        env={**os.environ, "PYTHONPATH": str(REPO)},
         log_path=workdir / "logs" / f"thumbor-{port}.log",
         ready=lambda: http_status(base + "/healthcheck") == 200,
         address=f"{HOST}:{port}",
@@ -217,12 +232,7 @@ def sidecar_service(
     """
     port = port or free_port()
     full = {
-        "HEATCROP_SOURCE_KIND": "folder",
-        "HEATCROP_SOURCE_ROOT": str(images.resolve()),
-        "HEATCROP_LEGACY_BASE_URL": legacy_base,
-        "HEATCROP_SERVER_DEADLINE_MS": str(max(10, nginx_timeout_ms - DEADLINE_MARGIN_MS)),
-        **os.environ,
-        **(env or {}),
+        **sidecar_environ(images, legacy_base, env, nginx_timeout_ms),
         "HEATCROP_SERVER_HOST": HOST,
         "HEATCROP_SERVER_PORT": str(port),
     }
@@ -235,6 +245,23 @@ def sidecar_service(
         ready=lambda: http_status(base + "/healthz") == 200,
         address=f"{HOST}:{port}",
     )
+
+
+def sidecar_environ(
+    images: Path,
+    legacy_base: str,
+    env: Mapping[str, str] | None = None,
+    nginx_timeout_ms: int = 150,
+) -> dict[str, str]:
+    """The environment a stack's sidecar reads its settings from (all but its address)."""
+    defaults = {
+        "HEATCROP_SOURCE_KIND": "folder",
+        "HEATCROP_SOURCE_ROOT": str(images.resolve()),
+        "HEATCROP_SERVER_DEADLINE_MS": str(max(10, nginx_timeout_ms - DEADLINE_MARGIN_MS)),
+    }
+    if legacy_base:
+        defaults["HEATCROP_LEGACY_BASE_URL"] = legacy_base
+    return {**defaults, **os.environ, **(env or {})}
 
 
 def nginx_service(cfg: render_mod.NginxConfig) -> Service:
@@ -277,7 +304,6 @@ class StackOptions:
     # "host:port" of a legacy server that is already running.
     legacy: str = "thumbor"
     thumbor_key: str = ""
-    thumbor_allow_unsafe: bool = True
     thumbor_processes: int = 1
     standin_image: Path | None = None
     sidecar_env: Mapping[str, str] = field(default_factory=dict)
@@ -340,10 +366,20 @@ class Stack:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def sidecar_settings(self) -> settings_mod.Settings:
+        """The settings the stack's sidecars run with: their limits are nginx's and the legacy
+        server's too (nginx.limits), one source of truth."""
+        opts = self.options
+        environ = sidecar_environ(
+            opts.images, "", self._sidecar_env(), nginx_timeout_ms=opts.sidecar_timeout_ms
+        )
+        return settings_mod.load(environ=environ)
+
     def start(self) -> None:
         opts = self.options
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._start_legacy()
+        settings = self.sidecar_settings()
+        self._start_legacy(legacy_limits(settings))
         self.sidecar_ports = [p or free_port() for p in opts.sidecar_ports]
         for port in self.sidecar_ports:
             self.sidecars.append(self._sidecar(port).start())
@@ -361,6 +397,7 @@ class Stack:
             workers=opts.workers,
             access_log=opts.access_log,
             legacy_key=opts.thumbor_key if opts.legacy != "standin" else "",
+            limits=edge_limits(settings),
         )
         self.edge = nginx_service(self.edge_config).start()
         if opts.legacy_edge_port is not None:
@@ -397,9 +434,12 @@ class Stack:
             port=port,
             images=self.options.images,
             legacy_base=self.legacy_base,
-            env={**self._sidecar_signing_env(), **self.options.sidecar_env},
+            env=self._sidecar_env(),
             nginx_timeout_ms=self.options.sidecar_timeout_ms,
         )
+
+    def _sidecar_env(self) -> dict[str, str]:
+        return {**self._sidecar_signing_env(), **self.options.sidecar_env}
 
     def _sidecar_signing_env(self) -> dict[str, str]:
         if self.options.legacy == "thumbor" and self.options.thumbor_key:
@@ -407,7 +447,7 @@ class Stack:
             return {"HEATCROP_LEGACY_DIALECT": "thumbor", "HEATCROP_LEGACY_KEY": key}
         return {}
 
-    def _start_legacy(self) -> None:
+    def _start_legacy(self, limits: LegacyLimits) -> None:
         opts = self.options
         if opts.legacy == "thumbor":
             port = opts.thumbor_port or free_port()
@@ -416,7 +456,7 @@ class Stack:
                 opts.images,
                 port=port,
                 key=opts.thumbor_key,
-                allow_unsafe=opts.thumbor_allow_unsafe,
+                limits=limits,
                 processes=opts.thumbor_processes,
                 venv=opts.thumbor_venv,
             ).start()
@@ -441,6 +481,65 @@ class Stack:
 # -- make run -------------------------------------------------------------------------------
 
 
+@dataclass
+class _Restart:
+    delay_s: float = RESTART_BACKOFF_S
+    due: float | None = None  # when an exited process is started again
+    started: float = 0.0
+
+
+class Supervisor:
+    """Starts again whatever process of the stack exits, with a doubling back-off, and says so.
+
+    nginx keeps serving meanwhile: a dead sidecar is a refused connection, which nginx answers
+    with the legacy crop (``edge-fallback``); a restarted one answers smart crops again once
+    its model is warm. Restarts do not wait for readiness, so one slow start delays nothing
+    else.
+    """
+
+    def __init__(self, services: Sequence[Service], say: Callable[[str], None] = print) -> None:
+        self.services = list(services)
+        self.say = say
+        self._state = {id(svc): _Restart(started=time.monotonic()) for svc in self.services}
+
+    def check(self, now: float) -> None:
+        for svc in self.services:
+            state = self._state[id(svc)]
+            if svc.running:
+                if now - state.started > RESTART_RESET_S:
+                    state.delay_s = RESTART_BACKOFF_S
+                continue
+            if state.due is None:
+                self._exited(svc, state, now)
+            elif now >= state.due:
+                self._restart(svc, state, now)
+
+    def _exited(self, svc: Service, state: _Restart, now: float) -> None:
+        code = svc.proc.returncode if svc.proc is not None else None
+        state.due = now + state.delay_s
+        self.say(
+            f"heatcrop: {svc.name} exited ({_exit_text(code)}); restarting in "
+            f"{state.delay_s:.0f} s; log: {svc.log_path}"
+        )
+        state.delay_s = min(2 * state.delay_s, RESTART_BACKOFF_MAX_S)
+
+    def _restart(self, svc: Service, state: _Restart, now: float) -> None:
+        svc.stop()  # what the dead process forked (nginx's workers) goes with it
+        state.due, state.started = None, now
+        try:
+            svc.spawn()
+        except OSError as exc:
+            self.say(f"heatcrop: {svc.name} did not start: {exc}")
+            return
+        self.say(f"heatcrop: {svc.name} restarted (pid {svc.pid})")
+
+
+def _exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
 def _default_port(wanted: int) -> int:
     return wanted if port_free(wanted) else free_port()
 
@@ -463,9 +562,14 @@ def _print_urls(stack: Stack, images: Path) -> None:
         f"  metrics  {stack.admin}/metrics      health: {stack.admin}/healthz",
         f"  legacy   {stack.legacy_base}/unsafe/400x300/{first}   (the legacy server alone)",
         f"  logs     {stack.workdir}/logs, {stack.workdir}/nginx/logs",
+        "  pids     " + ", ".join(f"{svc.name} {svc.pid}" for svc in stack.services()),
         "",
     ]
     print("\n".join(lines), flush=True)
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 class _Stop(Exception):
@@ -527,12 +631,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         with stack:
             _print_urls(stack, args.images)
+            supervisor = Supervisor(stack.services(), say=_say)
             while True:
-                for svc in stack.services():
-                    if not svc.running:
-                        print(f"{svc.name} exited:\n{svc.log_tail()}", file=sys.stderr)
-                        return 1
-                time.sleep(1.0)
+                supervisor.check(time.monotonic())
+                time.sleep(0.5)
     except _Stop as why:
         print(f"\n{why}: stopping nginx, sidecar, legacy server…", flush=True)
         stack.stop()

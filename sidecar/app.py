@@ -22,6 +22,7 @@ from aiohttp import web
 
 from engines.base import Engine
 from engines.loader import load_engine
+from sidecar import http_server
 from sidecar import settings as settings_mod
 from sidecar.batcher import Batcher
 from sidecar.caches import Caches, make_caches
@@ -204,13 +205,7 @@ def serve(settings: Settings) -> None:
     # libvips reports every operation at INFO level: noise at hundreds of requests a second.
     logging.getLogger("pyvips").setLevel(logging.WARNING)
     server = settings.server
-    web.run_app(
-        make_app(settings),
-        host=server.host,
-        port=server.port,
-        loop=uvloop.new_event_loop(),
-        access_log=None,
-    )
+    http_server.run(make_app(settings), server.host, server.port, uvloop.new_event_loop())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,6 +34,8 @@ from sidecar.errors import (
 from sidecar.settings import SourceSettings
 
 MAX_PATH = 1024
+# Nested percent-encodings checked for traversal; more than that is not a real image path.
+DECODINGS = 3
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ def clean_path(raw: str) -> str:
     """
     path = unquote(raw)
     deeper = path
-    for _ in range(3):  # nested encodings; more than that is not a real image path
+    for _ in range(DECODINGS):
         decoded = unquote(deeper)
         if decoded == deeper:
             break

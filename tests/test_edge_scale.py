@@ -32,7 +32,6 @@ def signed(
         workdir=tmp_path_factory.mktemp("signed-stack"),
         images=images,
         thumbor_key=KEY,
-        thumbor_allow_unsafe=False,
         sidecar_env=sidecar_env(model_dir),
         sidecar_timeout_ms=5000,
     )
