@@ -81,3 +81,56 @@ def test_stack_prints_urls_serves_them_and_stops_on_sigterm(
         reader.join(10)
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+def test_a_killed_sidecar_is_restarted_while_nginx_serves_the_legacy_crop(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    require_tools()
+    env = {**os.environ, **sidecar_env(model_dir)}
+    cmd = [sys.executable, "-m", "nginx.stack", "--images", str(tmp_path / "images")]
+    cmd += ["--workdir", str(tmp_path / "run"), "--port", "0", "--admin-port", "0"]
+    cmd += ["--sidecar-port", "0", "--thumbor-port", "0", "--sidecar-timeout-ms", "3000"]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=_pump, args=(proc, lines), daemon=True)
+    reader.start()
+    try:
+        text = _read_until(proc, lines, "  pids")
+        public = re.search(r"public\s+(http://\S+)", text)
+        pids = dict(re.findall(r"(\w+(?:-\w+)?):\d+ (\d+)", text.split("  pids", 1)[1]))
+        assert public and "sidecar" in pids, text
+        base = public.group(1).split("/img/")[0]
+        os.kill(int(pids["sidecar"]), signal.SIGKILL)
+        # nginx and Thumbor stay up and answer every request with the legacy crop meanwhile.
+        served = []
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+            resp = fetch(f"{base}/img/{300 + n}x200/photos/rocket.jpg")
+            assert resp.status == 200 and pixels(resp.body).shape == (200, 300 + n, 3)
+            served.append(resp.header("X-Heatcrop-Served"))
+            if served[-1] == "smart":
+                break
+            time.sleep(0.2)
+        assert "fallback" in served and served[-1] == "smart", served
+        out = "".join(lines)
+        assert re.search(r"sidecar:\d+ exited \(killed by SIGKILL\); restarting in 1 s", out), out
+        assert re.search(r"sidecar:\d+ restarted \(pid \d+\)", out), out
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        assert proc.returncode == 0, "".join(lines)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        reader.join(10)
+        assert proc.stdout is not None
+        proc.stdout.close()
