@@ -24,9 +24,11 @@ from engines.base import Engine
 from engines.loader import load_engine
 from sidecar import http_server
 from sidecar import settings as settings_mod
+from sidecar.admission import DecodeAdmission
 from sidecar.batcher import Batcher
 from sidecar.caches import Caches, make_caches
 from sidecar.core import CropCore
+from sidecar.debug import add_debug_routes
 from sidecar.decode import configure_vips
 from sidecar.job import Services
 from sidecar.legacy import make_dialect
@@ -85,6 +87,7 @@ def make_app(settings: Settings) -> web.Application:
     )
     app.cleanup_ctx.extend(contexts)
     add_routes(app)
+    add_debug_routes(app)  # operators only: see sidecar.debug
     return app
 
 
@@ -182,14 +185,17 @@ async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
     svc = app[SERVICES] = Services(
-        settings=app[SETTINGS],
+        settings=settings,
         engine=app[ENGINE],
         core=app[CORE],
         batcher=app[BATCHER],
         caches=app[CACHES],
         source=app[SOURCE],
-        pool=app[POOL],
+        decodes=DecodeAdmission(
+            app[POOL], settings.server.decode_threads, settings.source, app[METRICS]
+        ),
         search_pool=app[SEARCH_POOL],
         search_inline=search_is_quick(app[CORE]),
         metrics=app[METRICS],

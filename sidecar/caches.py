@@ -1,11 +1,12 @@
 """Heatmap, box and override caches: a bounded in-process LRU, optionally in front of Redis.
 
 Heatmaps and boxes are immutable per key (the key names the original's identity, the model
-version, the aspect and the override version), so a copy in process memory never goes stale;
-only overrides change in place, and their in-process copies live a few seconds when Redis is
-shared. Redis is a help, never a dependency: when it fails the caches carry on from memory and
-stop asking it for ``retry_after_s`` (a circuit breaker), so a dead Redis costs neither errors
-nor a connect attempt per request.
+version and, for a box, the aspect and what else the box depends on: sidecar/job.py,
+``CropJob.set_identity``), so a copy in process memory never goes stale; only overrides
+change in place, and their in-process copies live a few seconds when Redis is shared. Redis
+is a help, never a dependency: when it fails the caches carry on from memory and stop asking
+it for ``retry_after_s`` (a circuit breaker), so a dead Redis costs neither errors nor a
+connect attempt per request.
 """
 
 from __future__ import annotations
@@ -495,14 +496,15 @@ def heatmap_key(identity: str, model_version: str) -> str:
     return hashlib.sha1(raw).hexdigest()
 
 
-def box_key(heat_key: str, aspect_w: int, aspect_h: int, override_version: int | str = 0) -> str:
-    """Heatmap key + reduced aspect (400x300 and 800x600 share one) + override version."""
+def box_key(heat_key: str, aspect_w: int, aspect_h: int, variant: int | str = 0) -> str:
+    """Heatmap key + reduced aspect (400x300 and 800x600 share one) + ``variant``, what else
+    the box depends on (the service's: ``CropJob.set_identity``)."""
     if aspect_w < 1 or aspect_h < 1:
         raise ValueError(f"aspect {aspect_w}x{aspect_h}: both sides must be >= 1")
-    if len(str(override_version)) > 64:
-        raise ValueError("override_version is longer than 64 characters")
+    if len(str(variant)) > 64:
+        raise ValueError("variant is longer than 64 characters")
     g = math.gcd(aspect_w, aspect_h)
-    return f"{heat_key}:{aspect_w // g}x{aspect_h // g}:{override_version}"
+    return f"{heat_key}:{aspect_w // g}x{aspect_h // g}:{variant}"
 
 
 def override_key(path: str) -> str:

@@ -16,7 +16,7 @@ import numpy.typing as npt
 from engines.base import PROFILES, Engine
 from kernels.heat import prepare_heatmap
 from kernels.window import CropBox, SearchParams, best_window, center_box
-from sidecar.decode import decode
+from sidecar.decode import Decoded, decode
 from sidecar.settings import KernelSettings, Settings, SourceSettings
 
 
@@ -33,6 +33,26 @@ class Analysis:
 
     def raw(self, profile: str) -> npt.NDArray[np.float32]:
         return self.heatmaps[PROFILES.index(profile)].astype(np.float32)
+
+
+def make_analysis(
+    decoded: Decoded,
+    heatmaps: npt.NDArray[np.float32],
+    food_mass: float,
+    model_version: str,
+    timings_ms: dict[str, float] | None = None,
+) -> Analysis:
+    """The Analysis of a decoded original from the engine's output for it (one image's
+    ``[len(PROFILES), h, w]`` maps and food mass): the one place that builds it, for the
+    service's pipeline, ``heatcrop warm``, ``CropCore.analyse`` (command line, debug pages)."""
+    return Analysis(
+        width=decoded.width,
+        height=decoded.height,
+        heatmaps=heatmaps.astype(np.float16),
+        food_mass=float(food_mass),
+        model_version=model_version,
+        timings_ms={} if timings_ms is None else timings_ms,
+    )
 
 
 class CropCore:
@@ -69,13 +89,9 @@ class CropCore:
         t1 = time.perf_counter()
         out = self.engine.infer(decoded.pixels[np.newaxis])
         t2 = time.perf_counter()
-        return Analysis(
-            width=decoded.width,
-            height=decoded.height,
-            heatmaps=out.heatmaps[0].astype(np.float16),
-            food_mass=float(out.food_mass[0]),
-            model_version=self.engine.version,
-            timings_ms={"decode": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3},
+        timings = {"decode": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3}
+        return make_analysis(
+            decoded, out.heatmaps[0], out.food_mass[0], self.engine.version, timings
         )
 
     def prepared(self, analysis: Analysis, profile: str | None = None) -> npt.NDArray[np.float32]:
@@ -100,7 +116,7 @@ class CropCore:
 
 SEARCH_PROFILES: tuple[str, ...] = (*PROFILES, "auto", "learned")
 # Share of the `auto` CAM map in the `learned` profile, cross-validated with the search settings
-# (bench/tune.py, shares 0 / 0.15 / 0.3): held-out headroom shares fcdb / food / fixations
+# (training/tune.py, shares 0 / 0.15 / 0.3): held-out headroom shares fcdb / food / fixations
 # 23 / 24 / 21 % with the read-out alone, 26 / 30 / 20 % with the share chosen per fold; 0.15
 # is the best on all images. The CAM still knows dishes and objects that the read-out's linear
 # map, fitted mostly on other kinds of photos, under-weights.

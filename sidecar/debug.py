@@ -45,10 +45,12 @@ from aiohttp import web
 from kernels.window import CropBox, largest_window
 from sidecar.caches import heatmap_key
 from sidecar.core import Analysis
+from sidecar.decode import display_pixels
 from sidecar.errors import BadRequest, BadSize, CorruptImage, HeatcropError
 from sidecar.job import CropJob, Services
 from sidecar.overlay import render_overlay
 from sidecar.pipeline import run_crop
+from sidecar.routes import SERVICES, raw_tail
 from sidecar.singleflight import SingleFlight
 from sidecar.sizes import Size, parse_size
 from sidecar.sources import Original, checked_path, clean_path
@@ -70,40 +72,26 @@ T = TypeVar("T")
 DEBUG_FLIGHTS = web.AppKey("debug_flights", SingleFlight)
 
 
-def add_debug_routes(app: web.Application, services: web.AppKey[Services]) -> None:
-    """Register the debug routes; ``services`` is the key under which the app keeps them
-    (passed in because the routes module, which defines it, imports this one)."""
+def add_debug_routes(app: web.Application) -> None:
+    """Register the debug routes (on an app with the routes of sidecar.routes)."""
     app[DEBUG_FLIGHTS] = SingleFlight()
-    handlers = DebugHandlers(services)
     # The cropped route first: "/debug/cropped/WxH/p" would also match "/debug/{size}/{path}".
     app.router.add_get("/debug/gallery", gallery)
-    app.router.add_get("/debug/cropped/{size}/{path:.+}", handlers.cropped)
-    app.router.add_get("/debug/{size}/{path:.+}", handlers.overlay)
+    app.router.add_get("/debug/cropped/{size}/{path:.+}", partial(_answer, _cropped))
+    app.router.add_get("/debug/{size}/{path:.+}", partial(_answer, _overlay))
 
 
-class DebugHandlers:
-    """The handlers that need the app's Services."""
-
-    def __init__(self, services: web.AppKey[Services]) -> None:
-        self.services = services
-
-    async def overlay(self, request: web.Request) -> web.Response:
-        return await self._answer(request, partial(_overlay, request))
-
-    async def cropped(self, request: web.Request) -> web.Response:
-        return await self._answer(request, partial(_cropped, request))
-
-    async def _answer(
-        self, request: web.Request, work: Callable[[Services], Awaitable[web.Response]]
-    ) -> web.Response:
-        """Run ``work``; map failures like /crop: typed errors → status + public message."""
-        try:
-            return await work(request.app[self.services])
-        except HeatcropError as exc:
-            return web.Response(status=exc.status, text=exc.public_message)
-        except Exception:
-            log.exception("debug %s failed unexpectedly", request.path)
-            return web.Response(status=503, text="debug rendering failed")
+async def _answer(
+    work: Callable[[web.Request, Services], Awaitable[web.Response]], request: web.Request
+) -> web.Response:
+    """Run ``work``; map failures like /crop: typed errors → status + public message."""
+    try:
+        return await work(request, request.app[SERVICES])
+    except HeatcropError as exc:
+        return web.Response(status=exc.status, text=exc.public_message)
+    except Exception:
+        log.exception("debug %s failed unexpectedly", request.path)
+        return web.Response(status=503, text="debug rendering failed")
 
 
 # -- the work shared by the endpoints -------------------------------------------------------
@@ -121,7 +109,8 @@ class Inspection:
 
 
 async def _in_pool(svc: Services, fn: Callable[[], T]) -> T:
-    return await asyncio.get_running_loop().run_in_executor(svc.pool, fn)
+    # The decode pool, not counted as decodes: /crop's admission does not wait for these.
+    return await asyncio.get_running_loop().run_in_executor(svc.decodes.pool, fn)
 
 
 def _parse(request: web.Request, svc: Services, skip: int) -> tuple[Size, str]:
@@ -134,19 +123,6 @@ def _parse(request: web.Request, svc: Services, skip: int) -> tuple[Size, str]:
     if not size.crops:
         raise BadSize(f"debug size {size}", public_message="debug needs both sides > 0")
     return size, clean_path(raw_tail(request, skip))
-
-
-def raw_tail(request: web.Request, skip: int) -> str:
-    """The raw (still percent-encoded) path after its first ``skip`` segments.
-
-    Raw for the same reason as /crop: ``..`` must reach ``clean_path`` to be refused.
-    """
-    raw = request.raw_path.partition("?")[0]
-    if not raw.startswith("/"):
-        # An absolute-form request line (GET http://host/crop/...): drop scheme and host.
-        raw = "/" + raw.partition("://")[2].partition("/")[2]
-    parts = raw.split("/", skip + 1)
-    return parts[skip + 1] if len(parts) > skip + 1 else ""
 
 
 async def inspect(request: web.Request, svc: Services, size: Size, path: str) -> Inspection:
@@ -229,7 +205,11 @@ async def _cropped(request: web.Request, svc: Services) -> web.Response:
     size, path = _parse(request, svc, 3)
     seen = await inspect(request, svc, size, path)
     box = await _method_box(svc, seen, method)
-    jpeg = await _in_pool(svc, partial(crop_jpeg, seen.original.data, box, size))
+    analysis = seen.analysis
+    jpeg = await _in_pool(
+        svc,
+        partial(crop_jpeg, seen.original.data, analysis.width, analysis.height, box, size),
+    )
     headers = {"X-Heatcrop-Method": method, "Cache-Control": "no-store", **_box_headers(box)}
     return web.Response(body=jpeg, content_type="image/jpeg", headers=headers)
 
@@ -246,25 +226,15 @@ async def _method_box(svc: Services, seen: Inspection, method: str) -> CropBox:
     )
 
 
-def _load(data: bytes) -> pyvips.Image:
-    """The original upright in sRGB, 3 bands, like the decoder's view of it (same box frame)."""
-    try:
-        image = pyvips.Image.new_from_buffer(data, "").autorot()
-        if image.hasalpha():
-            image = image.flatten(background=[255, 255, 255])
-        image = image.colourspace("srgb")
-        if image.bands > 3:
-            image = image.extract_band(0, n=3)
-        return image.cast("uchar")
-    except pyvips.Error as exc:
-        raise CorruptImage(f"debug load: {exc}") from exc
+def _load(data: bytes, width: int, height: int) -> pyvips.Image:
+    """The original at its display size as the decoder sees it (``display_pixels``)."""
+    pixels = display_pixels(data, width, height)
+    return pyvips.Image.new_from_array(pixels, interpretation="srgb")
 
 
 def attention_box(data: bytes, width: int, height: int, aspect: float) -> CropBox:
     """libvips' attention crop of the largest window of ``aspect``, in original pixels."""
-    image = _load(data)
-    if (image.width, image.height) != (width, height):
-        raise CorruptImage(f"debug load {image.width}x{image.height}, analysed {width}x{height}")
+    image = _load(data, width, height)
     cw, ch = largest_window(width, height, aspect)
     try:
         _, found = image.smartcrop(
@@ -278,9 +248,9 @@ def attention_box(data: bytes, width: int, height: int, aspect: float) -> CropBo
     return CropBox(x0, y0, x0 + cw, y0 + ch)
 
 
-def crop_jpeg(data: bytes, box: CropBox, size: Size) -> bytes:
-    """JPEG of ``box`` of the original, resized to exactly ``size``."""
-    image = _load(data)
+def crop_jpeg(data: bytes, width: int, height: int, box: CropBox, size: Size) -> bytes:
+    """JPEG of ``box`` of the original (``width`` x ``height``), resized to exactly ``size``."""
+    image = _load(data, width, height)
     try:
         part = image.crop(box.x0, box.y0, box.width, box.height)
         out = part.thumbnail_image(size.width, height=size.height, size="force")

@@ -132,6 +132,18 @@ def decode_to(
     return Decoded(pixels=pixels, width=width, height=height, format=fmt)
 
 
+def display_pixels(data: bytes, width: int, height: int) -> npt.NDArray[np.uint8]:
+    """The original as the decoder sees it, at ``width`` x ``height`` (its display size, or
+    that scaled): upright, in sRGB as ``decode`` converts it, 3 bands, alpha on white; uint8
+    [height, width, 3]. The debug pictures draw on it, so they show what the model was given.
+
+    No byte or pixel limits: for an original that ``decode`` has taken already.
+    """
+    fmt = _guarded(lambda: sniff_format(data), None)
+    header = _guarded(lambda: open_header(data), fmt)
+    return _guarded(lambda: model_pixels(data, header, (height, width)), fmt)
+
+
 def sniff_format(data: bytes) -> str:
     """Our format name for ``data`` from its magic bytes, or a typed error; parses nothing."""
     pointer = pyvips.vips_lib.vips_foreign_find_load_buffer(data, len(data))

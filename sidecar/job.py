@@ -1,5 +1,6 @@
-"""What the /crop steps share: the job they fill in, the services they use, and the small
-records kept between requests (the path's override, the original's last seen identity).
+"""What the /crop steps share: the jobs they fill in (``CropJob`` per request, ``AnalyseJob``
+per original being analysed), the services they use, and the small records kept between
+requests (the path's override, the original's last seen identity, a give-up's pixels).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from typing import Any
 
 from engines.base import Engine
 from kernels.window import CropBox
+from sidecar.admission import DecodeAdmission
 from sidecar.batcher import Batcher
 from sidecar.caches import Caches, box_key, heatmap_key
 from sidecar.core import Analysis, CropCore
 from sidecar.decode import Decoded
+from sidecar.errors import DeadlineExceeded
 from sidecar.metrics import Metrics
 from sidecar.settings import Settings
 from sidecar.singleflight import SingleFlight
@@ -31,7 +34,6 @@ log = logging.getLogger("heatcrop.pipeline")
 # How long a fetched original's identity is trusted without asking the source again.
 IDENTITY_TTL_S = 30.0
 IDENTITY_ENTRIES = 100_000
-DECODE_EWMA_ALPHA = 0.1
 
 Box = tuple[int, int, int, int]
 
@@ -47,9 +49,8 @@ class Override:
         return json.dumps({"box": self.box, "version": self.version}).encode()
 
     def tag(self) -> str:
-        """What the box key says of this override: its box, not its version, so that a box
-        found for one must-keep box is never served for another, even if the record (and
-        with it the version count) was lost and restarted."""
+        """What the box key says of this override: a hash of its box ("" when cleared); see
+        ``CropJob.set_identity``."""
         if self.box is None:
             return ""
         return hashlib.sha1(json.dumps(list(self.box)).encode()).hexdigest()[:12]
@@ -120,7 +121,7 @@ class Services:
     batcher: Batcher
     caches: Caches
     source: Source
-    pool: Executor  # decodes
+    decodes: DecodeAdmission  # the decode pool and what is queued in it
     search_pool: Executor  # window searches, unless quick enough to run on the loop
     metrics: Metrics
     search_inline: bool = False
@@ -130,21 +131,6 @@ class Services:
     # Fire-and-forget cache writes: the loop keeps only weak references to tasks, so these
     # hold them until done; the services' clean-up waits for them before the caches close.
     writes: set[asyncio.Task[Any]] = field(default_factory=set)
-    decoding: int = 0  # decodes queued or running in the pool
-    decode_s: float = 0.010  # EWMA of one decode's own seconds (not its wait for a thread)
-
-    @property
-    def max_decoding(self) -> int:
-        # A few decodes per thread keep the pool busy; more only wait, past the deadline.
-        return 2 * self.settings.server.decode_threads
-
-    def decode_ready_in(self) -> float:
-        """Expected seconds until a decode submitted now is done, queueing included."""
-        ahead = self.decoding // self.settings.server.decode_threads
-        return self.decode_s * (ahead + 1)
-
-    def observe_decode(self, seconds: float) -> None:
-        self.decode_s += DECODE_EWMA_ALPHA * (seconds - self.decode_s)
 
     def spawn_write(
         self, write: Awaitable[Any], on_done: Callable[[asyncio.Task[Any]], None]
@@ -167,18 +153,31 @@ class Services:
 
 @dataclass
 class CropJob:
+    """One /crop request, filled in by the steps of ``sidecar.pipeline.STEPS``."""
+
     path: str
     size: Size
     deadline: float  # loop.time()
     identity: str | None = None
     override: Override | None = None
-    heat_key: str = ""
-    box_key: str = ""
+    heat_key: str = ""  # "" until the identity is known
+    box_key: str = ""  # "" until the identity is known
+    box_looked_up: str = ""  # the box key the box cache was last asked for
     analysis: Analysis | None = None
     box: CropBox | None = None
     cached: bool = False
 
     def set_identity(self, identity: str, model_version: str, search_version: str) -> None:
+        """The original's identity, and with it the keys of its heatmap and of this box.
+
+        The heatmap key names the identity and the model version (``heatmap_key``). The box
+        key is the heatmap key, the reduced aspect, and a variant (``box_key``): the search
+        settings' version (``CropCore.search_version``) and, when the path has an override with
+        a box, a hash of that box (``Override.tag``), not the override's version. So a box found
+        with other search settings or for another must-keep box is never served, even if the
+        override record (and with it the version count) was lost and restarted; clearing an
+        override brings back the boxes found without one.
+        """
         self.identity = identity
         self.heat_key = heatmap_key(identity, model_version)
         tag = self.override.tag() if self.override else ""
@@ -186,4 +185,26 @@ class CropJob:
         self.box_key = box_key(self.heat_key, self.size.width, self.size.height, variant)
 
 
+@dataclass
+class AnalyseJob:
+    """One original being analysed, once for all the requests for its path (single-flight),
+    filled in by the steps of ``analyse`` in ``sidecar.pipeline.STEPS``."""
+
+    path: str
+    deadline: float  # the first request's, loop.time()
+    identity: str = ""
+    heat_key: str = ""
+    data: bytes = b""  # the original as fetched
+    decoded: Decoded | None = None
+    analysis: Analysis | None = None
+
+
 Step = Callable[[Services, CropJob], Awaitable[None]]
+AnalyseStep = Callable[[Services, AnalyseJob], Awaitable[None]]
+
+
+def check_deadline(svc: Services, deadline: float, step: str) -> None:
+    """DeadlineExceeded, counted as a give-up for time, when ``deadline`` has passed."""
+    if asyncio.get_running_loop().time() >= deadline:
+        svc.metrics.giveups.inc(reason="deadline")
+        raise DeadlineExceeded(f"deadline passed before step {step}")

@@ -7,6 +7,7 @@ import numpy.typing as npt
 import pyvips
 
 from kernels.window import CropBox
+from sidecar.decode import display_pixels
 
 DISPLAY_LONG_SIDE = 800
 CHOSEN = (40, 230, 60)
@@ -21,25 +22,19 @@ def render_overlay(
     width: int,
     height: int,
 ) -> bytes:
-    """PNG bytes: photo at display size, heat as a colour wash, boxes as frames."""
-    photo = _display_photo(data)
-    scale = photo.width / width
-    wash = _colourise(_resize(heat, photo.width, photo.height))
-    pixels = (0.55 * photo.numpy().astype(np.float32) + 0.45 * wash).astype(np.uint8)
+    """PNG bytes: the photo as the decoder sees it (``display_pixels``), its long side
+    ``DISPLAY_LONG_SIDE``; heat as a colour wash, boxes as frames. ``width`` x ``height``: the
+    original's display size, the frame of the boxes."""
+    fit = DISPLAY_LONG_SIDE / max(width, height)
+    shown_w, shown_h = max(1, round(width * fit)), max(1, round(height * fit))
+    photo = display_pixels(data, shown_w, shown_h)
+    scale = shown_w / width
+    wash = _colourise(_resize(heat, shown_w, shown_h))
+    pixels = (0.55 * photo.astype(np.float32) + 0.45 * wash).astype(np.uint8)
     canvas = pyvips.Image.new_from_array(pixels, interpretation="srgb")
     for box, colour in ((centre, CENTRE), (chosen, CHOSEN)):
         canvas = _frame(canvas, box, scale, colour)
     return bytes(canvas.pngsave_buffer(compression=3))
-
-
-def _display_photo(data: bytes) -> pyvips.Image:
-    image = pyvips.Image.thumbnail_buffer(data, DISPLAY_LONG_SIDE, height=DISPLAY_LONG_SIDE)
-    if image.hasalpha():
-        image = image.flatten(background=[255, 255, 255])
-    image = image.colourspace("srgb")
-    if image.bands > 3:
-        image = image.extract_band(0, n=3)
-    return image.cast("uchar")
 
 
 def _resize(heat: npt.NDArray[np.float32], width: int, height: int) -> npt.NDArray[np.float32]:

@@ -2,20 +2,28 @@
 
 Modelled on imgproxy's processing/pipeline.go: each step reads and fills one ``CropJob``
 (sidecar/job.py); the runner checks the deadline before every step and stops as soon as a step
-has decided the answer (``job.box`` set). Steps, in order, one module each (sidecar/step_*.py):
+has decided the answer (``job.box`` set). Each step is one module, sidecar/step_<name>.py,
+and none calls another. In order:
 
-  override  the path's override record (box + version; the version is part of the box key)
-            and the original's identity as last seen (``IdentityMemo``, trusted 30 s), which
-            gives the heatmap and box keys without asking the source
-  box       box cache lookup (hit: done)
-  heatmap   heatmap cache lookup
-  analyse   on a miss, or when the identity is not known: fetch, then the heatmap cache again
-            (now that the key is known), else decode (in the pool) + batcher, stored in the
-            heatmap cache; once per path across concurrent requests (single-flight); then the
-            box cache if the identity was not known before. Work that could not finish in time
-            is refused before it starts: before the fetch when the identity is known, before
-            the decode otherwise (decode queue full, or the engine could not take the image)
-  search    window search (on the loop when quick, else in its thread), stored in the box cache
+  override   the path's override record and the original's identity as last seen
+             (``IdentityMemo``, trusted 30 s), which gives the heatmap and box keys without
+             asking the source
+  box        box cache lookup (hit: done)
+  heatmap    heatmap cache lookup
+  admit      a known original with no heatmap cached: refused now, before it is read, when no
+             decode could make it (decode pool full, or the engine could not take it in time)
+  analyse    no heatmap yet: once per path across concurrent requests (single-flight), under
+             the first request's deadline, its own steps on one ``AnalyseJob``:
+    fetch      the original, whose identity gives the heatmap key
+    heatmap    heatmap cache lookup under that key
+    take-back  an earlier give-up's pixels of this original, left for the background
+    decode     in the decode pool, unless refused first (``DecodeAdmission``)
+    infer      the batcher and the engine; the heatmap stored in the heatmap cache
+             Fetch and lookup go on for the other waiters past that deadline; the decode and
+             the engine do not start late. Pixels decoded for a request that then gives up go
+             to the background (sidecar/background.py)
+  box-again  box cache lookup, when the fetch told a new identity (hit: done)
+  search     window search (on the loop when quick, else in its thread), stored in the box cache
 
 Failures are typed errors (sidecar.errors); the routes turn them into answers.
 """
@@ -25,25 +33,40 @@ from __future__ import annotations
 import asyncio
 
 from sidecar.errors import DeadlineExceeded
-from sidecar.job import CropJob, Services, Step
-from sidecar.step_analyse import step_analyse
+from sidecar.job import CropJob, Services, Step, check_deadline
+from sidecar.step_admit import step_admit
+from sidecar.step_analyse import OncePerPath, SharedStep
 from sidecar.step_box import step_box_cache
+from sidecar.step_decode import step_decode
+from sidecar.step_fetch import step_fetch
 from sidecar.step_heatmap import step_heatmap_cache
+from sidecar.step_infer import step_infer
 from sidecar.step_override import step_override
 from sidecar.step_search import step_search
+from sidecar.step_take_back import step_take_back
 
 STEPS: tuple[tuple[str, Step], ...] = (
     ("override", step_override),
     ("box", step_box_cache),
     ("heatmap", step_heatmap_cache),
-    ("analyse", step_analyse),
+    ("admit", step_admit),
+    (
+        "analyse",
+        OncePerPath(
+            SharedStep("fetch", step_fetch, after_deadline=True),
+            SharedStep("heatmap", step_heatmap_cache, after_deadline=True),
+            SharedStep("take-back", step_take_back),
+            SharedStep("decode", step_decode),
+            SharedStep("infer", step_infer),
+        ),
+    ),
+    ("box-again", step_box_cache),
     ("search", step_search),
 )
 
 
 async def run_crop(svc: Services, job: CropJob) -> CropJob:
     """Run the steps until one decides the box; DeadlineExceeded when time runs out between."""
-    loop = asyncio.get_running_loop()
     current = STEPS[0][0]
     try:
         # No step may hold a request past its deadline: a slow origin, a long decode queue or a
@@ -55,9 +78,7 @@ async def run_crop(svc: Services, job: CropJob) -> CropJob:
                 if job.box is not None:
                     break
                 current = name
-                if loop.time() >= job.deadline:
-                    svc.metrics.giveups.inc(reason="deadline")
-                    raise DeadlineExceeded(f"deadline passed before step {name}")
+                check_deadline(svc, job.deadline, name)
                 await step(svc, job)
     except TimeoutError:
         svc.metrics.giveups.inc(reason="deadline")

@@ -1,4 +1,4 @@
-"""HTTP routes of the sidecar: /crop, /override, /healthz, /metrics (and /debug, sidecar.debug).
+"""HTTP routes of the sidecar: /crop, /override, /healthz, /metrics (/debug: sidecar.debug).
 
 ``GET /crop/{W}x{H}/{path}`` answers nginx, which follows ``X-Accel-Redirect`` to its internal
 ``/@legacy`` location (the legacy image server). Every answer from our code is one of:
@@ -27,11 +27,12 @@ total; the batcher adds queue and infer), box and heatmap cache hits and misses.
 without a bearer token, 403 with a wrong one or when no token is configured (overrides off), 400
 for a bad body or path, 404 when the original does not exist. The box is clipped to the
 original (read from its header) before it is stored, and refused with 400 when nothing of it
-lies inside; the answer carries the stored box. Each change bumps the override's version, which is part of the box
-cache key, so boxes computed before the change are never served after it.
+lies inside; the answer carries the stored box and the override's version, which counts the
+path's changes. The box cache key carries the override's box (``CropJob.set_identity``), so
+boxes computed for another box, or without one, are never served while it holds.
 
-Paths are taken from the raw request line (not the router's decoded and normalised copy), so
-``..`` and its percent-encodings reach ``clean_path`` and are refused with 400.
+Paths are taken from the raw request line (``raw_tail``, the debug pages' too), so ``..`` and
+its percent-encodings reach ``clean_path`` and are refused with 400.
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ from aiohttp import web
 from kernels.window import CropBox
 from sidecar import metrics as metrics_mod
 from sidecar.caches import override_key
-from sidecar.debug import add_debug_routes, raw_tail
 from sidecar.decode import probe
 from sidecar.errors import BadRequest, DeadlineExceeded, HeatcropError, Overloaded
 from sidecar.job import CropJob, Override, Services
@@ -92,7 +92,20 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete("/override/{path:.+}", delete_override)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
-    add_debug_routes(app, SERVICES)  # operators only: see sidecar.debug
+
+
+def raw_tail(request: web.Request, skip: int) -> str:
+    """The raw (still percent-encoded) path after its first ``skip`` segments.
+
+    Raw so that ``..`` and its percent-encodings reach ``clean_path`` to be refused (the
+    router's copy is decoded and normalised already).
+    """
+    raw = request.raw_path.partition("?")[0]
+    if not raw.startswith("/"):
+        # An absolute-form request line (GET http://host/crop/...): drop scheme and host.
+        raw = "/" + raw.partition("://")[2].partition("/")[2]
+    parts = raw.split("/", skip + 1)
+    return parts[skip + 1] if len(parts) > skip + 1 else ""
 
 
 # -- /crop ----------------------------------------------------------------------------------
@@ -203,8 +216,8 @@ async def delete_override(request: web.Request) -> web.Response:
         path = clean_path(raw_tail(request, 1))
     except HeatcropError as exc:
         return error_response(exc)
-    # A cleared record, not a deletion: the version must keep growing, or a later override
-    # could reuse a version whose boxes are still cached.
+    # A cleared record, not a deletion: the version goes on counting the path's changes
+    # (the box key does not depend on it: CropJob.set_identity).
     if await _store_override(request, path, None) is None:
         return _not_stored()
     return web.Response(status=204)

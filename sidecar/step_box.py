@@ -1,4 +1,9 @@
-"""Step ``box``: the box cache, when the original's identity is known (a hit decides)."""
+"""Step ``box``: the box cache, under a box key it was not asked for yet (a hit decides).
+
+No key before the original's identity is known; a new key once the fetch (step ``analyse``)
+tells an identity that is new to this sidecar, or changed. What the key carries:
+``CropJob.set_identity``.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,9 @@ from sidecar.job import CropJob, Services
 
 
 async def step_box_cache(svc: Services, job: CropJob) -> None:
-    if job.identity is not None:
-        await box_lookup(svc, job)
-
-
-async def box_lookup(svc: Services, job: CropJob) -> None:
+    if not job.box_key or job.box_key == job.box_looked_up:
+        return
+    job.box_looked_up = job.box_key
     record = await svc.caches.get_box(job.box_key)
     svc.metrics.cache_requests.inc(cache="box", result="miss" if record is None else "hit")
     if record is not None:

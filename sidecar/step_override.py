@@ -1,6 +1,6 @@
-"""Step ``override``: the path's override record (box + version; the box is part of the box
-key) and the original's identity as last seen (``IdentityMemo``), which gives the heatmap
-and box keys without asking the source."""
+"""Step ``override``: the path's override record (its box is part of the box key:
+``CropJob.set_identity``) and the original's identity as last seen (``IdentityMemo``), which
+gives the heatmap and box keys without asking the source."""
 
 from __future__ import annotations
 

@@ -27,11 +27,11 @@ from engines.base import Engine
 from engines.loader import load_engine
 from sidecar.batcher import Batcher
 from sidecar.caches import Caches, heatmap_key, make_caches
+from sidecar.core import make_analysis
 from sidecar.decode import decode
 from sidecar.errors import HeatcropError
 from sidecar.settings import Settings
 from sidecar.sources import Source, make_source
-from sidecar.step_analyse import make_analysis
 
 log = logging.getLogger("heatcrop.warm")
 
@@ -106,7 +106,7 @@ class _Warmer:
             partial(decode, original.data, max_bytes=src.max_bytes, max_pixels=src.max_pixels),
         )
         heat = await self.batcher.infer(decoded.pixels, loop.time() + WARM_DEADLINE_S)
-        analysis = make_analysis(decoded, heat, self.engine.version)
+        analysis = make_analysis(decoded, heat.heatmaps, heat.food_mass, self.engine.version)
         if not await self.caches.put_analysis(key, analysis):
             raise CacheWriteFailed(key)
         return "done"

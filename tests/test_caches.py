@@ -484,7 +484,7 @@ def test_box_key_reduces_the_aspect():
     for w, h in ((0, 300), (400, 0), (-4, 3)):
         with pytest.raises(ValueError, match="aspect"):
             box_key(hk, w, h)
-    with pytest.raises(ValueError, match="override_version"):
+    with pytest.raises(ValueError, match="variant"):
         box_key(hk, 4, 3, "x" * 65)
 
 

@@ -18,11 +18,14 @@ import pytest
 from skimage import data as skdata
 
 from sidecar.app import make_app
+from sidecar.background import finish_in_background
 from sidecar.batcher import Batcher, ServiceModel
+from sidecar.caches import heatmap_key
 from sidecar.decode import decode
-from sidecar.job import IdentityMemo
+from sidecar.job import CropJob, IdentityMemo
 from sidecar.legacy import Thumbor
 from sidecar.metrics import CONTENT_TYPE
+from sidecar.pipeline import run_crop
 from sidecar.routes import SERVICES
 from sidecar.settings import (
     CacheSettings,
@@ -33,7 +36,6 @@ from sidecar.settings import (
     SourceSettings,
 )
 from sidecar.sizes import Size
-from sidecar.step_analyse import analyse, finish_in_background
 from sidecar.step_search import search_is_quick
 from tests.images import jpeg
 from tests.scripted_engine import ScriptedEngine
@@ -624,22 +626,25 @@ async def test_a_miss_takes_back_a_queued_background_image_instead_of_decoding_a
             svc.batcher.infer(np.full((*engine.input_shapes[0], 3), 1, np.uint8), loop.time() + 60)
         )
         await _until(lambda: len(engine.calls) == 1)  # the engine is busy, blocked on the gate
-        data = (photos / "five.jpg").read_bytes()
-        decoded = decode(data, max_bytes=10**8, max_pixels=10**8)
+        original = await svc.source.fetch("five.jpg")
+        key = heatmap_key(original.identity, svc.engine.version)
+        decoded = decode(original.data, max_bytes=10**8, max_pixels=10**8)
         decoded.pixels[0, 0, 0] = 7  # a marker the scripted engine reports
-        finish_in_background(svc, decoded, "key-five")  # a give-up's pixels, queued
+        finish_in_background(svc, decoded, key)  # a give-up's pixels, queued
         assert svc.batcher.background_depth == 1
         decodes = await _metric(client, "heatcrop_stage_seconds_count", stage="decode")
-        analysing = asyncio.create_task(analyse(svc, data, "key-five", loop.time() + 60))
+        job = CropJob("five.jpg", Size(300, 200), deadline=loop.time() + 60)
+        analysing = asyncio.create_task(run_crop(svc, job))
         await _until(lambda: svc.batcher.depth == 1)  # in the foreground queue now
         assert svc.batcher.background_depth == 0
         engine.gate.set()
-        analysis = await asyncio.wait_for(analysing, 10)
+        await asyncio.wait_for(analysing, 10)
         await blocker
     finally:
         engine.gate.set()
         await svc.batcher.close()
-    assert analysis.width == decoded.width
+    assert job.analysis is not None and job.analysis.width == decoded.width
+    assert job.box is not None and not job.cached
     assert engine.batches == [[1], [7]]  # the marked pixels ran once, in the foreground
     assert await _metric(client, "heatcrop_stage_seconds_count", stage="decode") == decodes
 
