@@ -30,7 +30,7 @@ evidence for class c in logit units.
   (ReLU6 activations, 0..6).
 
 * ``readout``: a head fitted to what people keep and look at (expert crops, dish boxes, eye
-  fixations; bench/fit_readout.py, weights in engines/readout_weights.npz): a 1x1 map over the
+  fixations; training/fit_readout.py, weights in engines/readout_weights.npz): a 1x1 map over the
   multi-scale features of engines/readout.TAPS plus a learned quadratic centre bias, then
   exp(z - max), so it is in (0, 1] and peaks at 1 in every image. The CAM heads above only know
   ImageNet classes; this one learned that experts keep the sky over a sunset and viewers look

@@ -43,7 +43,7 @@ def prepare_heatmap(
     value (a broken model output carries no information) becomes flat, so the result is never
     NaN. ``smooth`` > 0 blurs the result with a Gaussian of that sigma in output cells (edges
     replicated, as scipy.ndimage's mode "nearest"): the bilinear map has creases at the CNN's
-    cell centres, and a window edge should not snap to them (bench/tune.py measures it).
+    cell centres, and a window edge should not snap to them (training/tune.py measures it).
     """
     src = _check_heat(heat)
     gh, gw = _check_shape(out_shape)

@@ -13,7 +13,7 @@ Score:
 
 ``inside`` is the heat in the window (the map is normalised to sum 1); a smaller window never
 holds more heat than some largest one, so zooming in only wins by avoiding a cut, or when
-``zoom_weight`` is negative, a reward for tighter windows (bench/tune.py measures that lever;
+``zoom_weight`` is negative, a reward for tighter windows (training/tune.py measures that lever;
 the service's settings keep the weight >= 0). ``cut`` sums, over the
 window edges not lying on the image border, the heat in a band of ``cut_band`` x the window's
 short side straddling the edge, in excess of what the band would hold on a flat map:
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import numpy as np
 from numba import njit
@@ -46,8 +47,50 @@ TIE_EPS = 1e-9
 
 
 @dataclass(frozen=True)
+class Bounds:
+    """The values a search knob may take: ``low`` to ``high``, both included unless
+    ``low_open``; finite; an int when ``integer``."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    integer: bool = False
+
+    def admits(self, value: object) -> bool:
+        if self.integer and not _is_int(value):
+            return False
+        if not _is_number(value):
+            return False
+        v = float(value)
+        if not math.isfinite(v):
+            return False
+        return (v > self.low if self.low_open else v >= self.low) and v <= self.high
+
+    def __str__(self) -> str:
+        kind = "an int" if self.integer else "a finite number"
+        if math.isinf(self.low) and math.isinf(self.high):
+            return kind
+        if math.isinf(self.high):
+            return f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+        return f"{kind} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+
+
+# What each knob of SearchParams may be: the one definition, checked by SearchParams and by
+# the service's settings (sidecar.settings, which adds its own policy: no zoom reward).
+KNOB_BOUNDS: dict[str, Bounds] = {
+    "min_scale": Bounds(0.0, 1.0, low_open=True),
+    "scales": Bounds(1, MAX_SCALES, integer=True),
+    "steps": Bounds(2, MAX_STEPS, integer=True),
+    "cut_weight": Bounds(0.0, math.inf),
+    "cut_band": Bounds(0.0, 0.5),
+    "zoom_weight": Bounds(-math.inf, math.inf),
+}
+
+
+@dataclass(frozen=True)
 class SearchParams:
-    """Search knobs; the defaults mirror sidecar.settings.KernelSettings."""
+    """Search knobs, within ``KNOB_BOUNDS``. The defaults are the service's too:
+    sidecar.settings.KernelSettings takes them from here."""
 
     min_scale: float = 1.0
     scales: int = 6
@@ -195,11 +238,11 @@ def _normalised(heat: np.ndarray) -> np.ndarray:
     return h / total
 
 
-def _is_int(v: object) -> bool:
+def _is_int(v: object) -> TypeGuard[int | np.integer]:
     return isinstance(v, int | np.integer) and not isinstance(v, bool)
 
 
-def _is_number(v: object) -> bool:
+def _is_number(v: object) -> TypeGuard[float | np.integer | np.floating]:
     return isinstance(v, int | float | np.integer | np.floating) and not isinstance(v, bool)
 
 
@@ -233,21 +276,10 @@ def _check_keep(keep: tuple[int, int, int, int] | None, width: int, height: int)
 
 
 def _check_params(p: SearchParams) -> None:
-    numbers = ("min_scale", "cut_weight", "cut_band", "zoom_weight")
-    for name in numbers:
+    for name, bounds in KNOB_BOUNDS.items():
         v = getattr(p, name)
-        if not _is_number(v) or not math.isfinite(v):
-            raise ValueError(f"SearchParams.{name} must be a finite number, got {v!r}")
-    if not 0.0 < p.min_scale <= 1.0:
-        raise ValueError(f"SearchParams.min_scale must be in (0, 1], got {p.min_scale!r}")
-    if not _is_int(p.scales) or not 1 <= p.scales <= MAX_SCALES:
-        raise ValueError(f"SearchParams.scales must be an int in [1, {MAX_SCALES}], got {p.scales}")
-    if not _is_int(p.steps) or not 2 <= p.steps <= MAX_STEPS:
-        raise ValueError(f"SearchParams.steps must be an int in [2, {MAX_STEPS}], got {p.steps}")
-    if p.cut_weight < 0.0:
-        raise ValueError("SearchParams.cut_weight must be >= 0")
-    if not 0.0 <= p.cut_band <= 0.5:
-        raise ValueError(f"SearchParams.cut_band must be in [0, 0.5], got {p.cut_band!r}")
+        if not bounds.admits(v):
+            raise ValueError(f"SearchParams.{name} must be {bounds}, got {v!r}")
 
 
 @njit(cache=True)

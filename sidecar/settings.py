@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kernels.window import KNOB_BOUNDS, SearchParams
+
 ENV_PREFIX = "HEATCROP_"
 CONFIG_ENV = "HEATCROP_CONFIG"
 
@@ -73,7 +75,7 @@ class EngineSettings:
     threads: int = 2
     # food | generic | auto (blend of both by the image's food probability) | readout (the
     # learned head) | learned (read-out + 15 % auto); the kernel defaults below were chosen
-    # with it by 5-fold cross-validation (bench/tune.py, bench/results/tune.md).
+    # with it by 5-fold cross-validation (training/tune.py, training/results/tune.md).
     profile: str = "learned"
 
     @property
@@ -82,18 +84,22 @@ class EngineSettings:
         return env_name("engine", "kind")
 
 
+# The window search's own defaults (kernels.window.SearchParams): written there only.
+_SEARCH = SearchParams()
+
+
 @dataclass(frozen=True)
 class KernelSettings:
-    min_scale: float = 1.0
-    scales: int = 6
-    steps: int = 64
+    min_scale: float = _SEARCH.min_scale
+    scales: int = _SEARCH.scales
+    steps: int = _SEARCH.steps
     upsample: int = 4
     # The learned profile carries its own centre bias and does not gain from a prior or a
     # confidence cut-off; a light blur and the edge-cut term are the cross-validated best
-    # (bench/results/tune.md).
-    cut_weight: float = 1.0
-    cut_band: float = 0.06
-    zoom_weight: float = 0.05
+    # (training/results/tune.md).
+    cut_weight: float = _SEARCH.cut_weight
+    cut_band: float = _SEARCH.cut_band
+    zoom_weight: float = _SEARCH.zoom_weight
     center_sigma: float = 0.3
     center_weight: float = 0.0
     gamma: float = 1.0
@@ -227,13 +233,11 @@ _RULES: tuple[tuple[str, str, typing.Callable[[Any], bool], str], ...] = (
         lambda v: v in ("food", "generic", "readout", "auto", "learned"),
         "must be food, generic, readout, auto or learned",
     ),
-    ("kernel", "min_scale", lambda v: 0.1 <= v <= 1.0, "must be in [0.1, 1]"),
-    ("kernel", "scales", lambda v: 1 <= v <= 64, "must be in [1, 64]"),
-    ("kernel", "steps", lambda v: 2 <= v <= 1024, "must be in [2, 1024]"),
-    ("kernel", "upsample", lambda v: 1 <= v <= 16, "must be in [1, 16]"),
-    ("kernel", "cut_weight", *_NONNEG),
-    ("kernel", "cut_band", lambda v: 0 <= v <= 0.25, "must be in [0, 0.25]"),
+    # The window search's knobs within the bounds the search defines (kernels.window).
+    *(("kernel", name, bounds.admits, f"must be {bounds}") for name, bounds in KNOB_BOUNDS.items()),
+    # The service's own policy on top: no reward for zooming in (training/tune.py measures it).
     ("kernel", "zoom_weight", *_NONNEG),
+    ("kernel", "upsample", lambda v: 1 <= v <= 16, "must be in [1, 16]"),
     ("kernel", "center_sigma", lambda v: 0 < v <= 10, "must be in (0, 10]"),
     ("kernel", "center_weight", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     ("kernel", "gamma", lambda v: 0.1 <= v <= 8, "must be in [0.1, 8]"),

@@ -179,7 +179,7 @@ def _random_params(rng: np.random.Generator) -> SearchParams:
         steps=int(rng.integers(2, 13)),
         cut_weight=float(rng.uniform(0.0, 2.0) if rng.random() < 0.6 else rng.uniform(2.0, 10.0)),
         cut_band=float(rng.uniform(0.0, 0.5)),
-        # negative: a reward for tighter windows, the lever bench/tune.py measures
+        # negative: a reward for tighter windows, the lever training/tune.py measures
         zoom_weight=float(rng.uniform(-0.5, 0.2)),
     )
 

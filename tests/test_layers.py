@@ -55,3 +55,36 @@ def test_the_service_raises_and_catches_the_engines_own_errors() -> None:
         "model not built",
         True,
     )
+
+
+def _imports(path: Path, package: str) -> set[str]:
+    """The package's modules that ``path`` imports at module level (not under TYPE_CHECKING)."""
+    import ast
+
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        found |= {n for n in names if n.split(".")[0] == package and n.count(".") == 1}
+    return found
+
+
+def test_the_service_has_no_import_circle() -> None:
+    modules = {f"sidecar.{p.stem}": p for p in (ROOT / "sidecar").glob("*.py")}
+    graph = {name: _imports(path, "sidecar") & set(modules) for name, path in modules.items()}
+    done: set[str] = set()
+
+    def visit(name: str, trail: tuple[str, ...]) -> None:
+        assert name not in trail, " -> ".join((*trail, name))
+        if name in done:
+            return
+        for other in sorted(graph[name]):
+            visit(other, (*trail, name))
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, ())
+    assert graph["sidecar.debug"] >= {"sidecar.routes"}  # raw_tail's home

@@ -191,3 +191,35 @@ def test_a_good_legacy_template_loads():
         "HEATCROP_LEGACY_TEMPLATE": "/c/{x0},{y0},{x1},{y1}/{w}x{h}/{path}|/p/{w}x{h}/{path}",
     }
     assert s.load(environ=env).legacy.dialect == "template"
+
+
+def test_kernel_defaults_are_the_window_search_defaults():
+    from kernels.window import KNOB_BOUNDS, SearchParams
+
+    kernel, search = s.KernelSettings(), SearchParams()
+    for name in KNOB_BOUNDS:
+        assert getattr(kernel, name) == getattr(search, name)
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "ok"),
+    [
+        ("HEATCROP_KERNEL_MIN_SCALE", "0.05", True),  # the search's (0, 1]
+        ("HEATCROP_KERNEL_MIN_SCALE", "0", False),
+        ("HEATCROP_KERNEL_CUT_BAND", "0.5", True),  # the search's [0, 0.5]
+        ("HEATCROP_KERNEL_CUT_BAND", "0.51", False),
+        ("HEATCROP_KERNEL_SCALES", "65", False),
+        ("HEATCROP_KERNEL_STEPS", "1", False),
+        ("HEATCROP_KERNEL_CUT_WEIGHT", "inf", False),
+        ("HEATCROP_KERNEL_ZOOM_WEIGHT", "-0.1", False),  # the service's own policy
+    ],
+)
+def test_kernel_bounds_are_the_window_search_bounds(var, value, ok):
+    from kernels.window import SearchParams
+
+    if ok:
+        kernel = s.load(environ={var: value}).kernel
+        SearchParams(**{n: getattr(kernel, n) for n in ("min_scale", "cut_band")})
+    else:
+        with pytest.raises(s.SettingsError, match=var):
+            s.load(environ={var: value})
