@@ -127,7 +127,7 @@ async def test_an_override_that_redis_cannot_take_is_refused_not_half_stored(
     assert await _crop(client, "100x300", "cat.jpg") == "override"
 
     redis_server.kill()
-    moved = await client.put("/override/cat.jpg", json={"box": [600, 400, 640, 430]}, headers=auth)
+    moved = await client.put("/override/cat.jpg", json={"box": [400, 250, 440, 290]}, headers=auth)
     assert moved.status == 503
     assert (await client.delete("/override/cat.jpg", headers=auth)).status == 503
     # Nothing changed here either: this sidecar still applies the override it had.
