@@ -9,7 +9,7 @@ import pytest
 
 from engines.export import export
 from engines.ort import OrtEngine
-from tests.redis_server import RedisServer
+from tests.support.redis_server import RedisServer
 
 
 @pytest.fixture(scope="session")
