@@ -37,9 +37,10 @@ def _pump(proc: subprocess.Popen[str], lines: list[str]) -> None:
         lines.append(line)
 
 
-def test_stack_prints_urls_serves_them_and_stops_on_sigterm(
+def _start_stack(
     tmp_path: Path, model_dir: Path
-) -> None:
+) -> tuple[subprocess.Popen[str], list[str], threading.Thread]:
+    """`python -m nginx.stack` on free ports, its output collected by a thread."""
     require_tools()
     env = {**os.environ, **sidecar_env(model_dir)}
     cmd = [sys.executable, "-m", "nginx.stack", "--images", str(tmp_path / "images")]
@@ -51,6 +52,13 @@ def test_stack_prints_urls_serves_them_and_stops_on_sigterm(
     lines: list[str] = []
     reader = threading.Thread(target=_pump, args=(proc, lines), daemon=True)
     reader.start()
+    return proc, lines, reader
+
+
+def test_stack_prints_urls_serves_them_and_stops_on_sigterm(
+    tmp_path: Path, model_dir: Path
+) -> None:
+    proc, lines, reader = _start_stack(tmp_path, model_dir)
     try:
         text = _read_until(proc, lines, "  logs")
         public = re.search(r"public\s+(http://\S+)", text)
@@ -86,17 +94,7 @@ def test_stack_prints_urls_serves_them_and_stops_on_sigterm(
 def test_a_killed_sidecar_is_restarted_while_nginx_serves_the_legacy_crop(
     tmp_path: Path, model_dir: Path
 ) -> None:
-    require_tools()
-    env = {**os.environ, **sidecar_env(model_dir)}
-    cmd = [sys.executable, "-m", "nginx.stack", "--images", str(tmp_path / "images")]
-    cmd += ["--workdir", str(tmp_path / "run"), "--port", "0", "--admin-port", "0"]
-    cmd += ["--sidecar-port", "0", "--thumbor-port", "0", "--sidecar-timeout-ms", "3000"]
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    lines: list[str] = []
-    reader = threading.Thread(target=_pump, args=(proc, lines), daemon=True)
-    reader.start()
+    proc, lines, reader = _start_stack(tmp_path, model_dir)
     try:
         text = _read_until(proc, lines, "  pids")
         public = re.search(r"public\s+(http://\S+)", text)
