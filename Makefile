@@ -25,8 +25,10 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # The ONNX graph is written from the shipped weights; its file name carries a content hash.
+# Its INT8 twin is quantized with the committed ranges (engines/int8_calibration.json).
 model: $(STAMP)
 	$(BIN)/python -m engines.export --out $(MODEL_DIR)
+	$(BIN)/python -m engines.quantize build --model-dir $(MODEL_DIR)
 
 # Thumbor, the legacy image server of `make run` and the edge tests, in its own environment:
 # it needs Pillow < 13 and .venv has 13. Exact pins: pyproject.toml's `legacy` extra.

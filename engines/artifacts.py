@@ -14,6 +14,7 @@ from pathlib import Path
 
 MODEL_STEM = "heatcrop-lite0"
 MANIFEST_NAME = "model.json"
+INT8_MANIFEST_NAME = "model-int8.json"
 # Hash characters in file names, engine versions and messages.
 HASH_CHARS = 12
 
@@ -24,6 +25,10 @@ def sha256_hex(data: bytes) -> str:
 
 def model_file_name(digest: str) -> str:
     return f"{MODEL_STEM}-{digest[:HASH_CHARS]}.onnx"
+
+
+def int8_file_name(digest: str) -> str:
+    return f"{MODEL_STEM}-int8-{digest[:HASH_CHARS]}.onnx"
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -21,7 +21,7 @@ from typing import Protocol
 from engines import buckets
 from engines.artifacts import HASH_CHARS
 from engines.base import Engine
-from engines.errors import EngineError
+from engines.errors import EngineError, ModelNotBuilt
 from engines.plans import (
     BUILD_HINT,
     Machine,
@@ -57,6 +57,9 @@ class EngineConfig(Protocol):
     def trt_precision(self) -> str: ...  # fp16 | int8 | fp32
 
     @property
+    def ort_precision(self) -> str: ...  # int8 | fp32
+
+    @property
     def threads(self) -> int: ...
 
     @property
@@ -72,6 +75,7 @@ class EngineOptions:
     plan_dir: str
     trt_precision: str
     threads: int
+    ort_precision: str = "fp32"
     kind_var: str = "kind"
 
 
@@ -142,17 +146,46 @@ def load_engine(
                 log.warning("TensorRT failed unexpectedly; using ONNX Runtime", exc_info=True)
             first_line = (str(exc).splitlines() or ["?"])[0]
             reason = f"TensorRT plan {choice.plan.plan_file} failed to load: {first_line}"
-    engine: Engine = OrtEngine(model, threads=settings.threads)
-    log.info(
-        "engine: ONNX Runtime (%s threads), model %s (kind=%s): %s",
-        settings.threads,
-        model.name,
-        settings.kind,
-        reason,
-    )
+    graph, precision, why_fp32 = ort_graph(settings, model_dir, model, digest)
+    engine: Engine = OrtEngine(graph, threads=settings.threads)
+    if why_fp32:
+        # The operator asked for INT8 and gets FP32: say so once, loudly enough to be seen.
+        log.warning(
+            "engine: ONNX Runtime FP32 instead of INT8 (%s), model %s: %s",
+            why_fp32,
+            graph.name,
+            reason,
+        )
+    else:
+        log.info(
+            "engine: ONNX Runtime %s (%s threads), model %s (kind=%s): %s",
+            precision.upper(),
+            settings.threads,
+            graph.name,
+            settings.kind,
+            reason,
+        )
     if warm:
         engine.warm_up()
     return engine
+
+
+def ort_graph(
+    settings: EngineConfig, model_dir: Path, fp32: Path, fp32_sha256: str
+) -> tuple[Path, str, str]:
+    """(graph, precision, why FP32 although INT8 was asked for, or "") for ONNX Runtime.
+
+    A missing or stale INT8 graph is not fatal: the FP32 graph gives the same boxes within
+    the measured agreement (bench/int8.py), only slower.
+    """
+    from engines.model import find_int8_model
+
+    if settings.ort_precision != "int8":
+        return fp32, "fp32", ""
+    try:
+        return find_int8_model(model_dir, fp32_sha256), "int8", ""
+    except ModelNotBuilt as exc:
+        return fp32, "fp32", str(exc)
 
 
 def _load_trt(plan: PlanManifest, machine: Machine, digest: str, kind: str, warm: bool) -> Engine:

@@ -72,6 +72,10 @@ class EngineSettings:
     plan_dir: str = "build/engines"
     # Which TensorRT plan to load (fp16 | int8 | fp32): the precision it was built with.
     trt_precision: str = "fp16"
+    # Which ONNX Runtime graph to load (int8 | fp32). int8 is the statically quantized graph
+    # (engines/quantize.py); when it is missing or was built from another FP32 model, the
+    # FP32 graph serves and one log line says why.
+    ort_precision: str = "fp32"
     threads: int = 2
     # food | generic | auto (blend of both by the image's food probability) | readout (the
     # learned head) | learned (read-out + 15 % auto); the kernel defaults below were chosen
@@ -226,6 +230,7 @@ _RULES: tuple[tuple[str, str, typing.Callable[[Any], bool], str], ...] = (
         lambda v: v in ("fp16", "int8", "fp32"),
         "must be fp16, int8 or fp32",
     ),
+    ("engine", "ort_precision", lambda v: v in ("int8", "fp32"), "must be int8 or fp32"),
     ("engine", "threads", *_POS),
     (
         "engine",
