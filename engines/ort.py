@@ -8,12 +8,20 @@ on an idle machine spinning gains little (5.3 vs 6.0 ms/image), but with one cor
 elsewhere (decoding, the event loop) a spinning worker fights it for the core and inference
 slows to ~17 ms/image against ~10 ms without spinning. ``spin=True`` is for a box that does
 nothing but inference.
+
+A single image runs on one session of ``threads`` intra-op threads (the lowest latency); a
+batch of several is split over ``threads`` sessions of one thread each, run side by side.
+ONNX Runtime spreads one small image poorly over threads: two 1-thread sessions in parallel
+answer 254 INT8 (126 FP32) photos/s on the 2-core box against 153 (88) for one 2-thread
+session (bench/results/cold_path.md). The outputs are the same bits whatever the thread
+count (checked in tests/engines/test_ort_engine.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +48,25 @@ def _session_options(threads: int, spin: bool) -> ort.SessionOptions:
     return options
 
 
+# Sessions a batch is split over at most: past a few, the parts get too small to pay.
+MAX_PARTS = 4
+
+
+def _open(data: bytes, threads: int, spin: bool) -> ort.InferenceSession:
+    return ort.InferenceSession(
+        data, sess_options=_session_options(threads, spin), providers=["CPUExecutionProvider"]
+    )
+
+
+def _run(
+    session: ort.InferenceSession, image: npt.NDArray[np.uint8]
+) -> tuple[npt.NDArray[np.float32], ...]:
+    try:
+        return tuple(session.run(list(OUTPUT_NAMES), {INPUT_NAME: image}))
+    except Exception as exc:  # ORT raises its own exception types for any failure
+        raise EngineError(f"ONNX Runtime inference failed: {exc}") from exc
+
+
 class OrtEngine:
     """The heatmap model on ONNX Runtime's CPU provider."""
 
@@ -62,8 +89,12 @@ class OrtEngine:
             if h % buckets.STRIDE or w % buckets.STRIDE or h <= 0 or w <= 0:
                 raise ValueError(f"shape bucket {h}x{w} is not a positive multiple of 32")
         self.threads = threads
-        self._session: ort.InferenceSession | None = ort.InferenceSession(
-            data, sess_options=_session_options(threads, spin), providers=["CPUExecutionProvider"]
+        self._session: ort.InferenceSession | None = _open(data, threads, spin)
+        # Sessions for the parts of a batch; the first part runs on the calling thread.
+        parts = min(threads, MAX_PARTS) if threads > 1 else 0
+        self._parts = [_open(data, 1, spin) for _ in range(parts)]
+        self._pool = (
+            ThreadPoolExecutor(parts - 1, thread_name_prefix="heatcrop-ort") if parts else None
         )
 
     @property
@@ -75,18 +106,27 @@ class OrtEngine:
         return self._shapes
 
     def warm_up(self) -> None:
+        sizes = (1, len(self._parts)) if self._parts else (1,)
         for h, w in self._shapes:
-            self.infer(np.zeros((1, h, w, 3), dtype=np.uint8))
+            for n in sizes:
+                self.infer(np.zeros((n, h, w, 3), dtype=np.uint8))
 
     def infer(self, batch: npt.NDArray[np.uint8]) -> HeatmapBatch:
         image = prepare_batch(batch, self._shapes)
-        session = self._session
+        session, pool = self._session, self._pool
         if session is None:
             raise EngineError("ONNX Runtime engine used after close()")
-        try:
-            heatmaps, food_mass, logits = session.run(list(OUTPUT_NAMES), {INPUT_NAME: image})
-        except Exception as exc:  # ORT raises its own exception types for any failure
-            raise EngineError(f"ONNX Runtime inference failed: {exc}") from exc
+        if image.shape[0] == 1 or pool is None:
+            heatmaps, food_mass, logits = _run(session, image)
+        else:
+            parts = np.array_split(image, min(len(self._parts), image.shape[0]))
+            rest = [
+                pool.submit(_run, s, part)
+                for s, part in zip(self._parts[1:], parts[1:], strict=False)
+            ]
+            first = _run(self._parts[0], parts[0])
+            outs = [first, *(f.result() for f in rest)]
+            heatmaps, food_mass, logits = (np.concatenate(o) for o in zip(*outs, strict=True))
         n, (h, w) = image.shape[0], buckets.heatmap_shape(image.shape[1:3])
         if heatmaps.shape != (n, len(PROFILES), h, w) or logits.shape[0] != n:
             raise EngineError(f"unexpected output shapes {heatmaps.shape}, {logits.shape}")
@@ -99,3 +139,7 @@ class OrtEngine:
 
     def close(self) -> None:
         self._session = None
+        self._parts = []
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None

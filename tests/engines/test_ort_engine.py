@@ -160,3 +160,22 @@ def test_closed_engine_refuses(model_path):
 def test_missing_model_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         OrtEngine(tmp_path / "absent.onnx")
+
+
+def test_split_batches_give_each_image_what_one_session_gives(engine, model_path):
+    # threads=3: a batch of 5 runs as parts of 2, 2 and 1 on three 1-thread sessions.
+    split = OrtEngine(model_path, threads=3, shapes=[(224, 224)])
+    try:
+        batch = _noise(5, 224, 224, seed=3)
+        whole = split.infer(batch)
+        for part in (batch[:2], batch[2:4], batch[4:]):
+            alone = engine.infer(part)
+            at = next(i for i in range(0, 5, 2) if np.array_equal(batch[i], part[0]))
+            assert np.array_equal(whole.heatmaps[at : at + len(part)], alone.heatmaps)
+            assert np.array_equal(whole.logits[at : at + len(part)], alone.logits)
+        # One image runs on the 3-thread session: the same bits as on one thread.
+        assert np.array_equal(split.infer(batch[:1]).heatmaps, engine.infer(batch[:1]).heatmaps)
+    finally:
+        split.close()
+    with pytest.raises(EngineError, match="after close"):
+        split.infer(batch[:2])
