@@ -150,6 +150,22 @@ def fixations_kept(crop: Box, fixations_xy: npt.NDArray[np.float64]) -> float:
     return float(inside.mean())
 
 
+# A crop slices a face when it keeps more than this and less than SLICE_HIGH of the face box's
+# area (../shared/eval/README.md, faces); the window search's face rule uses the same bounds.
+SLICE_LOW = 0.1
+SLICE_HIGH = 0.9
+
+
+def face_sliced(crop: Box, faces: Sequence[Box]) -> bool:
+    """Some face box keeps between 10 % and 90 % of its area inside the crop."""
+    for face in faces:
+        if face.area > 0:
+            kept = face.intersect(crop).area / face.area
+            if SLICE_LOW < kept < SLICE_HIGH:
+                return True
+    return False
+
+
 # --- evaluation sets ------------------------------------------------------------------------
 
 DEFAULT_SETS: tuple[str, ...] = ("fcdb_dev", "food_dev", "saliency_dev")
@@ -169,6 +185,9 @@ class EvalItem:
     fixations: npt.NDArray[np.float64] = field(
         default_factory=lambda: np.zeros((0, 3)), compare=False
     )
+    # Hand-labelled faces that count for slicing (frontal or profile, not `back`); the
+    # manifest's `faces` (crowd_train), empty elsewhere.
+    faces: tuple[Box, ...] = field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
@@ -218,6 +237,10 @@ def _score_saliency(item: EvalItem, box: Box) -> dict[str, float]:
     return {"fix": fixations_kept(box, item.fixations)}
 
 
+def _score_saliency_faces(item: EvalItem, box: Box) -> dict[str, float]:
+    return {**_score_saliency(item, box), "sliced": float(face_sliced(box, item.faces))}
+
+
 PROTOCOLS: dict[str, Protocol] = {
     "crop": Protocol(
         kind="crop",
@@ -246,6 +269,17 @@ PROTOCOLS: dict[str, Protocol] = {
         legend="fixations: share of eye fixations inside the crop, each subject's first "
         "fixation left out.",
     ),
+    # A saliency set whose manifest labels faces (crowd_train): the same, plus faces sliced.
+    "saliency-faces": Protocol(
+        kind="saliency",
+        metrics=(Metric("fix", "fixations", True), Metric("sliced", "faces sliced", False)),
+        aspect_labels=tuple(ASPECTS),
+        aspects=_fixed_aspects,
+        score=_score_saliency_faces,
+        legend="fixations: share of eye fixations inside the crop, each subject's first "
+        "fixation left out; faces sliced: share of crops that keep between 10 % and 90 % of "
+        "some labelled frontal or profile face (faces seen from the back do not count).",
+    ),
 }
 
 
@@ -259,7 +293,10 @@ def load_set(eval_dir: str | Path, name: str, limit: int | None = None) -> EvalS
     if len(kinds) != 1 or kinds[0] not in PROTOCOLS:
         raise ValueError(f"{name}: expected one known kind per set, got {kinds}")
     items = tuple(_item(root, e) for e in entries)
-    return EvalSet(name=name, protocol=PROTOCOLS[kinds[0]], items=items)
+    protocol = kinds[0]
+    if protocol == "saliency" and any("faces" in e for e in entries):
+        protocol = "saliency-faces"
+    return EvalSet(name=name, protocol=PROTOCOLS[protocol], items=items)
 
 
 def _item(root: Path, entry: dict[str, Any]) -> EvalItem:
@@ -271,6 +308,11 @@ def _item(root: Path, entry: dict[str, Any]) -> EvalItem:
     fixations = np.zeros((0, 3))
     if raw:
         fixations = drop_first_fixations(np.asarray(raw, dtype=np.float64).reshape(-1, 3))
+    faces = tuple(
+        Box.of(f["box"])
+        for f in entry.get("faces", ())
+        if not f.get("back") and (f.get("frontal") or f.get("profile"))
+    )
     return EvalItem(
         name=entry["image"],
         path=root / "images" / entry["image"],
@@ -278,6 +320,7 @@ def _item(root: Path, entry: dict[str, Any]) -> EvalItem:
         height=height,
         boxes=boxes,
         fixations=fixations,
+        faces=faces,
     )
 
 

@@ -178,3 +178,67 @@ def best_window(
         y = min(max(math.floor((keep[1] + keep[3] - ch) / 2), 0), height - ch)
         return (x, y, x + cw, y + ch), score(heat, width, height, x, y, cw, ch, 1.0, params), center
     return best[2], best[0], center
+
+
+def face_kept(face, box) -> float:
+    """Share of a face box's area inside box, by the rectangles' own overlap."""
+    fx0, fy0, fx1, fy1 = (float(v) for v in face[:4])
+    ox = max(0.0, min(fx1, box[2]) - max(fx0, box[0]))
+    oy = max(0.0, min(fy1, box[3]) - max(fy0, box[1]))
+    return ox * oy / ((fx1 - fx0) * (fy1 - fy0))
+
+
+def best_window_faces(
+    heat: np.ndarray, width: int, height: int, aspect: float, params, faces, keep=None,
+    face_weight: float = 0.0,
+) -> tuple[tuple[int, int, int, int], float, int]:
+    """(box, score, faces sliced): every candidate of the spec, the face rule's order."""
+    heat = np.asarray(heat, dtype=np.float64)
+    total = heat.sum()
+    heat = heat / total if total > 0 else np.full(heat.shape, 1.0 / heat.size)
+    faces = [f for f in faces]
+    scales = scale_list(params.min_scale, params.scales)
+    sizes = [window_size(width, height, aspect, s) for s in scales]
+    best = None  # (sliced, value, d2, box, score)
+    for s, (cw, ch) in zip(scales, sizes, strict=True):
+        lox, hix, loy, hiy = 0, width - cw, 0, height - ch
+        if keep is not None:
+            lox, hix = max(lox, keep[2] - cw), min(hix, keep[0])
+            loy, hiy = max(loy, keep[3] - ch), min(hiy, keep[1])
+            if lox > hix or loy > hiy:
+                continue
+        xs = set(offsets(width - cw, params.steps, lox, hix))
+        ys = set(offsets(height - ch, params.steps, loy, hiy))
+        for f in faces:
+            for v in (math.floor(f[0]), math.ceil(f[2]) - cw, math.ceil(f[2]), math.floor(f[0]) - cw):
+                if lox <= v <= hix:
+                    xs.add(v)
+            for v in (math.floor(f[1]), math.ceil(f[3]) - ch, math.ceil(f[3]), math.floor(f[1]) - ch):
+                if loy <= v <= hiy:
+                    ys.add(v)
+        for y in sorted(ys):
+            for x in sorted(xs):
+                box = (x, y, x + cw, y + ch)
+                shares = [face_kept(f, box) for f in faces]
+                sliced = sum(1 for v in shares if 0.1 < v < 0.9)
+                kept = sum(1 for v in shares if v >= 0.9)
+                sc = score(heat, width, height, x, y, cw, ch, s, params)
+                v = sc + (face_weight * kept / len(faces) if faces else 0.0)
+                d2 = (2 * x + cw - width) ** 2 + (2 * y + ch - height) ** 2
+                if (
+                    best is None
+                    or sliced < best[0]
+                    or (
+                        sliced == best[0]
+                        and (v > best[1] + TIE_EPS or (abs(v - best[1]) <= TIE_EPS and d2 < best[2]))
+                    )
+                ):
+                    best = (sliced, v, d2, box, sc)
+    if best is None:
+        cw, ch = sizes[0]
+        x = min(max(math.floor((keep[0] + keep[2] - cw) / 2), 0), width - cw)
+        y = min(max(math.floor((keep[1] + keep[3] - ch) / 2), 0), height - ch)
+        box = (x, y, x + cw, y + ch)
+        sliced = sum(1 for f in faces if 0.1 < face_kept(f, box) < 0.9)
+        return box, score(heat, width, height, x, y, cw, ch, 1.0, params), sliced
+    return best[3], best[4], best[0]
