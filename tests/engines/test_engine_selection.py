@@ -129,7 +129,7 @@ def test_load_auto_without_tensorrt_logs_one_line(model_dir, tmp_path, caplog, m
     (record,) = caplog.records
     message = record.getMessage()
     assert "\n" not in message
-    assert message.startswith("engine: ONNX Runtime (1 threads)")
+    assert message.startswith("engine: ONNX Runtime INT8 (1 threads)")
     assert "(kind=auto): TensorRT not used: no TensorRT (TensorRT not importable" in message
 
 

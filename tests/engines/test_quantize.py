@@ -126,11 +126,14 @@ def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def test_missing_int8_graph_serves_fp32_with_one_log_line(
-    model_dir: Path, caplog: pytest.LogCaptureFixture
+    int8_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    fp32_only = tmp_path / "model"
+    shutil.copytree(int8_dir, fp32_only)
+    (fp32_only / INT8_MANIFEST_NAME).unlink()
     caplog.set_level(logging.INFO, logger="heatcrop.engine")
-    engine = load_engine(_options(model_dir, "int8"), warm=False)
-    assert engine.version == OrtEngine(find_model(model_dir), threads=1).version
+    engine = load_engine(_options(fp32_only, "int8"), warm=False)
+    assert engine.version == OrtEngine(find_model(fp32_only), threads=1).version
     lines = _warnings(caplog)
     assert len(lines) == 1 and "FP32 instead of INT8" in lines[0], lines
     assert "no model-int8.json" in lines[0] and "make model" in lines[0]
