@@ -201,6 +201,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         metrics=app[METRICS],
     )
     yield
+    await svc.cancel_cold()
     await svc.drain_writes(WRITES_DRAIN_S)
 
 

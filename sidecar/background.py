@@ -27,8 +27,8 @@ log = logging.getLogger("heatcrop.pipeline")
 MAX_PENDING = 1024
 
 
-def finish_in_background(svc: Services, decoded: Decoded, key: str) -> None:
-    """Queue ``decoded`` for a background heatmap, stored under ``key``; nothing if refused."""
+def finish_in_background(svc: Services, decoded: Decoded, key: str) -> bool:
+    """Queue ``decoded`` for a background heatmap, stored under ``key``; False if refused."""
     pixels: npt.NDArray[np.uint8] = decoded.pixels
     pending = Pending(decoded, asyncio.get_running_loop().create_future())
 
@@ -50,10 +50,11 @@ def finish_in_background(svc: Services, decoded: Decoded, key: str) -> None:
 
     if not svc.batcher.submit_background(pixels, store, settle):
         log.debug("background heatmap refused for %s", key)
-        return
+        return False
     svc.background[key] = pending
     while len(svc.background) > MAX_PENDING:  # a bound, should failures go unreported
         svc.background.pop(next(iter(svc.background)))
+    return True
 
 
 def _log_failure(task: asyncio.Future[bool]) -> None:

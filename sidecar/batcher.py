@@ -395,6 +395,13 @@ class Batcher:
         self._wake()
         return True
 
+    def takes_background(self, coming: int = 0) -> bool:
+        """Whether ``submit_background`` would take an image now with ``coming`` more on their
+        way: for not preparing (decoding) one that would be refused."""
+        if self._closed or self._depth > 0:
+            return False
+        return len(self._background) + coming < self.max_background
+
     def withdraw_background(self, pixels: npt.NDArray[np.uint8]) -> bool | None:
         """Take back the queued background image ``pixels`` (the same array object).
 

@@ -9,7 +9,9 @@ it is no defence against a hostile writer, which is what the field checks are fo
 Layouts (little-endian):
 
 analysis: b"HCAN" | u8 version | u32 width | u32 height | f64 food_mass | u8 n | model_version
-          (n bytes UTF-8) | u8 channels | u8 h | u8 w | channels*h*w float16 | u32 crc32
+          (n bytes UTF-8) | u8 channels | u8 h | u8 w | channels*h*w float16 |
+          (version 2) u16 f | f*5 float32 faces (x0, y0, x1, y1, score) | u32 crc32
+          Version 1 (no faces) is still read, as an analysis without faces.
 box:      b"HCBX" | u8 version | u32 x0 | u32 y0 | u32 x1 | u32 y1 | f64 confidence | u16 n |
           path (n bytes UTF-8) | u32 crc32
 
@@ -31,6 +33,10 @@ from sidecar.core import Analysis
 ANALYSIS_MAGIC = b"HCAN"
 BOX_MAGIC = b"HCBX"
 VERSION = 1
+# Analyses gained the faces block in version 2; version 1 analyses still decode.
+ANALYSIS_VERSION = 2
+ANALYSIS_VERSIONS = (1, 2)
+MAX_FACES = 1024
 
 MAX_SIDE = 1_000_000  # original width/height and box coordinates
 MAX_MODEL_VERSION = 128  # bytes of UTF-8
@@ -46,6 +52,8 @@ _BOX_HEAD = struct.Struct("<IIIId")
 _U16 = struct.Struct("<H")
 _CRC = struct.Struct("<I")
 _F16 = np.dtype("<f2")
+_F32 = np.dtype("<f4")
+_FACE_FIELDS = 5
 
 
 class CodecError(ValueError):
@@ -71,21 +79,33 @@ def encode_analysis(a: Analysis) -> bytes:
         data = maps.astype(_F16)
     if not np.isfinite(data).all():
         raise CodecError("heatmaps hold non-finite values")
+    faces = _checked_faces(np.asarray(a.faces, dtype=_F32).reshape(-1, _FACE_FIELDS))
     body = b"".join(
         (
-            _PREFIX.pack(ANALYSIS_MAGIC, VERSION),
+            _PREFIX.pack(ANALYSIS_MAGIC, ANALYSIS_VERSION),
             _ANALYSIS_HEAD.pack(a.width, a.height, float(a.food_mass)),
             _U8.pack(len(version)),
             version,
             _SHAPE.pack(channels, h, w),
             data.tobytes(),
+            _U16.pack(len(faces)),
+            faces.tobytes(),
         )
     )
     return body + _CRC.pack(zlib.crc32(body))
 
 
+def _checked_faces(faces: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    if len(faces) > MAX_FACES:
+        raise CodecError(f"{len(faces)} faces, more than {MAX_FACES}")
+    if not np.isfinite(faces).all():
+        raise CodecError("faces hold non-finite values")
+    return faces
+
+
 def decode_analysis(b: bytes) -> Analysis:
-    r = _Reader(_checked_body(b, ANALYSIS_MAGIC))
+    body, version = _checked_body_version(b, ANALYSIS_MAGIC, ANALYSIS_VERSIONS)
+    r = _Reader(body)
     width, height, food_mass = r.unpack(_ANALYSIS_HEAD)
     _check_size(width, height)
     _check_finite("food_mass", food_mass)
@@ -93,9 +113,20 @@ def decode_analysis(b: bytes) -> Analysis:
     channels, h, w = r.unpack(_SHAPE)
     _check_shape(channels, h, w)
     maps = _float16_maps(r.take(channels * h * w * _F16.itemsize), (channels, h, w))
+    faces = np.zeros((0, _FACE_FIELDS), dtype=np.float32)
+    if version >= 2:
+        (n,) = r.unpack(_U16)
+        raw = r.take(n * _FACE_FIELDS * _F32.itemsize)
+        faces = _checked_faces(np.frombuffer(raw, dtype=_F32).reshape(n, _FACE_FIELDS))
+        faces = faces.astype(np.float32)
     r.end()
     return Analysis(
-        width=width, height=height, heatmaps=maps, food_mass=food_mass, model_version=model_version
+        width=width,
+        height=height,
+        heatmaps=maps,
+        food_mass=food_mass,
+        model_version=model_version,
+        faces=faces,
     )
 
 
@@ -159,6 +190,13 @@ class _Reader:
 
 def _checked_body(b: bytes, magic: bytes) -> memoryview:
     """The bytes between prefix and checksum, once type, magic, version and CRC are right."""
+    return _checked_body_version(b, magic, (VERSION,))[0]
+
+
+def _checked_body_version(
+    b: bytes, magic: bytes, versions: tuple[int, ...]
+) -> tuple[memoryview, int]:
+    """``_checked_body`` for a record with several readable versions; also the version."""
     if not isinstance(b, bytes | bytearray | memoryview):
         raise CodecError(f"expected bytes, got {type(b).__name__}")
     view = memoryview(b).cast("B")
@@ -167,12 +205,12 @@ def _checked_body(b: bytes, magic: bytes) -> memoryview:
     found, version = _PREFIX.unpack(view[: _PREFIX.size])
     if found != magic:
         raise CodecError(f"bad magic {bytes(found)!r}, expected {magic!r}")
-    if version != VERSION:
+    if version not in versions:
         raise CodecError(f"unsupported version {version}")
     (crc,) = _CRC.unpack(view[-_CRC.size :])
     if zlib.crc32(view[: -_CRC.size]) != crc:
         raise CodecError("checksum mismatch")
-    return view[_PREFIX.size : -_CRC.size]
+    return view[_PREFIX.size : -_CRC.size], version
 
 
 def _float16_maps(raw: memoryview, shape: tuple[int, int, int]) -> npt.NDArray[np.float16]:

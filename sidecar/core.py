@@ -14,6 +14,8 @@ import numpy as np
 import numpy.typing as npt
 
 from engines.base import PROFILES, Engine
+from engines.faces import BOX_FIELDS, HeadBox
+from kernels.faces import best_window_faces
 from kernels.heat import prepare_heatmap
 from kernels.window import CropBox, SearchParams, best_window, center_box
 from sidecar.decode import Decoded, decode
@@ -30,9 +32,16 @@ class Analysis:
     food_mass: float
     model_version: str
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # Faces found in the original (engines/faces.py): [N, 5] x0, y0, x1, y1, score in original
+    # pixels; empty when the detector is off or found none. Cached with the heatmaps.
+    faces: npt.NDArray[np.float32] = field(default_factory=lambda: no_faces())
 
     def raw(self, profile: str) -> npt.NDArray[np.float32]:
         return self.heatmaps[PROFILES.index(profile)].astype(np.float32)
+
+
+def no_faces() -> npt.NDArray[np.float32]:
+    return np.zeros((0, BOX_FIELDS), dtype=np.float32)
 
 
 def make_analysis(
@@ -41,6 +50,7 @@ def make_analysis(
     food_mass: float,
     model_version: str,
     timings_ms: dict[str, float] | None = None,
+    faces: npt.NDArray[np.float32] | None = None,
 ) -> Analysis:
     """The Analysis of a decoded original from the engine's output for it (one image's
     ``[len(PROFILES), h, w]`` maps and food mass): the one place that builds it, for the
@@ -52,6 +62,9 @@ def make_analysis(
         food_mass=float(food_mass),
         model_version=model_version,
         timings_ms={} if timings_ms is None else timings_ms,
+        faces=no_faces()
+        if faces is None
+        else np.asarray(faces, np.float32).reshape(-1, BOX_FIELDS),
     )
 
 
@@ -68,6 +81,8 @@ class CropCore:
         self.source = source
         self.profile = profile
         self.params = search_params(kernel)
+        # Detector boxes -> head boxes for the face rule (the constants fitted on crowd_train).
+        self.head_box = HeadBox()
         # Part of every box key: boxes found with other search settings are not reused.
         what = repr((profile, CAM_SHARE, kernel))
         self.search_version = hashlib.sha1(what.encode()).hexdigest()[:10]
@@ -103,8 +118,18 @@ class CropCore:
         aspect: float,
         profile: str | None = None,
         keep: tuple[int, int, int, int] | None = None,
+        head_box: HeadBox | None = None,
     ) -> CropBox:
+        """The best window; with ``kernel.faces`` and faces in the analysis, by the face rule
+        (kernels/faces.py) on their head boxes (``head_box``, default ``self.head_box``)."""
         heat = self.prepared(analysis, profile)
+        if self.kernel.faces and len(analysis.faces):
+            heads = (head_box or self.head_box).apply(analysis.faces)
+            box, _ = best_window_faces(
+                heat, analysis.width, analysis.height, aspect, self.params, heads, keep,
+                self.kernel.face_weight,
+            )  # fmt: skip
+            return box
         return best_window(heat, analysis.width, analysis.height, aspect, self.params, keep=keep)
 
     def is_confident(self, box: CropBox) -> bool:

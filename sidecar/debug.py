@@ -129,7 +129,7 @@ async def inspect(request: web.Request, svc: Services, size: Size, path: str) ->
     """Fetch, heatmap (cache or analysis in the pool), then /crop's own box for ``size``."""
     loop = asyncio.get_running_loop()
     original = await svc.source.fetch(path, budget_s=DEBUG_DEADLINE_S)
-    key = heatmap_key(original.identity, svc.engine.version)
+    key = heatmap_key(original.identity, svc.heat_version)
     flights: SingleFlight[Analysis] = request.app[DEBUG_FLIGHTS]
     analysis = await flights.run(
         _FLIGHT_PREFIX + key, partial(_cached_or_analysed, svc, original.data, key)

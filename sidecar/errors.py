@@ -98,3 +98,12 @@ class Overloaded(HeatcropError):
     status = 503
     public_message = "overloaded"
     fallback = True
+
+
+class ColdStart(HeatcropError):
+    """``server.cold_policy = "legacy"``: no heatmap of this original is cached, so the answer is
+    the legacy crop now and the heatmap is made in the background (sidecar/step_cold.py)."""
+
+    status = 503
+    public_message = "heatmap not ready"
+    fallback = True

@@ -128,6 +128,8 @@ class Services:
     flights: SingleFlight[tuple[str, Analysis]] = field(default_factory=SingleFlight)
     identities: IdentityMemo = field(default_factory=IdentityMemo)
     background: dict[str, Pending] = field(default_factory=dict)  # by heatmap key
+    # cold_policy "legacy": background decodes on their way to ``background``, by heatmap key.
+    cold: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     # Fire-and-forget cache writes: the loop keeps only weak references to tasks, so these
     # hold them until done; the services' clean-up waits for them before the caches close.
     writes: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -139,6 +141,13 @@ class Services:
         self.writes.add(task)
         task.add_done_callback(self.writes.discard)
         task.add_done_callback(on_done)
+
+    async def cancel_cold(self) -> None:
+        """Stop the background decodes of cold answers (at shutdown: nobody waits for them)."""
+        tasks = list(self.cold.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def drain_writes(self, timeout_s: float) -> None:
         """Let pending cache writes finish (a Redis write is bounded by its own timeout);

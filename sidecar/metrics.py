@@ -305,7 +305,16 @@ def _exposed_names(metric: _Metric) -> tuple[str, ...]:
 
 
 # Label value sets of the service's metrics.
-OUTCOMES = ("smart", "override", "cached", "low-confidence", "giveup", "error", "no-crop")
+OUTCOMES = (
+    "smart",
+    "override",
+    "cached",
+    "low-confidence",
+    "giveup",
+    "error",
+    "no-crop",
+    "cold",
+)
 STAGES = ("fetch", "decode", "queue", "infer", "search", "total")
 CACHES = ("heatmap", "box")
 CACHE_RESULTS = ("hit", "miss")
@@ -313,6 +322,10 @@ CACHE_RESULTS = ("hit", "miss")
 # expired: the deadline passed while queued; shutdown: refused or dropped by close();
 # deadline: the request's budget ran out elsewhere (fetch, decode), recorded by the pipeline.
 GIVEUP_REASONS = ("admission", "queue-full", "expired", "shutdown", "deadline")
+# cold_policy = "legacy", what became of each cold answer's background heatmap: queued (decoded
+# and in the batcher's background queue), already (its decode or heatmap was under way), refused
+# (decode pool or background queue full: a later request tries again), failed (decode failed).
+COLD_RESULTS = ("queued", "already", "refused", "failed")
 # 0.1 ms (a cache hit) up to 2 s (a slow source); denser where the 200 ms p95 budget is decided,
 # and 10 ms apart around the sidecar's own default budget (120 ms) to tell whether p99 meets it.
 STAGE_BUCKETS = (
@@ -390,6 +403,13 @@ class Metrics:
             )
         )
         self.nn_runs = self._add(Counter(p + "nn_runs_total", "Images run through the CNN."))
+        self.cold = self._add(
+            Counter(
+                p + "cold_heatmaps_total",
+                "First sights answered with the legacy crop: their background heatmap.",
+                {"result": COLD_RESULTS},
+            )
+        )
 
     def _add(self, metric: M) -> M:
         self.registry.register(metric)

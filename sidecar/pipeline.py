@@ -11,11 +11,14 @@ and none calls another. In order:
   box        box cache lookup (hit: done)
   heatmap    heatmap cache lookup
   admit      a known original with no heatmap cached: refused now, before it is read, when no
-             decode could make it (decode pool full, or the engine could not take it in time)
+             decode could make it (decode pool full, or the engine could not take it in time);
+             not with ``server.cold_policy = "legacy"``, where the request decodes nothing
   analyse    no heatmap yet: once per path across concurrent requests (single-flight), under
              the first request's deadline, its own steps on one ``AnalyseJob``:
     fetch      the original, whose identity gives the heatmap key
     heatmap    heatmap cache lookup under that key
+    cold       with ``server.cold_policy = "legacy"``: the header checked, the decode and the
+               heatmap left to the background, the legacy crop answered now (``ColdStart``)
     take-back  an earlier give-up's pixels of this original, left for the background
     decode     in the decode pool, unless refused first (``DecodeAdmission``)
     infer      the batcher and the engine; the heatmap stored in the heatmap cache
@@ -37,6 +40,7 @@ from sidecar.job import CropJob, Services, Step, check_deadline
 from sidecar.step_admit import step_admit
 from sidecar.step_analyse import OncePerPath, SharedStep
 from sidecar.step_box import step_box_cache
+from sidecar.step_cold import step_cold
 from sidecar.step_decode import step_decode
 from sidecar.step_fetch import step_fetch
 from sidecar.step_heatmap import step_heatmap_cache
@@ -55,6 +59,8 @@ STEPS: tuple[tuple[str, Step], ...] = (
         OncePerPath(
             SharedStep("fetch", step_fetch, after_deadline=True),
             SharedStep("heatmap", step_heatmap_cache, after_deadline=True),
+            # It only hands work to the background: a late answer still starts the heatmap.
+            SharedStep("cold", step_cold, after_deadline=True),
             SharedStep("take-back", step_take_back),
             SharedStep("decode", step_decode),
             SharedStep("infer", step_infer),

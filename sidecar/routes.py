@@ -10,8 +10,9 @@
 - fallback: 200, empty body, ``X-Accel-Redirect: /@legacy<dialect plain URL>`` (the legacy
   default crop, which the dialect marks to be cached ≤ 30 s) and ``X-Heatcrop-Path``:
   ``low-confidence`` (the box is no better than the centre), ``giveup`` (Overloaded, deadline,
-  a typed error with ``fallback=True``, or any unexpected exception, which is logged) or
-  ``no-crop`` (W or H is 0: there is nothing to decide);
+  a typed error with ``fallback=True``, or any unexpected exception, which is logged),
+  ``no-crop`` (W or H is 0: there is nothing to decide) or ``cold`` (``server.cold_policy =
+  "legacy"`` and no heatmap of the original cached yet: it is being made in the background);
   The ``low-confidence`` answer also carries the rejected box and its confidence, for
   debugging; the other fallbacks carry no box;
 - a typed error with ``fallback=False`` (bad size or path, missing source, not an image): its
@@ -49,7 +50,7 @@ from kernels.window import CropBox
 from sidecar import metrics as metrics_mod
 from sidecar.caches import override_key
 from sidecar.decode import probe
-from sidecar.errors import BadRequest, DeadlineExceeded, HeatcropError, Overloaded
+from sidecar.errors import BadRequest, ColdStart, DeadlineExceeded, HeatcropError, Overloaded
 from sidecar.job import CropJob, Override, Services
 from sidecar.legacy import Dialect
 from sidecar.pipeline import run_crop
@@ -168,6 +169,9 @@ def _answer(svc: Services, dialect: Dialect, job: CropJob) -> web.Response:
 def _typed_failure(
     svc: Services, dialect: Dialect, job: CropJob, exc: HeatcropError
 ) -> web.Response:
+    if isinstance(exc, ColdStart):
+        svc.metrics.requests.inc(outcome="cold")
+        return redirect(dialect.plain_url(job.path, job.size), "cold")
     timely = isinstance(exc, Overloaded | DeadlineExceeded)
     svc.metrics.requests.inc(outcome="giveup" if timely else "error")
     if not exc.fallback:

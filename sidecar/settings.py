@@ -50,6 +50,11 @@ class ServerSettings:
     # Nice value added to decode and engine threads so that the event loop keeps its CPU under
     # overload (sidecar/priority.py); 0 leaves them equal to it.
     worker_nice: int = 0
+    # What a request for an original with no cached heatmap waits for. wait: its decode and CNN
+    # run within the deadline (a smart crop on first sight when there is capacity). legacy: the
+    # legacy crop at once, the heatmap finished in the background for the next request
+    # (sidecar/step_cold.py): a miss then costs what today's edge costs (bench/results/load.md).
+    cold_policy: str = "wait"
 
 
 @dataclass(frozen=True)
@@ -205,6 +210,7 @@ def env_name(section: str, name: str) -> str:
     return f"{ENV_PREFIX}{section}_{name}".upper()
 
 
+COLD_POLICIES = ("wait", "legacy")
 # Finite too: an `inf` deadline or weight passes a plain comparison and breaks at run time.
 _POS = (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0")
 _NONNEG = (lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0")
@@ -219,6 +225,7 @@ _RULES: tuple[tuple[str, str, typing.Callable[[Any], bool], str], ...] = (
     ("server", "max_queue", *_POS),
     ("server", "worker_nice", lambda v: 0 <= v <= 19, "must be in [0, 19]"),
     ("server", "answer_margin_ms", *_NONNEG),
+    ("server", "cold_policy", lambda v: v in COLD_POLICIES, "must be wait or legacy"),
     ("source", "kind", lambda v: v in ("folder", "http"), "must be folder or http"),
     ("source", "max_bytes", *_POS),
     ("source", "max_pixels", *_POS),

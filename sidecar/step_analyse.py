@@ -42,7 +42,7 @@ class OncePerPath:
         identity, job.analysis = await svc.flights.run(
             job.path, partial(self.analyse, svc, job.path, job.deadline)
         )
-        job.set_identity(identity, svc.engine.version, svc.core.search_version)
+        job.set_identity(identity, svc.heat_version, svc.core.search_version)
 
     async def analyse(self, svc: Services, path: str, deadline: float) -> tuple[str, Analysis]:
         """(identity, analysis) of the original at ``path``: the steps until one finds it."""

@@ -23,5 +23,5 @@ async def step_fetch(svc: Services, job: AnalyseJob) -> None:
         raise
     svc.identities.put(job.path, original.identity, loop.time())
     job.identity = original.identity
-    job.heat_key = heatmap_key(original.identity, svc.engine.version)
+    job.heat_key = heatmap_key(original.identity, svc.heat_version)
     job.data = original.data

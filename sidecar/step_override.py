@@ -14,4 +14,4 @@ async def step_override(svc: Services, job: CropJob) -> None:
     job.override = Override.decode(await svc.caches.overrides.get(override_key(job.path)))
     identity = svc.identities.get(job.path, asyncio.get_running_loop().time())
     if identity is not None:
-        job.set_identity(identity, svc.engine.version, svc.core.search_version)
+        job.set_identity(identity, svc.heat_version, svc.core.search_version)

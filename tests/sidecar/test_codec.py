@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import zlib
 from collections.abc import Callable
@@ -131,8 +132,27 @@ def test_analysis_round_trip(kw):
 
 def test_analysis_is_compact():
     a = analysis(shape=(2, 7, 14), model_version="x" * 16)
-    # 4 magic + 1 version + 16 header + 1 + 16 version + 3 shape + 392 data + 4 crc
-    assert len(encode_analysis(a)) == 437
+    # 4 magic + 1 version + 16 header + 1 + 16 version + 3 shape + 392 data + 2 faces + 4 crc
+    assert len(encode_analysis(a)) == 439
+
+
+def test_analysis_faces_round_trip():
+    faces = np.array([[1.5, 2.0, 30.0, 40.25, 0.99], [100.0, 5.0, 120.0, 30.0, 0.8]], np.float32)
+    a = dataclasses.replace(analysis(), faces=faces)
+    b = decode_analysis(encode_analysis(a))
+    np.testing.assert_array_equal(b.faces, faces)
+    assert b.faces.dtype == np.float32
+
+
+def test_version_1_analyses_still_decode_without_faces():
+    b = decode_analysis(raw_analysis(codec_version=1))
+    assert b.faces.shape == (0, 5)
+
+
+@pytest.mark.parametrize("bad", [np.full((1, 5), np.nan, np.float32), np.zeros((1025, 5))])
+def test_bad_faces_are_refused(bad):
+    with pytest.raises(CodecError, match="faces"):
+        encode_analysis(dataclasses.replace(analysis(), faces=bad))
 
 
 def test_decoded_analysis_serves_the_core():
@@ -187,7 +207,7 @@ def test_encode_refuses_what_decode_would_refuse(change, message):
     [
         (raw_analysis(), None),  # the control: a well-formed blob decodes
         (raw_analysis(magic=b"HCBX"), "magic"),
-        (raw_analysis(codec_version=2), "version"),
+        (raw_analysis(codec_version=3), "version"),
         (raw_analysis(width=0), "width"),
         (raw_analysis(height=2_000_000), "height"),
         (raw_analysis(food_mass=float("nan")), "food_mass"),

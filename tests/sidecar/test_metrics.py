@@ -100,6 +100,7 @@ def test_service_metrics_render_and_parse_back():
         "heatcrop_cache_requests_total": "counter",
         "heatcrop_giveups_total": "counter",
         "heatcrop_nn_runs_total": "counter",
+        "heatcrop_cold_heatmaps_total": "counter",
     }
     assert series(samples, "heatcrop_requests_total", outcome="smart") == 1
     assert series(samples, "heatcrop_requests_total", outcome="giveup") == 2
@@ -113,7 +114,7 @@ def test_service_metrics_render_and_parse_back():
     assert series(samples, "heatcrop_cache_requests_total", cache="box", result="miss") == 0
     assert series(samples, "heatcrop_giveups_total", reason="admission") == 1
     assert series(samples, "heatcrop_nn_runs_total") == 8
-    # Every declared series exists from the start: 7 outcomes, 6 stages x (buckets + 3) ...
+    # Every declared series exists from the start: 8 outcomes, 6 stages x (buckets + 3) ...
     assert sum(n == "heatcrop_requests_total" for n, _, _ in samples) == len(OUTCOMES)
     stage_lines = [s for s in samples if s[0].startswith("heatcrop_stage_seconds")]
     assert len(stage_lines) == len(STAGES) * (len(STAGE_BUCKETS) + 3)
