@@ -16,11 +16,14 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 
 from aiohttp import web
 
 from engines.base import Engine
+from engines.errors import HeatcropError
+from engines.faces import FaceDetector
 from engines.loader import load_engine
 from sidecar import http_server
 from sidecar import settings as settings_mod
@@ -49,6 +52,15 @@ from sidecar.step_search import search_is_quick
 
 log = logging.getLogger("heatcrop.app")
 
+
+@dataclass(frozen=True)
+class Faces:
+    """The face detector and its thread; ``detector`` None when faces are off or unbuilt."""
+
+    detector: FaceDetector | None = None
+    pool: Executor | None = None
+
+
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 ENGINE = web.AppKey("engine", Engine)
@@ -58,6 +70,7 @@ CACHES = web.AppKey("caches", Caches)
 SOURCE = web.AppKey("source", Source)
 POOL = web.AppKey("pool", Executor)
 SEARCH_POOL = web.AppKey("search_pool", Executor)
+FACES = web.AppKey("faces", Faces)
 # Clean-up waits this long for background cache writes (each bounded by its own timeout).
 WRITES_DRAIN_S = 2.0
 
@@ -82,6 +95,7 @@ def make_app(settings: Settings) -> web.Application:
         _caches_ctx,
         _source_ctx,
         _pool_ctx,
+        _faces_ctx,
         _services_ctx,
         _gc_ctx,
     )
@@ -184,6 +198,38 @@ async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
         search_pool.shutdown(wait=True, cancel_futures=True)
 
 
+async def _faces_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    if not settings.kernel.faces:
+        app[FACES] = Faces()
+        yield
+        return
+    try:
+        detector = await asyncio.to_thread(_load_faces, settings.engine.model_dir)
+    except HeatcropError as exc:
+        # The heatmap alone still crops well: a missing face model is no reason not to serve.
+        log.warning("faces: off, %s", exc)
+        app[FACES] = Faces()
+        yield
+        return
+    # Its own thread: a detection takes several times a decode, and must not hold up the
+    # decode pool that the admission's estimates are about.
+    pool = lowered_pool(1, settings.server.worker_nice, "heatcrop-faces")
+    app[FACES] = Faces(detector, pool)
+    log.info("faces: %s", detector.version)
+    try:
+        yield
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        detector.close()
+
+
+def _load_faces(model_dir: str) -> FaceDetector:
+    detector = FaceDetector(model_dir)
+    detector.warm_up()
+    return detector
+
+
 async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     svc = app[SERVICES] = Services(
@@ -199,6 +245,8 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         search_pool=app[SEARCH_POOL],
         search_inline=search_is_quick(app[CORE]),
         metrics=app[METRICS],
+        faces=app[FACES].detector,
+        face_pool=app[FACES].pool,
     )
     yield
     await svc.cancel_cold()

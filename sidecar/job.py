@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engines.base import Engine
+from engines.faces import FaceDetector
 from kernels.window import CropBox
 from sidecar.admission import DecodeAdmission
 from sidecar.batcher import Batcher
@@ -125,6 +126,9 @@ class Services:
     search_pool: Executor  # window searches, unless quick enough to run on the loop
     metrics: Metrics
     search_inline: bool = False
+    # The face detector (None: faces off, or no face model built) and its own thread.
+    faces: FaceDetector | None = None
+    face_pool: Executor | None = None
     flights: SingleFlight[tuple[str, Analysis]] = field(default_factory=SingleFlight)
     identities: IdentityMemo = field(default_factory=IdentityMemo)
     background: dict[str, Pending] = field(default_factory=dict)  # by heatmap key
@@ -133,6 +137,14 @@ class Services:
     # Fire-and-forget cache writes: the loop keeps only weak references to tasks, so these
     # hold them until done; the services' clean-up waits for them before the caches close.
     writes: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    @property
+    def heat_version(self) -> str:
+        """What heatmap keys name as the model: the engine's version, and the face detector's
+        when faces are found (its boxes are cached with the heatmap)."""
+        if self.faces is None:
+            return self.engine.version
+        return f"{self.engine.version}+{self.faces.version}"
 
     def spawn_write(
         self, write: Awaitable[Any], on_done: Callable[[asyncio.Task[Any]], None]
@@ -206,6 +218,9 @@ class AnalyseJob:
     data: bytes = b""  # the original as fetched
     decoded: Decoded | None = None
     analysis: Analysis | None = None
+    # The face detector's run on ``data`` (step ``faces``): boxes in its own decode and that
+    # decode's (width, height), None when it failed; not started when faces are off.
+    faces: asyncio.Future[tuple[Any, tuple[int, int]] | None] | None = None
 
 
 Step = Callable[[Services, CropJob], Awaitable[None]]

@@ -115,6 +115,13 @@ class KernelSettings:
     gamma: float = 1.0
     smooth: float = 1.0  # Gaussian blur of the prepared map, sigma in its cells (0: none)
     min_confidence: float = 0.0
+    # The face rule (kernels/faces.py): faces found by the detector (engines/faces.py, built by
+    # `make model`) are never sliced when a window exists that keeps or drops each one whole.
+    # Needs the face model in engine.model_dir; without it the service serves without faces.
+    faces: bool = False
+    # Score bonus for keeping every face (per face: face_weight / faces), among the windows
+    # that slice the fewest; 0: the heat kept decides alone.
+    face_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -256,6 +263,8 @@ _RULES: tuple[tuple[str, str, typing.Callable[[Any], bool], str], ...] = (
     ("kernel", "gamma", lambda v: 0.1 <= v <= 8, "must be in [0.1, 8]"),
     ("kernel", "smooth", lambda v: 0 <= v <= 16, "must be in [0, 16]"),
     ("kernel", "min_confidence", *_NONNEG),
+    ("kernel", "faces", lambda v: isinstance(v, bool), "must be true or false"),
+    ("kernel", "face_weight", *_NONNEG),
     ("cache", "backend", lambda v: v in ("memory", "redis"), "must be memory or redis"),
     ("cache", "heatmap_entries", *_POS),
     ("cache", "box_entries", *_POS),
