@@ -51,6 +51,9 @@ function plain(r) {
 
 export default {plain};
 """
+# With ``access_log``: the public server's lines go to logs/access.log, the inner server's
+# (one per miss, every hop's address, status and time) to this file beside it.
+HOPS_LOG = "hops.log"
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
@@ -175,13 +178,16 @@ def render(cfg: NginxConfig) -> Path:
         "workers": str(cfg.workers),
         "worker_connections": str(cfg.worker_connections),
         "access_log": f"{out}/logs/access.log heatcrop" if cfg.access_log else "off",
+        "hops_log": f"{out}/logs/{HOPS_LOG} heatcrop_hops" if cfg.access_log else "off",
         "error_log_level": cfg.error_log_level,
         "admin_allow": "".join(f"        allow {a};\n" for a in cfg.admin_allow)
         + "        deny all;\n",
         **cfg.extra,
     }
     template = (TEMPLATES / f"{cfg.mode}.conf.in").read_text()
-    if cfg.mode != "edge":  # the access log format is the edge's
+    if cfg.mode == "legacy":
+        values["access_log"] = f"{out}/logs/access.log heatcrop_legacy" if cfg.access_log else "off"
+    elif cfg.mode != "edge":
         values["access_log"] = f"{out}/logs/access.log" if cfg.access_log else "off"
     text = _fill(template, values)
     if cfg.mode == "edge":

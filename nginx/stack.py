@@ -428,6 +428,22 @@ class Stack:
         shutil.rmtree(self.edge_config.out / "cache", ignore_errors=True)
         self.edge = nginx_service(self.edge_config).start()
 
+    def restart_legacy_edge(self) -> None:
+        """Restart today's edge with an empty cache."""
+        assert self.legacy_edge is not None and self.edge_config is not None
+        self.legacy_edge.stop()
+        shutil.rmtree(self.workdir / "nginx-legacy" / "cache", ignore_errors=True)
+        self.legacy_edge.start()
+
+    def restart_sidecars(self, env: Mapping[str, str]) -> None:
+        """Start every sidecar again (empty in-process caches), on the same ports, with ``env``
+        instead of the stack's ``sidecar_env``, e.g. ``{"HEATCROP_SERVER_COLD_POLICY":
+        "legacy"}``."""
+        self.options = replace(self.options, sidecar_env=dict(env))
+        for i, port in enumerate(self.sidecar_ports):
+            self.sidecars[i].stop()
+            self.sidecars[i] = self._sidecar(port).start()
+
     def _sidecar(self, port: int) -> Service:
         return sidecar_service(
             self.workdir,

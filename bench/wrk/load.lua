@@ -12,7 +12,7 @@
 --   HEATCROP_BENCH_SEED     base seed (each thread adds its index): runs draw the same URLs
 -- Counts (merged over threads in done(), printed as one HEATCROP_LOAD JSON line): "served:<smart|fallback|legacy|cache-hit>"
 -- from X-Heatcrop-Cache: HIT or else X-Heatcrop-Served, "path:<X-Heatcrop-Path>" for misses,
--- "status:<code>" for anything but 200.
+-- "hit:<X-Heatcrop-Served>" for hits, "status:<code>" for anything but 200.
 local dir = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
 local common = dofile(dir .. "common.lua")
 
@@ -108,6 +108,10 @@ function response(status, headers, body)
       key = "status:" .. status
    elseif header(headers, "x-heatcrop-cache") == "HIT" then
       key = "served:cache-hit"
+      -- What the cached answer was (the cache keeps the inner server's headers): the smart
+      -- share counts hits of smart crops too.
+      local served = header(headers, "x-heatcrop-served") or "none"
+      counts["hit:" .. served] = (counts["hit:" .. served] or 0) + 1
    else
       key = "served:" .. (header(headers, "x-heatcrop-served") or "none")
       local path = header(headers, "x-heatcrop-path")
