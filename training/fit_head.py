@@ -1,0 +1,410 @@
+"""Cross-validate read-out heads on every set given, choose one by nested CV, fit and ship it.
+
+    python -m training.fit_head cv --config hidden=32,window=0.2 [--config ...]
+        [--sets fcdb_train=2,saliency_dev=1,food_dev=1,osie_train=1,crowd_train=1]
+        [--backbone lite0|lite2|both] [--folds 5] [--name LABEL]
+    python -m training.fit_head select [--report training/results/heads.md]
+    python -m training.fit_head ship --config ... [--out engines/readout_weights.npz]
+
+`cv` fits one head per fold on every set it is given (folds by photo, each set split into
+the same number of folds, so every set is in every fold; a set's weight is its total weight
+in the loss), scores each held-out image with the window search as the service runs it (the
+`learned` profile: the read-out with sidecar.core.CAM_SHARE of the CAM map, default search
+settings; fcdb_dev, never fitted on, is scored with every fold's head and averaged over
+folds), and keeps every image's score in build/heads/scores/. `select` reads them and makes
+the lever table: per set, the share of the centre -> oracle headroom (cross-validated; for
+fixations also as a share of the other viewers' gain) and the nested estimate of choosing
+among the candidates by the objective below. `ship` fits the chosen configuration on every
+image of every set and writes the weights the ONNX graph is built from.
+
+Objective (the same as training/tune.py's): the mean over the fit sets of the headroom
+share of their primary metric (fcdb IoU, food area kept, fixations kept), plus twice the
+sum of the negative shares (a set below the centre crop weighs seven times as much).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from engines.readout import WEIGHTS_PATH
+from sidecar.core import Analysis, blend_profiles
+from sidecar.settings import KernelSettings
+from training.backbones import ALL_FIT_SETS, BACKBONES, Cells, extract
+from training.data import EvalSet, centre_box, fixations_kept, load_set, oracle_box
+from training.features import fold_of, primary_scores, reference_scores, targets
+from training.fit_window import episodes
+from training.heads import FitSet, HeadConfig, export_weights, fit, heat_maps
+
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
+SCORES = Path("build/heads/scores")
+REFS = Path("build/heads/refs")
+DEFAULT_SETS = "fcdb_train=2,saliency_dev=1,food_dev=1,osie_train=1,crowd_train=1"
+PENALTY = 2.0
+
+
+def parse_sets(spec: str) -> dict[str, float]:
+    out = {}
+    for part in spec.split(","):
+        name, _, weight = part.partition("=")
+        out[name] = float(weight or 1.0)
+    return out
+
+
+def parse_config(spec: str) -> HeadConfig:
+    """ "hidden=32-16,gate=1,blur=0.5,l2=1,window=0.2,dims=256" -> HeadConfig."""
+    kinds = {f.name: f.type for f in fields(HeadConfig)}
+    values: dict[str, object] = {}
+    for part in filter(None, spec.split(",")):
+        key, _, value = part.partition("=")
+        if key not in kinds:
+            raise ValueError(f"unknown head setting {key!r} (one of {', '.join(kinds)})")
+        if key == "hidden":
+            values[key] = tuple(int(v) for v in value.split("-") if v)
+        elif key == "gate":
+            values[key] = value not in ("0", "false", "")
+        elif key in ("dims", "iters", "seed"):
+            values[key] = int(value)
+        else:
+            values[key] = float(value)
+    return HeadConfig(**values)  # type: ignore[arg-type]
+
+
+# --- the data of a run ------------------------------------------------------------------------
+
+
+def join_cells(parts: Sequence[Cells]) -> Cells:
+    """Features of several backbones side by side (same images, same grids); the CAM heads
+    and food probability of the first."""
+    first = parts[0]
+    for p in parts[1:]:
+        if p.names != first.names or not np.array_equal(p.shapes, first.shapes):
+            raise ValueError("backbones disagree on images or grids")
+    feats = np.concatenate([p.features for p in parts], axis=1)
+    return Cells(first.names, first.shapes, first.offsets, feats, first.cams, first.food_mass)
+
+
+def load_cells(eval_set: EvalSet, backbone: str) -> Cells:
+    names = ["lite0", "lite2"] if backbone == "both" else [backbone]
+    return join_cells([extract(eval_set, BACKBONES[n]) for n in names])
+
+
+def references(eval_set: EvalSet) -> tuple[F64, F64, F64]:
+    """Per image: the centre crop's and the oracle's primary metric, and (fixation sets) the
+    other viewers' choice (each viewer scored on the window all the others' fixations choose,
+    bench/observers.py's ALL_BUT_ONE; NaN elsewhere). Cached in build/heads/refs/."""
+    path = REFS / f"{eval_set.name}-{len(eval_set.items)}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            return z["centre"], z["oracle"], z["viewers"]
+    centre, oracle = reference_scores(eval_set)
+    viewers = np.full(len(eval_set.items), np.nan)
+    if eval_set.protocol.kind == "saliency":
+        viewers = np.array([viewers_choice(item, eval_set) for item in eval_set.items])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, centre=centre, oracle=oracle, viewers=viewers)
+    return centre, oracle, viewers
+
+
+def viewers_choice(item: object, eval_set: EvalSet) -> float:
+    """Fixations kept when each viewer in turn is scored on the largest window the other
+    viewers' fixations choose (64 offsets), weighted by the viewer's fixations, mean over the
+    aspects: bench/observers.py's ALL_BUT_ONE plus the centre crop's score."""
+    fix = item.fixations  # type: ignore[attr-defined]
+    aspects = list(eval_set.protocol.aspects(item).values())  # type: ignore[arg-type]
+    viewers = np.unique(fix[:, 2])
+    if len(viewers) < 2:
+        return float(np.mean([fixations_kept(centre_box(item.width, item.height, a), fix)  # type: ignore[attr-defined]
+                              for a in aspects]))  # fmt: skip
+    total = 0.0
+    for aspect in aspects:
+        for v in viewers:
+            mine = fix[:, 2] == v
+            others = fix[~mine]
+            box = oracle_box(item, aspect, lambda b, o=others: fixations_kept(b, o), 64)  # type: ignore[arg-type,misc]
+            total += mine.mean() * fixations_kept(box, fix[mine])
+    return total / len(aspects)
+
+
+@dataclass
+class SetRun:
+    eval_set: EvalSet
+    cells: Cells
+    weight: float
+    fold: npt.NDArray[np.int64]
+    refs: tuple[F64, F64, F64]
+    fit: FitSet | None  # None for the check set
+
+
+def load_runs(eval_dir: str, sets: dict[str, float], backbone: str, folds: int,
+              window: bool) -> dict[str, SetRun]:  # fmt: skip
+    runs = {}
+    # Every known set is scored: the fit sets by cross-validation, the others (fcdb_dev always)
+    # by every fold's head, since none of them saw it.
+    for name in (*sets, *(n for n in ALL_FIT_SETS if n not in sets)):
+        s = load_set(eval_dir, name)
+        cells = load_cells(s, backbone)
+        refs = references(s)
+        fs = None
+        if name in sets:
+            eps = episodes(s, cells) if window else []  # type: ignore[arg-type]
+            fs = FitSet(name, cells, targets(s, cells), eps, refs[1] - refs[0], sets[name])  # type: ignore[arg-type]
+        runs[name] = SetRun(s, cells, sets.get(name, 0.0), fold_of(len(s.items), folds), refs, fs)
+    return runs
+
+
+def score_maps(run: SetRun, maps: dict[int, F32], kernel: KernelSettings) -> F64:
+    """Per image (in `maps`' order of keys), the primary metric of the `learned` profile."""
+    raw = []
+    for i, heat in maps.items():
+        item = run.eval_set.items[i]
+        r = run.cells.rows(i)
+        h, w = heat.shape
+        cams = run.cells.cams[r].astype(np.float32).T.reshape(2, h, w)
+        stack = np.stack([cams[0], cams[1], heat]).astype(np.float16)
+        analysis = Analysis(item.width, item.height, stack, float(run.cells.food_mass[i]), "cv")
+        raw.append(blend_profiles(analysis, "learned"))
+    subset = replace(run.eval_set, items=tuple(run.eval_set.items[i] for i in maps))
+    return primary_scores(subset, raw, kernel)
+
+
+# --- cross-validation -------------------------------------------------------------------------
+
+
+def config_id(cfg: HeadConfig, sets: dict[str, float], backbone: str, folds: int) -> str:
+    text = json.dumps([repr(cfg), sorted(sets.items()), backbone, folds])
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def cross_validate(runs: dict[str, SetRun], cfg: HeadConfig, folds: int) -> dict[str, F64]:
+    """Per set, every image's score from a head that never saw it (the check set: the mean
+    over the folds' heads)."""
+    kernel = KernelSettings()
+    out = {n: np.zeros(len(r.eval_set.items)) for n, r in runs.items()}
+    for f in range(folds):
+        t0 = time.perf_counter()
+        parts = []
+        for r in runs.values():
+            if r.fit is not None:
+                parts.append(replace(r.fit, images=np.flatnonzero(r.fold != f)))
+        head = fit(parts, cfg)
+        for n, r in runs.items():
+            held = (np.flatnonzero(r.fold == f) if r.fit is not None
+                    else np.arange(len(r.eval_set.items)))  # fmt: skip
+            scores = score_maps(r, heat_maps(head, r.cells, held.tolist()), kernel)
+            if r.fit is not None:
+                out[n][held] = scores
+            else:
+                out[n] += scores / folds
+        print(f"  fold {f + 1}/{folds}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return out
+
+
+def share(scores: F64, refs: tuple[F64, F64, F64], idx: npt.NDArray[np.int64] | None = None,
+          viewers: bool = False) -> float:  # fmt: skip
+    centre, oracle, view = refs
+    sel = slice(None) if idx is None else idx
+    top = view if viewers else oracle
+    return float((scores[sel].mean() - centre[sel].mean()) / (top[sel].mean() - centre[sel].mean()))
+
+
+def objective(shares: Sequence[float]) -> float:
+    s = np.array(shares)
+    return float(s.mean() + PENALTY * np.minimum(s, 0.0).sum())
+
+
+def run_cv(args: argparse.Namespace) -> int:
+    sets = parse_sets(args.sets)
+    torch.set_num_threads(args.threads)
+    for spec in args.config:
+        cfg = parse_config(spec)
+        cid = config_id(cfg, sets, args.backbone, args.folds)
+        path = SCORES / f"{cid}.json"
+        if path.exists() and not args.force:
+            print(f"{cid} cached: {path}", file=sys.stderr)
+            continue
+        t0 = time.perf_counter()
+        runs = load_runs(args.eval_dir, sets, args.backbone, args.folds, cfg.window > 0)
+        print(f"{cid} {args.backbone} {cfg.label()} on {sets}", file=sys.stderr)
+        scores = cross_validate(runs, cfg, args.folds)
+        shares = {n: share(scores[n], runs[n].refs) for n in runs}
+        record = {
+            "id": cid, "name": args.name or cfg.label(), "config": spec, "label": cfg.label(),
+            "backbone": args.backbone, "sets": sets, "folds": args.folds,
+            "seconds": round(time.perf_counter() - t0),
+            "when": f"{datetime.now(UTC):%Y-%m-%d %H:%M}",
+            "scores": {n: s.tolist() for n, s in scores.items()},
+            "fold": {n: r.fold.tolist() for n, r in runs.items()},
+        }  # fmt: skip
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record))
+        print(f"{cid} " + " ".join(f"{n} {v:+.1%}" for n, v in shares.items())
+              + f" ({record['seconds']} s)")  # fmt: skip
+    return 0
+
+
+# --- selection and report ---------------------------------------------------------------------
+
+FIT_KINDS = ("fcdb_train", "food_dev", "saliency_dev", "osie_train", "crowd_train")
+SALIENCY = ("saliency_dev", "osie_train", "crowd_train")
+
+
+def load_records(ids: Sequence[str] | None = None) -> list[dict[str, object]]:
+    recs = [json.loads(p.read_text()) for p in sorted(SCORES.glob("*.json"))]
+    if ids:
+        recs = [r for r in recs if r["id"] in ids]
+    return sorted(recs, key=lambda r: str(r["when"]))
+
+
+def nested(recs: Sequence[dict], refs: dict[str, tuple[F64, F64, F64]],
+           sets: Sequence[str]) -> tuple[dict[str, float], list[str]]:  # fmt: skip
+    """Per outer fold: the candidate with the best objective on the other folds' held-out
+    scores; its scores on this fold. Returns the pooled shares and the choice per fold."""
+    folds = int(recs[0]["folds"])
+    fold = {n: np.array(recs[0]["fold"][n]) for n in sets}
+    chosen_scores = {n: np.zeros(len(fold[n])) for n in sets}
+    choices = []
+    for f in range(folds):
+        best, best_value = None, -np.inf
+        for r in recs:
+            rest = {n: np.flatnonzero(fold[n] != f) for n in sets}
+            value = objective([share(np.array(r["scores"][n]), refs[n], rest[n]) for n in sets])
+            if value > best_value:
+                best, best_value = r, value
+        assert best is not None
+        choices.append(str(best["name"]))
+        for n in sets:
+            held = np.flatnonzero(fold[n] == f)
+            chosen_scores[n][held] = np.array(best["scores"][n])[held]
+    return {n: share(chosen_scores[n], refs[n]) for n in sets}, choices
+
+
+def run_select(args: argparse.Namespace) -> int:
+    recs = load_records(args.ids.split(",") if args.ids else None)
+    names = sorted({n for r in recs for n in r["scores"]}, key=lambda n: (
+        FIT_KINDS.index(n) if n in FIT_KINDS else 99, n))  # fmt: skip
+    refs = {n: references(load_set(args.eval_dir, n)) for n in names}
+    lines = [
+        "| candidate | backbone | fit sets (weights) | "
+        + " | ".join(names)
+        + " | objective | time |",
+        "|---|---|---|" + "---:|" * (len(names) + 2),
+    ]  # fmt: skip
+    for r in recs:
+        cells = []
+        for n in names:
+            if n not in r["scores"]:
+                cells.append("")
+                continue
+            s = np.array(r["scores"][n])
+            text = f"{share(s, refs[n]):+.0%}"
+            if n in SALIENCY:
+                text += f" ({share(s, refs[n], viewers=True):+.0%} v)"
+            cells.append(text)
+        [n for n in FIT_KINDS if n in r["sets"]]
+        obj = objective([share(np.array(r["scores"][n]), refs[n]) for n in FIT_KINDS
+                         if n in r["scores"]])  # fmt: skip
+        weights = ", ".join(f"{n} {w:g}" for n, w in r["sets"].items())
+        lines.append(f"| {r['name']} | {r['backbone']} | {weights} | " + " | ".join(cells)
+                     + f" | {obj:+.1%} | {r['seconds']} s |")  # fmt: skip
+    text = "\n".join(lines)
+    pool = [r for r in recs if all(n in r["scores"] for n in FIT_KINDS)]
+    if args.nested:
+        pool = [r for r in pool if r["id"] in args.nested.split(",")]
+    nested_text = ""
+    if pool:
+        shares, choices = nested(pool, refs, [n for n in FIT_KINDS])
+        nested_text = (
+            f"\n\nNested estimate, choosing among {len(pool)} candidates fitted on all five sets "
+            "by the objective on the other folds' held-out scores, scored on each fold: "
+            + ", ".join(f"{n} {v:+.0%}" for n, v in shares.items())
+            + f"; objective {objective(list(shares.values())):+.1%}; chosen per fold: "
+            + "; ".join(choices)
+            + "."
+        )
+    centre_oracle = ", ".join(
+        f"{n} {refs[n][0].mean():.3f} → {refs[n][1].mean():.3f}"
+        + (f" (viewers {np.nanmean(refs[n][2]):.3f})" if n in SALIENCY else "")
+        for n in names
+    )
+    doc = "\n".join([
+        f"# read-out heads, cross-validated ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC)",
+        "",
+        "`python -m training.fit_head cv ...` per row, then `python -m training.fit_head select`. "
+        "Share of the centre → oracle headroom of each set's primary metric (fcdb IoU, food "
+        "area kept, fixations kept), every image scored by a head fitted without it (5-fold, "
+        "folds by photo, every set in every fold; fcdb_dev is never fitted on and is scored "
+        "by every fold's head, averaged), through the service's `learned` profile and default "
+        "search settings. For fixations, \"v\": the share of the other viewers' gain (each "
+        "viewer scored on the window all the others choose). Objective: mean share over the "
+        f"five fit sets + {PENALTY:g} × the sum of the negative ones.",
+        "",
+        f"Centre → oracle: {centre_oracle}.",
+        "",
+        text + nested_text,
+        "",
+    ])  # fmt: skip
+    print(doc)
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(doc)
+    return 0
+
+
+def run_ship(args: argparse.Namespace) -> int:
+    sets = parse_sets(args.sets)
+    cfg = parse_config(args.config[0])
+    torch.set_num_threads(args.threads)
+    runs = load_runs(args.eval_dir, sets, args.backbone, 1, cfg.window > 0)
+    parts = [replace(r.fit, images=np.arange(len(r.eval_set.items)))
+             for r in runs.values() if r.fit is not None]  # fmt: skip
+    head = fit(parts, cfg)
+    weights = export_weights(head)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(args.out, **weights)  # type: ignore[arg-type]
+    print(f"{args.out}: {cfg.label()} on {sets} ({args.backbone}); "
+          + ", ".join(f"{k} {v.shape}" for k, v in weights.items()))  # fmt: skip
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("command", choices=("cv", "select", "ship"))
+    ap.add_argument("--eval-dir", default="../shared/eval")
+    ap.add_argument("--sets", default=DEFAULT_SETS, help="SET=WEIGHT,... (fit sets)")
+    ap.add_argument("--backbone", default="lite0", choices=("lite0", "lite2", "both"))
+    ap.add_argument("--config", action="append", default=[], help="head settings (HeadConfig)")
+    ap.add_argument("--name", default="", help="the row's name in the report")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--force", action="store_true")
+    ap.add_argument("--ids", default="", help="select: only these score records")
+    ap.add_argument("--nested", default="", help="select: the candidates of the nested choice")
+    ap.add_argument("--report", type=Path, default=None)
+    ap.add_argument("--out", type=Path, default=WEIGHTS_PATH)
+    args = ap.parse_args(argv)
+    if args.command == "cv":
+        return run_cv(args)
+    if args.command == "select":
+        return run_select(args)
+    if not args.config:
+        ap.error("ship needs --config")
+    return run_ship(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
