@@ -1,14 +1,18 @@
 """Crop quality on the dev sets with human ground truth, beside the baselines, in one run.
 
-    python -m bench.quality [--sets fcdb_dev,food_dev,saliency_dev] [--limit N]
-        [--out bench/results/quality.md] [--json PATH] [--eval-dir ../shared/eval]
-        [--profile food --profile generic] [--only-baselines]
+    python -m bench.quality [--sets fcdb_dev,food_dev,saliency_dev,osie_train,crowd_train]
+        [--limit N] [--out bench/results/quality.md] [--json PATH] [--eval-dir ../shared/eval]
+        [--profile food --profile generic] [--only-baselines] [--no-faces]
 
 The protocol is ../shared/eval/README.md's: fcdb asks for the ground-truth box's aspect (IoU,
 BDE); food and saliency ask for 1:1, 4:5, 16:9 and 9:16 (dish area kept, all dishes kept
 >= 90 %; fixations kept, each subject's first one left out). Rows are methods: the centred
 largest window, libvips smartcrop attention and entropy, and heatcrop per profile, raw and
-with the service's low-confidence rule (centre crop when the box is not confident).
+with the service's low-confidence rule (centre crop when the box is not confident), and the
+face rule (``kernel.faces``: the detector's faces, then the labelled faces as a perfect
+detector would find them). crowd_train adds the faces-sliced metric (share of crops that keep
+10-90 % of some labelled frontal or profile face); its oracle row is the best largest-window
+position for each metric separately.
 Heatcrop's settings come from sidecar.settings.load(), so HEATCROP_KERNEL_* variables or
 --config change what is measured; the header of the report records them.
 
@@ -59,6 +63,9 @@ from training.data import (
 )
 
 T = TypeVar("T")
+# Fixation sets fitted on by the new heads (issue 14), reported too: the read-out rows are
+# held-out there, and crowd_train's labelled faces give the faces-sliced column.
+TRAIN_SETS: tuple[str, ...] = ("osie_train", "crowd_train")
 CENTRE = "centre"
 ORACLE = "oracle (ground truth)"
 
@@ -234,6 +241,95 @@ class HeatcropMethod(Method):
             return ""
         share = self.counts["fallback"] / self.counts["boxes"]
         return f"centre crop used for {share:.0%} of {self.counts['boxes']} boxes"
+
+
+class FaceRuleMethod(HeatcropMethod):
+    """heatcrop's box chosen by the face rule (kernels/faces.py), as the service does with
+    ``kernel.faces``: the detector's faces (engines/faces.py, as the service decodes for it)
+    as head boxes (engines.faces.HeadBox).
+
+    The head-box transform is fitted on crowd_train's labelled faces; on crowd_train each photo
+    gets the transform fitted on the other four folds (5 by photo, training/faces.py), on every
+    other set the one fitted on all of crowd_train, as shipped. The detector runs once per
+    photo, before the set's boxes (its time is reported per photo in the notes).
+    """
+
+    def __init__(
+        self,
+        core: Any,
+        profile: str,
+        detector: Any,
+        heldout: dict[str, npt.NDArray[np.float32]] | None = None,
+    ) -> None:
+        super().__init__(core, profile, False, heldout)
+        self.name += " + face rule"
+        self.detector = detector
+        self.faces: dict[str, npt.NDArray[np.float32]] = {}
+        self.heads: dict[str, Any] = {}
+        self.detect_s: list[float] = []
+
+    def begin_set(self, eval_set: EvalSet) -> None:
+        from engines.faces import HeadBox
+        from training.faces import detect_set, fold_head_boxes
+
+        super().begin_set(eval_set)
+        found = detect_set(self.detector, eval_set)
+        self.faces = found.boxes
+        self.detect_s = list(found.seconds.values())
+        labelled = any(item.faces for item in eval_set.items)
+        folds = fold_head_boxes(eval_set, found) if labelled else {}
+        self.heads = {item.name: folds.get(item.name, HeadBox()) for item in eval_set.items}
+
+    def boxes(self, ctx: ImageContext, aspects: Sequence[float]) -> list[Box]:
+        analysis = ctx.memo("heatcrop analyse (decode + CNN)", lambda: self.core.analyse(ctx.data))
+        if self.heldout is not None:
+            analysis = heldout_analysis(analysis, self._heldout_map(ctx.item))
+        faces = self.faces.get(ctx.item.name)
+        if faces is None:  # the warm-up pass: no set yet
+            faces = _faces_of(self.detector, ctx)
+        analysis = dataclasses.replace(analysis, faces=faces)
+        head = self.heads.get(ctx.item.name)
+        return [Box.of(self.core.box(analysis, a, self.profile, head_box=head)) for a in aspects]
+
+    def notes(self) -> str:
+        if not self.detect_s:
+            return ""
+        ms = 1e3 * np.array(self.detect_s)
+        found = sum(len(v) for v in self.faces.values())
+        return (
+            f"face detector (decode to 768 px + MTCNN, one thread) ms per photo: median "
+            f"{np.median(ms):.1f}, mean {ms.mean():.1f}; {found} faces found in "
+            f"{len(self.faces)} photos"
+        )
+
+
+class LabelledFaceRuleMethod(HeatcropMethod):
+    """The face rule on the labelled faces themselves (sets that have them): what the rule
+    would do with a perfect detector, the ceiling of the rule alone."""
+
+    def __init__(
+        self, core: Any, profile: str, heldout: dict[str, npt.NDArray[np.float32]] | None = None
+    ) -> None:
+        super().__init__(core, profile, False, heldout)
+        self.name += " + face rule on the labelled faces (the rule's ceiling)"
+
+    def boxes(self, ctx: ImageContext, aspects: Sequence[float]) -> list[Box]:
+        from engines.faces import HeadBox
+
+        analysis = ctx.memo("heatcrop analyse (decode + CNN)", lambda: self.core.analyse(ctx.data))
+        if self.heldout is not None:
+            analysis = heldout_analysis(analysis, self._heldout_map(ctx.item))
+        labelled = np.array([[*f.as_list(), 1.0] for f in ctx.item.faces], np.float32)
+        analysis = dataclasses.replace(analysis, faces=labelled.reshape(-1, 5))
+        # The labelled boxes are head boxes already: the identity transform.
+        same = HeadBox(1.0, 1.0, 0.5, 0.5)
+        return [Box.of(self.core.box(analysis, a, self.profile, head_box=same)) for a in aspects]
+
+
+def _faces_of(detector: Any, ctx: ImageContext) -> npt.NDArray[np.float32]:
+    from training.faces import detect_original
+
+    return detect_original(detector, ctx.item)
 
 
 @dataclass
@@ -502,6 +598,11 @@ def set_section(result: SetResult) -> str:
     es = result.eval_set
     aspects = ", ".join(result.aspect_labels)
     head = f"## {es.name} ({result.n_images} images, kind `{es.protocol.kind}`, aspects: {aspects})"
+    if es.name.endswith("_train"):
+        head += (
+            " — a *_train set: for fitting; the read-out rows are held-out (never fitted on "
+            "these photos) and the face rule's head-box transform is fitted on the other folds"
+        )
     parts = [head, "", es.protocol.legend, "", markdown_table(result), ""]
     headroom = headroom_table(result)
     if headroom:
@@ -554,7 +655,9 @@ def load_heldout(model_dir: Path) -> dict[str, npt.NDArray[np.float32]] | None:
         return {k: z[k] for k in z.files}
 
 
-def heatcrop_methods(settings: Any, profiles: Sequence[str]) -> tuple[list[Method], str]:
+def heatcrop_methods(
+    settings: Any, profiles: Sequence[str], faces: bool = True
+) -> tuple[list[Method], str]:
     """heatcrop rows, plus a line describing the engine; imports the model stack lazily.
 
     The shipped read-out was fitted on saliency_dev and food_dev, so its rows there are
@@ -579,7 +682,29 @@ def heatcrop_methods(settings: Any, profiles: Sequence[str]) -> tuple[list[Metho
         if heldout is not None and profile in uses_readout:
             methods += [HeatcropMethod(core, profile, f, heldout) for f in fallbacks]
         methods += [HeatcropMethod(core, profile, f) for f in fallbacks]
-    return methods, f"{engine.name}, model {engine.version}, threads {settings.engine.threads}"
+    line = f"{engine.name}, model {engine.version}, threads {settings.engine.threads}"
+    if faces:
+        methods += face_methods(settings, engine, profiles[0], heldout, uses_readout)
+        line += f"; faces {methods[-1].detector.version}"  # type: ignore[attr-defined]
+    return methods, line
+
+
+def face_methods(
+    settings: Any, engine: Any, profile: str, heldout: Any, uses_readout: Sequence[str]
+) -> list[Method]:
+    """The face-rule rows (kernel.faces on, whatever the settings say), on the first profile."""
+    from engines.faces import FaceDetector
+    from sidecar.core import CropCore
+
+    kernel = dataclasses.replace(settings.kernel, faces=True)
+    core = CropCore(engine, kernel, settings.source, profile)
+    maps = heldout if profile in uses_readout else None
+    detector = FaceDetector(settings.engine.model_dir)
+    detector.warm_up()
+    return [
+        LabelledFaceRuleMethod(core, profile, maps),
+        FaceRuleMethod(core, profile, detector, maps),
+    ]
 
 
 def run(args: argparse.Namespace) -> tuple[list[SetResult], dict[str, Any]]:
@@ -594,7 +719,7 @@ def run(args: argparse.Namespace) -> tuple[list[SetResult], dict[str, Any]]:
         from sidecar import settings as settings_mod
 
         settings = settings_mod.load(args.config)
-        extra, engine_line = heatcrop_methods(settings, args.profile)
+        extra, engine_line = heatcrop_methods(settings, args.profile, not args.no_faces)
         methods += extra
         info["engine"] = engine_line
         info["kernel"] = dataclasses.asdict(settings.kernel)
@@ -697,7 +822,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--sets",
         type=lambda s: [x for x in s.split(",") if x],
-        default=list(DEFAULT_SETS),
+        default=[*DEFAULT_SETS, *TRAIN_SETS],
         help="comma-separated set names",
     )
     parser.add_argument("--limit", type=int, help="first N images of each set")
@@ -711,6 +836,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="heatcrop profile(s) to run (default: learned, readout)",
     )
     parser.add_argument("--only-baselines", action="store_true", help="skip heatcrop")
+    parser.add_argument("--no-faces", action="store_true", help="skip the face-rule rows")
     parser.add_argument("--config", help="heatcrop settings TOML (default: $HEATCROP_CONFIG)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
