@@ -38,7 +38,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from engines.readout import WEIGHTS_PATH
+from engines.readout import WEIGHTS_PATH, head_logits, load_weights
 from sidecar.core import Analysis, blend_profiles
 from sidecar.settings import KernelSettings
 from training.backbones import ALL_FIT_SETS, BACKBONES, Cells, extract
@@ -73,7 +73,7 @@ def parse_config(spec: str) -> HeadConfig:
             raise ValueError(f"unknown head setting {key!r} (one of {', '.join(kinds)})")
         if key == "hidden":
             values[key] = tuple(int(v) for v in value.split("-") if v)
-        elif key == "gate":
+        elif key in ("gate", "skip"):
             values[key] = value not in ("0", "false", "")
         elif key in ("dims", "iters", "seed"):
             values[key] = int(value)
@@ -310,6 +310,8 @@ def run_select(args: argparse.Namespace) -> int:
                 continue
             s = np.array(r["scores"][n])
             text = f"{share(s, refs[n]):+.0%}"
+            if n in r.get("fitted_on", []):
+                text += " (in-sample)"
             if n in SALIENCY:
                 text += f" ({share(s, refs[n], viewers=True):+.0%} v)"
             cells.append(text)
@@ -320,7 +322,7 @@ def run_select(args: argparse.Namespace) -> int:
         lines.append(f"| {r['name']} | {r['backbone']} | {weights} | " + " | ".join(cells)
                      + f" | {obj:+.1%} | {r['seconds']} s |")  # fmt: skip
     text = "\n".join(lines)
-    pool = [r for r in recs if all(n in r["scores"] for n in FIT_KINDS)]
+    pool = [r for r in recs if all(n in r["sets"] for n in FIT_KINDS)]
     if args.nested:
         pool = [r for r in pool if r["id"] in args.nested.split(",")]
     nested_text = ""
@@ -379,11 +381,42 @@ def run_ship(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_shipped(args: argparse.Namespace) -> int:
+    """Score a weights file as it is (no fitting): held-out only on sets it was not fitted
+    on. A record like cv's, with `fitted_on` naming the sets where it is in-sample."""
+    weights = load_weights(args.weights)
+    fitted_on = [n for n in args.fitted_on.split(",") if n]
+    runs = load_runs(args.eval_dir, {}, args.backbone, args.folds, False)
+    kernel = KernelSettings()
+    scores = {}
+    for n, r in runs.items():
+        maps = {}
+        for i in range(len(r.eval_set.items)):
+            h, w = (int(v) for v in r.cells.shapes[i])
+            z = head_logits(weights, r.cells.features[r.cells.rows(i)], (h, w),
+                            float(r.cells.food_mass[i]))  # fmt: skip
+            maps[i] = np.exp(z - z.max()).astype(np.float32)
+        scores[n] = score_maps(r, maps, kernel)
+    digest = hashlib.sha1(args.weights.read_bytes()).hexdigest()[:10]
+    record = {
+        "id": f"file-{digest}", "name": args.name or f"{args.weights} as shipped",
+        "config": "", "label": "", "backbone": args.backbone, "sets": {},
+        "fitted_on": fitted_on, "folds": args.folds, "seconds": 0,
+        "when": f"{datetime.now(UTC):%Y-%m-%d %H:%M}",
+        "scores": {n: s.tolist() for n, s in scores.items()},
+        "fold": {n: r.fold.tolist() for n, r in runs.items()},
+    }  # fmt: skip
+    SCORES.mkdir(parents=True, exist_ok=True)
+    (SCORES / f"{record['id']}.json").write_text(json.dumps(record))
+    print(" ".join(f"{n} {share(scores[n], runs[n].refs):+.1%}" for n in runs))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("command", choices=("cv", "select", "ship"))
+    ap.add_argument("command", choices=("cv", "select", "ship", "shipped"))
     ap.add_argument("--eval-dir", default="../shared/eval")
     ap.add_argument("--sets", default=DEFAULT_SETS, help="SET=WEIGHT,... (fit sets)")
     ap.add_argument("--backbone", default="lite0", choices=("lite0", "lite2", "both"))
@@ -396,7 +429,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--nested", default="", help="select: the candidates of the nested choice")
     ap.add_argument("--report", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=WEIGHTS_PATH)
+    ap.add_argument("--weights", type=Path, default=WEIGHTS_PATH, help="shipped: the file")
+    ap.add_argument("--fitted-on", default="", help="shipped: sets the file was fitted on")
     args = ap.parse_args(argv)
+    if args.command == "shipped":
+        return run_shipped(args)
     if args.command == "cv":
         return run_cv(args)
     if args.command == "select":

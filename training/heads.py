@@ -43,6 +43,7 @@ class HeadConfig:
     """What one fit is: the head's structure and the fit's hyper-parameters."""
 
     hidden: tuple[int, ...] = ()  # hidden layer widths; () is the linear head
+    skip: bool = False  # with hidden layers: plus a linear map of the inputs (starts linear)
     gate: bool = False  # a food head times the image's food probability
     blur: float = 0.0  # Gaussian blur of the logits, sigma in cells (0: none)
     l2: float = 1.0  # on every weight matrix (standardised inputs)
@@ -53,7 +54,7 @@ class HeadConfig:
 
     def label(self) -> str:
         head = "linear" if not self.hidden else "hidden " + "-".join(map(str, self.hidden))
-        bits = [head]
+        bits = [head + (" + linear skip" if self.skip and self.hidden else "")]
         if self.gate:
             bits.append("food gate")
         if self.blur:
@@ -126,6 +127,10 @@ class Head(nn.Module):
         self.inp = inp
         self.cfg = cfg
         self.main = mlp(inp.dims, cfg.hidden, gen)
+        self.skip = mlp(inp.dims, (), gen) if cfg.skip and cfg.hidden else None
+        if self.skip is not None:  # the network starts as the linear head; its output at 0
+            with torch.no_grad():
+                self.main[-1].weight.zero_()
         self.food = mlp(inp.dims, (), gen) if cfg.gate else None
         self.a = nn.Parameter(torch.zeros(COORD_TERMS, dtype=torch.float32))
         k = blur_kernel(cfg.blur) if cfg.blur > 0 else np.ones(1)
@@ -137,6 +142,8 @@ class Head(nn.Module):
         """[n, h * w] logits of n images of one grid shape: xi [n, h * w, dims] the inputs
         after `self.inp` (computed once per fit), mass [n]."""
         z = self.main(xi)[..., 0]
+        if self.skip is not None:
+            z = z + self.skip(xi)[..., 0]
         if self.food is not None:
             z = z + mass[:, None] * self.food(xi)[..., 0]
         if self.cfg.blur > 0:
@@ -318,9 +325,36 @@ def _chain_weights(seq: nn.Sequential, inp: Input, prefix: str) -> dict[str, F32
     return out
 
 
+def _with_skip(main: dict[str, F32], skip: dict[str, F32]) -> dict[str, F32]:
+    """The ReLU chain plus a linear skip as one ReLU chain: s = relu(s) - relu(-s), so two
+    more units per hidden layer carry +s and -s (copied through later hidden layers, whose
+    inputs are already non-negative) to the output, which adds them with weights 1 and -1."""
+    layers = len([k for k in main if k.startswith("w")])
+    out = dict(main)
+    w, b = skip["w1"], skip["b1"]
+    out["w1"] = np.concatenate([main["w1"], w, -w])
+    out["b1"] = np.concatenate([main["b1"], b, -b])
+    for k in range(2, layers + 1):
+        wk, bk = main[f"w{k}"], main[f"b{k}"]
+        n_out, n_in = wk.shape
+        last = k == layers
+        extra_out = 0 if last else 2
+        grown = np.zeros((n_out + extra_out, n_in + 2), np.float32)
+        grown[:n_out, :n_in] = wk
+        if last:
+            grown[:, n_in], grown[:, n_in + 1] = 1.0, -1.0
+        else:
+            grown[n_out, n_in], grown[n_out + 1, n_in + 1] = 1.0, 1.0
+        out[f"w{k}"] = grown
+        out[f"b{k}"] = np.concatenate([bk, np.zeros(extra_out, np.float32)])
+    return out
+
+
 def export_weights(head: Head) -> dict[str, F32]:
     """The fitted head in engines/readout_weights.npz's layout (engines.readout.load_weights)."""
     out = _chain_weights(head.main, head.inp, "")
+    if head.skip is not None:
+        out = _with_skip(out, _chain_weights(head.skip, head.inp, ""))
     if head.food is not None:
         out.update(_chain_weights(head.food, head.inp, GATE_PREFIX))
     if head.cfg.blur > 0:

@@ -93,6 +93,7 @@ def test_objective_penalises_negative_shares():
 CONFIGS = [
     HeadConfig(dims=0, window=0.0, l2=0.1, iters=60),
     HeadConfig(hidden=(8,), dims=4, window=0.5, l2=0.1, iters=80),
+    HeadConfig(hidden=(8,), skip=True, dims=4, window=0.5, l2=0.1, iters=80),
     HeadConfig(hidden=(6, 4), gate=True, blur=0.7, dims=0, l2=0.1, iters=60),
 ]
 
@@ -141,7 +142,8 @@ def test_export_matches_torch_numpy_and_onnx():
     for i, hot in enumerate((10, 30, 50)):
         t[i * h * w + hot] = 1.0
     part = FitSet("fixed", cells, t, [], np.ones(3), 1.0, np.arange(3))
-    head = fit([part], HeadConfig(hidden=(8,), gate=True, blur=0.6, dims=16, window=0.0, iters=30))
+    cfg = HeadConfig(hidden=(8, 4), skip=True, gate=True, blur=0.6, dims=16, window=0.0, iters=30)
+    head = fit([part], cfg)
     exported = export_weights(head)
     x = torch.from_numpy(cells.features[cells.rows(0)].astype(np.float32))[None]
     with torch.no_grad():
