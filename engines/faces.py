@@ -424,15 +424,16 @@ class HeadBox:
     MTCNN's boxes cover brows to chin; the boxes labelled in crowd_train (and what a crop must
     not cut) cover the head: matched pairs there have the detector box at ~0.56 of the
     labelled width and ~0.61 of its height, centred at 0.48 across and 0.59 down it (hair
-    above). ``width``/``height`` are the detector box's share of the head box, ``cx``/``cy``
-    where the detector box's centre sits in it. Fitted on crowd_train by
-    training/faces.py (medians over matched pairs; the benchmark fits them per fold).
+    above; training/results/faces.md). ``width``/``height`` are the detector box's share of
+    the head box, ``cx``/``cy`` where the detector box's centre sits in it. Fitted on
+    crowd_train by training/faces.py (medians over matched pairs; the benchmark fits them per
+    fold).
     """
 
-    width: float = 0.56
-    height: float = 0.61
-    cx: float = 0.48
-    cy: float = 0.59
+    width: float = 0.556
+    height: float = 0.606
+    cx: float = 0.482
+    cy: float = 0.589
 
     def apply(self, faces: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
         f = np.asarray(faces, dtype=np.float64).reshape(
