@@ -189,7 +189,13 @@ def face_kept(face, box) -> float:
 
 
 def best_window_faces(
-    heat: np.ndarray, width: int, height: int, aspect: float, params, faces, keep=None,
+    heat: np.ndarray,
+    width: int,
+    height: int,
+    aspect: float,
+    params,
+    faces,
+    keep=None,
     face_weight: float = 0.0,
 ) -> tuple[tuple[int, int, int, int], float, int]:
     """(box, score, faces sliced): every candidate of the spec, the face rule's order."""
@@ -210,10 +216,20 @@ def best_window_faces(
         xs = set(offsets(width - cw, params.steps, lox, hix))
         ys = set(offsets(height - ch, params.steps, loy, hiy))
         for f in faces:
-            for v in (math.floor(f[0]), math.ceil(f[2]) - cw, math.ceil(f[2]), math.floor(f[0]) - cw):
+            for v in (
+                math.floor(f[0]),
+                math.ceil(f[2]) - cw,
+                math.ceil(f[2]),
+                math.floor(f[0]) - cw,
+            ):
                 if lox <= v <= hix:
                     xs.add(v)
-            for v in (math.floor(f[1]), math.ceil(f[3]) - ch, math.ceil(f[3]), math.floor(f[1]) - ch):
+            for v in (
+                math.floor(f[1]),
+                math.ceil(f[3]) - ch,
+                math.ceil(f[3]),
+                math.floor(f[1]) - ch,
+            ):
                 if loy <= v <= hiy:
                     ys.add(v)
         for y in sorted(ys):
@@ -230,7 +246,9 @@ def best_window_faces(
                     or sliced < best[0]
                     or (
                         sliced == best[0]
-                        and (v > best[1] + TIE_EPS or (abs(v - best[1]) <= TIE_EPS and d2 < best[2]))
+                        and (
+                            v > best[1] + TIE_EPS or (abs(v - best[1]) <= TIE_EPS and d2 < best[2])
+                        )
                     )
                 ):
                     best = (sliced, v, d2, box, sc)
