@@ -61,10 +61,10 @@ THUMBOR = "Thumbor 7.8 (2 processes)"
 TODAY = "(a) nginx → Thumbor (today)"
 COLD = "(b) heatcrop cold"
 LATENCY_FIRST = "(f) heatcrop cold, latency-first"
-# The latency-first configuration: nothing waits for a decode or the CNN, and the background
-# work they became runs below the event loop and the legacy server (sidecar/priority.py): on
-# these shared cores, with workers at the loop's priority, the legacy answers themselves waited
-# (sidecar hop of `cold` answers p95 108 ms, against 27 ms lowered; one run each, 2026-12-03).
+# The latency-first configuration: no request waits for a read, a decode or the CNN, and the
+# background work they became runs below the sidecar's event loop (sidecar/priority.py; only
+# below the loop: each process of the stack is its own session, and Linux's autogroups weigh
+# sessions, not threads, against each other), so that the loop answers while it decodes.
 LATENCY_FIRST_ENV = {"HEATCROP_SERVER_COLD_POLICY": "legacy", "HEATCROP_SERVER_WORKER_NICE": "10"}
 # Run in rounds on the same URLs and load, all cold (cold_rounds), with their letters.
 COLD_TRIO = ((TODAY, "a"), (LATENCY_FIRST, "f"), (COLD, "b"))

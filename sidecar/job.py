@@ -89,13 +89,14 @@ class IdentityMemo:
 
     def get(self, path: str, now: float) -> str | None:
         entry = self._entries.get(path)
-        if entry is None:
-            return None
-        if entry[1] <= now:
-            del self._entries[path]
-            return None
+        if entry is None or entry[1] <= now:
+            return None  # an expired entry stays, as a sign the path was seen (``seen``)
         self._entries.move_to_end(path)
         return entry[0]
+
+    def seen(self, path: str) -> bool:
+        """Whether ``path`` was fetched here before (its identity may have expired since)."""
+        return path in self._entries
 
     def put(self, path: str, identity: str, now: float) -> None:
         self._entries[path] = (identity, now + self.ttl_s)
@@ -132,8 +133,10 @@ class Services:
     flights: SingleFlight[tuple[str, Analysis]] = field(default_factory=SingleFlight)
     identities: IdentityMemo = field(default_factory=IdentityMemo)
     background: dict[str, Pending] = field(default_factory=dict)  # by heatmap key
-    # cold_policy "legacy": background decodes on their way to ``background``, by heatmap key.
-    cold: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    # cold_policy "legacy" (sidecar/step_cold.py): paths queued for a background heatmap, with
+    # (heatmap key, bytes) when the request read them, and the task that works through them.
+    cold: OrderedDict[str, tuple[str, bytes] | None] = field(default_factory=OrderedDict)
+    cold_worker: asyncio.Task[None] | None = None
     # Fire-and-forget cache writes: the loop keeps only weak references to tasks, so these
     # hold them until done; the services' clean-up waits for them before the caches close.
     writes: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -155,11 +158,11 @@ class Services:
         task.add_done_callback(on_done)
 
     async def cancel_cold(self) -> None:
-        """Stop the background decodes of cold answers (at shutdown: nobody waits for them)."""
-        tasks = list(self.cold.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        """Stop the background heatmaps of cold answers (at shutdown: nobody waits for them)."""
+        self.cold.clear()
+        if self.cold_worker is not None:
+            self.cold_worker.cancel()
+            await asyncio.gather(self.cold_worker, return_exceptions=True)
 
     async def drain_writes(self, timeout_s: float) -> None:
         """Let pending cache writes finish (a Redis write is bounded by its own timeout);

@@ -322,10 +322,12 @@ CACHE_RESULTS = ("hit", "miss")
 # expired: the deadline passed while queued; shutdown: refused or dropped by close();
 # deadline: the request's budget ran out elsewhere (fetch, decode), recorded by the pipeline.
 GIVEUP_REASONS = ("admission", "queue-full", "expired", "shutdown", "deadline")
-# cold_policy = "legacy", what became of each cold answer's background heatmap: queued (decoded
-# and in the batcher's background queue), already (its decode or heatmap was under way), refused
-# (decode pool or background queue full: a later request tries again), failed (decode failed).
-COLD_RESULTS = ("queued", "already", "refused", "failed")
+# cold_policy = "legacy" (sidecar/step_cold.py). Each cold answer: its path queued for a
+# background heatmap, already queued, or refused (queue full: a later request tries again).
+COLD_RESULTS = ("queued", "already", "refused")
+# Each queued path: heatmap computed, found (cached meanwhile, or by another sidecar), dropped
+# (the batcher or the source was too busy to take it), failed (not an image, over the limits).
+COLD_HEATMAP_RESULTS = ("computed", "found", "dropped", "failed")
 # 0.1 ms (a cache hit) up to 2 s (a slow source); denser where the 200 ms p95 budget is decided,
 # and 10 ms apart around the sidecar's own default budget (120 ms) to tell whether p99 meets it.
 STAGE_BUCKETS = (
@@ -405,9 +407,16 @@ class Metrics:
         self.nn_runs = self._add(Counter(p + "nn_runs_total", "Images run through the CNN."))
         self.cold = self._add(
             Counter(
-                p + "cold_heatmaps_total",
-                "First sights answered with the legacy crop: their background heatmap.",
+                p + "cold_total",
+                "Cold answers (cold_policy legacy): their background heatmap queued or not.",
                 {"result": COLD_RESULTS},
+            )
+        )
+        self.cold_heatmaps = self._add(
+            Counter(
+                p + "cold_heatmaps_total",
+                "Background heatmaps of cold answers, by what became of them.",
+                {"result": COLD_HEATMAP_RESULTS},
             )
         )
 

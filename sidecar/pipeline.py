@@ -10,6 +10,10 @@ and none calls another. In order:
              asking the source
   box        box cache lookup (hit: done)
   heatmap    heatmap cache lookup
+  cold       with ``server.cold_policy = "legacy"``, no heatmap cached: the legacy crop now
+             (``ColdStart``), the heatmap made in the background (sidecar/step_cold.py); an
+             original whose heatmap may be cached but whose identity has expired goes on, to be
+             read first
   admit      a known original with no heatmap cached: refused now, before it is read, when no
              decode could make it (decode pool full, or the engine could not take it in time);
              not with ``server.cold_policy = "legacy"``, where the request decodes nothing
@@ -17,8 +21,7 @@ and none calls another. In order:
              the first request's deadline, its own steps on one ``AnalyseJob``:
     fetch      the original, whose identity gives the heatmap key
     heatmap    heatmap cache lookup under that key
-    cold       with ``server.cold_policy = "legacy"``: the header checked, the decode and the
-               heatmap left to the background, the legacy crop answered now (``ColdStart``)
+    cold-read  with ``server.cold_policy = "legacy"``: not cached after all, so as step cold
     take-back  an earlier give-up's pixels of this original, left for the background
     decode     in the decode pool, unless refused first (``DecodeAdmission``)
     faces      with ``kernel.faces``: the face detector started on the bytes in its own thread,
@@ -43,7 +46,7 @@ from sidecar.job import CropJob, Services, Step, check_deadline
 from sidecar.step_admit import step_admit
 from sidecar.step_analyse import OncePerPath, SharedStep
 from sidecar.step_box import step_box_cache
-from sidecar.step_cold import step_cold
+from sidecar.step_cold import step_cold, step_cold_read
 from sidecar.step_decode import step_decode
 from sidecar.step_faces import step_faces
 from sidecar.step_fetch import step_fetch
@@ -57,6 +60,7 @@ STEPS: tuple[tuple[str, Step], ...] = (
     ("override", step_override),
     ("box", step_box_cache),
     ("heatmap", step_heatmap_cache),
+    ("cold", step_cold),
     ("admit", step_admit),
     (
         "analyse",
@@ -64,7 +68,7 @@ STEPS: tuple[tuple[str, Step], ...] = (
             SharedStep("fetch", step_fetch, after_deadline=True),
             SharedStep("heatmap", step_heatmap_cache, after_deadline=True),
             # It only hands work to the background: a late answer still starts the heatmap.
-            SharedStep("cold", step_cold, after_deadline=True),
+            SharedStep("cold-read", step_cold_read, after_deadline=True),
             SharedStep("take-back", step_take_back),
             SharedStep("decode", step_decode),
             SharedStep("faces", step_faces),

@@ -1,19 +1,27 @@
-"""Step ``cold`` (of ``analyse``), with ``server.cold_policy = "legacy"``: an original read and
-checked, whose heatmap no cache has, is answered with the legacy crop at once (``ColdStart``,
-``X-Heatcrop-Path: cold``); its decode and CNN run in the background, so the next request for it,
-any size, finds the heatmap (sidecar/background.py).
+"""Step ``cold``, with ``server.cold_policy = "legacy"``: a request whose original has no heatmap
+in the caches is answered with the legacy crop at once (``ColdStart``, ``X-Heatcrop-Path:
+cold``), and the heatmap is made in the background, so that the next request for the original,
+any size, finds it.
 
-Why: a miss at the edge waits for the sidecar and then for the legacy server's render. With
-``wait`` the sidecar part of a first sight is a decode and a CNN run (tens of ms on a CPU, more
-when the cores are shared with the legacy server); with ``legacy`` it is a read and a header
-check, and the chain costs about what today's edge costs (README, Benchmarks). The price: each
-original's first URLs get the legacy crop, cached as briefly as every fallback.
+Why (bench/results/load.md, README "Benchmarks"): a miss at the edge waits for the sidecar and
+then for the legacy server's render. Under ``wait`` the sidecar part of a first sight is a read,
+a decode and a CNN run; on the shared 2-core machine even a read and a header check in the
+request cost p95 57 ms of the sidecar hop during a cold burst (a thread hop each, on cores the
+legacy server is rendering on), against 21 ms for an answer that touches nothing. So:
 
-The header is checked here, in the request, so that an original over the byte or pixel limit,
-or not an image, is answered as under ``wait`` (413/415), not as a legacy crop that the legacy
-server would refuse. Bounded: a decode starts only while the decode pool and the batcher's
-background queue have room for it (else nothing is queued, and a later request tries again);
-one decode per original at a time.
+- the request reads nothing when the heatmap cannot be cached: the identity is known and its
+  heatmap missed, or the path was never seen by this sidecar and the caches are its own (memory
+  backend). Only a path seen before whose identity has expired (``IdentityMemo``), or any path
+  with a shared cache (Redis: another sidecar may have made it), is read first, in step
+  ``analyse``, whose step ``cold-read`` answers the same way when the heatmap is not there;
+- the background work is one original at a time (read, cache lookup, decode, CNN), from a queue
+  of at most ``batcher.max_background`` paths, one entry per path: it takes a core at most, not
+  both, while the legacy server renders the burst of first sights. A full queue refuses
+  (counted), and a later request for the path tries again. Nothing is decoded when the batcher
+  would not take the pixels.
+
+Limits: an original over the byte or pixel limit, or not an image, gets the legacy answer, and
+the legacy server refuses it with its own words (it has the same limits: nginx/limits.py).
 """
 
 from __future__ import annotations
@@ -23,50 +31,93 @@ import logging
 import math
 
 from sidecar.background import finish_in_background
-from sidecar.decode import probe
+from sidecar.caches import heatmap_key
 from sidecar.errors import ColdStart, HeatcropError, Overloaded
-from sidecar.job import AnalyseJob, Services
+from sidecar.job import AnalyseJob, CropJob, Services
 
 log = logging.getLogger("heatcrop.pipeline")
 
 
-async def step_cold(svc: Services, job: AnalyseJob) -> None:
-    if svc.settings.server.cold_policy != "legacy" or job.analysis is not None:
+def _legacy(svc: Services) -> bool:
+    return svc.settings.server.cold_policy == "legacy"
+
+
+async def step_cold(svc: Services, job: CropJob) -> None:
+    if not _legacy(svc) or job.analysis is not None:
         return
-    limits = svc.settings.source
-    probe(job.data, max_bytes=limits.max_bytes, max_pixels=limits.max_pixels)
-    start_cold_heatmap(svc, job.heat_key, job.data)
+    if not job.heat_key and might_be_cached(svc, job.path):
+        return  # read it first (step analyse); step cold-read answers if it is not there
+    queue_cold(svc, job.path)
     raise ColdStart(f"no heatmap of {job.path} cached; legacy crop while it is made")
 
 
-def start_cold_heatmap(svc: Services, key: str, data: bytes) -> None:
-    """Decode ``data`` and queue it for a background heatmap under ``key``, where there is room;
-    counted once per call in ``heatcrop_cold_heatmaps_total`` (``COLD_RESULTS``)."""
-    if key in svc.cold or key in svc.background:
+async def step_cold_read(svc: Services, job: AnalyseJob) -> None:
+    if not _legacy(svc) or job.analysis is not None:
+        return
+    queue_cold(svc, job.path, job)
+    raise ColdStart(f"no heatmap of {job.path} cached; legacy crop while it is made")
+
+
+def might_be_cached(svc: Services, path: str) -> bool:
+    """Whether a heatmap of ``path`` may be cached though its identity is not known now."""
+    return svc.settings.cache.backend != "memory" or svc.identities.seen(path)
+
+
+def queue_cold(svc: Services, path: str, read: AnalyseJob | None = None) -> None:
+    """Queue ``path`` (with what was read of it, if it was) for a background heatmap; counted
+    once in ``heatcrop_cold_total`` (queued, already, refused)."""
+    if path in svc.cold or (read is not None and read.heat_key in svc.background):
         svc.metrics.cold.inc(result="already")
         return
-    decodes = svc.decodes
-    if decodes.queued >= decodes.max_queued or not svc.batcher.takes_background(len(svc.cold)):
+    if len(svc.cold) >= svc.batcher.max_background:
         svc.metrics.cold.inc(result="refused")
         return
-    task = asyncio.ensure_future(_decode_and_queue(svc, key, data))
-    svc.cold[key] = task
-    task.add_done_callback(lambda _: svc.cold.pop(key, None))
+    svc.cold[path] = None if read is None else (read.heat_key, read.data)
+    svc.metrics.cold.inc(result="queued")
+    if svc.cold_worker is None or svc.cold_worker.done():
+        svc.cold_worker = asyncio.ensure_future(_work(svc))
 
 
-async def _decode_and_queue(svc: Services, key: str, data: bytes) -> None:
-    result = "refused"
+async def _work(svc: Services) -> None:
+    """The queued paths, oldest first, one at a time; each leaves the queue once done."""
+    while svc.cold:
+        path, read = next(iter(svc.cold.items()))
+        try:
+            result = await _heatmap(svc, path, read)
+        except Exception:  # a bug must not stop the queue, nor end as an unretrieved error
+            log.exception("background heatmap of %s failed unexpectedly", path)
+            result = "failed"
+        finally:
+            svc.cold.pop(path, None)
+        svc.metrics.cold_heatmaps.inc(result=result)
+
+
+async def _heatmap(svc: Services, path: str, read: tuple[str, bytes] | None) -> str:
+    """What became of one queued path, as ``sidecar.metrics.COLD_HEATMAP_RESULTS`` names it."""
     try:
-        # No request waits for it: no deadline; the decode pool's own bound refuses it if full.
+        if read is None:
+            # No request waits for it: no budget; the source's own bound refuses it if busy.
+            original = await svc.source.fetch(path)
+            svc.identities.put(path, original.identity, asyncio.get_running_loop().time())
+            key, data = heatmap_key(original.identity, svc.heat_version), original.data
+            if key in svc.background or await svc.caches.get_analysis(key) is not None:
+                return "found"
+        else:
+            key, data = read
+        if not svc.batcher.takes_background():
+            return "dropped"
         decoded = await svc.decodes.decode(data, math.inf, svc.batcher)
-        if finish_in_background(svc, decoded, key):
-            result = "queued"
     except Overloaded:
-        pass
+        return "dropped"
     except HeatcropError as exc:
-        log.info("background decode of %s failed: %s", key, exc)
-        result = "failed"
-    except Exception:  # a bug must not end as "Task exception was never retrieved"
-        log.exception("background decode of %s failed unexpectedly", key)
-        result = "failed"
-    svc.metrics.cold.inc(result=result)
+        log.info("background heatmap of %s not made: %s", path, exc)
+        return "failed"
+    if not finish_in_background(svc, decoded, key):
+        return "dropped"
+    pending = svc.background.get(key)
+    try:
+        if pending is not None:  # one at a time: its CNN run before the next read
+            await pending.analysis
+    except Overloaded:
+        return "dropped"
+    return "computed"

@@ -99,60 +99,122 @@ async def test_first_sight_is_the_legacy_crop_and_the_next_request_is_smart(clie
     assert _is_legacy_answer(resp, "one.jpg", Size(400, 300))
     assert "max_age(30)" in resp.headers["X-Accel-Redirect"]
     assert await _metric(client, "heatcrop_requests_total", outcome="cold") == 1
+    assert await _metric(client, "heatcrop_cold_total", result="queued") == 1
+    # Never seen, memory caches: nothing can be cached, so the request read nothing.
+    assert await _metric(client, "heatcrop_stage_seconds_count", stage="fetch") == 0
 
     async def cached() -> bool:
         return await _heatmap_cached(client, "one.jpg")
 
     await _until(cached)
-    assert await _metric(client, "heatcrop_cold_heatmaps_total", result="queued") == 1
     # Another size of the same original: a heatmap-cache hit, the CNN ran once. 3:1 is an
     # aspect where the cup clearly beats the centre crop.
     resp = await _get(client, "300x100", "one.jpg")
     assert resp.headers["X-Heatcrop-Path"] == "smart"
     assert "X-Heatcrop-Box" in resp.headers
     assert await _metric(client, "heatcrop_nn_runs_total") == 1
+    assert await _metric(client, "heatcrop_cold_heatmaps_total", result="computed") == 1
     assert await _metric(client, "heatcrop_requests_total", outcome="error") == 0
 
 
-async def test_concurrent_first_sights_start_one_background_heatmap(client) -> None:
+async def test_concurrent_first_sights_make_one_background_heatmap(client) -> None:
     sizes = ("400x300", "300x300", "640x360", "240x320", "160x90")
     answers = await asyncio.gather(*(_get(client, s, "two.jpg") for s in sizes))
-    # Those that shared the first one's read (single-flight) are cold with it; one that came
-    # after the heatmap landed may already be smart.
-    assert answers[0].headers["X-Heatcrop-Path"] == "cold"
-    assert {r.headers["X-Heatcrop-Path"] for r in answers} <= {"cold", "smart", "low-confidence"}
+    assert [r.headers["X-Heatcrop-Path"] for r in answers] == ["cold"] * 5
 
     async def cached() -> bool:
         return await _heatmap_cached(client, "two.jpg")
 
     await _until(cached)
     assert await _metric(client, "heatcrop_nn_runs_total") == 1
-    assert await _metric(client, "heatcrop_cold_heatmaps_total", result="queued") == 1
-    assert await _metric(client, "heatcrop_cold_heatmaps_total", result="refused") == 0
+    assert await _metric(client, "heatcrop_cold_total", result="queued") == 1
+    assert await _metric(client, "heatcrop_cold_total", result="already") == 4
 
 
-async def test_a_full_background_queue_still_answers_the_legacy_crop(client) -> None:
-    svc = client.app[SERVICES]
-    async with busy_engine(svc):
-        decodes = await _metric(client, "heatcrop_stage_seconds_count", stage="decode")
-        resp = await _get(client, "400x300", "three.jpg")
-        assert _is_legacy_answer(resp, "three.jpg", Size(400, 300))
-        assert await _metric(client, "heatcrop_cold_heatmaps_total", result="refused") == 1
-        # Nothing was decoded for a heatmap the batcher could not take.
-        assert await _metric(client, "heatcrop_stage_seconds_count", stage="decode") == decodes
-    assert not svc.cold and "three.jpg" not in svc.flights
-    assert not await _heatmap_cached(client, "three.jpg")
-    # With room again, the next request queues it, and the one after is smart.
-    resp = await _get(client, "400x300", "three.jpg")
-    assert resp.headers["X-Heatcrop-Path"] == "cold"
+async def test_a_seen_original_whose_identity_expired_is_read_and_found(client) -> None:
+    # The identity is trusted 30 s; past that, a request must not answer cold for a heatmap
+    # that is in the cache all along: it reads the original to learn its key.
+    await _get(client, "400x300", "three.jpg")
 
     async def cached() -> bool:
         return await _heatmap_cached(client, "three.jpg")
 
     await _until(cached)
-    assert (await _get(client, "300x100", "three.jpg")).headers["X-Heatcrop-Path"] == "smart"
+    svc = client.app[SERVICES]
+    svc.identities.ttl_s = 0.0
+    svc.identities.put("three.jpg", "stale-on-purpose", 0.0)  # expired at once, still seen
+    resp = await _get(client, "300x100", "three.jpg")
+    assert resp.headers["X-Heatcrop-Path"] == "smart"
+    assert await _metric(client, "heatcrop_stage_seconds_count", stage="fetch") == 1
+    assert await _metric(client, "heatcrop_requests_total", outcome="cold") == 1
+
+
+class _GatedSource:
+    """The real folder source, each read held until ``gate`` is set: the background queue then
+    holds its paths for as long as the test needs (a source, not the engine)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.gate = asyncio.Event()
+
+    async def fetch(self, path: str, budget_s: float | None = None):
+        await self.gate.wait()
+        return await self.inner.fetch(path, budget_s)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def test_a_full_background_queue_still_answers_the_legacy_crop(
+    aiohttp_client, model_dir: Path, photos: Path
+) -> None:
+    settings = _settings(model_dir, photos)
+    settings = dataclasses.replace(
+        settings, server=dataclasses.replace(settings.server, max_batch=1)
+    )
+    client = await aiohttp_client(make_app(settings))
+    svc = client.app[SERVICES]
+    gated = svc.source = _GatedSource(svc.source)
+    assert svc.batcher.max_background == 1  # the queue holds as many paths as that
+    first = await _get(client, "400x300", "one.jpg")
+    second = await _get(client, "400x300", "two.jpg")
+    assert _is_legacy_answer(first, "one.jpg", Size(400, 300))
+    assert _is_legacy_answer(second, "two.jpg", Size(400, 300))
+    assert await _metric(client, "heatcrop_cold_total", result="refused") == 1
+    assert list(svc.cold) == ["one.jpg"]
+    gated.gate.set()
+
+    async def cached() -> bool:
+        return await _heatmap_cached(client, "one.jpg")
+
+    await _until(cached)
+    assert not await _heatmap_cached(client, "two.jpg")
+    # With room again, the next request queues it, and the one after is smart.
+    assert (await _get(client, "300x300", "two.jpg")).headers["X-Heatcrop-Path"] == "cold"
+
+    async def cached_two() -> bool:
+        return await _heatmap_cached(client, "two.jpg")
+
+    await _until(cached_two)
+    assert (await _get(client, "300x100", "two.jpg")).headers["X-Heatcrop-Path"] == "smart"
     assert await _metric(client, "heatcrop_requests_total", outcome="error") == 0
     assert await _metric(client, "heatcrop_requests_total", outcome="giveup") == 0
+
+
+async def test_a_busy_engine_drops_the_background_heatmap_without_decoding(client) -> None:
+    svc = client.app[SERVICES]
+    async with busy_engine(svc):
+        decodes = await _metric(client, "heatcrop_stage_seconds_count", stage="decode")
+        resp = await _get(client, "400x300", "four.jpg")
+        assert _is_legacy_answer(resp, "four.jpg", Size(400, 300))
+
+        async def dropped() -> bool:
+            return await _metric(client, "heatcrop_cold_heatmaps_total", result="dropped") == 1
+
+        await _until(dropped)
+        # Nothing was decoded for a heatmap the batcher could not take.
+        assert await _metric(client, "heatcrop_stage_seconds_count", stage="decode") == decodes
+    assert not svc.cold and not await _heatmap_cached(client, "four.jpg")
 
 
 @contextlib.asynccontextmanager
@@ -176,27 +238,17 @@ async def busy_engine(svc) -> AsyncIterator[None]:
         await asyncio.gather(*backlog, return_exceptions=True)
 
 
-async def test_originals_the_legacy_server_would_refuse_are_answered_as_under_wait(
+async def test_originals_over_the_limits_get_the_legacy_answer_and_are_not_decoded(
     aiohttp_client, model_dir: Path, photos: Path
 ) -> None:
-    # The header is checked before the legacy answer: a 413 or 415 with the sidecar's words,
-    # not a legacy crop the legacy server would refuse with an empty body.
+    # The legacy server has the same limits and refuses them itself (nginx/limits.py).
     client = await aiohttp_client(make_app(_settings(model_dir, photos, max_pixels=10_000)))
-    resp = await client.get("/crop/400x300/four.jpg")
-    assert (resp.status, await resp.text()) == (413, "source has too many pixels")
-    resp = await client.get("/crop/400x300/notes.jpg")
-    assert (resp.status, await resp.text()) == (415, "source is not an image")
-    assert await _metric(client, "heatcrop_cold_heatmaps_total", result="queued") == 0
-
-
-async def test_a_damaged_original_answers_the_legacy_crop_and_counts_the_failed_decode(
-    client,
-) -> None:
-    resp = await _get(client, "400x300", "truncated.jpg")
-    assert _is_legacy_answer(resp, "truncated.jpg", Size(400, 300))
+    for path in ("four.jpg", "notes.jpg", "truncated.jpg"):
+        resp = await _get(client, "400x300", path)
+        assert _is_legacy_answer(resp, path, Size(400, 300))
 
     async def failed() -> bool:
-        return await _metric(client, "heatcrop_cold_heatmaps_total", result="failed") == 1
+        return await _metric(client, "heatcrop_cold_heatmaps_total", result="failed") == 3
 
     await _until(failed)
     assert await _metric(client, "heatcrop_nn_runs_total") == 0
