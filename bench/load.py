@@ -18,7 +18,7 @@ With Thumbor 7.8 (file loader, 2 processes) as the legacy server:
   (b') heatcrop cold with proxy_cache_lock off (originals O3), against (b) with it on
   (e) heatcrop cold (originals O2), the sidecar SIGKILLed a third into the run and restarted
 With a static stand-in legacy server (nginx serving one JPEG for any URL), to isolate
-heatcrop's own cost: (b), (c), (d) again on a fresh stack.
+heatcrop's own cost: (f), (b), (c), (d) again on a fresh stack.
 
 Every scenario also reads nginx's access logs of its run (bench/hops.py): per hop, what its
 misses waited for (the sidecar, then the legacy server's render). ``--only a,f,b`` runs a
@@ -70,9 +70,9 @@ LATENCY_FIRST_ENV = {"HEATCROP_SERVER_COLD_POLICY": "legacy", "HEATCROP_SERVER_W
 COLD_TRIO = ((TODAY, "a"), (LATENCY_FIRST, "f"), (COLD, "b"))
 # The chain-overhead target against today's edge, at p95.
 CHAIN_TARGET = 0.05
-# Renders asked of the legacy server before (a): a fresh Thumbor (and a page cache that has not
-# read the originals yet) made the first scenario, (a), 1.5-3x slower than the same run repeated
-# at once ((a'), three runs of 2026-12-03), which flattered every row compared with it.
+# Renders asked of the legacy server before (a): with a fresh Thumbor (and a page cache that has
+# not read the originals yet) the first scenario, (a), was 1.3-3x slower than the same run
+# repeated at once in three of four runs of 2026-12-03, which flattered every row against it.
 WARM_RENDERS = 20
 
 
@@ -206,7 +206,7 @@ def main() -> None:
         )
         results += thumbor_group(work / "thumbor", args, sets, load)
         loads.append(os.getloadavg()[0])
-        if not args.only or args.only & {"b", "c", "d"}:
+        if not args.only or args.only & {"b", "c", "d", "f"}:
             results += standin_group(work / "standin", args, sets, load)
         loads.append(os.getloadavg()[0])
     text = "\n".join(report(started, args, load, results, loads)) + "\n"
@@ -312,7 +312,18 @@ def standin_group(
     ).jpegsave(str(image), Q=85)
     legacy = "static stand-in (nginx, one JPEG)"
     with Stack(_options(workdir, args, legacy="standin", standin_image=image)) as st:
-        return heatcrop_runs(st, legacy, workdir / "lists", sets, load, args)
+        out = []
+        if _wants(args, "f"):
+            # What the latency-first sidecar costs by itself, with no render on its cores.
+            base_env = dict(st.options.sidecar_env)
+            st.restart_sidecars({**base_env, **LATENCY_FIRST_ENV, **args.latency_env})
+            st.restart_edge()
+            o1 = write_list(workdir / "lists" / "o1.txt", sets["O1"])
+            setup = "O1 × 5 sizes, Zipf s=1, cold sidecar and nginx cache, latency-first"
+            out.append(measured(st, LATENCY_FIRST, legacy, o1, SIZES, load, setup=setup))
+            st.restart_sidecars(base_env)
+            st.restart_edge()
+        return out + heatcrop_runs(st, legacy, workdir / "lists", sets, load, args)
 
 
 def heatcrop_runs(

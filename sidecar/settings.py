@@ -52,8 +52,9 @@ class ServerSettings:
     worker_nice: int = 0
     # What a request for an original with no cached heatmap waits for. wait: its decode and CNN
     # run within the deadline (a smart crop on first sight when there is capacity). legacy: the
-    # legacy crop at once, the heatmap finished in the background for the next request
-    # (sidecar/step_cold.py): a miss then costs what today's edge costs (bench/results/load.md).
+    # legacy crop at once, the heatmap made in the background for the next request
+    # (sidecar/step_cold.py): the sidecar's part of a miss is then a few ms, for a smaller smart
+    # share (README, "Benchmarks", and why wait stays the default).
     cold_policy: str = "wait"
 
 
