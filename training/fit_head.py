@@ -42,7 +42,16 @@ from engines.readout import WEIGHTS_PATH, head_logits, load_weights
 from sidecar.core import Analysis, blend_profiles
 from sidecar.settings import KernelSettings
 from training.backbones import ALL_FIT_SETS, BACKBONES, Cells, extract
-from training.data import EvalSet, centre_box, fixations_kept, load_set, oracle_box
+from training.data import (
+    EvalSet,
+    centre_box,
+    feature_key,
+    fixations_kept,
+    heldout_key,
+    heldout_path,
+    load_set,
+    oracle_box,
+)
 from training.features import fold_of, primary_scores, reference_scores, targets
 from training.fit_window import episodes
 from training.heads import FitSet, HeadConfig, export_weights, fit, heat_maps
@@ -188,9 +197,13 @@ def config_id(cfg: HeadConfig, sets: dict[str, float], backbone: str, folds: int
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
-def cross_validate(runs: dict[str, SetRun], cfg: HeadConfig, folds: int) -> dict[str, F64]:
-    """Per set, every image's score from a head that never saw it (the check set: the mean
-    over the folds' heads)."""
+def cross_validate(
+    runs: dict[str, SetRun], cfg: HeadConfig, folds: int, maps_out: dict[str, F32] | None = None
+) -> dict[str, F64]:
+    """Per set, every image's score from a head that never saw it (the sets not fitted on:
+    the mean over the folds' heads). With `maps_out`, every fit-set image's held-out map is
+    put there under training.data.heldout_key (what bench/quality.py and training/tune.py
+    read)."""
     kernel = KernelSettings()
     out = {n: np.zeros(len(r.eval_set.items)) for n, r in runs.items()}
     for f in range(folds):
@@ -203,9 +216,13 @@ def cross_validate(runs: dict[str, SetRun], cfg: HeadConfig, folds: int) -> dict
         for n, r in runs.items():
             held = (np.flatnonzero(r.fold == f) if r.fit is not None
                     else np.arange(len(r.eval_set.items)))  # fmt: skip
-            scores = score_maps(r, heat_maps(head, r.cells, held.tolist()), kernel)
+            maps = heat_maps(head, r.cells, held.tolist())
+            scores = score_maps(r, maps, kernel)
             if r.fit is not None:
                 out[n][held] = scores
+                if maps_out is not None:
+                    for i, heat in maps.items():
+                        maps_out[heldout_key(r.eval_set.items[i].path)] = heat
             else:
                 out[n] += scores / folds
         print(f"  fold {f + 1}/{folds}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
@@ -232,13 +249,19 @@ def run_cv(args: argparse.Namespace) -> int:
         cfg = parse_config(spec)
         cid = config_id(cfg, sets, args.backbone, args.folds)
         path = SCORES / f"{cid}.json"
-        if path.exists() and not args.force:
+        if path.exists() and not args.force and not args.save_heldout:
             print(f"{cid} cached: {path}", file=sys.stderr)
             continue
         t0 = time.perf_counter()
         runs = load_runs(args.eval_dir, sets, args.backbone, args.folds, cfg.window > 0)
         print(f"{cid} {args.backbone} {cfg.label()} on {sets}", file=sys.stderr)
-        scores = cross_validate(runs, cfg, args.folds)
+        maps: dict[str, F32] | None = {} if args.save_heldout else None
+        scores = cross_validate(runs, cfg, args.folds, maps)
+        if maps is not None:
+            target = heldout_path(feature_key(args.model_dir))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            np.savez_compressed(target, **maps)  # type: ignore[arg-type]
+            print(f"held-out maps of {len(maps)} images: {target}", file=sys.stderr)
         shares = {n: share(scores[n], runs[n].refs) for n in runs}
         record = {
             "id": cid, "name": args.name or cfg.label(), "config": spec, "label": cfg.label(),
@@ -321,6 +344,17 @@ def run_select(args: argparse.Namespace) -> int:
         weights = ", ".join(f"{n} {w:g}" for n, w in r["sets"].items())
         lines.append(f"| {r['name']} | {r['backbone']} | {weights} | " + " | ".join(cells)
                      + f" | {obj:+.1%} | {r['seconds']} s |")  # fmt: skip
+    commands = ["", "Commands of the rows:", ""]
+    for r in recs:
+        if r["config"]:
+            sets = ",".join(f"{n}={w:g}" for n, w in r["sets"].items())
+            cmd = (f"python -m training.fit_head cv --backbone {r['backbone']} --sets {sets} "
+                   f"--config {r['config']}")  # fmt: skip
+        else:
+            cmd = "python -m training.fit_head shipped --weights <file> --fitted-on " + ",".join(
+                r.get("fitted_on", [])
+            )
+        commands.append(f"- {r['name']}: `{cmd}`")
     text = "\n".join(lines)
     pool = [r for r in recs if all(n in r["sets"] for n in FIT_KINDS)]
     if args.nested:
@@ -356,6 +390,7 @@ def run_select(args: argparse.Namespace) -> int:
         f"Centre → oracle: {centre_oracle}.",
         "",
         text + nested_text,
+        *commands,
         "",
     ])  # fmt: skip
     print(doc)
@@ -425,6 +460,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--force", action="store_true")
+    ap.add_argument(
+        "--save-heldout", action="store_true",
+        help="cv: write the fit sets' held-out maps where bench.quality and training.tune "
+        "read them (build/readout/heldout-<backbone key>.npz); for the shipped configuration",
+    )  # fmt: skip
+    ap.add_argument("--model-dir", type=Path, default=Path("build/model"))
     ap.add_argument("--ids", default="", help="select: only these score records")
     ap.add_argument("--nested", default="", help="select: the candidates of the nested choice")
     ap.add_argument("--report", type=Path, default=None)
