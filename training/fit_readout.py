@@ -1,5 +1,10 @@
 """Fit the learned read-out head on frozen Lite0 features: ``python -m training.fit_readout``.
 
+Superseded by training/fit_head.py, which fits every set it is given (with set weights, all
+in 5-fold CV) and made the shipped head; this script keeps the first read-out's three sets
+(fcdb_train, saliency_dev, food_dev) and writes the same held-out map file, so running it
+replaces fit_head's held-out maps (and, with --out, the shipped weights).
+
     python -m training.fit_readout [--folds 5] [--out engines/readout_weights.npz]
         [--report training/results/readout.md] [--eval-dir ../shared/eval]
 
@@ -43,7 +48,7 @@ import numpy.typing as npt
 
 from engines.readout import FEATURES, WEIGHTS_PATH, coord_features
 from sidecar.settings import KernelSettings
-from training.data import ALL_SETS, FIT_SETS, feature_key, heldout_key, heldout_path, load_set
+from training.data import ALL_SETS, feature_key, heldout_key, heldout_path, load_set
 from training.features import (
     Data,
     SetFeatures,
@@ -68,6 +73,9 @@ L2 = 1.0
 # (training/results/fit_window.md).
 WINDOW = 0.05
 WINDOW_ITERS = 300
+# The sets this (first) read-out was fitted on; training/fit_head.py fits every set it is given
+# and made the shipped head (training.data.FIT_SETS).
+FIT_SETS: tuple[str, ...] = ("fcdb_train", "saliency_dev", "food_dev")
 # Total weight of each set in the likelihood (spread evenly over its images).
 SET_WEIGHT: dict[str, float] = {"fcdb_train": 2.0, "saliency_dev": 1.0, "food_dev": 1.0}
 

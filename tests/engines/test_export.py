@@ -25,7 +25,7 @@ from engines.errors import ModelNotBuilt
 from engines.export import export
 from engines.graph import GENERIC_HEAD, same_pads
 from engines.model import find_model
-from engines.readout import WEIGHTS_PATH
+from engines.readout import GATE_PREFIX, WEIGHTS_PATH, layer_count, load_weights
 
 GOLDEN = Path(__file__).parents[1] / "support" / "golden" / "lite0_reference.npz"
 GOLDEN_BUCKETS = ("224x224", "224x320")
@@ -178,8 +178,10 @@ def test_manifest(model_path):
 def test_graph_structure(model_path):
     model = onnx.load(model_path)
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
-    # stem + block 0 (depthwise, project) + 15 blocks x 3 + head + the food CAM + read-out.
-    readout = 2 if "readout.w2" in {i.name for i in model.graph.initializer} else 1
+    # stem + block 0 (depthwise, project) + 15 blocks x 3 + head + the food CAM + read-out
+    # (one 1x1 convolution per layer of the head and of its food head, two for a blur).
+    weights = load_weights()
+    readout = layer_count(weights) + layer_count(weights, GATE_PREFIX) + 2 * ("blur" in weights)
     assert len(convs) == 1 + 2 + 15 * 3 + 1 + 1 + readout
     attrs = {
         n.name: {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in convs

@@ -30,7 +30,9 @@ def tapped(tmp_path_factory) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-def _naive_readout(maps: list[np.ndarray], weights: dict[str, np.ndarray]) -> np.ndarray:
+def _naive_readout(
+    maps: list[np.ndarray], weights: dict[str, np.ndarray], mass: np.ndarray
+) -> np.ndarray:
     n, _, h, w = maps[-1].shape
     cols = []
     for tap, m in zip(TAPS, maps, strict=True):
@@ -48,6 +50,9 @@ def _naive_readout(maps: list[np.ndarray], weights: dict[str, np.ndarray]) -> np
         z = np.einsum("ok,nkhw->nohw", weights["w2"], np.maximum(z, 0.0))
         z += weights["b2"][None, :, None, None]
     z = z[:, 0]
+    if "gate_w1" in weights:  # the food head, times the image's food probability
+        zf = np.einsum("kc,nchw->nkhw", weights["gate_w1"].astype(np.float64), f)[:, 0]
+        z = z + mass[:, None, None] * (zf + weights["gate_b1"][0])
     a = weights["a"].astype(np.float64)
     v, u = coord_axis(h)[:, None], coord_axis(w)[None, :]
     z = z + (a[0] * u + a[1] * v + a[2] * u * u + a[3] * v * v)[None]
@@ -58,9 +63,10 @@ def _naive_readout(maps: list[np.ndarray], weights: dict[str, np.ndarray]) -> np
 def test_readout_channel_matches_numpy(tapped, bucket):
     with np.load(GOLDEN) as golden:
         inputs = golden[f"inputs_{bucket}"]
-    outs = tapped.run([OUTPUT_NAMES[0], *(t.tensor for t in TAPS)], {INPUT_NAME: inputs})
+    outs = tapped.run([OUTPUT_NAMES[0], OUTPUT_NAMES[1], *(t.tensor for t in TAPS)],
+                      {INPUT_NAME: inputs})  # fmt: skip
     heat = outs[0][:, READOUT]
-    want = _naive_readout(outs[1:], load_weights())
+    want = _naive_readout(outs[2:], load_weights(), outs[1])
     np.testing.assert_allclose(heat, want, rtol=1e-3, atol=1e-5)
     assert np.allclose(heat.max(axis=(1, 2)), 1.0) and (heat > 0).all()
 
@@ -68,11 +74,13 @@ def test_readout_channel_matches_numpy(tapped, bucket):
 def test_readout_portrait_bucket_and_weights_file(tapped):
     rng = np.random.default_rng(5)
     batch = rng.integers(0, 256, (2, 320, 224, 3), dtype=np.uint8)
-    outs = tapped.run([OUTPUT_NAMES[0], *(t.tensor for t in TAPS)], {INPUT_NAME: batch})
+    outs = tapped.run([OUTPUT_NAMES[0], OUTPUT_NAMES[1], *(t.tensor for t in TAPS)],
+                      {INPUT_NAME: batch})  # fmt: skip
     assert outs[0].shape == (2, len(PROFILES), 10, 7)
     np.testing.assert_allclose(
-        outs[0][:, READOUT], _naive_readout(outs[1:], load_weights()), rtol=1e-3, atol=1e-5
-    )
+        outs[0][:, READOUT], _naive_readout(outs[2:], load_weights(), outs[1]), rtol=1e-3,
+        atol=1e-5,
+    )  # fmt: skip
     weights = load_weights(WEIGHTS_PATH)
     assert weights["w1"].shape[1] == FEATURES and weights["a"].shape == (COORD_TERMS,)
     # Small enough to ship in the repository.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from training.data import FIT_SETS, PROTOCOLS, Box, EvalItem, EvalSet
+from training.data import PROTOCOLS, Box, EvalItem, EvalSet
 from training.features import (
     Data,
     SetFeatures,
@@ -13,7 +13,7 @@ from training.features import (
     mirrored_item,
     mirrored_set,
 )
-from training.fit_readout import fit_parts
+from training.fit_readout import FIT_SETS, fit_parts
 
 
 def _item(**kw) -> EvalItem:
