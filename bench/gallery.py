@@ -5,7 +5,8 @@
 
 Writes index.html and one JPEG per photo and aspect: the photo with the crop boxes drawn on
 it (heatcrop green, centre white, attention magenta) and the ground truth in yellow (the
-expert crop, the dish boxes, or the eye fixations), plus the heatmap the search read. The
+expert crop, the dish boxes, or the eye fixations; on crowd_train also the labelled faces, in
+cyan, with "faces sliced" per method), plus the heatmap the search read. The
 numbers benchmark the methods; the pictures show why they come out that way.
 """
 
@@ -42,6 +43,8 @@ PHOTOS: dict[str, tuple[str, ...]] = {
         "84_png.rf.08539d69b50caf56f6808101325eb7f8.jpg",
     ),
     "saliency_dev": ("012.jpg", "118.jpg", "253.jpg", "381.jpg"),
+    # A fit set (its map is in-sample there), shown for its labelled faces.
+    "crowd_train": ("003.jpg", "119.jpg", "243.jpg", "368.jpg"),
 }
 TILE_LONG_SIDE = 360
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -49,6 +52,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "centre": (255, 255, 255),
     "attention": (255, 0, 255),
     "truth": (255, 220, 0),
+    "face": (0, 200, 255),
 }
 
 
@@ -104,6 +108,8 @@ def render_tile(item: EvalItem, kind: str, boxes: dict[str, Box]) -> npt.NDArray
     else:
         for gt in item.boxes:
             draw_box(pixels, gt, scale, COLOURS["truth"], 1)
+    for face in item.faces:  # the labelled faces a crop must not slice (crowd_train)
+        draw_box(pixels, face, scale, COLOURS["face"], 1)
     for name in ("centre", "attention", "heatcrop"):  # heatcrop last: on top
         draw_box(pixels, boxes[name], scale, COLOURS[name], 3 if name == "heatcrop" else 2)
     return pixels
@@ -137,9 +143,11 @@ def photo_tiles(
         verdict = "" if core.is_confident(raw) else " → centre"
         caption = f"{label}: confidence {raw.confidence:.4f}{verdict}"
         if label in protocol.aspects(item):
-            key = protocol.metrics[0].key
-            scores = ", ".join(f"{m} {protocol.score(item, b)[key]:.2f}" for m, b in boxes.items())
-            caption += f"<br>{protocol.metrics[0].title}: {scores}"
+            for metric in protocol.metrics[: 2 if item.faces else 1]:
+                scores = ", ".join(
+                    f"{m} {protocol.score(item, b)[metric.key]:.2f}" for m, b in boxes.items()
+                )
+                caption += f"<br>{metric.title}: {scores}"
         tiles.append(Tile(name, caption))
     heat_png = render_overlay(
         data,
