@@ -38,6 +38,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from engines.faces import face_map
 from engines.readout import WEIGHTS_PATH, head_logits, load_weights
 from sidecar.core import Analysis, blend_profiles
 from sidecar.settings import KernelSettings
@@ -52,6 +53,7 @@ from training.data import (
     load_set,
     oracle_box,
 )
+from training.face_cache import load_cached
 from training.features import fold_of, primary_scores, reference_scores, targets
 from training.fit_window import episodes
 from training.heads import FitSet, HeadConfig, export_weights, fit, heat_maps
@@ -73,7 +75,7 @@ def parse_sets(spec: str) -> dict[str, float]:
 
 
 def parse_config(spec: str) -> HeadConfig:
-    """ "hidden=32-16,gate=1,blur=0.5,l2=1,window=0.2,dims=256" -> HeadConfig."""
+    """ "hidden=32-16,gate=1,blur=0.5,l2=1,window=0.2,dims=256,faces=1" -> HeadConfig."""
     kinds = {f.name: f.type for f in fields(HeadConfig)}
     values: dict[str, object] = {}
     for part in filter(None, spec.split(",")):
@@ -82,7 +84,7 @@ def parse_config(spec: str) -> HeadConfig:
             raise ValueError(f"unknown head setting {key!r} (one of {', '.join(kinds)})")
         if key == "hidden":
             values[key] = tuple(int(v) for v in value.split("-") if v)
-        elif key in ("gate", "skip"):
+        elif key in ("gate", "skip", "faces"):
             values[key] = value not in ("0", "false", "")
         elif key in ("dims", "iters", "seed"):
             values[key] = int(value)
@@ -108,6 +110,18 @@ def join_cells(parts: Sequence[Cells]) -> Cells:
 def load_cells(eval_set: EvalSet, backbone: str) -> Cells:
     names = ["lite0", "lite2"] if backbone == "both" else [backbone]
     return join_cells([extract(eval_set, BACKBONES[n]) for n in names])
+
+
+def with_face_channel(eval_set: EvalSet, cells: Cells, boxes: dict[str, F32]) -> Cells:
+    """The cells plus one last feature: the share of each cell that detected faces cover
+    (engines.faces.face_map of the photo's boxes, in its original pixels, on its grid)."""
+    column = np.zeros((len(cells.features), 1), np.float16)
+    for i, item in enumerate(eval_set.items):
+        h, w = (int(v) for v in cells.shapes[i])
+        found = boxes.get(item.name, np.zeros((0, 5), np.float32))
+        column[cells.rows(i), 0] = face_map(found, item.width, item.height, h, w).reshape(-1)
+    feats = np.concatenate([cells.features, column], axis=1)
+    return Cells(cells.names, cells.shapes, cells.offsets, feats, cells.cams, cells.food_mass)
 
 
 def references(eval_set: EvalSet) -> tuple[F64, F64, F64]:
@@ -158,13 +172,17 @@ class SetRun:
 
 
 def load_runs(eval_dir: str, sets: dict[str, float], backbone: str, folds: int,
-              window: bool) -> dict[str, SetRun]:  # fmt: skip
+              window: bool, faces: bool = False) -> dict[str, SetRun]:  # fmt: skip
+    """Every set's data; with `faces`, the cells carry the face channel (boxes cached by
+    training/face_cache.py)."""
     runs = {}
     # Every known set is scored: the fit sets by cross-validation, the others (fcdb_dev always)
     # by every fold's head, since none of them saw it.
     for name in (*sets, *(n for n in ALL_FIT_SETS if n not in sets)):
         s = load_set(eval_dir, name)
         cells = load_cells(s, backbone)
+        if faces:
+            cells = with_face_channel(s, cells, load_cached(name))
         refs = references(s)
         fs = None
         if name in sets:
@@ -193,7 +211,10 @@ def score_maps(run: SetRun, maps: dict[int, F32], kernel: KernelSettings) -> F64
 
 
 def config_id(cfg: HeadConfig, sets: dict[str, float], backbone: str, folds: int) -> str:
-    text = json.dumps([repr(cfg), sorted(sets.items()), backbone, folds])
+    # `faces` joined the config after the first records: left out of the text when off, so
+    # that those records keep their ids.
+    text = repr(cfg) if cfg.faces else repr(cfg).replace(", faces=False", "")
+    text = json.dumps([text, sorted(sets.items()), backbone, folds])
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
@@ -253,7 +274,8 @@ def run_cv(args: argparse.Namespace) -> int:
             print(f"{cid} cached: {path}", file=sys.stderr)
             continue
         t0 = time.perf_counter()
-        runs = load_runs(args.eval_dir, sets, args.backbone, args.folds, cfg.window > 0)
+        runs = load_runs(args.eval_dir, sets, args.backbone, args.folds, cfg.window > 0,
+                         cfg.faces)  # fmt: skip
         print(f"{cid} {args.backbone} {cfg.label()} on {sets}", file=sys.stderr)
         maps: dict[str, F32] | None = {} if args.save_heldout else None
         scores = cross_validate(runs, cfg, args.folds, maps)
@@ -404,7 +426,7 @@ def run_ship(args: argparse.Namespace) -> int:
     sets = parse_sets(args.sets)
     cfg = parse_config(args.config[0])
     torch.set_num_threads(args.threads)
-    runs = load_runs(args.eval_dir, sets, args.backbone, 1, cfg.window > 0)
+    runs = load_runs(args.eval_dir, sets, args.backbone, 1, cfg.window > 0, cfg.faces)
     parts = [replace(r.fit, images=np.arange(len(r.eval_set.items)))
              for r in runs.values() if r.fit is not None]  # fmt: skip
     head = fit(parts, cfg)

@@ -51,6 +51,12 @@ class HeadConfig:
     dims: int = 256  # principal components of the standardised features (0: all features)
     iters: int = 200  # L-BFGS iterations
     seed: int = 0
+    faces: bool = False  # the face map (engines.faces.face_map) as one more input channel
+
+    @property
+    def extra(self) -> int:
+        """Input channels after the backbone's features that skip the projection."""
+        return int(self.faces)
 
     def label(self) -> str:
         head = "linear" if not self.hidden else "hidden " + "-".join(map(str, self.hidden))
@@ -62,6 +68,8 @@ class HeadConfig:
         bits += [f"L2 {self.l2}", f"window {self.window}"]
         if self.dims:
             bits.append(f"{self.dims} PCs")
+        if self.faces:
+            bits.append("face channel")
         return ", ".join(bits)
 
 
@@ -86,21 +94,27 @@ class FitSet:
 
 
 class Input(nn.Module):
-    """Standardisation (and an optional projection) fitted on the fit rows, then frozen."""
+    """Standardisation (and an optional projection) fitted on the fit rows, then frozen. The
+    last `extra` columns (the face channel) are standardised but never projected, so that the
+    head sees them as they are, beside the principal components."""
 
-    def __init__(self, mean: F32, scale: F32, basis: F32 | None) -> None:
+    def __init__(self, mean: F32, scale: F32, basis: F32 | None, extra: int = 0) -> None:
         super().__init__()
         self.register_buffer("mean", torch.from_numpy(mean))
         self.register_buffer("scale", torch.from_numpy(scale))
         self.register_buffer("basis", None if basis is None else torch.from_numpy(basis))
+        self.extra = extra
 
     @property
     def dims(self) -> int:
-        return int(self.mean.shape[0] if self.basis is None else self.basis.shape[1])
+        return int(self.mean.shape[0] if self.basis is None else self.basis.shape[1] + self.extra)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.mean) / self.scale
-        return x if self.basis is None else x @ self.basis
+        if self.basis is None:
+            return x
+        cut = x.shape[-1] - self.extra
+        return torch.cat([x[..., :cut] @ self.basis, x[..., cut:]], dim=-1)
 
 
 def mlp(d: int, hidden: Sequence[int], gen: torch.Generator) -> nn.Sequential:
@@ -251,9 +265,10 @@ def loss(head: Head, gs: Sequence[Group], cfg: HeadConfig) -> torch.Tensor:
     return total
 
 
-def fit_input(parts: Sequence[FitSet], dims: int, seed: int = 0) -> Input:
+def fit_input(parts: Sequence[FitSet], dims: int, seed: int = 0, extra: int = 0) -> Input:
     """Standardisation over the fit rows; with `dims`, the leading principal components of
-    the standardised features (on a sample of at most 40,000 fit rows)."""
+    the standardised features (on a sample of at most 40,000 fit rows) but the last `extra`
+    columns, which are passed on beside them."""
     rows = np.concatenate([
         np.concatenate([p.cells.features[p.cells.rows(int(i))] for i in p.images])
         for p in parts
@@ -261,19 +276,20 @@ def fit_input(parts: Sequence[FitSet], dims: int, seed: int = 0) -> Input:
     mean = rows.mean(0)
     scale = rows.std(0) + 1e-3
     if not dims:
-        return Input(mean, scale.astype(np.float32), None)
+        return Input(mean, scale.astype(np.float32), None, extra)
     rng = np.random.default_rng(seed)
-    sample = rows[rng.permutation(len(rows))[:40_000]]
-    xs = (sample - mean) / scale
+    cut = rows.shape[1] - extra
+    sample = rows[rng.permutation(len(rows))[:40_000], :cut]
+    xs = (sample - mean[:cut]) / scale[:cut]
     vals, vecs = np.linalg.eigh((xs.T @ xs).astype(np.float64) / len(xs))
     order = np.argsort(vals)[::-1][:dims]
-    return Input(mean, scale.astype(np.float32), vecs[:, order].astype(np.float32))
+    return Input(mean, scale.astype(np.float32), vecs[:, order].astype(np.float32), extra)
 
 
 def fit(parts: Sequence[FitSet], cfg: HeadConfig) -> Head:
     """The head fitted on `parts` (each with its `images` and `weight`)."""
     torch.manual_seed(cfg.seed)
-    head = Head(fit_input(parts, cfg.dims, cfg.seed), cfg)
+    head = Head(fit_input(parts, cfg.dims, cfg.seed, cfg.extra), cfg)
     gs = groups(parts, cfg.window > 0)
     with torch.no_grad():
         for g in gs:
@@ -317,7 +333,8 @@ def _chain_weights(seq: nn.Sequential, inp: Input, prefix: str) -> dict[str, F32
         b = lin.bias.detach().double().numpy()
         if k == 1:
             if inp.basis is not None:
-                w = w @ inp.basis.double().numpy().T
+                cut = w.shape[1] - inp.extra
+                w = np.concatenate([w[:, :cut] @ inp.basis.double().numpy().T, w[:, cut:]], 1)
             w = w / inp.scale.double().numpy()[None]
             b = b - w @ inp.mean.double().numpy()
         out[f"{prefix}w{k}"] = w.astype(np.float32)
