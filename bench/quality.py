@@ -229,7 +229,8 @@ class HeatcropMethod(Method):
         heat = self.heldout.get(heldout_key(item.path))
         if heat is None and self.fitted_on:
             raise RuntimeError(
-                f"no held-out read-out map for {item.path}: run `python -m training.fit_readout`"
+                f"no held-out read-out map for {item.path}: run "
+                "`python -m training.fit_head cv --save-heldout` (the shipped configuration)"
             )
         return heat
 
@@ -660,9 +661,9 @@ def heatcrop_methods(
 ) -> tuple[list[Method], str]:
     """heatcrop rows, plus a line describing the engine; imports the model stack lazily.
 
-    The shipped read-out was fitted on saliency_dev and food_dev, so its rows there are
+    The shipped read-out was fitted on training.data.FIT_SETS, so its rows there are
     in-sample; the `held-out` rows use each image's map from a cross-validation head that
-    never saw it (training/fit_readout.py), the figures to trust for other photos.
+    never saw it (training/fit_head.py), the figures to trust for other photos.
     """
     from engines.loader import load_engine
     from sidecar.core import CropCore
@@ -761,9 +762,9 @@ def report_header(results: Sequence[SetResult], info: dict[str, Any]) -> str:
         )
         lines.append(
             "- `held-out` rows: the read-out channel replaced by the map of a cross-validation "
-            "head that never saw the image (`python -m training.fit_readout`); rows without it use "
-            "the shipped read-out, fitted on fcdb_train, saliency_dev and food_dev: in-sample on "
-            "food_dev and saliency_dev, held-out on fcdb_dev"
+            "head that never saw the image (`python -m training.fit_head cv --save-heldout`); "
+            f"rows without it use the shipped read-out, fitted on {', '.join(FIT_SETS)}: "
+            "in-sample on those sets, held-out on fcdb_dev"
         )
     else:
         lines.append("- heatcrop: not run (--only-baselines)")
