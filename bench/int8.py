@@ -48,7 +48,7 @@ from bench.quality import (
     git_describe,
     headroom_share,
 )
-from training.data import DEFAULT_SETS, Box, load_set
+from training.data import DEFAULT_SETS, Box, iou, load_set
 
 CALIB_SETS = ("fcdb_train", "osie_train", "crowd_train")
 FP32 = "FP32"
@@ -84,14 +84,6 @@ class EngineMethod(Method):
         return [Box.of(b) for b in out]
 
 
-def iou(a: BoxTuple, b: BoxTuple) -> float:
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union else 1.0
-
-
 @dataclass(frozen=True)
 class Agreement:
     map_r_mean: float
@@ -105,7 +97,7 @@ class Agreement:
 def agreement(reference: EngineMethod, other: EngineMethod, keys: Sequence[str]) -> Agreement:
     rs = [_correlation(reference.maps[k], other.maps[k]) for k in keys]
     pairs = [(a, b) for k in keys for a, b in zip(reference.found[k], other.found[k], strict=True)]
-    ious = np.array([iou(a, b) for a, b in pairs])
+    ious = np.array([iou(Box(*a), Box(*b)) for a, b in pairs])
     return Agreement(
         float(np.mean(rs)),
         float(np.min(rs)),

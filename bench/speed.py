@@ -30,6 +30,7 @@ from pathlib import Path
 import onnx
 import pyvips
 
+from bench.cold_path import rotating
 from engines.loader import load_engine
 from kernels.window import best_window
 from sidecar import settings as settings_mod
@@ -115,7 +116,11 @@ def _cold_path(photos: list[bytes], cores: dict[str, CropCore], rounds: int) -> 
 
     methods: dict[str, Callable[[bytes], object]] = {ATTENTION: attention}
     methods.update({name: heatcrop(name) for name in cores})
-    best = _interleaved(methods, photos, rounds)
+    best = rotating(
+        {name: (lambda i, fn=fn: fn(photos[i])) for name, fn in methods.items()},
+        len(photos),
+        rounds,
+    )
     t_att = best[ATTENTION]
     rows = [f"| libvips `thumbnail_buffer(crop=attention)` 400x300 | {t_att:.2f} | 1.00 |"]
     for name, core in cores.items():
@@ -139,28 +144,6 @@ def _cold_path(photos: list[bytes], cores: dict[str, CropCore], rounds: int) -> 
 
 
 ATTENTION = "attention"
-
-
-def _interleaved(
-    methods: dict[str, Callable[[bytes], object]], photos: list[bytes], rounds: int
-) -> dict[str, float]:
-    """{method: median ms per photo of its best round}, methods timed photo by photo in an
-    order that rotates, after one untimed call each."""
-    names = list(methods)
-    for name in names:
-        methods[name](photos[0])
-    best = dict.fromkeys(names, float("inf"))
-    for r in range(rounds):
-        times: dict[str, list[float]] = {n: [] for n in names}
-        for i, data in enumerate(photos):
-            shift = (r + i) % len(names)
-            for name in names[shift:] + names[:shift]:
-                t0 = time.perf_counter()
-                methods[name](data)
-                times[name].append((time.perf_counter() - t0) * 1e3)
-        for name in names:
-            best[name] = min(best[name], statistics.median(times[name]))
-    return best
 
 
 def _without_readout(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,45 +31,57 @@ def _int8_not_built(model_dir: Path, why: str) -> ModelNotBuilt:
     return ModelNotBuilt(f"{why} in {model_dir}: " + INT8_HINT.format(dir=model_dir))
 
 
-def read_manifest(model_dir: str | Path) -> dict[str, Any]:
-    """The parsed ``model.json`` of a model folder."""
-    model_dir = Path(model_dir)
-    path = model_dir / MANIFEST_NAME
+NotBuilt = Callable[[Path, str], ModelNotBuilt]
+
+
+def _read(model_dir: Path, manifest: str, fields: Sequence[str], fail: NotBuilt) -> dict[str, Any]:
+    """The parsed ``manifest`` of ``model_dir``, with a string under each of ``fields``."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads((model_dir / manifest).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise _not_built(model_dir, f"no {MANIFEST_NAME}") from None
+        raise fail(model_dir, f"no {manifest}") from None
     except (OSError, ValueError) as exc:
-        raise _not_built(model_dir, f"unreadable {MANIFEST_NAME} ({exc})") from exc
-    if not (
-        isinstance(data, dict)
-        and isinstance(data.get("file"), str)
-        and isinstance(data.get("sha256"), str)
-    ):
-        raise _not_built(model_dir, f"{MANIFEST_NAME} lacks file/sha256")
+        raise fail(model_dir, f"unreadable {manifest} ({exc})") from exc
+    if not (isinstance(data, dict) and all(isinstance(data.get(k), str) for k in fields)):
+        raise fail(model_dir, f"{manifest} lacks {'/'.join(fields)}")
     return data
 
 
-def find_model(model_dir: str | Path) -> Path:
-    """The model file named by the manifest, after checking its sha256.
+def _checked(
+    model_dir: Path,
+    manifest: str,
+    info: dict[str, Any],
+    file_name: Callable[[str], str],
+    fail: NotBuilt,
+) -> Path:
+    """The file ``info`` names, after checking its name and bytes match its sha256.
 
     A mismatch means a half-finished or tampered build; serving it would put wrong heatmaps
     under a cache key that claims another model, so it is refused like a missing model.
     """
-    model_dir = Path(model_dir)
-    info = read_manifest(model_dir)
-    digest = info["sha256"]
-    name = info["file"]
-    if name != model_file_name(digest) or len(digest) != 64:
-        raise _not_built(model_dir, f"{MANIFEST_NAME} names {name!r}, not its hash's file")
+    digest, name = info["sha256"], info["file"]
+    if name != file_name(digest) or len(digest) != 64:
+        raise fail(model_dir, f"{manifest} names {name!r}, not its hash's file")
     path = model_dir / name
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise _not_built(model_dir, f"{name} is missing") from None
+        raise fail(model_dir, f"{name} is missing") from None
     if hashlib.sha256(data).hexdigest() != digest:
-        raise _not_built(model_dir, f"{name} does not match its sha256 {digest[:HASH_CHARS]}")
+        raise fail(model_dir, f"{name} does not match its sha256 {digest[:HASH_CHARS]}")
     return path
+
+
+def read_manifest(model_dir: str | Path) -> dict[str, Any]:
+    """The parsed ``model.json`` of a model folder."""
+    return _read(Path(model_dir), MANIFEST_NAME, ("file", "sha256"), _not_built)
+
+
+def find_model(model_dir: str | Path) -> Path:
+    """The model file named by the manifest, after checking its sha256."""
+    model_dir = Path(model_dir)
+    info = read_manifest(model_dir)
+    return _checked(model_dir, MANIFEST_NAME, info, model_file_name, _not_built)
 
 
 def find_int8_model(model_dir: str | Path, fp32_sha256: str) -> Path:
@@ -79,31 +92,12 @@ def find_int8_model(model_dir: str | Path, fp32_sha256: str) -> Path:
     it would answer with the old model's heatmaps under the new model's settings.
     """
     model_dir = Path(model_dir)
-    path = model_dir / INT8_MANIFEST_NAME
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise _int8_not_built(model_dir, f"no {INT8_MANIFEST_NAME}") from None
-    except (OSError, ValueError) as exc:
-        raise _int8_not_built(model_dir, f"unreadable {INT8_MANIFEST_NAME} ({exc})") from exc
     fields = ("file", "sha256", "fp32_sha256")
-    if not (isinstance(info, dict) and all(isinstance(info.get(k), str) for k in fields)):
-        raise _int8_not_built(model_dir, f"{INT8_MANIFEST_NAME} lacks file/sha256/fp32_sha256")
+    info = _read(model_dir, INT8_MANIFEST_NAME, fields, _int8_not_built)
     if info["fp32_sha256"] != fp32_sha256:
-        raise _not_built(
+        raise _int8_not_built(
             model_dir,
             f"stale INT8 graph (quantized from model {info['fp32_sha256'][:HASH_CHARS]}, "
             f"not {fp32_sha256[:HASH_CHARS]})",
         )
-    digest, name = info["sha256"], info["file"]
-    if name != int8_file_name(digest) or len(digest) != 64:
-        raise _int8_not_built(
-            model_dir, f"{INT8_MANIFEST_NAME} names {name!r}, not its hash's file"
-        )
-    try:
-        data = (model_dir / name).read_bytes()
-    except FileNotFoundError:
-        raise _int8_not_built(model_dir, f"{name} is missing") from None
-    if hashlib.sha256(data).hexdigest() != digest:
-        raise _int8_not_built(model_dir, f"{name} does not match its sha256 {digest[:HASH_CHARS]}")
-    return model_dir / name
+    return _checked(model_dir, INT8_MANIFEST_NAME, info, int8_file_name, _int8_not_built)

@@ -63,6 +63,9 @@ from engines.artifacts import (
 )
 from engines.base import INPUT_NAME
 
+# Both INT8 calibrators take the same photos under the same limits.
+from engines.build_trt import CALIB_MAX_BYTES, CALIB_MAX_PIXELS, PHOTO_SUFFIXES
+
 log = logging.getLogger("heatcrop.quantize")
 
 CALIBRATION_PATH = Path(__file__).with_name("int8_calibration.json")
@@ -70,9 +73,6 @@ CALIBRATION_FORMAT = 1
 INT8_MANIFEST_FORMAT = 1
 METHODS = ("entropy", "percentile", "minmax")
 DEFAULT_METHOD = "percentile"
-PHOTO_SUFFIXES = frozenset((".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff"))
-CALIB_MAX_BYTES = 50 * 1024 * 1024
-CALIB_MAX_PIXELS = 100_000_000
 # Options of each calibrator (onnxruntime's create_calibrator keys). Percentile's default is a
 # symmetric range, which wastes half the codes of the ReLU6 outputs; asymmetric here.
 CALIBRATOR_OPTIONS: dict[str, dict[str, Any]] = {

@@ -20,6 +20,7 @@ from engines.ort import OrtEngine
 from sidecar.core import CropCore
 from sidecar.demo import write_demo_images
 from sidecar.settings import KernelSettings, SettingsError, SourceSettings, load
+from training.data import Box, iou
 
 ASPECTS = (1.0, 4 / 5, 16 / 9, 9 / 16)
 
@@ -41,14 +42,6 @@ def demo_photos(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
 
 def _options(model_dir: Path, precision: str) -> EngineOptions:
     return EngineOptions("ort", str(model_dir), "", "fp16", 1, ort_precision=precision)
-
-
-def _iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    area = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / area
 
 
 def test_committed_calibration_matches_the_shipped_model(model_dir: Path) -> None:
@@ -110,7 +103,7 @@ def test_int8_loads_and_crops_the_demo_photos_like_fp32(
         correlations.append(np.corrcoef(ma.ravel(), mb.ravel())[0, 1])
         for aspect in ASPECTS:
             boxes = [core.box(x, aspect) for core, x in zip(cores, (a, b), strict=True)]
-            ious.append(_iou(*(bx.as_tuple() for bx in boxes)))
+            ious.append(iou(*(Box.of(bx) for bx in boxes)))
     # bench/int8.py's agreement on the 560 dev photos: map r >= 0.998, mean box IoU >= 0.98.
     assert min(correlations) > 0.99, correlations
     assert np.mean(ious) > 0.97, ious
