@@ -26,8 +26,8 @@ sRGB. Facts about pyvips 3.2 / libvips 8.18 this relies on (checked in tests/tes
     out of the thumbnail as 8-bit and the rest is done by ``_to_rgb8``.
   - For a JPEG, the thumbnail's shrink-on-load keeps a factor of 2 for its final resize: a
     1024x576 photo for a 384x224 bucket is decoded at full size. Loading it at the largest
-    DCT shrink that keeps the bucket's size (1/2 there) and thumbnailing that measured 3.6
-    against 4.6 ms a photo (``python -m bench.cold_path``), pixels 1.5 levels apart on
+    DCT shrink that keeps the bucket's size (1/2 there) and resizing that measured 5.3
+    against 6.9 ms a photo (``python -m bench.cold_path``, 13:15 run), pixels 1.5 levels apart on
     average; FP32's headroom shares moved by 0.5 points at most, but INT8's gaps to FP32 grew
     from 0.9 to 1.1-1.6 points (``python -m bench.int8``, over the one point the INT8 default
     is held to), so the thumbnail's own choice stays.
