@@ -368,7 +368,9 @@ def run_select(args: argparse.Namespace) -> int:
                      + f" | {obj:+.1%} | {r['seconds']} s |")  # fmt: skip
     commands = ["", "Commands of the rows:", ""]
     for r in recs:
-        if r["config"]:
+        if r.get("command"):
+            cmd = str(r["command"])
+        elif r["config"]:
             sets = ",".join(f"{n}={w:g}" for n, w in r["sets"].items())
             cmd = (f"python -m training.fit_head cv --backbone {r['backbone']} --sets {sets} "
                    f"--config {r['config']}")  # fmt: skip

@@ -249,19 +249,25 @@ def groups(parts: Sequence[FitSet], with_window: bool) -> list[Group]:
     return out
 
 
+def group_loss(z: torch.Tensor, g: Group, window: float) -> torch.Tensor:
+    """The group's weighted negative log-likelihood plus the window-choice term, for logits
+    z [n, cells] of its images."""
+    logp = torch.log_softmax(z, dim=1)
+    total = -(g.w * (g.t * logp).sum(1)).sum()
+    if window > 0 and len(g.ep_img):
+        p = logp.exp()[g.ep_img]  # [E, cells]
+        inside = torch.bmm(g.a, p[:, :, None])[..., 0]  # [E, K]
+        whole = (g.u * p).sum(1, keepdim=True)
+        q = (inside / whole / TAU).masked_fill(~g.valid, -1e9)
+        prob = torch.softmax(q, dim=1)
+        total = total - window * (g.ep_w * (prob * g.m).sum(1)).sum()
+    return total
+
+
 def loss(head: Head, gs: Sequence[Group], cfg: HeadConfig) -> torch.Tensor:
     total = 0.5 * cfg.l2 * head.penalty()
     for g in gs:
-        z = head.logits(g.x, g.mass, g.coords, g.hw)
-        logp = torch.log_softmax(z, dim=1)
-        total = total - (g.w * (g.t * logp).sum(1)).sum()
-        if cfg.window > 0 and len(g.ep_img):
-            p = logp.exp()[g.ep_img]  # [E, cells]
-            inside = torch.bmm(g.a, p[:, :, None])[..., 0]  # [E, K]
-            whole = (g.u * p).sum(1, keepdim=True)
-            q = (inside / whole / TAU).masked_fill(~g.valid, -1e9)
-            prob = torch.softmax(q, dim=1)
-            total = total - cfg.window * (g.ep_w * (prob * g.m).sum(1)).sum()
+        total = total + group_loss(head.logits(g.x, g.mass, g.coords, g.hw), g, cfg.window)
     return total
 
 
