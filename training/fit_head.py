@@ -5,6 +5,7 @@
         [--backbone lite0|lite2|both] [--folds 5] [--name LABEL]
     python -m training.fit_head select [--report training/results/heads.md]
     python -m training.fit_head ship --config ... [--out engines/readout_weights.npz]
+    python -m training.fit_head compare --ids A,B
 
 `cv` fits one head per fold on every set it is given (folds by photo, each set split into
 the same number of folds, so every set is in every fold; a set's weight is its total weight
@@ -424,6 +425,34 @@ def run_select(args: argparse.Namespace) -> int:
     return 0
 
 
+def paired(
+    a: dict, b: dict, refs: dict[str, tuple[F64, F64, F64]]
+) -> dict[str, tuple[float, float]]:
+    """Per set both records scored: the mean per-photo difference of record `a` minus `b`, in
+    points of the set's centre -> oracle headroom, and 1.96 standard errors of it."""
+    out = {}
+    for n in a["scores"]:
+        if n not in b["scores"]:
+            continue
+        centre, oracle, _ = refs[n]
+        d = (np.array(a["scores"][n]) - np.array(b["scores"][n])) / (oracle - centre).mean()
+        out[n] = (float(100 * d.mean()), float(196 * d.std(ddof=1) / np.sqrt(len(d))))
+    return out
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    ids = args.ids.split(",")
+    by_id = {r["id"]: r for r in load_records(ids)}
+    if len(ids) != 2 or any(i not in by_id for i in ids):
+        raise SystemExit(f"compare needs --ids A,B of two score records in {SCORES}")
+    a, b = by_id[ids[0]], by_id[ids[1]]
+    refs = {n: references(load_set(args.eval_dir, n)) for n in a["scores"] if n in b["scores"]}
+    print(f"{a['name']} minus {b['name']}, per photo, points of the headroom (± 1.96 SE):")
+    for n, (mean, half) in paired(a, b, refs).items():
+        print(f"  {n}: {mean:+.1f} ± {half:.1f}")
+    return 0
+
+
 def run_ship(args: argparse.Namespace) -> int:
     sets = parse_sets(args.sets)
     cfg = parse_config(args.config[0])
@@ -475,7 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("command", choices=("cv", "select", "ship", "shipped"))
+    ap.add_argument("command", choices=("cv", "select", "ship", "shipped", "compare"))
     ap.add_argument("--eval-dir", default="../shared/eval")
     ap.add_argument("--sets", default=DEFAULT_SETS, help="SET=WEIGHT,... (fit sets)")
     ap.add_argument("--backbone", default="lite0", choices=("lite0", "lite2", "both"))
@@ -490,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "read them (build/readout/heldout-<backbone key>.npz); for the shipped configuration",
     )  # fmt: skip
     ap.add_argument("--model-dir", type=Path, default=Path("build/model"))
-    ap.add_argument("--ids", default="", help="select: only these score records")
+    ap.add_argument("--ids", default="", help="select: only these score records; compare: A,B")
     ap.add_argument("--nested", default="", help="select: the candidates of the nested choice")
     ap.add_argument("--report", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=WEIGHTS_PATH)
@@ -503,6 +532,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_cv(args)
     if args.command == "select":
         return run_select(args)
+    if args.command == "compare":
+        return run_compare(args)
     if not args.config:
         ap.error("ship needs --config")
     return run_ship(args)

@@ -169,3 +169,16 @@ def test_join_cells_puts_backbones_side_by_side():
     assert np.array_equal(both.food_mass, a.food_mass)
     with pytest.raises(ValueError):
         join_cells([a, replace(b, names=["z"] * 4)])
+
+
+def test_paired_difference_is_in_headroom_points():
+    from training.fit_head import paired
+
+    refs = {"s": (np.zeros(4), np.full(4, 0.5), np.full(4, np.nan))}
+    a = {"scores": {"s": [0.1, 0.2, 0.3, 0.4], "only_a": [1.0]}}
+    b = {"scores": {"s": [0.1, 0.1, 0.2, 0.2]}}
+    (name, (mean, half)), *_ = paired(a, b, refs).items()
+    assert name == "s" and len(paired(a, b, refs)) == 1
+    d = np.array([0.0, 0.1, 0.1, 0.2]) / 0.5
+    assert mean == pytest.approx(100 * d.mean())
+    assert half == pytest.approx(196 * d.std(ddof=1) / 2)
