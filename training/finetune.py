@@ -30,12 +30,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -51,21 +49,23 @@ from engines.graph import fold_batch_norm
 from engines.readout import TAPS, coord_features
 from engines.weights import load_state_dict
 from sidecar.decode import configure_vips, decode
-from sidecar.settings import KernelSettings, SourceSettings
+from sidecar.settings import SourceSettings
 from training.backbones import BACKBONES, CACHE, Cells, feature_model
 from training.data import EvalSet, load_set
 from training.fit_head import (
     DEFAULT_SETS,
-    SCORES,
+    FitFold,
+    MapsOf,
     SetRun,
     config_id,
+    cross_validate,
     load_runs,
     parse_config,
     parse_sets,
-    score_maps,
+    save_record,
     share,
 )
-from training.heads import Group, Head, HeadConfig, fit, group_loss, groups
+from training.heads import FitSet, Group, Head, HeadConfig, fit, group_loss, groups
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -281,35 +281,23 @@ def tuning_runs(eval_dir: str, sets: dict[str, float], folds: int, window: bool
     return runs, tuning
 
 
-def cross_validate(runs: dict[str, SetRun], tuning: dict[str, Cells], cfg: HeadConfig,
-                   tc: TuneConfig, folds: int) -> dict[str, F64]:  # fmt: skip
+def tuned_fold(runs: dict[str, SetRun], tuning: dict[str, Cells], cfg: HeadConfig,
+               tc: TuneConfig) -> FitFold:  # fmt: skip
+    """fit_fold for fit_head.cross_validate: the read-out on frozen features, then the last
+    block and the read-out tuned together."""
     weights = load_state_dict(BACKBONES["lite0"].weights_path())
-    kernel = KernelSettings()
-    out = {n: np.zeros(len(r.eval_set.items)) for n, r in runs.items()}
-    for f in range(folds):
-        t0 = time.perf_counter()
-        parts = [replace(r.fit, images=np.flatnonzero(r.fold != f))
-                 for r in runs.values() if r.fit is not None]  # fmt: skip
+
+    def fit_fold(parts: list[FitSet], fold: int) -> MapsOf:
         head = fit(parts, cfg)
-        t_fit = time.perf_counter() - t0
-        torch.manual_seed(tc.seed + f)
+        torch.manual_seed(tc.seed + fold)
         block = LastBlock(weights)
-        gs = groups([replace(p, cells=tuning[p.name]) for p in parts], cfg.window > 0)
-        history = tune(block, head, gs, cfg, tc)
-        del gs
-        for n, r in runs.items():
-            held = (np.flatnonzero(r.fold == f) if r.fit is not None
-                    else np.arange(len(r.eval_set.items)))  # fmt: skip
-            scores = score_maps(r, tuned_maps(block, head, tuning[n], held.tolist()), kernel)
-            if r.fit is not None:
-                out[n][held] = scores
-            else:
-                out[n] += scores / folds
-        losses = ", ".join(f"{v:.4f}" for v in history)
-        took = time.perf_counter() - t0
-        print(f"  fold {f + 1}/{folds}: read-out {t_fit:.0f} s, in all {took:.0f} s; "
-              f"loss per epoch {losses}", file=sys.stderr)  # fmt: skip
-    return out
+        history = tune(block, head, groups([replace(p, cells=tuning[p.name]) for p in parts],
+                                           cfg.window > 0), cfg, tc)  # fmt: skip
+        print(f"  fold {fold + 1}: loss per epoch " + ", ".join(f"{v:.4f}" for v in history),
+              file=sys.stderr)  # fmt: skip
+        return lambda name, images: tuned_maps(block, head, tuning[name], images)
+
+    return fit_fold
 
 
 def run_cv(args: argparse.Namespace) -> int:
@@ -327,22 +315,17 @@ def run_cv(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     runs, tuning = tuning_runs(args.eval_dir, sets, args.folds, cfg.window > 0)
     print(f"{cid} {cfg.label()}; {tc.label()} on {sets}", file=sys.stderr)
-    scores = cross_validate(runs, tuning, cfg, tc, args.folds)
+    scores = cross_validate(runs, args.folds, tuned_fold(runs, tuning, cfg, tc))
     command = (f"python -m training.finetune cv --sets {args.sets} --config {args.config} "
                f"--epochs {tc.epochs} --lr {tc.lr:g} --head-lr {tc.head_lr:g} "
                f"--batch {tc.batch}")  # fmt: skip
-    record = {
-        "id": cid, "name": args.name or f"{cfg.label()}; {tc.label()}", "config": args.config,
-        "command": command, "label": cfg.label(), "backbone": "lite0", "sets": sets,
-        "folds": args.folds, "seconds": round(time.perf_counter() - t0),
-        "when": f"{datetime.now(UTC):%Y-%m-%d %H:%M}",
-        "scores": {n: s.tolist() for n, s in scores.items()},
-        "fold": {n: r.fold.tolist() for n, r in runs.items()},
-    }  # fmt: skip
-    SCORES.mkdir(parents=True, exist_ok=True)
-    (SCORES / f"{cid}.json").write_text(json.dumps(record))
+    seconds = round(time.perf_counter() - t0)
+    save_record({"id": cid, "name": args.name or f"{cfg.label()}; {tc.label()}",
+                 "config": args.config, "command": command, "label": cfg.label(),
+                 "backbone": "lite0", "sets": sets, "folds": args.folds, "seconds": seconds},
+                runs, scores)  # fmt: skip
     print(f"{cid} " + " ".join(f"{n} {share(scores[n], runs[n].refs):+.1%}" for n in runs)
-          + f" ({record['seconds']} s)")  # fmt: skip
+          + f" ({seconds} s)")  # fmt: skip
     return 0
 
 

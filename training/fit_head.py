@@ -30,7 +30,7 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -219,26 +219,29 @@ def config_id(cfg: HeadConfig, sets: dict[str, float], backbone: str, folds: int
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
+# A fold's fitted model as what scoring needs: (set name, image indices) -> each image's map.
+MapsOf = Callable[[str, list[int]], dict[int, F32]]
+FitFold = Callable[[list[FitSet], int], MapsOf]
+
+
 def cross_validate(
-    runs: dict[str, SetRun], cfg: HeadConfig, folds: int, maps_out: dict[str, F32] | None = None
+    runs: dict[str, SetRun], folds: int, fit_fold: FitFold, maps_out: dict[str, F32] | None = None
 ) -> dict[str, F64]:
-    """Per set, every image's score from a head that never saw it (the sets not fitted on:
-    the mean over the folds' heads). With `maps_out`, every fit-set image's held-out map is
-    put there under training.data.heldout_key (what bench/quality.py and training/tune.py
-    read)."""
+    """Per set, every image's score from a model `fit_fold` fitted without it (the sets not
+    fitted on: the mean over the folds' models). With `maps_out`, every fit-set image's
+    held-out map is put there under training.data.heldout_key (what bench/quality.py and
+    training/tune.py read)."""
     kernel = KernelSettings()
     out = {n: np.zeros(len(r.eval_set.items)) for n, r in runs.items()}
     for f in range(folds):
         t0 = time.perf_counter()
-        parts = []
-        for r in runs.values():
-            if r.fit is not None:
-                parts.append(replace(r.fit, images=np.flatnonzero(r.fold != f)))
-        head = fit(parts, cfg)
+        parts = [replace(r.fit, images=np.flatnonzero(r.fold != f))
+                 for r in runs.values() if r.fit is not None]  # fmt: skip
+        maps_of = fit_fold(parts, f)
         for n, r in runs.items():
             held = (np.flatnonzero(r.fold == f) if r.fit is not None
                     else np.arange(len(r.eval_set.items)))  # fmt: skip
-            maps = heat_maps(head, r.cells, held.tolist())
+            maps = maps_of(n, held.tolist())
             scores = score_maps(r, maps, kernel)
             if r.fit is not None:
                 out[n][held] = scores
@@ -249,6 +252,31 @@ def cross_validate(
                 out[n] += scores / folds
         print(f"  fold {f + 1}/{folds}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return out
+
+
+def head_fold(runs: dict[str, SetRun], cfg: HeadConfig) -> FitFold:
+    """fit_fold for cross_validate: the read-out head on frozen features."""
+
+    def fit_fold(parts: list[FitSet], fold: int) -> MapsOf:
+        head = fit(parts, cfg)
+        return lambda name, images: heat_maps(head, runs[name].cells, images)
+
+    return fit_fold
+
+
+def save_record(record: dict[str, object], runs: dict[str, SetRun],
+                scores: dict[str, F64]) -> Path:  # fmt: skip
+    """A run's record (`record` + when, every image's score, the folds) in SCORES."""
+    record = {
+        **record,
+        "when": f"{datetime.now(UTC):%Y-%m-%d %H:%M}",
+        "scores": {n: s.tolist() for n, s in scores.items()},
+        "fold": {n: r.fold.tolist() for n, r in runs.items()},
+    }
+    path = SCORES / f"{record['id']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+    return path
 
 
 def share(scores: F64, refs: tuple[F64, F64, F64], idx: npt.NDArray[np.int64] | None = None,
@@ -279,25 +307,19 @@ def run_cv(args: argparse.Namespace) -> int:
                          cfg.faces)  # fmt: skip
         print(f"{cid} {args.backbone} {cfg.label()} on {sets}", file=sys.stderr)
         maps: dict[str, F32] | None = {} if args.save_heldout else None
-        scores = cross_validate(runs, cfg, args.folds, maps)
+        scores = cross_validate(runs, args.folds, head_fold(runs, cfg), maps)
         if maps is not None:
             target = heldout_path(feature_key(args.model_dir))
             target.parent.mkdir(parents=True, exist_ok=True)
             np.savez_compressed(target, **maps)  # type: ignore[arg-type]
             print(f"held-out maps of {len(maps)} images: {target}", file=sys.stderr)
         shares = {n: share(scores[n], runs[n].refs) for n in runs}
-        record = {
-            "id": cid, "name": args.name or cfg.label(), "config": spec, "label": cfg.label(),
-            "backbone": args.backbone, "sets": sets, "folds": args.folds,
-            "seconds": round(time.perf_counter() - t0),
-            "when": f"{datetime.now(UTC):%Y-%m-%d %H:%M}",
-            "scores": {n: s.tolist() for n, s in scores.items()},
-            "fold": {n: r.fold.tolist() for n, r in runs.items()},
-        }  # fmt: skip
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record))
+        seconds = round(time.perf_counter() - t0)
+        save_record({"id": cid, "name": args.name or cfg.label(), "config": spec,
+                     "label": cfg.label(), "backbone": args.backbone, "sets": sets,
+                     "folds": args.folds, "seconds": seconds}, runs, scores)  # fmt: skip
         print(f"{cid} " + " ".join(f"{n} {v:+.1%}" for n, v in shares.items())
-              + f" ({record['seconds']} s)")  # fmt: skip
+              + f" ({seconds} s)")  # fmt: skip
     return 0
 
 
@@ -486,16 +508,10 @@ def run_shipped(args: argparse.Namespace) -> int:
             maps[i] = np.exp(z - z.max()).astype(np.float32)
         scores[n] = score_maps(r, maps, kernel)
     digest = hashlib.sha1(args.weights.read_bytes()).hexdigest()[:10]
-    record = {
-        "id": f"file-{digest}", "name": args.name or f"{args.weights} as shipped",
-        "config": "", "label": "", "backbone": args.backbone, "sets": {},
-        "fitted_on": fitted_on, "folds": args.folds, "seconds": 0,
-        "when": f"{datetime.now(UTC):%Y-%m-%d %H:%M}",
-        "scores": {n: s.tolist() for n, s in scores.items()},
-        "fold": {n: r.fold.tolist() for n, r in runs.items()},
-    }  # fmt: skip
-    SCORES.mkdir(parents=True, exist_ok=True)
-    (SCORES / f"{record['id']}.json").write_text(json.dumps(record))
+    save_record({"id": f"file-{digest}", "name": args.name or f"{args.weights} as shipped",
+                 "config": "", "label": "", "backbone": args.backbone, "sets": {},
+                 "fitted_on": fitted_on, "folds": args.folds, "seconds": 0},
+                runs, scores)  # fmt: skip
     print(" ".join(f"{n} {share(scores[n], runs[n].refs):+.1%}" for n in runs))
     return 0
 
@@ -507,7 +523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("command", choices=("cv", "select", "ship", "shipped", "compare"))
     ap.add_argument("--eval-dir", default="../shared/eval")
     ap.add_argument("--sets", default=DEFAULT_SETS, help="SET=WEIGHT,... (fit sets)")
-    ap.add_argument("--backbone", default="lite0", choices=("lite0", "lite2", "both"))
+    ap.add_argument("--backbone", default="lite0", choices=(*BACKBONES, "both"))
     ap.add_argument("--config", action="append", default=[], help="head settings (HeadConfig)")
     ap.add_argument("--name", default="", help="the row's name in the report")
     ap.add_argument("--folds", type=int, default=5)

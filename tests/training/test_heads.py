@@ -182,3 +182,35 @@ def test_paired_difference_is_in_headroom_points():
     d = np.array([0.0, 0.1, 0.1, 0.2]) / 0.5
     assert mean == pytest.approx(100 * d.mean())
     assert half == pytest.approx(196 * d.std(ddof=1) / 2)
+
+
+def test_cross_validate_scores_each_photo_with_a_head_that_never_saw_it():
+    from training.fit_head import SetRun, cross_validate, head_fold
+
+    made = {n: synthetic_set(n, kind, 12, 6, seed)
+            for n, kind, seed in (("fix", "saliency", 1), ("food", "object", 2),
+                                  ("check", "saliency", 3))}  # fmt: skip
+    runs = {}
+    for n, (s, cells) in made.items():
+        fit = fit_set(s, cells, 1.0) if n != "check" else None
+        refs = (np.zeros(12), np.ones(12), np.full(12, np.nan))
+        runs[n] = SetRun(s, cells, 1.0, fold_of(12, 3), refs, fit)
+    inner = head_fold(runs, HeadConfig(gate=True, dims=4, window=0.2, iters=20))
+    asked: dict[str, list[int]] = {n: [] for n in runs}
+
+    def spying_fold(parts, fold):
+        fitted = {p.name: set(p.images.tolist()) for p in parts}
+        assert set(fitted) == {"fix", "food"}
+        maps_of = inner(parts, fold)
+
+        def maps(name, images):
+            assert not fitted.get(name, set()) & set(images)
+            asked[name] += images
+            return maps_of(name, images)
+
+        return maps
+
+    scores = cross_validate(runs, 3, spying_fold)
+    assert sorted(asked["fix"]) == sorted(asked["food"]) == list(range(12))
+    assert sorted(asked["check"]) == sorted(list(range(12)) * 3)  # every fold's head
+    assert all(len(v) == 12 and np.isfinite(v).all() for v in scores.values())
