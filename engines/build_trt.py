@@ -202,25 +202,31 @@ def photos_digest(paths: Sequence[Path]) -> str:
     return digest.hexdigest()
 
 
-def calibration_batches(
-    paths: Sequence[Path],
-    bucket: Shape,
-    batch: int,
-    on_skip: Callable[[Path, str], None] | None = None,
-) -> Iterator[npt.NDArray[np.uint8]]:
-    """[batch, H, W, 3] uint8 batches of the photos, decoded as the service decodes them.
+def own_bucket(header: Any) -> Shape:
+    """The input bucket the service sends this photo to: display orientation picks it, so
+    the transposing EXIF orientations swap the sides first (sidecar/decode.py)."""
+    from engines.buckets import bucket_for
 
-    Photos that do not decode, or are over the builder's byte or pixel limit, are skipped (and
-    reported to ``on_skip``); a last, incomplete batch is dropped, since calibration runs at one
-    fixed batch size. Fewer usable photos than one batch is a BuildError, not a calibration on
-    nothing.
-    """
+    orientation = header.get("orientation") if header.get_typeof("orientation") else 1
+    width, height = header.width, header.height
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    return bucket_for(width, height)
+
+
+def calibration_pixels(
+    paths: Sequence[Path],
+    bucket: Shape | None = None,
+    on_skip: Callable[[Path, str], None] | None = None,
+) -> Iterator[tuple[Path, npt.NDArray[np.uint8]]]:
+    """(path, [H, W, 3] uint8) of every usable photo, decoded as the service decodes it, to
+    ``bucket`` (None: each photo to its own bucket, as the service would send it). Photos that
+    do not decode, or are over the byte or pixel limit, are skipped and reported to
+    ``on_skip``. Both INT8 calibrators read their photos through this loop."""
     import pyvips
 
     from engines.pixels import model_pixels, open_header
 
-    pending: list[npt.NDArray[np.uint8]] = []
-    yielded = 0
     for path in paths:
         try:
             data = path.read_bytes()
@@ -231,11 +237,27 @@ def calibration_batches(
                 raise ValueError(
                     f"{header.width}x{header.height} > limit {CALIB_MAX_PIXELS} pixels"
                 )
-            pixels = model_pixels(data, header, bucket)
+            pixels = model_pixels(data, header, bucket or own_bucket(header))
         except (OSError, pyvips.Error, ValueError) as exc:  # model_pixels' WrongSize is one
             if on_skip is not None:
                 on_skip(path, " ".join(str(exc).split()))
             continue
+        yield path, pixels
+
+
+def calibration_batches(
+    paths: Sequence[Path],
+    bucket: Shape,
+    batch: int,
+    on_skip: Callable[[Path, str], None] | None = None,
+) -> Iterator[npt.NDArray[np.uint8]]:
+    """[batch, H, W, 3] uint8 batches of the usable photos (`calibration_pixels`) at one
+    bucket. A last, incomplete batch is dropped, since TensorRT calibrates at one fixed batch
+    size. Fewer usable photos than one batch is a BuildError, not a calibration on nothing.
+    """
+    pending: list[npt.NDArray[np.uint8]] = []
+    yielded = 0
+    for _, pixels in calibration_pixels(paths, bucket, on_skip):
         pending.append(pixels)
         if len(pending) == batch:
             yielded += 1

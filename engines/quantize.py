@@ -64,7 +64,10 @@ from engines.artifacts import (
 from engines.base import INPUT_NAME
 
 # Both INT8 calibrators take the same photos under the same limits.
-from engines.build_trt import CALIB_MAX_BYTES, CALIB_MAX_PIXELS, PHOTO_SUFFIXES
+from engines.build_trt import (
+    PHOTO_SUFFIXES,
+    calibration_pixels,
+)
 
 log = logging.getLogger("heatcrop.quantize")
 
@@ -126,39 +129,12 @@ def calibration_photos(folders: Sequence[Path], per_folder: int) -> list[Path]:
     return chosen
 
 
-def service_pixels(data: bytes) -> npt.NDArray[np.uint8]:
-    """[H, W, 3] uint8: ``data`` decoded to its own shape bucket as the service decodes it
-    (display orientation picks the bucket, engines/pixels.py gives the pixels)."""
-    from engines.buckets import bucket_for
-    from engines.pixels import model_pixels, open_header
-
-    header = open_header(data)
-    orientation = header.get("orientation") if header.get_typeof("orientation") else 1
-    width, height = header.width, header.height
-    if orientation in (5, 6, 7, 8):  # the transposing orientations (sidecar/decode.py)
-        width, height = height, width
-    if width * height > CALIB_MAX_PIXELS:
-        raise ValueError(f"{width}x{height} > limit {CALIB_MAX_PIXELS} pixels")
-    return model_pixels(data, header, bucket_for(width, height))
-
-
 def decoded_photos(
     paths: Sequence[Path], on_skip: Callable[[Path, str], None] | None = None
 ) -> Iterator[tuple[Path, npt.NDArray[np.uint8]]]:
-    """(path, pixels) of every photo that decodes; the others go to ``on_skip``."""
-    import pyvips
-
-    for path in paths:
-        try:
-            data = path.read_bytes()
-            if len(data) > CALIB_MAX_BYTES:
-                raise ValueError(f"{len(data)} bytes > limit {CALIB_MAX_BYTES}")
-            pixels = service_pixels(data)
-        except (OSError, pyvips.Error, ValueError) as exc:
-            if on_skip is not None:
-                on_skip(path, " ".join(str(exc).split()))
-            continue
-        yield path, pixels
+    """(path, pixels) of every photo that decodes, each to its own bucket; the others go to
+    ``on_skip`` (the TensorRT calibrator's loop, engines.build_trt.calibration_pixels)."""
+    return calibration_pixels(paths, None, on_skip)
 
 
 class _Reader:

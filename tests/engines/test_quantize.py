@@ -174,9 +174,14 @@ def test_calibration_of_another_model_builds_nothing(
 
 
 def test_calibrate_measures_every_quantized_tensor(
-    model_dir: Path, demo_photos: list[bytes]
+    model_dir: Path, demo_photos: list[bytes], tmp_path: Path
 ) -> None:
-    photos = [quantize.service_pixels(data) for data in demo_photos[:3]]
+    paths = []
+    for i, data in enumerate(demo_photos[:3]):
+        paths.append(tmp_path / f"{i}.jpg")
+        paths[-1].write_bytes(data)
+    photos = [pixels for _, pixels in quantize.decoded_photos(paths)]
+    assert len(photos) == 3
     ranges = quantize.calibrate(find_model(model_dir), photos, "minmax")
     committed = quantize.read_calibration().ranges
     assert set(ranges) == set(committed)

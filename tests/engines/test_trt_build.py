@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import pyvips
 
 from engines import buckets
 from engines.base import INPUT_NAME
@@ -230,3 +231,23 @@ def test_calibration_photos_and_digest(tmp_path):
         calibration_photos(tmp_path / "empty", 10)
     with pytest.raises(BuildError, match="not a folder"):
         calibration_photos(tmp_path / "absent", 10)
+
+
+def test_calibration_pixels_send_each_photo_to_the_services_bucket(tmp_path):
+    """Without a fixed bucket each photo goes where the service would send it: by its display
+    orientation, so an EXIF-rotated landscape file lands in the portrait bucket."""
+    from engines.build_trt import calibration_pixels
+    from sidecar.decode import decode
+
+    wide = tmp_path / "wide.jpg"
+    halves(480, 320).jpegsave(str(wide), Q=90)
+    turned = tmp_path / "turned.jpg"
+    image = halves(480, 320).copy()
+    image.set_type(pyvips.GValue.gint_type, "orientation", 6)
+    image.jpegsave(str(turned), Q=90)
+    got = dict(calibration_pixels([wide, turned]))
+    assert got[wide].shape[:2] == buckets.bucket_for(480, 320)
+    assert got[turned].shape[:2] == buckets.bucket_for(320, 480)
+    for path, pixels in got.items():
+        served = decode(path.read_bytes(), max_bytes=1 << 30, max_pixels=1 << 30).pixels
+        np.testing.assert_array_equal(pixels, served)
