@@ -57,6 +57,7 @@ class Backbone:
     name: str
     stages: tuple[Stage, ...]
     taps: tuple[Tap, ...]
+    grid: int = 32  # the read-out grid's stride: 32 as shipped, 16 measured
 
     @property
     def features(self) -> int:
@@ -67,7 +68,8 @@ class Backbone:
 
     @property
     def key(self) -> str:
-        return f"{self.name}-{_digest(self.weights_path())[:12]}"
+        grid = "" if self.grid == 32 else f"-s{self.grid}"
+        return f"{self.name}{grid}-{_digest(self.weights_path())[:12]}"
 
 
 @cache
@@ -78,7 +80,40 @@ def _digest(path: Path) -> str:
 BACKBONES: dict[str, Backbone] = {
     "lite0": Backbone("lite0", LITE0_STAGES, TAPS),
     "lite2": Backbone("lite2", LITE2_STAGES, LITE2_TAPS),
+    # The same four taps on the stride-16 grid: the stride-8 tap pooled x2, the stride-16 tap
+    # as it is, the two stride-32 taps (and the CAM heads) upsampled x2.
+    "lite0-s16": Backbone("lite0", LITE0_STAGES, TAPS, grid=16),
 }
+
+
+def upsampled2(x: F32) -> F32:
+    """[C, H, W] -> [C, 2H, 2W], bilinear with half-pixel centres and clamped edges (ONNX
+    Resize's linear mode, which a stride-16 graph would use)."""
+
+    def axis(a: F32, dim: int) -> F32:
+        n = a.shape[dim]
+        pos = np.clip((np.arange(2 * n) + 0.5) / 2 - 0.5, 0, n - 1)
+        lo = np.floor(pos).astype(int)
+        hi = np.minimum(lo + 1, n - 1)
+        t = (pos - lo).astype(np.float32)
+        shape = [1] * a.ndim
+        shape[dim] = -1
+        t = t.reshape(shape)
+        return np.take(a, lo, axis=dim) * (1 - t) + np.take(a, hi, axis=dim) * t
+
+    return axis(axis(x.astype(np.float32), 1), 2)
+
+
+def on_grid(x: F32, tap: Tap, grid: int) -> F32:
+    """A tap's map ([C, H, W] at its own stride, 32 / tap.pool) on the read-out grid."""
+    stride = 32 // tap.pool
+    if stride < grid:
+        return pooled(x, grid // stride)
+    if stride == grid:
+        return x
+    if stride != 2 * grid:
+        raise ValueError(f"{tap.tensor}: stride {stride} onto grid {grid}")
+    return upsampled2(x)
 
 
 def feature_model(backbone: Backbone) -> bytes:
@@ -147,8 +182,9 @@ def extract(eval_set: EvalSet, backbone: Backbone) -> Cells:
         decoded = decode(item.path.read_bytes(), max_bytes=src.max_bytes, max_pixels=src.max_pixels)
         outs = sess.run(outputs, {INPUT_NAME: decoded.pixels[np.newaxis]})
         heat, mass, taps = outs[0][0], outs[1][0], outs[2:]
-        maps = [pooled(o[0], t.pool) if t.pool > 1 else o[0]
-                for o, t in zip(taps, backbone.taps, strict=True)]  # fmt: skip
+        maps = [on_grid(o[0], t, backbone.grid) for o, t in zip(taps, backbone.taps, strict=True)]
+        if backbone.grid != 32:
+            heat = upsampled2(heat)
         stacked = np.concatenate(maps, axis=0)
         h, w = stacked.shape[1:]
         names.append(item.name)
@@ -209,7 +245,7 @@ def bucket_mix(eval_dir: str, set_names: Sequence[str]) -> dict[tuple[int, int],
 def timing_report(eval_dir: str, set_names: Sequence[str], repeats: int) -> str:
     mix = bucket_mix(eval_dir, set_names)
     shapes = sorted(mix, key=lambda s: -mix[s])
-    ms = time_backbones(list(BACKBONES), shapes, repeats)
+    ms = time_backbones([n for n, b in BACKBONES.items() if b.grid == 32], shapes, repeats)
     total = sum(mix.values())
     lines = ["| input bucket (h x w) | photos | " + " | ".join(f"{n} ms" for n in ms)
              + " | lite2 / lite0 |", "|---|---:|" + "---:|" * (len(ms) + 1)]  # fmt: skip
