@@ -44,6 +44,10 @@ MAX_SCALES = 64
 MAX_STEPS = 1024
 # Scores closer than this are a tie: float noise must not pick between mirror-image windows.
 TIE_EPS = 1e-9
+# The face rule's thresholds (kernels.faces; the quality protocol's "sliced").
+SLICE_LOW = 0.1
+SLICE_HIGH = 0.9
+NO_FACES = np.zeros((0, 4), dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,22 @@ def best_window(
     if not isinstance(params, SearchParams):
         raise ValueError(f"params must be a SearchParams, got {type(params).__name__}")
     keep_arr = _check_keep(keep, width, height)
+    return _search(heat, width, height, aspect, params, keep_arr, NO_FACES, 0.0)[0]
+
+
+def _search(
+    heat: np.ndarray,
+    width: int,
+    height: int,
+    aspect: float,
+    params: SearchParams,
+    keep_arr: np.ndarray,
+    faces: np.ndarray,
+    face_weight: float,
+) -> tuple[CropBox, int, bool]:
+    """The checked search (best_window, kernels.faces.best_window_faces): the box, the faces
+    it slices, and False when no window held ``keep`` (the box is then the fallback's and the
+    count is not made)."""
     width, height, aspect = int(width), int(height), float(aspect)
     # Plain int/float arguments only: an int cut_weight or np.int32 width would otherwise make
     # numba compile (seconds) and cache another specialisation at request time.
@@ -174,9 +194,9 @@ def best_window(
     sizes = np.array([_window_size(width, height, aspect, s) for s in scales], dtype=np.int64)
     cws = np.ascontiguousarray(sizes[:, 0])
     chs = np.ascontiguousarray(sizes[:, 1])
-    found, bx, by, bk, score, center = _search_kernel(
+    found, bx, by, bk, score, center, sliced = _search_kernel(
         sat, width, height, cws, chs, np.array(scales, dtype=np.float64), int(params.steps),
-        keep_arr, *weights,
+        keep_arr, faces, float(face_weight), *weights,
     )  # fmt: skip
     cw, ch = int(cws[bk]), int(chs[bk])
     if not found:
@@ -184,12 +204,13 @@ def best_window(
         bx, by, cw, ch = _keep_fallback(keep_arr, width, height, int(cws[0]), int(chs[0]))
         score = _box_score(sat, width, height, bx, by, cw, ch, 1.0, *weights)
     x0, y0 = int(bx), int(by)
-    return CropBox(
+    box = CropBox(
         x0, y0, x0 + cw, y0 + ch,
         score=float(score),
         center_score=float(center),
         confidence=max(0.0, float(score) - float(center)),
     )  # fmt: skip
+    return box, int(sliced), bool(found)
 
 
 def _window_size(width: int, height: int, aspect: float, s: float) -> tuple[int, int]:
@@ -421,6 +442,40 @@ def _box_score(
 
 
 @njit(cache=True)
+def _face_offsets(
+    base: np.ndarray, lo: np.ndarray, hi: np.ndarray, side: int, a: int, b: int
+) -> np.ndarray:
+    """``base`` plus, per face [lo, hi) on this axis, the offsets in [a, b] where a window of
+    ``side`` starts or ends on the face's edges (keeping it whole or dropping it), sorted."""
+    out = np.empty(base.size + 4 * lo.size, dtype=np.int64)
+    n = 0
+    for v in base:
+        out[n] = v
+        n += 1
+    for f in range(lo.size):
+        f0 = math.floor(lo[f])
+        f1 = math.ceil(hi[f])
+        for v in (f0, f1 - side, f1, f0 - side):
+            if a <= v <= b:
+                out[n] = v
+                n += 1
+    return np.unique(out[:n])
+
+
+@njit(cache=True)
+def _fractions(offs: np.ndarray, side: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """[offset, face]: share of each face's extent on this axis inside [offset, offset + side)."""
+    out = np.empty((offs.size, lo.size), dtype=np.float64)
+    for a in range(offs.size):
+        w0 = float(offs[a])
+        w1 = w0 + side
+        for f in range(lo.size):
+            inter = min(w1, hi[f]) - max(w0, lo[f])
+            out[a, f] = max(0.0, inter) / (hi[f] - lo[f])
+    return out
+
+
+@njit(cache=True)
 def _search_kernel(
     sat: np.ndarray,
     width: int,
@@ -430,18 +485,30 @@ def _search_kernel(
     scales: np.ndarray,
     steps: int,
     keep: np.ndarray,
+    faces: np.ndarray,
+    face_weight: float,
     cut_weight: float,
     cut_band: float,
     zoom_weight: float,
-) -> tuple[bool, int, int, int, float, float]:
-    """(found, x, y, scale index, score, centre-crop score); found is False only with keep."""
+) -> tuple[bool, int, int, int, float, float, int]:
+    """(found, x, y, scale index, score, centre-crop score, faces sliced); found is False only
+    with keep. ``faces`` [N, 4] (none: the plain search) adds the face rule of kernels.faces:
+    fewest faces sliced first, then score + face_weight x the share of faces kept."""
     has_keep = keep[0] >= 0
+    nf = faces.shape[0]
+    fx0 = np.ascontiguousarray(faces[:, 0])
+    fx1 = np.ascontiguousarray(faces[:, 2])
+    fy0 = np.ascontiguousarray(faces[:, 1])
+    fy1 = np.ascontiguousarray(faces[:, 3])
+    per_face = face_weight / nf if nf > 0 else 0.0
     found = False
     bx = 0
     by = 0
     bk = 0
     best = -np.inf
+    best_score = 0.0
     best_d2 = 0
+    best_sliced = 0
     for k in range(scales.size):
         cw = cws[k]
         ch = chs[k]
@@ -454,19 +521,41 @@ def _search_kernel(
                 continue
         xs = _offsets(width - cw, steps, lox, hix)
         ys = _offsets(height - ch, steps, loy, hiy)
+        if nf > 0:
+            xs = _face_offsets(xs, fx0, fx1, cw, lox, hix)
+            ys = _face_offsets(ys, fy0, fy1, ch, loy, hiy)
         sc = _scores(
             sat, width, height, cw, ch, scales[k], xs, ys, cut_weight, cut_band, zoom_weight
         )
+        gx = _fractions(xs, cw, fx0, fx1)
+        gy = _fractions(ys, ch, fy0, fy1)
         for b in range(ys.size):
             dy = 2 * ys[b] + ch - height
             for a in range(xs.size):
-                v = sc[b, a]
+                sliced = 0
+                kept = 0
+                for f in range(nf):
+                    share = gx[a, f] * gy[b, f]
+                    if share >= SLICE_HIGH:
+                        kept += 1
+                    elif share > SLICE_LOW:
+                        sliced += 1
+                if found and sliced > best_sliced:
+                    continue
+                v = sc[b, a] + per_face * kept
                 dx = 2 * xs[a] + cw - width
                 d2 = dx * dx + dy * dy
-                if not found or v > best + TIE_EPS or (v >= best - TIE_EPS and d2 < best_d2):
+                if (
+                    not found
+                    or sliced < best_sliced
+                    or v > best + TIE_EPS
+                    or (v >= best - TIE_EPS and d2 < best_d2)
+                ):
                     found = True
                     best = v
+                    best_score = sc[b, a]
                     best_d2 = d2
+                    best_sliced = sliced
                     bx = xs[a]
                     by = ys[b]
                     bk = k
@@ -475,4 +564,4 @@ def _search_kernel(
     center = _box_score(
         sat, width, height, cx, cy, cws[0], chs[0], scales[0], cut_weight, cut_band, zoom_weight
     )
-    return found, bx, by, bk, best, center
+    return found, bx, by, bk, best_score, center, best_sliced
