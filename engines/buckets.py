@@ -13,6 +13,9 @@ import math
 SHORT_SIDE = 224
 LONG_SIDES: tuple[int, ...] = (224, 256, 288, 320, 352, 384, 416, 448)
 STRIDE = 32
+# The heatmap's grid: the read-out's (engines/readout.grid_of of the shipped weights; the
+# export refuses weights of another grid), every channel upsampled to it inside the graph.
+HEATMAP_STRIDE = 16
 
 
 def all_buckets() -> tuple[tuple[int, int], ...]:
@@ -31,5 +34,5 @@ def bucket_for(width: int, height: int) -> tuple[int, int]:
 
 
 def heatmap_shape(bucket: tuple[int, int]) -> tuple[int, int]:
-    """The (h, w) of the model's last feature map for an input bucket."""
-    return bucket[0] // STRIDE, bucket[1] // STRIDE
+    """The (h, w) of the model's heatmap for an input bucket."""
+    return bucket[0] // HEATMAP_STRIDE, bucket[1] // HEATMAP_STRIDE

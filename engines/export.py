@@ -22,7 +22,7 @@ from engines import buckets, classes
 from engines.artifacts import MANIFEST_NAME, model_file_name, sha256_hex, write_atomic
 from engines.base import INPUT_NAME, OUTPUT_NAMES, PROFILES
 from engines.graph import GENERIC_HEAD, OPSET, build_model
-from engines.readout import TAPS, WEIGHTS_PATH, load_weights
+from engines.readout import TAPS, WEIGHTS_PATH, grid_of, load_weights
 from engines.weights import load_state_dict, shipped_weights_path
 
 MANIFEST_FORMAT = 1
@@ -41,9 +41,13 @@ def model_bytes(
         f"and a learned read-out head (engines/readout_weights.npz sha256 {readout_digest}, "
         "fitted by training/fit_head.py); written by engines/export.py"
     )
-    model = build_model(
-        load_state_dict(path), classes.FOOD_CLASSES, load_weights(readout_path), doc=doc
-    )
+    readout = load_weights(readout_path)
+    if grid_of(readout) != buckets.HEATMAP_STRIDE:
+        raise ValueError(
+            f"{readout_path}: read-out grid {grid_of(readout)}, the engines serve heatmaps on "
+            f"a stride-{buckets.HEATMAP_STRIDE} grid (engines/buckets.py)"
+        )
+    model = build_model(load_state_dict(path), classes.FOOD_CLASSES, readout, doc=doc)
     return model.SerializeToString(deterministic=True), weights_digest
 
 
@@ -63,7 +67,15 @@ def manifest(file_name: str, digest: str, weights_digest: str) -> dict[str, Any]
             "preprocess": "(x - 127) / 128 in-graph",
         },
         "outputs": {
-            OUTPUT_NAMES[0]: {"dtype": "float32", "shape": ["N", len(PROFILES), "H/32", "W/32"]},
+            OUTPUT_NAMES[0]: {
+                "dtype": "float32",
+                "shape": [
+                    "N",
+                    len(PROFILES),
+                    f"H/{buckets.HEATMAP_STRIDE}",
+                    f"W/{buckets.HEATMAP_STRIDE}",
+                ],
+            },
             OUTPUT_NAMES[1]: {"dtype": "float32", "shape": ["N"]},
             OUTPUT_NAMES[2]: {"dtype": "float32", "shape": ["N", classes.NUM_CLASSES]},
         },

@@ -55,7 +55,15 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from engines.base import INPUT_NAME, OUTPUT_NAMES, PROFILES
-from engines.readout import COORD_TERMS, GATE_PREFIX, TAPS, Tap, blur_kernel, layer_count
+from engines.readout import (
+    COORD_TERMS,
+    GATE_PREFIX,
+    TAPS,
+    Tap,
+    blur_kernel,
+    grid_of,
+    layer_count,
+)
 
 OPSET = 17
 # IR 8 is what opset 17 was released with; older readers (TensorRT's parser) accept it.
@@ -349,12 +357,17 @@ def _readout_heat(
     (0, 1] and float16 caches keep it. Every node is named ``readout.*`` (kept float by the
     INT8 quantizer).
     """
+    grid = grid_of(readout)
     maps = []
     for tap in taps:
         x = tap.tensor
-        if tap.pool > 1:
+        stride = TOTAL_STRIDE // tap.pool
+        if stride < grid:
+            f = grid // stride
             x = g.op("AveragePool", [x], f"readout.pool_{tap.tensor}",
-                     kernel_shape=[tap.pool, tap.pool], strides=[tap.pool, tap.pool])  # fmt: skip
+                     kernel_shape=[f, f], strides=[f, f])  # fmt: skip
+        elif stride > grid:
+            x = _upsampled(g, x, stride // grid, f"readout.up_{tap.tensor}")
         maps.append(x)
     features = g.op("Concat", maps, "readout.features", axis=1)
     n_features = sum(t.channels for t in taps)
@@ -375,6 +388,13 @@ def _readout_heat(
     z = g.op("Add", [z, _coord_bias(g, z, a)], "readout.logit")
     peak = g.op("ReduceMax", [z], "readout.peak", axes=[2, 3], keepdims=1)
     return g.op("Exp", [g.op("Sub", [z, peak], "readout.shifted")], "readout.heat")
+
+
+def _upsampled(g: _Graph, x: str, factor: int, name: str) -> str:
+    """Bilinear, half-pixel centres, edges clamped (training/backbones.upsampled2 for x2)."""
+    scales = g.const(f"{name}.scales", [1.0, 1.0, float(factor), float(factor)], np.float32)
+    return g.op("Resize", [x, "", scales], name, mode="linear",
+                coordinate_transformation_mode="half_pixel")  # fmt: skip
 
 
 def _food_mass(g: _Graph, logits: str, food: Sequence[int]) -> str:
@@ -416,6 +436,9 @@ def build_model(
     food_mass = _food_mass(g, logits, food_classes) if gated else OUTPUT_NAMES[1]
     food = _food_heat(g, features, weights, food_classes)
     generic = _generic_heat(g, features)
+    if grid_of(readout) != TOTAL_STRIDE:  # every channel of the heatmap on the read-out's grid
+        food = _upsampled(g, food, TOTAL_STRIDE // grid_of(readout), "readout.up_food")
+        generic = _upsampled(g, generic, TOTAL_STRIDE // grid_of(readout), "readout.up_generic")
     learned = _readout_heat(g, readout, taps, food_mass)
     g.op("Concat", [food, generic, learned], OUTPUT_NAMES[0], axis=1)
     if not gated:

@@ -70,6 +70,34 @@ def load_weights(path: Path = WEIGHTS_PATH) -> dict[str, npt.NDArray[np.float32]
         return {k: z[k] for k in z.files}
 
 
+def grid_of(weights: dict[str, npt.NDArray[np.float32]]) -> int:
+    """The read-out grid's stride in input pixels: 32 (the backbone's last feature map) unless
+    the weights say 16 (`grid`), where the stride-8 tap is pooled x2 and the stride-32 taps
+    and both CAM heads are upsampled x2 (training/backbones.py's lite0-s16)."""
+    grid = int(weights["grid"]) if "grid" in weights else 32
+    if grid not in (16, 32):
+        raise ValueError(f"read-out grid must be 16 or 32, got {grid}")
+    return grid
+
+
+def upsampled2(x: npt.NDArray[np.floating]) -> npt.NDArray[np.float32]:
+    """[C, H, W] -> [C, 2H, 2W], bilinear with half-pixel centres and clamped edges (the numpy
+    reference of engines/graph.py's Resize, linear mode, on a stride-16 read-out grid)."""
+
+    def axis(a: npt.NDArray[np.float32], dim: int) -> npt.NDArray[np.float32]:
+        n = a.shape[dim]
+        pos = np.clip((np.arange(2 * n) + 0.5) / 2 - 0.5, 0, n - 1)
+        lo = np.floor(pos).astype(int)
+        hi = np.minimum(lo + 1, n - 1)
+        t = (pos - lo).astype(np.float32)
+        shape = [1] * a.ndim
+        shape[dim] = -1
+        t = t.reshape(shape)
+        return np.take(a, lo, axis=dim) * (1 - t) + np.take(a, hi, axis=dim) * t
+
+    return axis(axis(x.astype(np.float32), 1), 2)
+
+
 def layer_count(weights: dict[str, npt.NDArray[np.float32]], prefix: str = "") -> int:
     """How many 1x1 layers the weights carry under `prefix` (w1, w2, ... contiguous)."""
     k = 0

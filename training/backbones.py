@@ -34,7 +34,7 @@ from engines import classes
 from engines.artifacts import sha256_hex
 from engines.base import INPUT_NAME, OUTPUT_NAMES
 from engines.graph import LITE0_STAGES, LITE2_STAGES, Stage, build_model
-from engines.readout import COORD_TERMS, LITE2_TAPS, TAPS, Tap
+from engines.readout import COORD_TERMS, LITE2_TAPS, TAPS, Tap, upsampled2
 from engines.weights import load_state_dict, shipped_weights_path
 from sidecar.decode import configure_vips, decode
 from sidecar.settings import SourceSettings
@@ -84,24 +84,6 @@ BACKBONES: dict[str, Backbone] = {
     # as it is, the two stride-32 taps (and the CAM heads) upsampled x2.
     "lite0-s16": Backbone("lite0", LITE0_STAGES, TAPS, grid=16),
 }
-
-
-def upsampled2(x: F32) -> F32:
-    """[C, H, W] -> [C, 2H, 2W], bilinear with half-pixel centres and clamped edges (ONNX
-    Resize's linear mode, which a stride-16 graph would use)."""
-
-    def axis(a: F32, dim: int) -> F32:
-        n = a.shape[dim]
-        pos = np.clip((np.arange(2 * n) + 0.5) / 2 - 0.5, 0, n - 1)
-        lo = np.floor(pos).astype(int)
-        hi = np.minimum(lo + 1, n - 1)
-        t = (pos - lo).astype(np.float32)
-        shape = [1] * a.ndim
-        shape[dim] = -1
-        t = t.reshape(shape)
-        return np.take(a, lo, axis=dim) * (1 - t) + np.take(a, hi, axis=dim) * t
-
-    return axis(axis(x.astype(np.float32), 1), 2)
 
 
 def on_grid(x: F32, tap: Tap, grid: int) -> F32:

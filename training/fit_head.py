@@ -484,6 +484,9 @@ def run_ship(args: argparse.Namespace) -> int:
              for r in runs.values() if r.fit is not None]  # fmt: skip
     head = fit(parts, cfg)
     weights = export_weights(head)
+    grid = BACKBONES[args.backbone].grid if args.backbone in BACKBONES else 32
+    if grid != 32:  # engines/readout.grid_of: the graph builds the read-out on this grid
+        weights["grid"] = np.array(grid, dtype=np.int64)  # type: ignore[assignment]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(args.out, **weights)  # type: ignore[arg-type]
     print(f"{args.out}: {cfg.label()} on {sets} ({args.backbone}); "

@@ -25,7 +25,7 @@ from engines.errors import ModelNotBuilt
 from engines.export import export
 from engines.graph import GENERIC_HEAD, same_pads
 from engines.model import find_model
-from engines.readout import GATE_PREFIX, WEIGHTS_PATH, layer_count, load_weights
+from engines.readout import GATE_PREFIX, WEIGHTS_PATH, layer_count, load_weights, upsampled2
 
 GOLDEN = Path(__file__).parents[1] / "support" / "golden" / "lite0_reference.npz"
 GOLDEN_BUCKETS = ("224x224", "224x320")
@@ -73,6 +73,10 @@ def _assert_heatmaps_close(got: np.ndarray, want: np.ndarray, what: str) -> None
     # Per channel: the food map is in logits (tens), the generic one in ReLU6 activations
     # (about 1), so one tolerance from the larger channel would hide an error in the smaller.
     assert PROFILES[: len(REFERENCE_PROFILES)] == REFERENCE_PROFILES
+    # The reference's maps are on the backbone's stride-32 grid; the graph upsamples both CAM
+    # heads to the read-out's grid (engines/readout.upsampled2 is that step in numpy).
+    while want.shape[-1] < got.shape[-1]:
+        want = np.stack([upsampled2(m) for m in want])
     for channel, profile in enumerate(REFERENCE_PROFILES):
         _assert_close(got[:, channel], want[:, channel], f"{what} {profile}")
 
@@ -145,7 +149,7 @@ def test_every_bucket_runs(session):
         batch = rng.integers(0, 256, (2, height, width, 3), dtype=np.uint8)
         out = _run(session, batch)
         h, w = buckets.heatmap_shape((height, width))
-        assert (h, w) == (height // 32, width // 32)
+        assert (h, w) == (height // buckets.HEATMAP_STRIDE, width // buckets.HEATMAP_STRIDE)
         assert out["heatmaps"].shape == (2, len(PROFILES), h, w)
         assert out["food_mass"].shape == (2,)
         assert out["logits"].shape == (2, classes.NUM_CLASSES)
@@ -207,6 +211,8 @@ def test_generic_is_feature_rms(model_path, golden):
     heat, feat = sess.run([OUTPUT_NAMES[0], features], {INPUT_NAME: golden["inputs_224x320"]})
     assert feat.shape[1:] == (1280, 7, 10)
     want = np.sqrt(np.mean(feat.astype(np.float64) ** 2, axis=1))
+    if heat.shape[-1] > want.shape[-1]:  # on the read-out's finer grid
+        want = np.stack([upsampled2(m[None])[0] for m in want])
     np.testing.assert_allclose(heat[:, 1], want, rtol=1e-5, atol=1e-6)
 
 

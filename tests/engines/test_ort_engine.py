@@ -53,12 +53,13 @@ def test_infer_matches_reference(engine, coffee):
     batch, ref_logits = coffee
     out = engine.infer(batch)
     assert isinstance(out, HeatmapBatch) and len(out) == 1
-    assert out.heatmaps.shape == (1, len(PROFILES), 7, 10)
+    grid = buckets.heatmap_shape((224, 320))
+    assert out.heatmaps.shape == (1, len(PROFILES), *grid)
     assert out.food_mass.shape == (1,) and out.logits.shape == (1, 1000)
     assert all(a.dtype == np.float32 for a in (out.heatmaps, out.food_mass, out.logits))
     assert np.abs(out.logits[0] - ref_logits).max() <= 1e-4 * np.abs(ref_logits).max()
     assert (out.heatmaps >= 0).all()
-    assert out.profile(0, "food").shape == (7, 10)
+    assert out.profile(0, "food").shape == grid
 
 
 def test_outputs_are_owned_copies(engine, coffee):

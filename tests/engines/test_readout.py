@@ -30,13 +30,39 @@ def tapped(tmp_path_factory) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
+def _naive_up2(m: np.ndarray) -> np.ndarray:
+    """[n, c, h, w] -> [n, c, 2h, 2w], bilinear with half-pixel centres, edges clamped."""
+    n, c, h, w = m.shape
+
+    def src(i: int, size: int) -> tuple[int, int, float]:
+        x = min(max((i + 0.5) / 2 - 0.5, 0.0), size - 1.0)
+        lo = int(np.floor(x))
+        return lo, min(lo + 1, size - 1), x - lo
+
+    out = np.zeros((n, c, 2 * h, 2 * w))
+    for i in range(2 * h):
+        y0, y1, ty = src(i, h)
+        for j in range(2 * w):
+            x0, x1, tx = src(j, w)
+            top = m[:, :, y0, x0] * (1 - tx) + m[:, :, y0, x1] * tx
+            bottom = m[:, :, y1, x0] * (1 - tx) + m[:, :, y1, x1] * tx
+            out[:, :, i, j] = top * (1 - ty) + bottom * ty
+    return out
+
+
 def _naive_readout(
     maps: list[np.ndarray], weights: dict[str, np.ndarray], mass: np.ndarray
 ) -> np.ndarray:
-    n, _, h, w = maps[-1].shape
+    grid = int(weights["grid"]) if "grid" in weights else 32
+    n, _, h32, w32 = maps[-1].shape
+    h, w = h32 * 32 // grid, w32 * 32 // grid
     cols = []
     for tap, m in zip(TAPS, maps, strict=True):
-        p = tap.pool
+        stride = 32 // tap.pool
+        if stride > grid:
+            cols.append(_naive_up2(m))
+            continue
+        p = grid // stride
         pooled = np.zeros((n, m.shape[1], h, w))
         for i in range(h):
             for j in range(w):
@@ -76,7 +102,8 @@ def test_readout_portrait_bucket_and_weights_file(tapped):
     batch = rng.integers(0, 256, (2, 320, 224, 3), dtype=np.uint8)
     outs = tapped.run([OUTPUT_NAMES[0], OUTPUT_NAMES[1], *(t.tensor for t in TAPS)],
                       {INPUT_NAME: batch})  # fmt: skip
-    assert outs[0].shape == (2, len(PROFILES), 10, 7)
+    grid = int(load_weights()["grid"])
+    assert outs[0].shape == (2, len(PROFILES), 320 // grid, 224 // grid)
     np.testing.assert_allclose(
         outs[0][:, READOUT], _naive_readout(outs[2:], load_weights(), outs[1]), rtol=1e-3,
         atol=1e-5,

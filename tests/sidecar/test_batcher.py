@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 import numpy as np
 import pytest
 
+from engines import buckets
 from engines.base import PROFILES, Engine, HeatmapBatch
 from sidecar.batcher import Batcher, ImageHeat, ServiceModel
 from sidecar.errors import DeadlineExceeded, EngineError, Overloaded
@@ -122,11 +123,7 @@ async def test_mixed_buckets_never_share_a_batch():
         heats = await asyncio.wait_for(asyncio.gather(*jobs), GUARD)
     for i, heat in enumerate(heats):
         assert_marker(heat, i)
-        assert heat.heatmaps.shape == (
-            len(PROFILES),
-            shapes[i % 3][0] // 32,
-            shapes[i % 3][1] // 32,
-        )
+        assert heat.heatmaps.shape == (len(PROFILES), *buckets.heatmap_shape(shapes[i % 3]))
     assert len(engine.calls) == 3
     for shape, markers in engine.calls:
         assert {shapes[m % 3] for m in markers} == {shape}

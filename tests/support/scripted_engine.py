@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from engines import buckets
 from engines.base import PROFILES, HeatmapBatch
 
 SQUARE = (224, 224)
@@ -61,7 +62,7 @@ class ScriptedEngine:
         time.sleep(self.delay)
         if self.fail_marker in markers:
             raise RuntimeError(f"engine failed on marker {self.fail_marker}")
-        n, h, w = batch.shape[0], batch.shape[1] // 32, batch.shape[2] // 32
+        n, (h, w) = batch.shape[0], buckets.heatmap_shape(batch.shape[1:3])
         values = np.array(markers, dtype=np.float32)
         heatmaps = np.broadcast_to(values[:, None, None, None], (n, len(PROFILES), h, w))
         return HeatmapBatch(
