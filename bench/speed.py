@@ -147,15 +147,20 @@ ATTENTION = "attention"
 
 
 def _without_readout(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The heatmap model with the read-out head cut out: heatmaps = food, generic only."""
+    """The heatmap model with the read-out head cut out: heatmaps = food, generic only, on the
+    backbone's own grid (the CAM heads' upsampling to a finer read-out grid is the read-out's
+    cost too)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     keep = [n for n in out.graph.node if not n.name.startswith("readout.")]
+    upsampled = {n.output[0]: n.input[0] for n in out.graph.node
+                 if n.name.startswith("readout.") and n.op_type == "Resize"}  # fmt: skip
     del out.graph.node[:]
     out.graph.node.extend(keep)
     for node in out.graph.node:
         if node.name == "heatmaps":
             del node.input[2:]
+            node.input[:] = [upsampled.get(i, i) for i in node.input]
     used = {i for n in out.graph.node for i in n.input}
     inits = [t for t in out.graph.initializer if t.name in used]
     del out.graph.initializer[:]
