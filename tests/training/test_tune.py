@@ -37,3 +37,25 @@ def test_the_shipped_defaults_are_a_candidate_and_every_blur_has_its_unblurred_t
 def test_the_grid_has_no_duplicates() -> None:
     cands = candidates(KernelSettings())
     assert len(set(cands)) == len(cands)
+
+
+def test_heldout_maps_replace_the_readout_except_on_sets_never_fitted(tmp_path, monkeypatch):
+    import numpy as np
+    import pytest
+
+    from engines.base import PROFILES
+    from sidecar.core import Analysis
+    from training import tune
+
+    held = tmp_path / "heldout.npz"
+    np.savez(held, **{"/x/fitted.jpg": np.full((2, 2), 0.25, np.float32)})
+    monkeypatch.setattr(tune, "feature_key", lambda model_dir: "key")
+    monkeypatch.setattr(tune, "heldout_path", lambda key: held)
+    heat = np.ones((len(PROFILES), 2, 2), np.float16)
+    stored = {p: Analysis(64, 64, heat, 0.0, "v") for p in ("/x/fitted.jpg", "/x/unseen.jpg")}
+    out = tune.with_heldout_readout(stored, tmp_path, unseen={"/x/unseen.jpg"})
+    channel = PROFILES.index("readout")
+    assert (out["/x/fitted.jpg"].heatmaps[channel] == np.float16(0.25)).all()
+    assert (out["/x/unseen.jpg"].heatmaps == heat).all()  # the shipped map, never fitted on
+    with pytest.raises(SystemExit, match="no held-out map"):
+        tune.with_heldout_readout(stored, tmp_path)  # a fitted set's photo without one
