@@ -40,6 +40,7 @@ from engines.pixels import model_pixels, open_header
 from sidecar import settings as settings_mod
 from sidecar.core import CropCore
 from sidecar.decode import configure_vips, decode
+from training.data import publish
 
 Pixels = npt.NDArray[np.uint8]
 LIMITS = {"max_bytes": 50 * 1024 * 1024, "max_pixels": 100_000_000}
@@ -276,10 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     core = CropCore.from_settings(settings, load_engine(settings.engine))
     lines += search_rows(core, photos, args.rounds)
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    publish(text, args.out)
     return 0
 
 

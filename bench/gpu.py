@@ -33,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from engines.plans import Machine, Probe, Unavailable, detect_machine
+from training.data import publish
 
 if TYPE_CHECKING:
     from engines.trt import TrtEngine
@@ -126,10 +127,7 @@ def main(argv: Sequence[str] | None = None, probe: Callable[[], Probe] = detect_
         return 1
     lines = _measure(machine, precisions, batches, paths, args.seconds)
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    publish(text, args.out)
     return 0
 
 

@@ -48,7 +48,7 @@ from bench.quality import (
     git_describe,
     headroom_share,
 )
-from training.data import DEFAULT_SETS, Box, iou, load_set
+from training.data import DEFAULT_SETS, Box, iou, load_set, publish
 
 CALIB_SETS = ("fcdb_train", "osie_train", "crowd_train")
 FP32 = "FP32"
@@ -277,10 +277,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     text = run(args)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    publish(text, args.out)
     return 0
 
 

@@ -51,6 +51,7 @@ from bench.service import cpu_model
 from bench.wrk_summary import WRK_PRIORITY, WrkSummary, parse_summary
 from nginx.render import HOPS_LOG
 from nginx.stack import Stack, StackOptions
+from training.data import publish
 
 WRK_DIR = Path(__file__).parent / "wrk"
 DEFAULT_SOURCE = Path("../shared/eval/fcdb_dev/images")
@@ -210,9 +211,7 @@ def main() -> None:
             results += standin_group(work / "standin", args, sets, load)
         loads.append(os.getloadavg()[0])
     text = "\n".join(report(started, args, load, results, loads)) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    publish(text, args.out)
 
 
 # -- scenario groups --------------------------------------------------------------------------

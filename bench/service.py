@@ -40,6 +40,7 @@ from typing import IO
 
 from bench.wrk_summary import WRK_PRIORITY, WrkSummary, parse_summary
 from sidecar import settings as settings_mod
+from training.data import publish
 
 WRK_DIR = Path(__file__).parent / "wrk"
 DEFAULT_SOURCE = Path("../shared/eval/fcdb_dev/images")
@@ -148,9 +149,7 @@ def main() -> None:
     loads = (load_before, os.getloadavg()[0])
     lines = report(started, settings, args, len(originals), runs, loads)
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.write_text(text)
+    publish(text, args.out)
 
 
 # -- scenarios ------------------------------------------------------------------------------

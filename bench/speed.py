@@ -36,6 +36,7 @@ from kernels.window import best_window
 from sidecar import settings as settings_mod
 from sidecar.core import Analysis, CropCore, search_params
 from sidecar.decode import configure_vips
+from training.data import publish
 
 ASPECTS = (1.0, 4 / 5, 16 / 9, 9 / 16, 3 / 2)
 DEFAULT_PHOTOS = Path("../shared/eval/fcdb_dev/images")
@@ -75,10 +76,7 @@ def main() -> None:
         each.engine.close()
     lines += _numba_startup()
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    publish(text, args.out)
 
 
 def _per_image(fn: Callable[[bytes], object], photos: list[bytes], rounds: int) -> float:

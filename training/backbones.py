@@ -38,7 +38,7 @@ from engines.readout import COORD_TERMS, LITE2_TAPS, TAPS, Tap, upsampled2
 from engines.weights import load_state_dict, shipped_weights_path
 from sidecar.decode import configure_vips, decode
 from sidecar.settings import SourceSettings
-from training.data import EvalSet, load_set
+from training.data import EvalSet, load_set, publish
 from training.features import pooled
 
 CACHE = Path("build/heads")
@@ -261,10 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.time:
         text = timing_report(args.eval_dir, args.sets.split(","), args.repeats)
-        print(text)
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(text + "\n")
+        publish(text + "\n", args.out)
         return 0
     for name in args.backbone or ["lite0"]:
         for set_name in args.sets.split(","):

@@ -37,7 +37,7 @@ from kernels.window import TIE_EPS, largest_window
 from sidecar.core import CAM_SHARE, Analysis, blend_profiles, prepare
 from sidecar.settings import KernelSettings
 from training import tune
-from training.data import Box, EvalSet
+from training.data import Box, EvalSet, publish
 
 # Midpoint samples of the template term per window: the map has at most a few dozen cells
 # along an axis, so 512 samples put the term within ~1/500 of its exact integral.
@@ -195,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for i, p in enumerate(tqdm(grid, desc="priors", file=sys.stderr))
     }
     text = report(grid, table, inputs.sets, args.folds, inputs.room, time.perf_counter() - t0)
-    tune.publish(text, args.out)
+    publish(text, args.out)
     return 0
 
 

@@ -401,3 +401,12 @@ def heldout_key(path: Path) -> str:
     """The key of an image's held-out map: its resolved path, so that another spelling of the
     eval folder (relative, absolute, with `..`) finds the same maps."""
     return str(Path(path).resolve())
+
+
+def publish(text: str, out: Path | None) -> None:
+    """Print a command's markdown report and, with `out`, write it there too (the benchmarks'
+    and the fitters' reports)."""
+    print(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)

@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from engines.faces import FaceDetector, FaceParams, HeadBox, scale_boxes
-from training.data import EvalItem, EvalSet, load_set
+from training.data import EvalItem, EvalSet, load_set, publish
 from training.features import fold_of
 
 F64 = npt.NDArray[np.float64]
@@ -232,10 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     eval_set = load_set(args.eval_dir, SET, args.limit)
     det = detect_set(detector, eval_set)
     text = report(args.eval_dir, eval_set, det, detector)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    publish(text, args.out)
     return 0
 
 

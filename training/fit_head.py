@@ -53,6 +53,7 @@ from training.data import (
     heldout_path,
     load_set,
     oracle_box,
+    publish,
 )
 from training.face_cache import load_cached
 from training.features import fold_of, primary_scores, reference_scores, targets
@@ -440,10 +441,7 @@ def run_select(args: argparse.Namespace) -> int:
         *commands,
         "",
     ])  # fmt: skip
-    print(doc)
-    if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(doc)
+    publish(doc, args.report)
     return 0
 
 

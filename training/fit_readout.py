@@ -48,7 +48,7 @@ import numpy.typing as npt
 
 from engines.readout import FEATURES, WEIGHTS_PATH, coord_features
 from sidecar.settings import KernelSettings
-from training.data import ALL_SETS, feature_key, heldout_key, heldout_path, load_set
+from training.data import ALL_SETS, feature_key, heldout_key, heldout_path, load_set, publish
 from training.features import (
     Data,
     SetFeatures,
@@ -365,9 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "",
         ]
     )
-    print(text)
-    args.report.parent.mkdir(parents=True, exist_ok=True)
-    args.report.write_text(text)
+    publish(text, args.report)
     return 0
 
 

@@ -47,6 +47,7 @@ from training.data import (
     heldout_key,
     heldout_path,
     load_set,
+    publish,
 )
 from training.features import reference_scores
 
@@ -308,13 +309,6 @@ def score_rows(
         for label, g in rows
     ]
     return out
-
-
-def publish(text: str, out: Path) -> None:
-    """Print a study's markdown report and write it to `out`."""
-    print(text)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

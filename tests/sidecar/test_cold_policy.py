@@ -27,6 +27,7 @@ from sidecar.settings import (
 )
 from sidecar.sizes import Size
 from tests.support.images import jpeg
+from tests.support.sidecar_metrics import scraped
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +61,6 @@ async def _get(client, size: str, path: str):
     return resp
 
 
-async def _metric(client, name: str, **labels: str) -> float:
-    text = await (await client.get("/metrics")).text()
-    inner = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    series = f"{name}{{{inner}}}" if labels else name
-    for line in text.splitlines():
-        if line.startswith(series + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{series} not in /metrics")
-
-
 async def _until(condition, polls: int = 2000) -> None:
     for _ in range(polls):
         if await condition():
@@ -98,10 +89,10 @@ async def test_first_sight_is_the_legacy_crop_and_the_next_request_is_smart(clie
     resp = await _get(client, "400x300", "one.jpg")
     assert _is_legacy_answer(resp, "one.jpg", Size(400, 300))
     assert "max_age(30)" in resp.headers["X-Accel-Redirect"]
-    assert await _metric(client, "heatcrop_requests_total", outcome="cold") == 1
-    assert await _metric(client, "heatcrop_cold_total", result="queued") == 1
+    assert await scraped(client, "heatcrop_requests_total", outcome="cold") == 1
+    assert await scraped(client, "heatcrop_cold_total", result="queued") == 1
     # Never seen, memory caches: nothing can be cached, so the request read nothing.
-    assert await _metric(client, "heatcrop_stage_seconds_count", stage="fetch") == 0
+    assert await scraped(client, "heatcrop_stage_seconds_count", stage="fetch") == 0
 
     async def cached() -> bool:
         return await _heatmap_cached(client, "one.jpg")
@@ -112,9 +103,9 @@ async def test_first_sight_is_the_legacy_crop_and_the_next_request_is_smart(clie
     resp = await _get(client, "300x100", "one.jpg")
     assert resp.headers["X-Heatcrop-Path"] == "smart"
     assert "X-Heatcrop-Box" in resp.headers
-    assert await _metric(client, "heatcrop_nn_runs_total") == 1
-    assert await _metric(client, "heatcrop_cold_heatmaps_total", result="computed") == 1
-    assert await _metric(client, "heatcrop_requests_total", outcome="error") == 0
+    assert await scraped(client, "heatcrop_nn_runs_total") == 1
+    assert await scraped(client, "heatcrop_cold_heatmaps_total", result="computed") == 1
+    assert await scraped(client, "heatcrop_requests_total", outcome="error") == 0
 
 
 async def test_concurrent_first_sights_make_one_background_heatmap(client) -> None:
@@ -126,9 +117,9 @@ async def test_concurrent_first_sights_make_one_background_heatmap(client) -> No
         return await _heatmap_cached(client, "two.jpg")
 
     await _until(cached)
-    assert await _metric(client, "heatcrop_nn_runs_total") == 1
-    assert await _metric(client, "heatcrop_cold_total", result="queued") == 1
-    assert await _metric(client, "heatcrop_cold_total", result="already") == 4
+    assert await scraped(client, "heatcrop_nn_runs_total") == 1
+    assert await scraped(client, "heatcrop_cold_total", result="queued") == 1
+    assert await scraped(client, "heatcrop_cold_total", result="already") == 4
 
 
 async def test_a_seen_original_whose_identity_expired_is_read_and_found(client) -> None:
@@ -145,8 +136,8 @@ async def test_a_seen_original_whose_identity_expired_is_read_and_found(client) 
     svc.identities.put("three.jpg", "stale-on-purpose", 0.0)  # expired at once, still seen
     resp = await _get(client, "300x100", "three.jpg")
     assert resp.headers["X-Heatcrop-Path"] == "smart"
-    assert await _metric(client, "heatcrop_stage_seconds_count", stage="fetch") == 1
-    assert await _metric(client, "heatcrop_requests_total", outcome="cold") == 1
+    assert await scraped(client, "heatcrop_stage_seconds_count", stage="fetch") == 1
+    assert await scraped(client, "heatcrop_requests_total", outcome="cold") == 1
 
 
 class _GatedSource:
@@ -180,7 +171,7 @@ async def test_a_full_background_queue_still_answers_the_legacy_crop(
     second = await _get(client, "400x300", "two.jpg")
     assert _is_legacy_answer(first, "one.jpg", Size(400, 300))
     assert _is_legacy_answer(second, "two.jpg", Size(400, 300))
-    assert await _metric(client, "heatcrop_cold_total", result="refused") == 1
+    assert await scraped(client, "heatcrop_cold_total", result="refused") == 1
     assert list(svc.cold) == ["one.jpg"]
     gated.gate.set()
 
@@ -197,23 +188,23 @@ async def test_a_full_background_queue_still_answers_the_legacy_crop(
 
     await _until(cached_two)
     assert (await _get(client, "300x100", "two.jpg")).headers["X-Heatcrop-Path"] == "smart"
-    assert await _metric(client, "heatcrop_requests_total", outcome="error") == 0
-    assert await _metric(client, "heatcrop_requests_total", outcome="giveup") == 0
+    assert await scraped(client, "heatcrop_requests_total", outcome="error") == 0
+    assert await scraped(client, "heatcrop_requests_total", outcome="giveup") == 0
 
 
 async def test_a_busy_engine_drops_the_background_heatmap_without_decoding(client) -> None:
     svc = client.app[SERVICES]
     async with busy_engine(svc):
-        decodes = await _metric(client, "heatcrop_stage_seconds_count", stage="decode")
+        decodes = await scraped(client, "heatcrop_stage_seconds_count", stage="decode")
         resp = await _get(client, "400x300", "four.jpg")
         assert _is_legacy_answer(resp, "four.jpg", Size(400, 300))
 
         async def dropped() -> bool:
-            return await _metric(client, "heatcrop_cold_heatmaps_total", result="dropped") == 1
+            return await scraped(client, "heatcrop_cold_heatmaps_total", result="dropped") == 1
 
         await _until(dropped)
         # Nothing was decoded for a heatmap the batcher could not take.
-        assert await _metric(client, "heatcrop_stage_seconds_count", stage="decode") == decodes
+        assert await scraped(client, "heatcrop_stage_seconds_count", stage="decode") == decodes
     assert not svc.cold and not await _heatmap_cached(client, "four.jpg")
 
 
@@ -248,10 +239,10 @@ async def test_originals_over_the_limits_get_the_legacy_answer_and_are_not_decod
         assert _is_legacy_answer(resp, path, Size(400, 300))
 
     async def failed() -> bool:
-        return await _metric(client, "heatcrop_cold_heatmaps_total", result="failed") == 3
+        return await scraped(client, "heatcrop_cold_heatmaps_total", result="failed") == 3
 
     await _until(failed)
-    assert await _metric(client, "heatcrop_nn_runs_total") == 0
+    assert await scraped(client, "heatcrop_nn_runs_total") == 0
 
 
 async def test_wait_is_the_default_and_a_first_sight_is_smart_there(
@@ -261,7 +252,7 @@ async def test_wait_is_the_default_and_a_first_sight_is_smart_there(
     client = await aiohttp_client(make_app(_settings(model_dir, photos, policy="wait")))
     resp = await _get(client, "300x100", "four.jpg")
     assert resp.headers["X-Heatcrop-Path"] == "smart"
-    assert await _metric(client, "heatcrop_requests_total", outcome="cold") == 0
+    assert await scraped(client, "heatcrop_requests_total", outcome="cold") == 0
 
 
 def test_the_policy_is_read_from_the_environment_and_checked() -> None:

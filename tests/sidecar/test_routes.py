@@ -39,6 +39,7 @@ from sidecar.sizes import Size
 from sidecar.step_search import search_is_quick
 from tests.support.images import jpeg
 from tests.support.scripted_engine import ScriptedEngine
+from tests.support.sidecar_metrics import scraped
 
 TOKEN = "s3cret"
 
@@ -77,18 +78,6 @@ async def client(aiohttp_client, model_dir: Path, photos: Path):
 def _box(resp) -> tuple[int, int, int, int]:
     x0, y0, x1, y1 = (int(v) for v in resp.headers["X-Heatcrop-Box"].split(","))
     return x0, y0, x1, y1
-
-
-async def _metric(client, name: str, **labels: str) -> float:
-    resp = await client.get("/metrics")
-    assert resp.status == 200
-    text = await resp.text()
-    inner = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    series = f"{name}{{{inner}}}" if labels else name
-    for line in text.splitlines():
-        if line.startswith(series + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{series} not in /metrics")
 
 
 async def _raw_get(
@@ -164,17 +153,17 @@ async def test_second_request_and_same_aspect_are_cached_with_the_same_box(clien
     assert bigger.headers["X-Heatcrop-Path"] == "cached"
     assert _box(first) == _box(again) == _box(bigger)
     assert "/900x300/" in bigger.headers["X-Accel-Redirect"]
-    assert await _metric(client, "heatcrop_cache_requests_total", cache="box", result="hit") == 2
+    assert await scraped(client, "heatcrop_cache_requests_total", cache="box", result="hit") == 2
     # The identity was remembered: cache hits did not read the original again.
-    assert await _metric(client, "heatcrop_stage_seconds_count", stage="fetch") == 1
+    assert await scraped(client, "heatcrop_stage_seconds_count", stage="fetch") == 1
 
 
 async def test_another_aspect_reuses_the_heatmap(client) -> None:
     await _crop(client, "300x100")
     square = await _crop(client, "400x400")
     assert square.headers["X-Heatcrop-Path"] in ("smart", "low-confidence")
-    assert await _metric(client, "heatcrop_nn_runs_total") == 1
-    hits = await _metric(client, "heatcrop_cache_requests_total", cache="heatmap", result="hit")
+    assert await scraped(client, "heatcrop_nn_runs_total") == 1
+    hits = await scraped(client, "heatcrop_cache_requests_total", cache="heatmap", result="hit")
     assert hits == 1
     x0, y0, x1, y1 = _box(square)
     assert abs((x1 - x0) - (y1 - y0)) <= 1
@@ -186,12 +175,12 @@ async def test_concurrent_requests_for_a_new_original_run_the_model_once(client)
     # Sizes of one aspect share a box: whoever searches second may find it cached.
     paths = {r.headers["X-Heatcrop-Path"] for r in answers}
     assert paths <= {"smart", "low-confidence", "cached"}
-    assert await _metric(client, "heatcrop_nn_runs_total") == 1
-    assert await _metric(client, "heatcrop_requests_total", outcome="giveup") == 0
+    assert await scraped(client, "heatcrop_nn_runs_total") == 1
+    assert await scraped(client, "heatcrop_requests_total", outcome="giveup") == 0
     # Requests that joined the run in flight never looked the heatmap up themselves; had they
     # come one after the other, each would have (one miss, then hits).
-    hits = await _metric(client, "heatcrop_cache_requests_total", cache="heatmap", result="hit")
-    misses = await _metric(client, "heatcrop_cache_requests_total", cache="heatmap", result="miss")
+    hits = await scraped(client, "heatcrop_cache_requests_total", cache="heatmap", result="hit")
+    misses = await scraped(client, "heatcrop_cache_requests_total", cache="heatmap", result="miss")
     assert hits + misses < len(sizes)
 
 
@@ -209,7 +198,7 @@ async def test_no_crop_when_one_side_is_zero(client) -> None:
     url = Thumbor().plain_url("recipes/coffee.jpg", Size(400, 0))
     assert resp.headers["X-Accel-Redirect"] == "/@legacy" + url
     assert "max_age(30)" in url
-    assert await _metric(client, "heatcrop_nn_runs_total") == 0
+    assert await scraped(client, "heatcrop_nn_runs_total") == 0
 
 
 # -- refusals ------------------------------------------------------------------------------
@@ -242,7 +231,7 @@ async def test_not_an_image_is_415(client) -> None:
     resp = await client.get("/crop/400x300/notes.jpg")
     assert resp.status == 415
     assert await resp.text() == "source is not an image"
-    assert await _metric(client, "heatcrop_requests_total", outcome="error") == 1
+    assert await scraped(client, "heatcrop_requests_total", outcome="error") == 1
 
 
 async def test_truncated_jpeg_falls_back_to_the_legacy_crop(client) -> None:
@@ -274,7 +263,7 @@ async def test_an_unexpected_exception_is_logged_and_answers_the_legacy_crop(
         "one.jpg", Size(300, 100)
     )
     assert "bug while fetching one.jpg" in caplog.text
-    assert await _metric(client, "heatcrop_requests_total", outcome="error") == 1
+    assert await scraped(client, "heatcrop_requests_total", outcome="error") == 1
 
 
 async def test_tiny_deadline_gives_up_with_the_legacy_crop(aiohttp_client, model_dir, photos):
@@ -284,7 +273,7 @@ async def test_tiny_deadline_gives_up_with_the_legacy_crop(aiohttp_client, model
     assert resp.headers["X-Heatcrop-Path"] == "giveup"
     url = Thumbor().plain_url("three.jpg", Size(400, 300))
     assert resp.headers["X-Accel-Redirect"] == "/@legacy" + url
-    assert await _metric(client, "heatcrop_requests_total", outcome="giveup") == 1
+    assert await scraped(client, "heatcrop_requests_total", outcome="giveup") == 1
 
 
 async def test_give_up_after_decode_finishes_the_heatmap_in_the_background(client) -> None:
@@ -295,21 +284,21 @@ async def test_give_up_after_decode_finishes_the_heatmap_in_the_background(clien
     svc.batcher.model = ServiceModel(svc.batcher.max_batch, prior_s=60.0)
     resp = await _crop(client, "400x300", "four.jpg")
     assert resp.headers["X-Heatcrop-Path"] == "giveup"
-    assert await _metric(client, "heatcrop_giveups_total", reason="admission") == 1
+    assert await scraped(client, "heatcrop_giveups_total", reason="admission") == 1
     assert await _wait_for_nn_run(client)
-    assert await _metric(client, "heatcrop_nn_runs_total") == 1
+    assert await scraped(client, "heatcrop_nn_runs_total") == 1
     for _ in range(100):  # the cache write follows the engine call on the loop
         resp = await _crop(client, "300x400", "four.jpg")
         if resp.headers["X-Heatcrop-Path"] != "giveup":
             break
         await asyncio.sleep(0.01)
     assert resp.headers["X-Heatcrop-Path"] in ("smart", "low-confidence")
-    assert await _metric(client, "heatcrop_nn_runs_total") == 1
+    assert await scraped(client, "heatcrop_nn_runs_total") == 1
 
 
 async def _wait_for_nn_run(client, polls: int = 100) -> bool:
     for _ in range(polls):
-        if await _metric(client, "heatcrop_nn_runs_total") >= 1:
+        if await scraped(client, "heatcrop_nn_runs_total") >= 1:
             return True
         await asyncio.sleep(0.05)
     return False
@@ -397,7 +386,7 @@ async def test_an_override_body_arriving_in_pieces_is_read_whole(client) -> None
 async def test_an_absolute_form_request_target_reads_the_same_original(client) -> None:
     status, _ = await _raw_get(client, "http://x/crop/400x300/recipes/coffee.jpg")
     assert status == 200
-    assert await _metric(client, "heatcrop_nn_runs_total") == 1
+    assert await scraped(client, "heatcrop_nn_runs_total") == 1
     assert (await _crop(client, "400x300")).headers["X-Heatcrop-Path"] in (
         "cached",
         "low-confidence",
@@ -433,7 +422,7 @@ async def test_override_is_kept_and_delete_restores(client) -> None:
     # The box found before the override is valid again: box keys name the override's box.
     assert restored.headers["X-Heatcrop-Path"] in ("cached", "low-confidence")
     assert _box(restored) == _box(before)
-    assert await _metric(client, "heatcrop_nn_runs_total") == 1
+    assert await scraped(client, "heatcrop_nn_runs_total") == 1
 
 
 async def test_a_new_override_after_a_delete_is_not_served_a_stale_box(client) -> None:
@@ -556,10 +545,10 @@ async def test_metrics_are_prometheus_text(client) -> None:
             assert _SAMPLE.match(line), line
             value = line.rsplit(" ", 1)[1]
             assert value in ("+Inf", "NaN") or math.isfinite(float(value))
-    assert await _metric(client, "heatcrop_requests_total", outcome="smart") == 1
-    assert await _metric(client, "heatcrop_requests_total", outcome="cached") == 1
+    assert await scraped(client, "heatcrop_requests_total", outcome="smart") == 1
+    assert await scraped(client, "heatcrop_requests_total", outcome="cached") == 1
     for stage in ("fetch", "decode", "search", "total"):
-        count = await _metric(client, "heatcrop_stage_seconds_count", stage=stage)
+        count = await scraped(client, "heatcrop_stage_seconds_count", stage=stage)
         assert count >= 1, stage
 
 
@@ -568,11 +557,11 @@ async def test_a_busy_engine_refuses_before_the_decode(aiohttp_client, model_dir
     # skipped: under overload that CPU is what the requests that can still make it need.
     client = await aiohttp_client(make_app(_settings(model_dir, photos, deadline_ms=120)))
     async with busy_engine(client.app[SERVICES]):
-        decodes = await _metric(client, "heatcrop_stage_seconds_count", stage="decode")
+        decodes = await scraped(client, "heatcrop_stage_seconds_count", stage="decode")
         resp = await _crop(client, "300x200", "five.jpg")
         assert resp.headers["X-Heatcrop-Path"] == "giveup"
-        assert await _metric(client, "heatcrop_giveups_total", reason="admission") >= 1
-        assert await _metric(client, "heatcrop_stage_seconds_count", stage="decode") == decodes
+        assert await scraped(client, "heatcrop_giveups_total", reason="admission") >= 1
+        assert await scraped(client, "heatcrop_stage_seconds_count", stage="decode") == decodes
 
 
 async def test_a_known_original_is_not_even_read_when_the_engine_is_busy(
@@ -584,10 +573,10 @@ async def test_a_known_original_is_not_even_read_when_the_engine_is_busy(
     await _crop(client, "300x200", "four.jpg")  # its identity is now known...
     await _crop(client, "300x200", "three.jpg")  # ...and its heatmap evicted by this one
     async with busy_engine(client.app[SERVICES]):
-        reads = await _metric(client, "heatcrop_stage_seconds_count", stage="fetch")
+        reads = await scraped(client, "heatcrop_stage_seconds_count", stage="fetch")
         resp = await _crop(client, "200x300", "four.jpg")
         assert resp.headers["X-Heatcrop-Path"] == "giveup"
-        assert await _metric(client, "heatcrop_stage_seconds_count", stage="fetch") == reads
+        assert await scraped(client, "heatcrop_stage_seconds_count", stage="fetch") == reads
 
 
 @contextlib.asynccontextmanager
@@ -632,7 +621,7 @@ async def test_a_miss_takes_back_a_queued_background_image_instead_of_decoding_a
         decoded.pixels[0, 0, 0] = 7  # a marker the scripted engine reports
         finish_in_background(svc, decoded, key)  # a give-up's pixels, queued
         assert svc.batcher.background_depth == 1
-        decodes = await _metric(client, "heatcrop_stage_seconds_count", stage="decode")
+        decodes = await scraped(client, "heatcrop_stage_seconds_count", stage="decode")
         job = CropJob("five.jpg", Size(300, 200), deadline=loop.time() + 60)
         analysing = asyncio.create_task(run_crop(svc, job))
         await _until(lambda: svc.batcher.depth == 1)  # in the foreground queue now
@@ -646,7 +635,7 @@ async def test_a_miss_takes_back_a_queued_background_image_instead_of_decoding_a
     assert job.analysis is not None and job.analysis.width == decoded.width
     assert job.box is not None and not job.cached
     assert engine.batches == [[1], [7]]  # the marked pixels ran once, in the foreground
-    assert await _metric(client, "heatcrop_stage_seconds_count", stage="decode") == decodes
+    assert await scraped(client, "heatcrop_stage_seconds_count", stage="decode") == decodes
 
 
 async def _until(condition, polls: int = 1000) -> None:

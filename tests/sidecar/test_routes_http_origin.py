@@ -19,6 +19,7 @@ from sidecar.app import make_app
 from sidecar.routes import SERVICES
 from sidecar.settings import EngineSettings, ServerSettings, Settings, SourceSettings
 from tests.support.images import jpeg
+from tests.support.sidecar_metrics import scraped
 
 MAX_BYTES = 2 * 1024 * 1024
 # What huge.jpg would send: far more than the cap plus every socket buffer on the way.
@@ -141,16 +142,6 @@ async def _get(client, target: str):
     return resp
 
 
-async def _metric(client, name: str, **labels: str) -> float:
-    text = await (await _get(client, "/metrics")).text()
-    inner = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    series = f"{name}{{{inner}}}" if labels else name
-    for line in text.splitlines():
-        if line.startswith(series + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{series} not in /metrics")
-
-
 def _assert_giveup(resp) -> None:
     assert resp.status == 200
     assert resp.headers["X-Heatcrop-Path"] == "giveup"
@@ -179,7 +170,7 @@ async def test_good_jpeg_from_the_origin_gets_a_box(client) -> None:
     assert resp.status == 200, await resp.text()
     assert resp.headers["X-Heatcrop-Path"] in ("smart", "low-confidence")
     await _assert_smart_or_low_confidence(client)
-    assert await _metric(client, "heatcrop_nn_runs_total") == 1
+    assert await scraped(client, "heatcrop_nn_runs_total") == 1
 
 
 async def test_origin_404_is_a_404(client) -> None:
@@ -196,8 +187,8 @@ async def test_slow_origin_times_out_into_the_legacy_crop(
     # The read timeout ended it, not the origin (which would have answered a good JPEG) nor the
     # 10 s deadline (a timely give-up, counted as giveup rather than error).
     assert not origin.slow_done.is_set()
-    assert await _metric(client, "heatcrop_requests_total", outcome="error") == 1
-    assert await _metric(client, "heatcrop_requests_total", outcome="giveup") == 0
+    assert await scraped(client, "heatcrop_requests_total", outcome="error") == 1
+    assert await scraped(client, "heatcrop_requests_total", outcome="giveup") == 0
 
 
 async def test_body_over_the_cap_without_content_length_is_refused(client, origin) -> None:
@@ -226,7 +217,7 @@ async def test_png_bomb_is_refused_and_the_sidecar_keeps_answering(client) -> No
     resp = await _get(client, "/crop/300x100/bomb.png")
     # One pixel limit for the sidecar and the legacy server: a 413 that says why.
     assert resp.status == 413 and await resp.text() == "source has too many pixels"
-    assert await _metric(client, "heatcrop_nn_runs_total") == 0
+    assert await scraped(client, "heatcrop_nn_runs_total") == 0
     await _assert_smart_or_low_confidence(client)
 
 
@@ -244,7 +235,7 @@ async def test_changed_etag_gets_a_new_heatmap_after_the_memo_expires(
     await _assert_smart_or_low_confidence(client)
     await _assert_smart_or_low_confidence(client)
     # Same ETag: the fetch happens again, but the heatmap is reused.
-    assert await _metric(client, "heatcrop_nn_runs_total") == 1
+    assert await scraped(client, "heatcrop_nn_runs_total") == 1
     origin.etag = '"v2"'
     await _assert_smart_or_low_confidence(client)
-    assert await _metric(client, "heatcrop_nn_runs_total") == 2
+    assert await scraped(client, "heatcrop_nn_runs_total") == 2

@@ -23,6 +23,7 @@ from sidecar.settings import (
 )
 from tests.support.images import jpeg
 from tests.support.redis_server import RedisServer
+from tests.support.sidecar_metrics import scraped
 
 ANSWERS = ("smart", "cached", "low-confidence")
 
@@ -55,16 +56,6 @@ def settings(model_dir: Path, photos: Path, redis_server: RedisServer) -> Settin
     )
 
 
-async def _metric(client, name: str, **labels: str) -> float:
-    text = await (await client.get("/metrics")).text()
-    inner = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    series = f"{name}{{{inner}}}" if labels else name
-    for line in text.splitlines():
-        if line.startswith(series + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{series} not in /metrics")
-
-
 async def _crop(client, size: str, path: str) -> str:
     """The answer's X-Heatcrop-Path; it must be a 200 redirect to the legacy server."""
     resp = await client.get(f"/crop/{size}/{path}")
@@ -78,14 +69,14 @@ async def test_a_heatmap_computed_by_one_sidecar_serves_the_other(aiohttp_client
     second = await aiohttp_client(make_app(settings))
 
     assert await _crop(first, "300x100", "recipes/coffee.jpg") in ("smart", "low-confidence")
-    assert await _metric(first, "heatcrop_nn_runs_total") == 1
+    assert await scraped(first, "heatcrop_nn_runs_total") == 1
 
     # Same aspect: the box itself comes from Redis.
     assert await _crop(second, "600x200", "recipes/coffee.jpg") in ("cached", "low-confidence")
     # Another aspect: a new box, searched on the heatmap from Redis.
     assert await _crop(second, "100x100", "recipes/coffee.jpg") in ("smart", "low-confidence")
-    assert await _metric(second, "heatcrop_nn_runs_total") == 0
-    hits = await _metric(second, "heatcrop_cache_requests_total", cache="heatmap", result="hit")
+    assert await scraped(second, "heatcrop_nn_runs_total") == 0
+    hits = await scraped(second, "heatcrop_cache_requests_total", cache="heatmap", result="hit")
     assert hits >= 1
 
 
@@ -105,7 +96,7 @@ async def test_redis_going_down_mid_test_never_breaks_crop(
         second = await aiohttp_client(make_app(settings))
         for path in ("rocket.jpg", "recipes/coffee.jpg"):
             assert await _crop(second, "300x100", path) in ANSWERS
-    assert await _metric(second, "heatcrop_nn_runs_total") == 2
+    assert await scraped(second, "heatcrop_nn_runs_total") == 2
     assert "redis failed" in caplog.text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 

@@ -25,6 +25,7 @@ from sidecar.settings import (
 )
 from sidecar.warm import read_paths, warm
 from tests.support.images import jpeg
+from tests.support.sidecar_metrics import scraped
 
 GOOD = ("recipes/coffee.jpg", "cat.jpg")
 BACKLOG = """\
@@ -81,16 +82,6 @@ async def _run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int,
     return rc, json.loads(out)
 
 
-async def _metric(client, name: str, **labels: str) -> float:
-    text = await (await client.get("/metrics")).text()
-    inner = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    series = f"{name}{{{inner}}}" if labels else name
-    for line in text.splitlines():
-        if line.startswith(series + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{series} not in /metrics")
-
-
 def test_read_paths_skips_blanks_and_comments() -> None:
     assert read_paths(BACKLOG.splitlines()) == [
         "recipes/coffee.jpg",
@@ -128,8 +119,8 @@ async def test_warm_fills_redis_and_the_service_runs_no_cnn(
         resp = await client.get(f"/crop/{size}/recipes/coffee.jpg")
         assert resp.status == 200, await resp.text()
         assert resp.headers["X-Heatcrop-Path"] in ("smart", "low-confidence")
-    assert await _metric(client, "heatcrop_nn_runs_total") == 0
-    assert await _metric(client, "heatcrop_cache_requests_total", cache="heatmap", result="hit")
+    assert await scraped(client, "heatcrop_nn_runs_total") == 0
+    assert await scraped(client, "heatcrop_cache_requests_total", cache="heatmap", result="hit")
 
     good = tmp_path / "good.txt"
     good.write_text("\n".join(GOOD) + "\n")
