@@ -436,9 +436,10 @@ def build_model(
     food_mass = _food_mass(g, logits, food_classes) if gated else OUTPUT_NAMES[1]
     food = _food_heat(g, features, weights, food_classes)
     generic = _generic_heat(g, features)
-    if grid_of(readout) != TOTAL_STRIDE:  # every channel of the heatmap on the read-out's grid
-        food = _upsampled(g, food, TOTAL_STRIDE // grid_of(readout), "readout.up_food")
-        generic = _upsampled(g, generic, TOTAL_STRIDE // grid_of(readout), "readout.up_generic")
+    factor = TOTAL_STRIDE // grid_of(readout)
+    if factor > 1:  # every channel of the heatmap on the read-out's grid
+        food = _upsampled(g, food, factor, "readout.up_food")
+        generic = _upsampled(g, generic, factor, "readout.up_generic")
     learned = _readout_heat(g, readout, taps, food_mass)
     g.op("Concat", [food, generic, learned], OUTPUT_NAMES[0], axis=1)
     if not gated:

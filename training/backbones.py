@@ -28,7 +28,6 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 import onnxruntime as ort
-from tqdm import tqdm
 
 from engines import classes
 from engines.artifacts import sha256_hex
@@ -36,10 +35,8 @@ from engines.base import INPUT_NAME, OUTPUT_NAMES
 from engines.graph import LITE0_STAGES, LITE2_STAGES, Stage, build_model
 from engines.readout import COORD_TERMS, LITE2_TAPS, TAPS, Tap, upsampled2
 from engines.weights import load_state_dict, shipped_weights_path
-from sidecar.decode import configure_vips, decode
-from sidecar.settings import SourceSettings
 from training.data import EvalSet, load_set, publish
-from training.features import pooled
+from training.features import SetFeatures, decoded_items, pooled
 
 CACHE = Path("build/heads")
 F32 = npt.NDArray[np.float32]
@@ -104,6 +101,8 @@ def feature_model(backbone: Backbone) -> bytes:
         "w1": np.zeros((1, backbone.features), np.float32),
         "b1": np.zeros(1, np.float32),
         "a": np.zeros(COORD_TERMS, np.float32),
+        # the CAM heads on the read-out grid (engines/graph.py upsamples them)
+        "grid": np.array(backbone.grid, np.int64),
     }
     model = build_model(
         load_state_dict(backbone.weights_path()), classes.FOOD_CLASSES, zero,
@@ -123,18 +122,12 @@ def session(backbone: Backbone, threads: int = 2) -> ort.InferenceSession:
 
 
 @dataclass
-class Cells:
-    """Per-cell features of a set's images on the stride-32 grid, all images' rows stacked."""
+class Cells(SetFeatures):
+    """training.features.SetFeatures on the backbone's read-out grid, plus what the `learned`
+    profile and a food-gated head read per image."""
 
-    names: list[str]
-    shapes: npt.NDArray[np.int64]  # [n, 2] (h, w) of each image's grid
-    offsets: npt.NDArray[np.int64]  # [n + 1] row ranges
-    features: npt.NDArray[np.float16]  # [rows, C]
     cams: npt.NDArray[np.float16]  # [rows, 2] the food and generic heads
     food_mass: F32  # [n]
-
-    def rows(self, i: int) -> slice:
-        return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
 
     def __len__(self) -> int:
         return len(self.names)
@@ -155,18 +148,12 @@ def extract(eval_set: EvalSet, backbone: Backbone) -> Cells:
             raise ValueError(f"{path}: cached for other images than {eval_set.name}'s")
         return cells
     sess = session(backbone)
-    configure_vips()
-    src = SourceSettings()
     outputs = [OUTPUT_NAMES[0], OUTPUT_NAMES[1], *(t.tensor for t in backbone.taps)]
     names, shapes, chunks, cams, masses = [], [], [], [], []
-    for item in tqdm(eval_set.items, desc=f"{backbone.name} {eval_set.name}", file=sys.stderr,
-                     mininterval=10.0):  # fmt: skip
-        decoded = decode(item.path.read_bytes(), max_bytes=src.max_bytes, max_pixels=src.max_pixels)
+    for item, decoded in decoded_items(eval_set, f"{backbone.name} {eval_set.name}"):
         outs = sess.run(outputs, {INPUT_NAME: decoded.pixels[np.newaxis]})
         heat, mass, taps = outs[0][0], outs[1][0], outs[2:]
         maps = [on_grid(o[0], t, backbone.grid) for o, t in zip(taps, backbone.taps, strict=True)]
-        if backbone.grid != 32:
-            heat = upsampled2(heat)
         stacked = np.concatenate(maps, axis=0)
         h, w = stacked.shape[1:]
         names.append(item.name)

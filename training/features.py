@@ -11,7 +11,7 @@ Runtime, no torch) and kept in build/readout/ (per model version).
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from engines.model import find_model
 from engines.readout import TAPS
 from kernels.window import best_window, center_box
 from sidecar.core import prepare, search_params
-from sidecar.decode import configure_vips, decode
+from sidecar.decode import Decoded, configure_vips, decode
 from sidecar.settings import KernelSettings, SourceSettings
 from training.data import (
     CACHE,
@@ -85,6 +85,16 @@ def image_features(session: ort.InferenceSession, pixels: npt.NDArray[np.uint8])
     return stacked.reshape(stacked.shape[0], -1).T.astype(np.float32)
 
 
+def decoded_items(eval_set: EvalSet, desc: str) -> Iterator[tuple[EvalItem, Decoded]]:
+    """Every image of the set with its pixels decoded as the service decodes them (its source
+    limits, shrink-on-load to its input bucket), behind a progress bar."""
+    configure_vips()
+    src = SourceSettings()
+    for item in tqdm(eval_set.items, desc=desc, file=sys.stderr, mininterval=10.0):
+        data = item.path.read_bytes()
+        yield item, decode(data, max_bytes=src.max_bytes, max_pixels=src.max_pixels)
+
+
 def mirrored_item(item: EvalItem) -> EvalItem:
     """The item's ground truth for its left-right mirror image (pixel x -> width - x)."""
     boxes = tuple(Box(item.width - b.x1, b.y0, item.width - b.x0, b.y1) for b in item.boxes)
@@ -108,11 +118,8 @@ def extract(eval_set: EvalSet, model_dir: Path, mirror: bool = False) -> SetFeat
     if cache.exists():
         with np.load(cache) as z:
             return SetFeatures(list(z["names"]), z["shapes"], z["offsets"], z["features"])
-    configure_vips()
-    src = SourceSettings()
     names, shapes, chunks = [], [], []
-    for item in tqdm(eval_set.items, desc=eval_set.name, file=sys.stderr, mininterval=5.0):
-        decoded = decode(item.path.read_bytes(), max_bytes=src.max_bytes, max_pixels=src.max_pixels)
+    for item, decoded in decoded_items(eval_set, eval_set.name):
         if (decoded.width, decoded.height) != (item.width, item.height):
             raise ValueError(f"{item.name}: decoded {decoded.width}x{decoded.height}")
         pixels = np.ascontiguousarray(decoded.pixels[:, ::-1]) if mirror else decoded.pixels

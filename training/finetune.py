@@ -42,16 +42,14 @@ import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from engines.base import INPUT_NAME
 from engines.graph import fold_batch_norm
-from engines.readout import TAPS, coord_features
+from engines.readout import TAPS
 from engines.weights import load_state_dict
-from sidecar.decode import configure_vips, decode
-from sidecar.settings import SourceSettings
 from training.backbones import BACKBONES, CACHE, Cells, feature_model
 from training.data import EvalSet, load_set
+from training.features import decoded_items
 from training.fit_head import (
     DEFAULT_SETS,
     FitFold,
@@ -65,7 +63,7 @@ from training.fit_head import (
     save_record,
     share,
 )
-from training.heads import FitSet, Group, Head, HeadConfig, fit, group_loss, groups
+from training.heads import FitSet, Group, Head, HeadConfig, fit, group_loss, groups, maps_of
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -115,12 +113,9 @@ def block_inputs(eval_set: EvalSet, cells: Cells) -> npt.NDArray[np.float16]:
                 raise ValueError(f"{path}: cached for other images than {eval_set.name}'s")
             return z["x"]
     sess = block_session()
-    configure_vips()
-    src = SourceSettings()
     out = np.zeros((len(cells.features), INPUT_CHANNELS), np.float16)
-    for i, item in enumerate(tqdm(eval_set.items, desc=f"block {BLOCK - 1} {eval_set.name}",
-                                  file=sys.stderr, mininterval=10.0)):  # fmt: skip
-        decoded = decode(item.path.read_bytes(), max_bytes=src.max_bytes, max_pixels=src.max_pixels)
+    items = decoded_items(eval_set, f"block {BLOCK - 1} {eval_set.name}")
+    for i, (item, decoded) in enumerate(items):
         (x,) = sess.run([INPUT_TENSOR], {INPUT_NAME: decoded.pixels[np.newaxis]})
         h, w = (int(v) for v in cells.shapes[i])
         if x.shape[2:] != (h, w):
@@ -260,17 +255,10 @@ def tune(block: LastBlock, head: Head, gs: Sequence[Group], cfg: HeadConfig,
     return history
 
 
-@torch.no_grad()
 def tuned_maps(block: LastBlock, head: Head, cells: Cells, images: Sequence[int]) -> dict[int, F32]:
-    out = {}
-    for i in images:
-        h, w = (int(v) for v in cells.shapes[i])
-        x = torch.from_numpy(cells.features[cells.rows(i)].astype(np.float32))[None]
-        coords = torch.from_numpy(coord_features(h, w).astype(np.float32))
-        mass = torch.tensor([float(cells.food_mass[i])])
-        z = linear_logits(head, features(block, x, (h, w)), mass, coords)[0].double().numpy()
-        out[i] = np.exp(z - z.max()).reshape(h, w).astype(np.float32)
-    return out
+    """The tuned block and read-out's maps of `cells`' images (heads.maps_of)."""
+    return maps_of(lambda x, mass, coords, hw: linear_logits(head, features(block, x, hw), mass,
+                                                             coords), cells, images)  # fmt: skip
 
 
 def tuning_runs(eval_dir: str, sets: dict[str, float], folds: int, window: bool

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -315,8 +315,12 @@ def fit(parts: Sequence[FitSet], cfg: HeadConfig) -> Head:
     return head
 
 
+# (x [1, cells, C] an image's cell features, mass [1], coords [cells, 4], (h, w)) -> z [1, cells]
+Logits = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]], torch.Tensor]
+
+
 @torch.no_grad()
-def heat_maps(head: Head, cells: Cells, images: Sequence[int] | None = None) -> dict[int, F32]:
+def maps_of(logits: Logits, cells: Cells, images: Sequence[int] | None = None) -> dict[int, F32]:
     """exp(z - max) per image (the graph's readout channel), keyed by image index."""
     out = {}
     for i in range(len(cells)) if images is None else images:
@@ -324,9 +328,15 @@ def heat_maps(head: Head, cells: Cells, images: Sequence[int] | None = None) -> 
         x = torch.from_numpy(cells.features[cells.rows(i)].astype(np.float32))[None]
         mass = torch.tensor([float(cells.food_mass[i])])
         coords = torch.from_numpy(coord_features(h, w).astype(np.float32))
-        z = head.logits(head.inp(x), mass, coords, (h, w))[0].numpy().astype(np.float64)
+        z = logits(x, mass, coords, (h, w))[0].numpy().astype(np.float64)
         out[i] = np.exp(z - z.max()).reshape(h, w).astype(np.float32)
     return out
+
+
+def heat_maps(head: Head, cells: Cells, images: Sequence[int] | None = None) -> dict[int, F32]:
+    """The fitted head's maps of `cells`' images (maps_of)."""
+    return maps_of(lambda x, mass, coords, hw: head.logits(head.inp(x), mass, coords, hw),
+                   cells, images)  # fmt: skip
 
 
 def _chain_weights(seq: nn.Sequential, inp: Input, prefix: str) -> dict[str, F32]:

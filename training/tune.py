@@ -41,6 +41,7 @@ from sidecar.core import CAM_SHARE, Analysis, CropCore, blend_profiles, prepare,
 from sidecar.settings import KernelSettings
 from training.data import (
     DEFAULT_SETS,
+    FIT_SETS,
     Box,
     EvalSet,
     feature_key,
@@ -100,13 +101,9 @@ def analyses(sets: Sequence[EvalSet], settings: settings_mod.Settings) -> dict[s
         np.savez_compressed(cache, **arrays)  # type: ignore[arg-type]
     engine.close()
     wanted = {str(it.path): stored[str(it.path)] for s in sets for it in s.items}
-    unseen = {str(it.path) for s in sets if s.name in NEVER_FITTED for it in s.items}
+    # Sets the shipped read-out is never fitted on: their shipped maps are held-out already.
+    unseen = {str(it.path) for s in sets if s.name not in FIT_SETS for it in s.items}
     return with_heldout_readout(wanted, Path(settings.engine.model_dir), unseen)
-
-
-# Sets the shipped read-out is never fitted on (training/fit_head.py's DEFAULT_SETS leave them
-# out): their shipped maps are held-out maps already.
-NEVER_FITTED = ("fcdb_dev",)
 
 
 def with_heldout_readout(
