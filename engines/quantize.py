@@ -387,7 +387,8 @@ def build(model_dir: Path, calibration_path: Path = CALIBRATION_PATH) -> Path | 
 
 
 def _current(model_dir: Path, wanted: dict[str, str]) -> Path | None:
-    """The INT8 graph the manifest names when it was made from exactly ``wanted``."""
+    """The INT8 graph the manifest names when it was made from exactly ``wanted`` with today's
+    ``QUANT_SETTINGS`` (a changed setting changes the bytes, so the graph is built again)."""
     from engines.errors import ModelNotBuilt
     from engines.model import find_int8_model
 
@@ -396,7 +397,8 @@ def _current(model_dir: Path, wanted: dict[str, str]) -> Path | None:
         doc = json.loads((model_dir / INT8_MANIFEST_NAME).read_text(encoding="utf-8"))
     except (ModelNotBuilt, OSError, ValueError):
         return None
-    return path if all(doc.get(k) == v for k, v in wanted.items()) else None
+    same = all(doc.get(k) == v for k, v in wanted.items())
+    return path if same and doc.get("settings") == QUANT_SETTINGS else None
 
 
 # -- command line ---------------------------------------------------------------------------

@@ -217,3 +217,16 @@ def test_precision_setting_is_validated() -> None:
     assert load(environ={"HEATCROP_ENGINE_ORT_PRECISION": "fp32"}).engine.ort_precision == "fp32"
     with pytest.raises(SettingsError, match="HEATCROP_ENGINE_ORT_PRECISION"):
         load(environ={"HEATCROP_ENGINE_ORT_PRECISION": "int4"})
+
+
+def test_a_graph_built_with_other_settings_is_built_again(int8_dir: Path, tmp_path: Path) -> None:
+    # A checkout that built its INT8 graph before a QUANT_SETTINGS change (reduce_range) must
+    # not keep serving the old bytes: `make model` builds again.
+    folder = tmp_path / "model"
+    shutil.copytree(int8_dir, folder)
+    manifest_path = folder / INT8_MANIFEST_NAME
+    manifest = json.loads(manifest_path.read_text())
+    manifest["settings"] = {**manifest["settings"], "reduce_range": False}
+    manifest_path.write_text(json.dumps(manifest))
+    assert quantize.build(folder) is not None
+    assert json.loads(manifest_path.read_text())["settings"] == quantize.QUANT_SETTINGS
