@@ -24,11 +24,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nginx.launch import nginx_command
 from nginx.limits import EdgeLimits, edge_limits
 from sidecar import settings as settings_mod
 
 TEMPLATES = Path(__file__).parent
-NGINX = "/usr/sbin/nginx"
 DEFAULT_PATTERN = "/img/{W}x{H}/{path}"
 MODES = ("edge", "legacy", "standin")
 # Thumbor's own default crop; the fallback keeps it ≤ 30 s in nginx and in browsers
@@ -226,27 +226,6 @@ def _fill(template: str, values: dict[str, str]) -> str:
         return values[name]
 
     return _PLACEHOLDER.sub(one, template)
-
-
-def nginx_command(out: Path, *extra: str) -> list[str]:
-    """The command line that runs (or, with ``-t``, checks) the rendered config."""
-    out = out.resolve()
-    return [
-        nginx_binary(),
-        "-p", str(out),
-        "-e", str(out / "logs" / "error.log"),
-        "-c", str(out / "nginx.conf"),
-        *extra,
-    ]  # fmt: skip
-
-
-def nginx_binary() -> str:
-    found = shutil.which("nginx") or (NGINX if Path(NGINX).exists() else None)
-    if found is None:
-        raise FileNotFoundError(
-            "nginx is not installed: `apt-get install nginx` (or `make apt-deps`)"
-        )
-    return found
 
 
 def check(out: Path) -> str:

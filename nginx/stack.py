@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -60,7 +61,11 @@ def free_port(host: str = HOST) -> int:
 
 
 def port_free(port: int, host: str = HOST) -> bool:
+    """Whether a server could listen on ``port`` now. With SO_REUSEADDR, as nginx, aiohttp and
+    Thumbor bind: a stack stopped a moment ago leaves its ports in TIME_WAIT, which would
+    otherwise read as busy and move the next ``make run`` to other ports."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -92,6 +97,10 @@ class Service:
     stop_signal: int = signal.SIGTERM
     start_timeout_s: float = START_TIMEOUT_S
     address: str = ""  # host:port it serves, where it has one
+    # SIGTERM to the child when the process that started it dies, even by SIGKILL: make run's
+    # children must not outlive their supervisor (they would hold its ports). Off for the
+    # tests' and benchmarks' stacks, which may start services from a short-lived thread.
+    die_with_parent: bool = False
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -125,6 +134,7 @@ class Service:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_die_with_parent(os.getpid()) if self.die_with_parent else None,
             )
         return self
 
@@ -184,6 +194,22 @@ class Service:
 
 
 # -- the parts ------------------------------------------------------------------------------
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """A preexec_fn: the child gets SIGTERM when ``parent`` dies (Linux prctl)."""
+
+    def arm() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os._exit(1)
+
+    return arm
 
 
 def thumbor_service(
@@ -275,7 +301,9 @@ def nginx_service(cfg: render_mod.NginxConfig) -> Service:
     probe = f"http://{host or HOST}:{port}/"
     return Service(
         name=f"nginx-{cfg.mode}:{port}",
-        cmd=render_mod.nginx_command(cfg.out),
+        # Through the launcher: it clears the unix socket a killed nginx leaves, then execs
+        # nginx (same PID).
+        cmd=[sys.executable, "-m", "nginx.launch", str(cfg.out.resolve())],
         log_path=cfg.out / "logs" / "stdout.log",
         ready=lambda: http_status(probe, timeout=1.0) is not None,
         # QUIT would wait for keep-alive clients; TERM is nginx's fast shutdown.
@@ -315,6 +343,8 @@ class StackOptions:
     # Also start today's edge (nginx straight to the legacy server) on this port; 0: free port.
     legacy_edge_port: int | None = None
     thumbor_venv: Path = THUMBOR_VENV
+    # make run: every child gets SIGTERM when the supervisor dies (Service.die_with_parent).
+    die_with_parent: bool = False
 
 
 class Stack:
@@ -382,7 +412,7 @@ class Stack:
         self._start_legacy(legacy_limits(settings))
         self.sidecar_ports = [p or free_port() for p in opts.sidecar_ports]
         for port in self.sidecar_ports:
-            self.sidecars.append(self._sidecar(port).start())
+            self.sidecars.append(self._run(self._sidecar(port)))
         self.public_port = opts.port or free_port()
         self.admin_port = opts.admin_port or free_port()
         self.edge_config = render_mod.NginxConfig(
@@ -399,7 +429,7 @@ class Stack:
             legacy_key=opts.thumbor_key if opts.legacy != "standin" else "",
             limits=edge_limits(settings),
         )
-        self.edge = nginx_service(self.edge_config).start()
+        self.edge = self._run(nginx_service(self.edge_config))
         if opts.legacy_edge_port is not None:
             self.legacy_edge_port = opts.legacy_edge_port or free_port()
             cfg = replace(
@@ -408,7 +438,7 @@ class Stack:
                 mode="legacy",
                 listen=f"{HOST}:{self.legacy_edge_port}",
             )
-            self.legacy_edge = nginx_service(cfg).start()
+            self.legacy_edge = self._run(nginx_service(cfg))
 
     def stop(self) -> None:
         """nginx first, then the sidecars, then the legacy server; each by its own PID."""
@@ -426,7 +456,7 @@ class Stack:
         self.edge.stop()
         self.edge_config = replace(self.edge_config, **changes)  # type: ignore[arg-type]
         shutil.rmtree(self.edge_config.out / "cache", ignore_errors=True)
-        self.edge = nginx_service(self.edge_config).start()
+        self.edge = self._run(nginx_service(self.edge_config))
 
     def restart_legacy_edge(self) -> None:
         """Restart today's edge with an empty cache."""
@@ -442,7 +472,11 @@ class Stack:
         self.options = replace(self.options, sidecar_env=dict(env))
         for i, port in enumerate(self.sidecar_ports):
             self.sidecars[i].stop()
-            self.sidecars[i] = self._sidecar(port).start()
+            self.sidecars[i] = self._run(self._sidecar(port))
+
+    def _run(self, svc: Service) -> Service:
+        svc.die_with_parent = self.options.die_with_parent
+        return svc.start()
 
     def _sidecar(self, port: int) -> Service:
         return sidecar_service(
@@ -467,15 +501,17 @@ class Stack:
         opts = self.options
         if opts.legacy == "thumbor":
             port = opts.thumbor_port or free_port()
-            self.legacy_service = thumbor_service(
-                self.workdir,
-                opts.images,
-                port=port,
-                key=opts.thumbor_key,
-                limits=limits,
-                processes=opts.thumbor_processes,
-                venv=opts.thumbor_venv,
-            ).start()
+            self.legacy_service = self._run(
+                thumbor_service(
+                    self.workdir,
+                    opts.images,
+                    port=port,
+                    key=opts.thumbor_key,
+                    limits=limits,
+                    processes=opts.thumbor_processes,
+                    venv=opts.thumbor_venv,
+                )
+            )
             self.legacy_addr = f"{HOST}:{port}"
         elif opts.legacy == "standin":
             if opts.standin_image is None:
@@ -488,7 +524,7 @@ class Stack:
                 standin_image=opts.standin_image,
                 workers=1,
             )
-            self.legacy_service = nginx_service(cfg).start()
+            self.legacy_service = self._run(nginx_service(cfg))
             self.legacy_addr = f"{HOST}:{port}"
         else:
             self.legacy_addr = opts.legacy
@@ -556,8 +592,13 @@ def _exit_text(code: int | None) -> str:
     return f"exit code {code}"
 
 
-def _default_port(wanted: int) -> int:
-    return wanted if port_free(wanted) else free_port()
+def _default_port(wanted: int, name: str) -> int:
+    """``wanted`` (0: any free port) or, when something else holds it, a free port, said so."""
+    if wanted == 0 or port_free(wanted):
+        return wanted
+    port = free_port()
+    _say(f"heatcrop: port {wanted} ({name}) is busy, using {port}; --{name} PORT sets another")
+    return port
 
 
 def _print_urls(stack: Stack, images: Path) -> None:
@@ -629,13 +670,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = StackOptions(
         workdir=args.workdir,
         images=args.images,
-        port=_default_port(args.port),
-        admin_port=_default_port(args.admin_port),
-        sidecar_ports=(_default_port(args.sidecar_port),),
-        thumbor_port=_default_port(args.thumbor_port) if args.legacy == "thumbor" else 0,
+        port=_default_port(args.port, "port"),
+        admin_port=_default_port(args.admin_port, "admin-port"),
+        sidecar_ports=(_default_port(args.sidecar_port, "sidecar-port"),),
+        thumbor_port=_default_port(args.thumbor_port, "thumbor-port")
+        if args.legacy == "thumbor"
+        else 0,
         legacy=args.legacy,
         thumbor_key=key,
         sidecar_timeout_ms=args.sidecar_timeout_ms,
+        die_with_parent=True,
     )
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
