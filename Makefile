@@ -6,7 +6,7 @@ MODEL_DIR ?= build/model
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup model thumbor run test lint bench bench-quality bench-speed bench-load apt-deps clean distclean
+.PHONY: setup model thumbor run test lint docs bench bench-quality bench-speed bench-load apt-deps clean distclean
 
 # System packages the tests and `make run` use (Debian). As root, or through sudo.
 APT_PACKAGES := redis-server chromium wrk nginx libnginx-mod-http-js
@@ -62,8 +62,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The settings reference of docs/configuration.md, generated from sidecar/settings.py (a test
+# fails when the committed page differs): run after changing a setting.
+docs: $(STAMP)
+	$(BIN)/python -m sidecar.settings_doc --write docs/configuration.md
+
 # TensorRT plans for this machine's GPU: builds what is missing or stale, keeps the rest.
-# Needs the driver, TensorRT and pycuda (README, "GPU"); e.g. ENGINES_ARGS="--precision int8
+# Needs the driver, TensorRT and pycuda (docs/gpu.md); e.g. ENGINES_ARGS="--precision int8
 # --calib-dir ../shared/eval/fcdb_dev/images".
 .PHONY: engines
 engines: setup

@@ -1,5 +1,5 @@
 """``heatcrop`` command line: ``heatcrop crop PHOTO --size 400x300``, ``heatcrop serve``,
-``heatcrop engines list``."""
+``heatcrop warm``, ``heatcrop engines list``, ``heatcrop settings``."""
 
 from __future__ import annotations
 
@@ -37,22 +37,57 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+# Every command reads the same settings; the epilog says where from, in settings' own terms.
+SETTINGS_EPILOG = (
+    "Settings: defaults, then the TOML file (--config or $"
+    + settings_mod.CONFIG_ENV
+    + "), then "
+    + settings_mod.ENV_PREFIX
+    + "<SECTION>_<FIELD> variables. Every key: `heatcrop settings` (docs/configuration.md)."
+)
+
+
+def _setting(section: str, name: str) -> str:
+    """How a help text names the setting an option defaults to."""
+    return f"{section}.{name}, ${settings_mod.env_name(section, name)}"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="heatcrop", description=__doc__)
-    parser.add_argument("--config", help="settings TOML (default: $HEATCROP_CONFIG)")
+    parser = argparse.ArgumentParser(prog="heatcrop", description=__doc__, epilog=SETTINGS_EPILOG)
+    parser.add_argument("--config", help=f"settings TOML (default: ${settings_mod.CONFIG_ENV})")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
-    crop = sub.add_parser("crop", help="decide the crop box of one photo and print it as JSON")
+    crop = sub.add_parser(
+        "crop",
+        help="decide the crop box of one photo and print it as JSON",
+        epilog=SETTINGS_EPILOG,
+    )
     crop.add_argument("photo", type=Path)
     crop.add_argument("--size", required=True, help="WxH, e.g. 400x300 (0 on one side: no crop)")
     crop.add_argument(
-        "--profile", choices=SEARCH_PROFILES, help="heatmap profile (default: settings)"
+        "--profile",
+        choices=SEARCH_PROFILES,
+        help=f"heatmap profile (default: {_setting('engine', 'profile')})",
     )
     crop.add_argument("--debug", type=Path, help="write a PNG: heatmap, chosen box, centre box")
     crop.add_argument("--out", type=Path, help="write the cropped and resized image")
     crop.set_defaults(func=_crop)
-    serve = sub.add_parser("serve", help="run the sidecar HTTP service (aiohttp on uvloop)")
+    serve = sub.add_parser(
+        "serve",
+        help="run the sidecar HTTP service (aiohttp on uvloop)",
+        description="Serve /crop, /override, /healthz, /metrics and /debug on "
+        f"server.host:server.port (${settings_mod.env_name('server', 'host')}, "
+        f"${settings_mod.env_name('server', 'port')}).",
+        epilog=SETTINGS_EPILOG,
+    )
     serve.set_defaults(func=_serve)
-    warm = sub.add_parser("warm", help="precompute heatmaps of a list of paths into the cache")
+    warm = sub.add_parser(
+        "warm",
+        help="precompute heatmaps of a list of paths into the cache",
+        description="Read, decode and analyse each original into the configured cache "
+        f"({_setting('cache', 'backend')}: redis for a cache the sidecars share); "
+        "prints a JSON summary.",
+        epilog=SETTINGS_EPILOG,
+    )
     warm.add_argument(
         "--list",
         required=True,
@@ -63,12 +98,29 @@ def _parser() -> argparse.ArgumentParser:
     warm.set_defaults(func=_warm)
     engines = sub.add_parser("engines", help="TensorRT plans (see `make engines`)")
     engines_sub = engines.add_subparsers(required=True, metavar="ACTION")
-    listing = engines_sub.add_parser("list", help="plans, and whether each fits this machine")
-    listing.add_argument("--plan-dir", type=Path, help="default: engine.plan_dir")
-    listing.add_argument("--model-dir", type=Path, help="default: engine.model_dir")
+    listing = engines_sub.add_parser(
+        "list", help="plans, and whether each fits this machine", epilog=SETTINGS_EPILOG
+    )
+    listing.add_argument("--plan-dir", type=Path, help=f"default: {_setting('engine', 'plan_dir')}")
+    listing.add_argument(
+        "--model-dir", type=Path, help=f"default: {_setting('engine', 'model_dir')}"
+    )
     listing.add_argument("--json", action="store_true", help="one JSON document instead")
     listing.set_defaults(func=_engines_list)
+    reference = sub.add_parser(
+        "settings",
+        help="print the settings reference (markdown): every key, variable, default, bound",
+        epilog=SETTINGS_EPILOG,
+    )
+    reference.set_defaults(func=_settings)
     return parser
+
+
+def _settings(args: argparse.Namespace) -> int:
+    from sidecar.settings_doc import reference_markdown
+
+    print(reference_markdown(), end="")
+    return 0
 
 
 def _engines_list(args: argparse.Namespace, probe: Callable[[], Probe] | None = None) -> int:

@@ -31,7 +31,12 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class ServerSettings:
+    """The sidecar's HTTP service: its address, its time budget, the sizes it accepts, and
+    how it batches and gives up under load."""
+
+    # Address the sidecar listens on; nginx's --sidecar points at host:port.
     host: str = "127.0.0.1"
+    # Port the sidecar listens on.
     port: int = 8081
     # Whole budget for one /crop answer; nginx's proxy timeout minus a margin.
     deadline_ms: int = 120
@@ -39,13 +44,21 @@ class ServerSettings:
     # under load and writing the answer. Work that runs into its deadline must still be answered
     # within deadline_ms, or the overload p99 is the budget plus that delay.
     answer_margin_ms: int = 20
+    # Threads that decode originals (pyvips), beside the event loop and the engine's thread.
     decode_threads: int = 2
+    # Largest W a URL may ask for; nginx's guard and the legacy server get the same limit.
     max_width: int = 4000
+    # Largest H a URL may ask for; nginx's guard and the legacy server get the same limit.
     max_height: int = 4000
+    # When not empty, the only sizes served (e.g. "400x300"); others are a 400.
     allowed_sizes: tuple[str, ...] = ()
+    # Bearer token of PUT/DELETE /override/{path}; empty: overrides are refused.
     override_token: str = ""
+    # Most images in one engine call; also the size of the background queue of cold heatmaps.
     max_batch: int = 16
+    # How long the first image of a batch waits for others before the engine runs it.
     max_wait_ms: float = 2.0
+    # Most images waiting for the engine; beyond it a request gets the fallback at once.
     max_queue: int = 256
     # Nice value added to decode and engine threads so that the event loop keeps its CPU under
     # overload (sidecar/priority.py); 0 leaves them equal to it.
@@ -54,35 +67,50 @@ class ServerSettings:
     # run within the deadline (a smart crop on first sight when there is capacity). legacy: the
     # legacy crop at once, the heatmap made in the background for the next request
     # (sidecar/step_cold.py): the sidecar's part of a miss is then a few ms, for a smaller smart
-    # share (README, "Benchmarks", and why wait stays the default).
+    # share (docs/performance.md, the edge under load, and why wait stays the default).
     cold_policy: str = "wait"
 
 
 @dataclass(frozen=True)
 class SourceSettings:
-    kind: str = "folder"  # folder | http
+    """Where the originals come from, and the limits checked before any full decode."""
+
+    # folder: originals read under root; http: fetched from the origin at base_url.
+    kind: str = "folder"
+    # The folder of originals (kind folder); URL paths are read under it, never outside it.
     root: str = "demo/images"
+    # The origin's URL prefix (kind http), e.g. https://origin.example/images/.
     base_url: str = ""
+    # Largest original in bytes; over it: 413 (the legacy server has the same limit).
     max_bytes: int = 30 * 1024 * 1024
     # Thumbor's own default MAX_PIXELS: one limit for both servers (the stack renders Thumbor's
     # from this one); an original over it is a 413, never a smart box the legacy server refuses.
     max_pixels: int = 75_000_000
+    # Time to connect to the origin (kind http).
     connect_timeout_ms: int = 200
+    # Longest wait for the origin's next bytes (kind http).
     read_timeout_ms: int = 1000
 
 
 @dataclass(frozen=True)
 class EngineSettings:
-    kind: str = "auto"  # auto | ort | trt
+    """The CNN that makes the heatmaps: which runtime, which model files, which profile."""
+
+    # auto: TensorRT when a plan matches this GPU (docs/gpu.md), else ONNX Runtime; ort: ONNX
+    # Runtime only; trt: TensorRT, or no start without a matching plan.
+    kind: str = "auto"
+    # Folder of the ONNX graphs `make model` writes.
     model_dir: str = "build/model"
+    # Folder of the TensorRT plans `make engines` writes.
     plan_dir: str = "build/engines"
-    # Which TensorRT plan to load (fp16 | int8 | fp32): the precision it was built with.
+    # Which TensorRT plan to load: the precision it was built with.
     trt_precision: str = "fp16"
-    # Which ONNX Runtime graph to load (int8 | fp32). int8 is the statically quantized graph
+    # Which ONNX Runtime graph to load. int8 is the statically quantized graph
     # (engines/quantize.py): 1.7x faster CNN, headroom shares within one point of FP32 on
     # every dev set (bench/results/int8.md). When it is missing or was built from another
     # FP32 model, the FP32 graph serves and one log line says why.
     ort_precision: str = "int8"
+    # ONNX Runtime's threads per engine call.
     threads: int = 2
     # food | generic | auto (blend of both by the image's food probability) | readout (the
     # learned head) | learned (read-out + 15 % auto); the kernel defaults below were chosen
@@ -101,20 +129,33 @@ _SEARCH = SearchParams()
 
 @dataclass(frozen=True)
 class KernelSettings:
+    """The window search (kernels/): which windows it tries and how it scores them. The learned
+    profile carries its own centre bias and does not gain from a prior or a confidence cut-off;
+    a light blur and the edge-cut term are the cross-validated best (training/results/tune.md)."""
+
+    # Smallest window tried, as a share of the largest window of the aspect; 1: no zoom.
     min_scale: float = _SEARCH.min_scale
+    # Window sizes tried between min_scale and 1.
     scales: int = _SEARCH.scales
+    # Offsets tried along the free axis at each size (the centre offset is always tried too).
     steps: int = _SEARCH.steps
+    # Factor by which the heatmap is upsampled before the search.
     upsample: int = 4
-    # The learned profile carries its own centre bias and does not gain from a prior or a
-    # confidence cut-off; a light blur and the edge-cut term are the cross-validated best
-    # (training/results/tune.md).
+    # Weight of the heat a window edge slices through.
     cut_weight: float = _SEARCH.cut_weight
+    # Width of the band straddling each window edge where heat counts as sliced, as a share of
+    # the window's short side.
     cut_band: float = _SEARCH.cut_band
+    # Penalty per unit of zoom (1 - scale): a smaller window must hold that much more heat.
     zoom_weight: float = _SEARCH.zoom_weight
+    # Sigma of the centre prior, as a share of the map's size on each axis.
     center_sigma: float = 0.3
+    # Share of the centre prior blended into the map; 0: none.
     center_weight: float = 0.0
+    # Exponent applied to the map before upsampling; above 1 sharpens it.
     gamma: float = 1.0
     smooth: float = 1.0  # Gaussian blur of the prepared map, sigma in its cells (0: none)
+    # Least gain over the centre crop for a smart answer; below it, the legacy crop.
     min_confidence: float = 0.0
     # The face rule (kernels/faces.py): faces found by the detector (engines/faces.py, built by
     # `make model`) are never sliced when a window exists that keeps or drops each one whole.
@@ -127,20 +168,37 @@ class KernelSettings:
 
 @dataclass(frozen=True)
 class CacheSettings:
-    backend: str = "memory"  # memory | redis
+    """Heatmaps (per original and model) and boxes (per heatmap, aspect and search settings):
+    a bounded in-process LRU, and Redis shared by several sidecars when asked."""
+
+    # memory: this process only; redis: also in Redis at redis_url (down: memory only).
+    backend: str = "memory"
+    # redis://[:password@]host[:port][/db] (backend redis).
     redis_url: str = ""
+    # Heatmaps kept in process memory (least recently used go first).
     heatmap_entries: int = 20_000
+    # Boxes kept in process memory.
     box_entries: int = 100_000
+    # How long a cached heatmap or box lives.
     ttl_s: int = 7 * 24 * 3600
 
 
 @dataclass(frozen=True)
 class LegacySettings:
-    dialect: str = "thumbor"  # thumbor | imgproxy | template
+    """The existing image server that resizes and encodes: the URLs the sidecar hands nginx."""
+
+    # How crop and fallback URLs are written; template: any other server, through template.
+    dialect: str = "thumbor"
+    # Not read by the sidecar, which writes paths only: nginx's --legacy decides where they go.
     base_url: str = "http://127.0.0.1:8888"
+    # Signing key: Thumbor's SECURITY_KEY, or imgproxy's IMGPROXY_KEY in hex; empty: unsigned.
     key: str = ""
+    # imgproxy's IMGPROXY_SALT, in hex.
     salt: str = ""
+    # URLs of the template dialect: CROP|PLAIN, two str.format paths, e.g.
+    # /crop/{x0},{y0},{x1},{y1}/{w}x{h}/{path}|/fit/{w}x{h}/{path}.
     template: str = ""
+    # Browser and nginx lifetime of a fallback answer (the legacy crop).
     fallback_max_age_s: int = 30
 
 
@@ -159,17 +217,13 @@ class Settings:
             value = getattr(getattr(self, section), name)
             if not ok(value):
                 raise SettingsError(f"{env_name(section, name)}={value!r}: {why}")
-        server = self.server
-        if server.answer_margin_ms >= server.deadline_ms:
-            raise SettingsError(
-                f"{env_name('server', 'answer_margin_ms')}={server.answer_margin_ms}: "
-                f"must be below {env_name('server', 'deadline_ms')}={server.deadline_ms}"
-            )
-        if server.max_wait_ms >= server.deadline_ms:
-            raise SettingsError(
-                f"{env_name('server', 'max_wait_ms')}={server.max_wait_ms}: "
-                f"must be below {env_name('server', 'deadline_ms')}={server.deadline_ms}"
-            )
+        for section, name, limit in _BELOW:
+            value, bound = (getattr(getattr(self, section), n) for n in (name, limit))
+            if value >= bound:
+                raise SettingsError(
+                    f"{env_name(section, name)}={value}: "
+                    f"must be below {env_name(section, limit)}={bound}"
+                )
         _check_legacy(self.legacy)
         return self
 
@@ -270,8 +324,19 @@ _RULES: tuple[tuple[str, str, typing.Callable[[Any], bool], str], ...] = (
     ("cache", "heatmap_entries", *_POS),
     ("cache", "box_entries", *_POS),
     ("cache", "ttl_s", *_POS),
-    ("legacy", "dialect", lambda v: v in ("thumbor", "imgproxy", "template"), "unknown dialect"),
+    (
+        "legacy",
+        "dialect",
+        lambda v: v in ("thumbor", "imgproxy", "template"),
+        "must be thumbor, imgproxy or template",
+    ),
     ("legacy", "fallback_max_age_s", lambda v: 0 < v <= 30, "must be in (0, 30]"),
+)
+# (section, field, other field of that section): the field must stay below the other one.
+_BELOW: tuple[tuple[str, str, str], ...] = (
+    # Time must be left for the work itself.
+    ("server", "answer_margin_ms", "deadline_ms"),
+    ("server", "max_wait_ms", "deadline_ms"),
 )
 
 
