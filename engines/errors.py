@@ -40,3 +40,9 @@ class ModelNotBuilt(HeatcropError):
     status = 503
     public_message = "model not built"
     fallback = True
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message: runtimes' messages can run to dozens of lines,
+    and a log line or an operator's message has room for one."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -16,12 +16,12 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from engines import buckets
 from engines.artifacts import HASH_CHARS
 from engines.base import Engine
-from engines.errors import EngineError, ModelNotBuilt
+from engines.errors import EngineError, ModelNotBuilt, first_line
 from engines.plans import (
     BUILD_HINT,
     Machine,
@@ -33,6 +33,9 @@ from engines.plans import (
     detect_machine,
     find_plan,
 )
+
+if TYPE_CHECKING:
+    from engines.model import NotBuilt
 
 log = logging.getLogger("heatcrop.engine")
 
@@ -123,8 +126,9 @@ def load_engine(
     warm: bool = True,
     probe: Callable[[], Probe] = detect_machine,
 ) -> Engine:
+    """The engine ``settings`` ask for, warmed up when ``warm``; ``ModelNotBuilt`` when no
+    usable FP32 model is on disk (a defective INT8 graph only costs speed, see ``_ort``)."""
     from engines.model import find_model, read_manifest
-    from engines.ort import OrtEngine
 
     model_dir = Path(settings.model_dir)
     model = find_model(model_dir)
@@ -144,10 +148,8 @@ def load_engine(
             expected = (EngineError, PlanError, NoMatchingPlan, ImportError, OSError)
             if not isinstance(exc, expected):
                 log.warning("TensorRT failed unexpectedly; using ONNX Runtime", exc_info=True)
-            first_line = (str(exc).splitlines() or ["?"])[0]
-            reason = f"TensorRT plan {choice.plan.plan_file} failed to load: {first_line}"
-    graph, precision, why_fp32 = ort_graph(settings, model_dir, model, digest)
-    engine: Engine = OrtEngine(graph, threads=settings.threads)
+            reason = f"TensorRT plan {choice.plan.plan_file} failed to load: {first_line(exc)}"
+    engine, graph, why_fp32 = _ort(settings, model_dir, model, digest, warm)
     if why_fp32:
         # The operator asked for INT8 and gets FP32: say so once, loudly enough to be seen.
         log.warning(
@@ -159,45 +161,73 @@ def load_engine(
     else:
         log.info(
             "engine: ONNX Runtime %s (%s threads), model %s (kind=%s): %s",
-            precision.upper(),
+            "FP32" if graph == model else "INT8",
             settings.threads,
             graph.name,
             settings.kind,
             reason,
         )
-    if warm:
-        engine.warm_up()
     return engine
 
 
-def ort_graph(
-    settings: EngineConfig, model_dir: Path, fp32: Path, fp32_sha256: str
-) -> tuple[Path, str, str]:
-    """(graph, precision, why FP32 although INT8 was asked for, or "") for ONNX Runtime.
+def _ort(
+    settings: EngineConfig, model_dir: Path, fp32: Path, fp32_sha256: str, warm: bool
+) -> tuple[Engine, Path, str]:
+    """(engine, its graph, why FP32 although INT8 was asked for, or "") for ONNX Runtime.
 
-    A missing or stale INT8 graph is not fatal: the FP32 graph gives the same boxes within
-    the measured agreement (bench/int8.py), only slower.
+    Every INT8 defect is one reason for FP32, not a failure: missing, stale, tampered, or
+    bytes that ONNX Runtime cannot load or run (another onnxruntime, a half-written build).
+    The FP32 graph gives the same boxes within the measured agreement (bench/int8.py), only
+    slower. With ``warm=False`` an INT8 graph that loads but cannot run fails at its first
+    inference instead.
     """
-    from engines.model import find_int8_model
+    from engines.model import find_int8_model, int8_not_built, not_built
 
-    if settings.ort_precision != "int8":
-        return fp32, "fp32", ""
+    why_fp32 = ""
+    if settings.ort_precision == "int8":
+        try:
+            int8 = find_int8_model(model_dir, fp32_sha256)
+            return _ort_graph(int8, model_dir, int8_not_built, settings.threads, warm), int8, ""
+        except ModelNotBuilt as exc:
+            why_fp32 = str(exc)
+    return _ort_graph(fp32, model_dir, not_built, settings.threads, warm), fp32, why_fp32
+
+
+def _ort_graph(graph: Path, model_dir: Path, fail: NotBuilt, threads: int, warm: bool) -> Engine:
+    """ONNX Runtime on ``graph``; ``fail``'s ModelNotBuilt (naming the file, ONNX Runtime's
+    reason and the command that rebuilds it) when the graph cannot load or run."""
+    from engines.ort import GraphNotLoadable, OrtEngine
+
     try:
-        return find_int8_model(model_dir, fp32_sha256), "int8", ""
-    except ModelNotBuilt as exc:
-        return fp32, "fp32", str(exc)
+        engine = OrtEngine(graph, threads=threads)
+    except GraphNotLoadable as exc:
+        raise fail(model_dir, f"ONNX Runtime cannot load {graph.name} ({exc.reason})") from exc
+    try:
+        return _started(engine, warm)
+    except Exception as exc:
+        # Whatever the run raised (ORT's error, outputs of the wrong shape): the graph on disk
+        # is not one this code can serve.
+        why = first_line(exc)
+        if not isinstance(exc, EngineError):
+            why = f"{type(exc).__name__}: {why}"
+        raise fail(model_dir, f"{graph.name} failed its warm-up run ({why})") from exc
 
 
-def _load_trt(plan: PlanManifest, machine: Machine, digest: str, kind: str, warm: bool) -> Engine:
-    from engines.trt import TrtEngine
-
-    engine = TrtEngine(plan, machine, digest)
+def _started(engine: Engine, warm: bool) -> Engine:
+    """``engine``, warmed up when ``warm``; closed when its warm-up raises."""
     if warm:
         try:
             engine.warm_up()
         except BaseException:
             engine.close()
             raise
+    return engine
+
+
+def _load_trt(plan: PlanManifest, machine: Machine, digest: str, kind: str, warm: bool) -> Engine:
+    from engines.trt import TrtEngine
+
+    engine = _started(TrtEngine(plan, machine, digest), warm)
     log.info(
         "engine: TensorRT %s on %s, plan %s, batch 1..%d (kind=%s)",
         plan.precision,

@@ -20,14 +20,14 @@ from engines.errors import ModelNotBuilt
 HINT = "run `make setup` (or `python -m engines.export --out {dir}`) to build it"
 
 
-def _not_built(model_dir: Path, why: str) -> ModelNotBuilt:
+def not_built(model_dir: Path, why: str) -> ModelNotBuilt:
     return ModelNotBuilt(f"{why} in {model_dir}: " + HINT.format(dir=model_dir))
 
 
 INT8_HINT = "run `make model` (or `python -m engines.quantize build --model-dir {dir}`)"
 
 
-def _int8_not_built(model_dir: Path, why: str) -> ModelNotBuilt:
+def int8_not_built(model_dir: Path, why: str) -> ModelNotBuilt:
     return ModelNotBuilt(f"{why} in {model_dir}: " + INT8_HINT.format(dir=model_dir))
 
 
@@ -74,14 +74,14 @@ def _checked(
 
 def read_manifest(model_dir: str | Path) -> dict[str, Any]:
     """The parsed ``model.json`` of a model folder."""
-    return _read(Path(model_dir), MANIFEST_NAME, ("file", "sha256"), _not_built)
+    return _read(Path(model_dir), MANIFEST_NAME, ("file", "sha256"), not_built)
 
 
 def find_model(model_dir: str | Path) -> Path:
     """The model file named by the manifest, after checking its sha256."""
     model_dir = Path(model_dir)
     info = read_manifest(model_dir)
-    return _checked(model_dir, MANIFEST_NAME, info, model_file_name, _not_built)
+    return _checked(model_dir, MANIFEST_NAME, info, model_file_name, not_built)
 
 
 def find_int8_model(model_dir: str | Path, fp32_sha256: str) -> Path:
@@ -93,11 +93,11 @@ def find_int8_model(model_dir: str | Path, fp32_sha256: str) -> Path:
     """
     model_dir = Path(model_dir)
     fields = ("file", "sha256", "fp32_sha256")
-    info = _read(model_dir, INT8_MANIFEST_NAME, fields, _int8_not_built)
+    info = _read(model_dir, INT8_MANIFEST_NAME, fields, int8_not_built)
     if info["fp32_sha256"] != fp32_sha256:
-        raise _int8_not_built(
+        raise int8_not_built(
             model_dir,
             f"stale INT8 graph (quantized from model {info['fp32_sha256'][:HASH_CHARS]}, "
             f"not {fp32_sha256[:HASH_CHARS]})",
         )
-    return _checked(model_dir, INT8_MANIFEST_NAME, info, int8_file_name, _int8_not_built)
+    return _checked(model_dir, INT8_MANIFEST_NAME, info, int8_file_name, int8_not_built)

@@ -31,7 +31,7 @@ import onnxruntime as ort
 from engines import buckets
 from engines.artifacts import HASH_CHARS
 from engines.base import INPUT_NAME, OUTPUT_NAMES, PROFILES, HeatmapBatch, prepare_batch
-from engines.errors import EngineError
+from engines.errors import EngineError, first_line
 
 
 def _session_options(threads: int, spin: bool) -> ort.SessionOptions:
@@ -44,7 +44,9 @@ def _session_options(threads: int, spin: bool) -> ort.SessionOptions:
     # which run produced them.
     options.use_deterministic_compute = True
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
-    options.log_severity_level = 3
+    # Fatal only: every error ONNX Runtime would print (coloured, on stderr, outside logging)
+    # is also raised, and reaches our log as one line through EngineError.
+    options.log_severity_level = 4
     return options
 
 
@@ -56,6 +58,15 @@ def _open(data: bytes, threads: int, spin: bool) -> ort.InferenceSession:
     return ort.InferenceSession(
         data, sess_options=_session_options(threads, spin), providers=["CPUExecutionProvider"]
     )
+
+
+class GraphNotLoadable(EngineError):
+    """ONNX Runtime refused a graph's bytes (half-written, another onnxruntime's, unknown op);
+    ``reason`` is the first line of its message."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"ONNX Runtime cannot load {path}: {reason}")
+        self.reason = reason
 
 
 def _run(
@@ -82,17 +93,21 @@ class OrtEngine:
     ) -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
-        data = Path(model_path).read_bytes()
-        self._digest = hashlib.sha256(data).hexdigest()
         self._shapes = tuple(shapes) if shapes is not None else buckets.all_buckets()
         for h, w in self._shapes:
             if h % buckets.STRIDE or w % buckets.STRIDE or h <= 0 or w <= 0:
                 raise ValueError(f"shape bucket {h}x{w} is not a positive multiple of 32")
         self.threads = threads
-        self._session: ort.InferenceSession | None = _open(data, threads, spin)
         # Sessions for the parts of a batch; the first part runs on the calling thread.
         parts = min(threads, MAX_PARTS) if threads > 1 else 0
-        self._parts = [_open(data, 1, spin) for _ in range(parts)]
+        data = Path(model_path).read_bytes()
+        self._digest = hashlib.sha256(data).hexdigest()
+        try:
+            self._session: ort.InferenceSession | None = _open(data, threads, spin)
+            self._parts = [_open(data, 1, spin) for _ in range(parts)]
+        except Exception as exc:  # ORT raises its own exception types for any failure
+            # Its messages can span lines and never name the file (it is given bytes).
+            raise GraphNotLoadable(model_path, first_line(exc)) from exc
         self._pool = (
             ThreadPoolExecutor(parts - 1, thread_name_prefix="heatcrop-ort") if parts else None
         )

@@ -273,7 +273,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except settings_mod.SettingsError as exc:
         print(f"heatcrop: {exc}", file=sys.stderr)
         return 2
-    serve(settings)
+    try:
+        serve(settings)
+    except HeatcropError as exc:
+        # Start-up refused on purpose (no usable model: ModelNotBuilt says which file and the
+        # command that builds it); a traceback would only bury that one line.
+        print(f"heatcrop: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
