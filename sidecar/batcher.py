@@ -32,7 +32,9 @@ whose batch has started gets its result even if late (the caller may still cache
 Background work (``submit_background``): when the foreground queue is idle, a give-up's image
 can be queued to finish its heatmap for the next request. Background batches run only when no
 foreground request is queued and hold at most ``background_batch`` images, so a foreground
-request waits at most one small background batch.
+request waits at most one small background batch. With a ``budget`` (sidecar/cpu_budget.py)
+they also wait while the background's CPU budget is overdrawn, and each is charged with the CPU
+it used: a lowered priority does not keep them off the cores of other processes (autogroups).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import numpy as np
 import numpy.typing as npt
 
 from engines.base import Engine, HeatmapBatch
+from sidecar.cpu_budget import CpuBudget, metered
 from sidecar.errors import DeadlineExceeded, EngineError, Overloaded
 from sidecar.metrics import Metrics
 from sidecar.priority import lowered_pool
@@ -210,6 +213,7 @@ class Batcher:
         service_prior_s: float = 0.010,
         headroom: float = 0.3,
         worker_nice: int = 0,
+        budget: CpuBudget | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 1 or background_batch < 1:
             raise ValueError("max_batch, max_queue and background_batch must be >= 1")
@@ -224,6 +228,8 @@ class Batcher:
         self.headroom = headroom
         self.worker_nice = worker_nice
         self.metrics = metrics
+        self.budget = budget  # None: background work runs whenever the foreground is idle
+        self._held = False  # background waiting for the budget (counted once per hold)
         self.model = ServiceModel(max_batch, service_prior_s)
         self._shapes = frozenset(engine.input_shapes)
         self._cheapest = min(self._shapes, key=_units)
@@ -542,11 +548,24 @@ class Batcher:
         if shape is not None:
             return self._form(shape, now), None
         if wake_at is None and self._background:
+            hold = self._budget_hold(now)
+            if hold is not None:
+                return [], hold
             # Only when no foreground request waits at all, and only a small batch.
             first = self._background[0].shape
             same = (r for r in self._background if r.shape == first)
             return list(itertools.islice(same, self.background_batch)), None
         return [], wake_at
+
+    def _budget_hold(self, now: float) -> float | None:
+        """When background work may run, if not now (its CPU budget is overdrawn)."""
+        if self.budget is None or self.budget.ready():
+            self._held = False
+            return None
+        if not self._held:
+            self._held = True
+            self.budget.held("cnn")
+        return now + self.budget.delay()
 
     def _pick(self, now: float) -> tuple[Shape | None, float | None]:
         """The ready bucket whose oldest request has the earliest deadline, else when one is."""
@@ -635,9 +654,11 @@ class Batcher:
         self._running = batch
         self._running_until = start + self.model.batch_seconds(len(batch), unit)
         try:
-            heats, seconds = await loop.run_in_executor(
-                self._executor, _run_engine, self.engine, [r.pixels for r in batch]
-            )
+            # Foreground work is never charged; a batch is all background or none.
+            with metered(self.budget if batch[0].background else None):
+                heats, seconds = await loop.run_in_executor(
+                    self._executor, _run_engine, self.engine, [r.pixels for r in batch]
+                )
         except Exception as exc:
             self._counts["errors"] += 1
             self.failing_calls += 1

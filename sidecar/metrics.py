@@ -328,6 +328,9 @@ COLD_RESULTS = ("queued", "already", "refused")
 # Each queued path: heatmap computed, found (cached meanwhile, or by another sidecar), dropped
 # (the batcher or the source was too busy to take it), failed (not an image, over the limits).
 COLD_HEATMAP_RESULTS = ("computed", "found", "dropped", "failed")
+# Background work held back by the CPU budget (sidecar/cpu_budget.py): a cold path's read and
+# decode, or a background image's CNN run.
+BACKGROUND_STAGES = ("decode", "cnn")
 # 0.1 ms (a cache hit) up to 2 s (a slow source); denser where the 200 ms p95 budget is decided,
 # and 10 ms apart around the sidecar's own default budget (120 ms) to tell whether p99 meets it.
 STAGE_BUCKETS = (
@@ -364,7 +367,9 @@ class Metrics:
     Who records what: the batcher records ``queue`` and ``infer`` stages (per request),
     ``batch_size``, ``batch_seconds``, ``nn_runs_total``, ``queue_depth`` and its own give-up
     reasons (admission, queue-full, expired, shutdown); the request pipeline records every other
-    stage, ``requests_total``, cache lookups and ``giveups_total{reason="deadline"}``.
+    stage, ``requests_total``, cache lookups and ``giveups_total{reason="deadline"}``; the
+    background CPU budget (sidecar/cpu_budget.py) ``background_cpu_seconds_total`` and
+    ``background_held_total``.
     """
 
     def __init__(self, namespace: str = "heatcrop") -> None:
@@ -417,6 +422,19 @@ class Metrics:
                 p + "cold_heatmaps_total",
                 "Background heatmaps of cold answers, by what became of them.",
                 {"result": COLD_HEATMAP_RESULTS},
+            )
+        )
+        self.background_cpu = self._add(
+            Counter(
+                p + "background_cpu_seconds_total",
+                "CPU seconds charged to background work (server.background_cpu_share).",
+            )
+        )
+        self.background_held = self._add(
+            Counter(
+                p + "background_held_total",
+                "Background work held back until the CPU budget refilled, by stage.",
+                {"stage": BACKGROUND_STAGES},
             )
         )
 

@@ -69,6 +69,12 @@ class ServerSettings:
     # (sidecar/step_cold.py): the sidecar's part of a miss is then a few ms, for a smaller smart
     # share (docs/performance.md, the edge under load, and why wait stays the default).
     cold_policy: str = "wait"
+    # CPU the background work (decode and CNN of heatmaps no request waits for) may use, in cores:
+    # a token bucket charged with its measured CPU time (sidecar/cpu_budget.py). A nice value
+    # does not keep it off other processes' cores (autogroups). 0.25: on the 2-core box the
+    # legacy server renders 60 new originals/s in ~0.85 of a core, and a quarter core still
+    # makes ~10 heatmaps/s for the originals asked for again.
+    background_cpu_share: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -288,6 +294,12 @@ _RULES: tuple[tuple[str, str, typing.Callable[[Any], bool], str], ...] = (
     ("server", "worker_nice", lambda v: 0 <= v <= 19, "must be in [0, 19]"),
     ("server", "answer_margin_ms", *_NONNEG),
     ("server", "cold_policy", lambda v: v in COLD_POLICIES, "must be wait or legacy"),
+    (
+        "server",
+        "background_cpu_share",
+        lambda v: math.isfinite(v) and 0 < v <= 64,
+        "must be a number of cores in (0, 64]",
+    ),
     ("source", "kind", lambda v: v in ("folder", "http"), "must be folder or http"),
     ("source", "max_bytes", *_POS),
     ("source", "max_pixels", *_POS),

@@ -18,7 +18,13 @@ legacy server is rendering on), against 21 ms for an answer that touches nothing
   of at most ``batcher.max_background`` paths, one entry per path: it takes a core at most, not
   both, while the legacy server renders the burst of first sights. A full queue refuses
   (counted), and a later request for the path tries again. Nothing is decoded when the batcher
-  would not take the pixels.
+  would not take the pixels;
+- and within a CPU budget (``server.background_cpu_share``, sidecar/cpu_budget.py): a path's
+  read and decode start only while the budget is not overdrawn and are charged with the CPU
+  they used, as the batcher charges the CNN run. One at a time was not enough: on the shared
+  2-core machine the back-to-back heatmaps of a burst of first sights still took the legacy
+  server's cores (autogroups: the workers' lowered priority only ranks them within the
+  sidecar), and the legacy renders of that burst queued past nginx's legacy timeout.
 
 Limits: an original over the byte or pixel limit, or not an image, gets the legacy answer, and
 the legacy server refuses it with its own words (it has the same limits: nginx/limits.py).
@@ -32,6 +38,8 @@ import math
 
 from sidecar.background import finish_in_background
 from sidecar.caches import heatmap_key
+from sidecar.cpu_budget import metered
+from sidecar.decode import Decoded
 from sidecar.errors import ColdStart, HeatcropError, Overloaded
 from sidecar.job import AnalyseJob, CropJob, Services
 
@@ -79,8 +87,14 @@ def queue_cold(svc: Services, path: str, read: AnalyseJob | None = None) -> None
 
 
 async def _work(svc: Services) -> None:
-    """The queued paths, oldest first, one at a time; each leaves the queue once done."""
+    """The queued paths, oldest first, one at a time, each once the CPU budget allows; each
+    leaves the queue once done."""
+    budget = svc.batcher.budget
     while svc.cold:
+        if budget is not None:
+            await budget.wait("decode")
+        if not svc.cold:
+            break
         path, read = next(iter(svc.cold.items()))
         try:
             result = await _heatmap(svc, path, read)
@@ -95,23 +109,17 @@ async def _work(svc: Services) -> None:
 async def _heatmap(svc: Services, path: str, read: tuple[str, bytes] | None) -> str:
     """What became of one queued path, as ``sidecar.metrics.COLD_HEATMAP_RESULTS`` names it."""
     try:
-        if read is None:
-            # No request waits for it: no budget; the source's own bound refuses it if busy.
-            original = await svc.source.fetch(path)
-            svc.identities.put(path, original.identity, asyncio.get_running_loop().time())
-            key, data = heatmap_key(original.identity, svc.heat_version), original.data
-            if key in svc.background or await svc.caches.get_analysis(key) is not None:
-                return "found"
-        else:
-            key, data = read
-        if not svc.batcher.takes_background():
-            return "dropped"
-        decoded = await svc.decodes.decode(data, math.inf, svc.batcher)
+        # The read and the decode are charged here; the CNN run by the batcher.
+        with metered(svc.batcher.budget):
+            found = await _prepare(svc, path, read)
     except Overloaded:
         return "dropped"
     except HeatcropError as exc:
         log.info("background heatmap of %s not made: %s", path, exc)
         return "failed"
+    if isinstance(found, str):
+        return found
+    decoded, key = found
     if not finish_in_background(svc, decoded, key):
         return "dropped"
     pending = svc.background.get(key)
@@ -121,3 +129,21 @@ async def _heatmap(svc: Services, path: str, read: tuple[str, bytes] | None) -> 
     except Overloaded:
         return "dropped"
     return "computed"
+
+
+async def _prepare(
+    svc: Services, path: str, read: tuple[str, bytes] | None
+) -> tuple[Decoded, str] | str:
+    """The decoded original and its heatmap key, or what became of the path instead."""
+    if read is None:
+        # No request waits for it: no deadline; the source's own bound refuses it if busy.
+        original = await svc.source.fetch(path)
+        svc.identities.put(path, original.identity, asyncio.get_running_loop().time())
+        key, data = heatmap_key(original.identity, svc.heat_version), original.data
+        if key in svc.background or await svc.caches.get_analysis(key) is not None:
+            return "found"
+    else:
+        key, data = read
+    if not svc.batcher.takes_background():
+        return "dropped"
+    return await svc.decodes.decode(data, math.inf, svc.batcher), key

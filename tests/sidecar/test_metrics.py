@@ -102,6 +102,8 @@ def test_service_metrics_render_and_parse_back():
         "heatcrop_nn_runs_total": "counter",
         "heatcrop_cold_total": "counter",
         "heatcrop_cold_heatmaps_total": "counter",
+        "heatcrop_background_cpu_seconds_total": "counter",
+        "heatcrop_background_held_total": "counter",
     }
     assert series(samples, "heatcrop_requests_total", outcome="smart") == 1
     assert series(samples, "heatcrop_requests_total", outcome="giveup") == 2
