@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import os
 import posixpath
 import stat
 import time
@@ -105,6 +106,7 @@ class FolderSource:
 
     def __init__(self, settings: SourceSettings) -> None:
         self.root = Path(settings.root).resolve()
+        self._root_text = str(self.root)
         self.max_bytes = settings.max_bytes
         self.reads = 0  # queued or running
         self._pool = ThreadPoolExecutor(self.READ_THREADS, thread_name_prefix="heatcrop-read")
@@ -127,34 +129,58 @@ class FolderSource:
     def _read(self, rel: str, expires: float | None = None) -> Original:
         if expires is not None and time.monotonic() > expires:
             raise DeadlineExceeded(f"{rel}: budget spent while the read was queued")
+        # Open first, then check what was opened: checking a name and opening it after lets
+        # a symlink swapped in between lead outside the root (issue 21, item 7). The bytes
+        # returned are read from this descriptor, so the decoder gets exactly what passed.
+        fd = self._open(rel)
         try:
-            full = (self.root / rel).resolve()
-        except (OSError, RuntimeError) as exc:  # a name too long, a symlink loop
-            raise SourceNotFound(f"{rel}: {exc}") from exc
-        if not full.is_relative_to(self.root):  # a symlink pointing outside the root
-            raise BadPath(f"{rel} resolves outside the root")
-        try:
-            info = full.stat()
-            if not stat.S_ISREG(info.st_mode):
-                raise SourceNotFound(f"{rel} is not a file")
-            if info.st_size > self.max_bytes:
-                raise InputTooLarge(f"{rel}: {info.st_size} bytes")
-            with open(full, "rb") as fh:
-                data = fh.read(self.max_bytes + 1)
-        except (FileNotFoundError, NotADirectoryError) as exc:
-            raise SourceNotFound(rel) from exc
-        except PermissionError as exc:
-            raise SourceNotFound(f"{rel}: {exc}") from exc
-        except OSError as exc:
-            if exc.errno not in (errno.ENAMETOOLONG, errno.ELOOP):
-                raise
-            raise SourceNotFound(f"{rel}: {exc}") from exc
+            info = os.fstat(fd)
+            self._check_opened(rel, fd, info)
+            data = _read_up_to(fd, self.max_bytes + 1, first=info.st_size + 1)
+        finally:
+            os.close(fd)
         if len(data) > self.max_bytes:
             raise InputTooLarge(f"{rel} grew past the limit while reading")
         return Original(data, f"file:{rel}:{info.st_size}:{info.st_mtime_ns}")
 
+    def _open(self, rel: str) -> int:
+        try:
+            # O_NONBLOCK: a FIFO put under the root must not hang the reader on open.
+            return os.open(self.root / rel, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        except (FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError) as exc:
+            raise SourceNotFound(f"{rel}: {exc}") from exc
+        except OSError as exc:  # a name too long, a symlink loop
+            if exc.errno not in (errno.ENAMETOOLONG, errno.ELOOP):
+                raise
+            raise SourceNotFound(f"{rel}: {exc}") from exc
+
+    def _check_opened(self, rel: str, fd: int, info: os.stat_result) -> None:
+        """BadPath when the opened file lies outside the root (wherever the name led);
+        SourceNotFound when it is not a regular file; InputTooLarge over the limit."""
+        real = os.readlink(f"/proc/self/fd/{fd}")
+        if os.path.commonpath([self._root_text, real]) != self._root_text:
+            raise BadPath(f"{rel} resolves outside the root")
+        if not stat.S_ISREG(info.st_mode):
+            raise SourceNotFound(f"{rel} is not a file")
+        if info.st_size > self.max_bytes:
+            raise InputTooLarge(f"{rel}: {info.st_size} bytes")
+
     async def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _read_up_to(fd: int, limit: int, first: int) -> bytes:
+    """At most ``limit`` bytes from ``fd``, until its end; ``first``: the size of the first read
+    (the file's size and one, so a file that did not grow is read in one call)."""
+    chunks, size, want = [], 0, first
+    while size < limit:
+        chunk = os.read(fd, min(limit - size, want))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+        want = 1 << 16
+    return b"".join(chunks)
 
 
 class HttpSource:

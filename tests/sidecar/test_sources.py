@@ -1,5 +1,7 @@
 import asyncio
 import os
+import subprocess
+import sys
 
 import pytest
 from aiohttp import web
@@ -16,6 +18,26 @@ from sidecar.errors import (
 from sidecar.settings import SourceSettings
 from sidecar.sources import FolderSource, HttpSource, clean_path, make_source
 from tests.support.redis_server import free_port
+
+# Reads raced against the swap: until each state (file, symlink) was met EACH_STATE times,
+# at most MAX_READS_RACED. The old check-then-open code lost the race in 8 runs of 8 (4 to
+# 33 reads of the outside file each, 0.4-1.6 s a run).
+EACH_STATE = 20
+MAX_READS_RACED = 5000
+# root/flip.jpg: a hard link to root/inside, then a symlink to the outside file, and again
+# (the symlink first: renaming a hard link over another link to the same file does nothing).
+FLIPPER = """
+import os, sys
+root, secret = sys.argv[1], sys.argv[2]
+name, tmp = os.path.join(root, "flip.jpg"), os.path.join(root, ".next")
+os.link(os.path.join(root, "inside"), name)
+print("flipping", flush=True)
+while True:
+    os.symlink(secret, tmp)
+    os.replace(tmp, name)
+    os.link(os.path.join(root, "inside"), tmp)
+    os.replace(tmp, name)
+"""
 
 
 @pytest.mark.parametrize(
@@ -201,3 +223,38 @@ async def test_a_symlink_loop_is_not_found(folder):
     src = FolderSource(SourceSettings(root=str(folder), max_bytes=100))
     with pytest.raises((SourceNotFound, BadPath)):
         await src.fetch("r/loop.jpg")
+
+
+async def test_a_symlink_swapped_in_during_reads_never_serves_the_outside_file(tmp_path):
+    # Issue 21 item 7: a file under the root swapped for a symlink to an outside file between
+    # the check and the read. Another process (no GIL to share) flips the name as fast as it
+    # can, atomically so that it always exists, while the source reads it; whatever each read
+    # answers, it is never the outside file's bytes.
+    root = tmp_path / "root"
+    root.mkdir()
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(b"outside")
+    (root / "inside").write_bytes(b"inside!")
+    src = FolderSource(SourceSettings(root=str(root), max_bytes=100))
+    flipper = subprocess.Popen(
+        [sys.executable, "-c", FLIPPER, str(root), str(secret)], stdout=subprocess.PIPE
+    )
+    served, refused = [], 0
+    try:
+        assert flipper.stdout is not None and flipper.stdout.readline() == b"flipping\n"
+        # On a loaded machine the flipper may sit idle for a while: read until each state was
+        # met often enough that the race was surely on, within a bound.
+        for _ in range(MAX_READS_RACED):
+            try:
+                served.append((await src.fetch("flip.jpg")).data)
+            except (BadPath, SourceNotFound):
+                refused += 1
+            if min(refused, len(served)) >= EACH_STATE:
+                break
+    finally:
+        flipper.kill()
+        flipper.wait(timeout=10)
+        flipper.stdout.close()  # type: ignore[union-attr]
+        await src.close()
+    assert b"outside" not in served
+    assert min(refused, len(served)) >= EACH_STATE  # the race was on
