@@ -3,7 +3,7 @@ in the caches is answered with the legacy crop at once (``ColdStart``, ``X-Heatc
 cold``), and the heatmap is made in the background, so that the next request for the original,
 any size, finds it.
 
-Why (bench/results/load.md, README "Benchmarks"): a miss at the edge waits for the sidecar and
+Why (bench/results/load.md, docs/performance.md): a miss at the edge waits for the sidecar and
 then for the legacy server's render. Under ``wait`` the sidecar part of a first sight is a read,
 a decode and a CNN run; on the shared 2-core machine even a read and a header check in the
 request cost p95 57 ms of the sidecar hop during a cold burst (a thread hop each, on cores the

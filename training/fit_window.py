@@ -19,7 +19,7 @@ puts a ReLU layer in between. Cross-validation as in fit_readout: fcdb_train alw
 saliency_dev and food_dev in folds, fcdb_dev never. Each run appends its held-out shares of
 the headroom to the report.
 
-The command line explores the variants (README "Levers", training/results/fit_window.md); the
+The command line explores the variants (docs/quality.md, training/results/fit_window.md); the
 shipped head comes from training/fit_readout.py, which calls `WindowData`, `heldout_maps` and
 `readout_weights` here with the per-cell likelihood at full weight and this term at 0.05 (the
 only weight better than the likelihood alone on every set); principal components, scene terms
