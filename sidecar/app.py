@@ -31,7 +31,7 @@ from sidecar.admission import DecodeAdmission
 from sidecar.batcher import Batcher
 from sidecar.caches import Caches, make_caches
 from sidecar.core import CropCore
-from sidecar.cpu_budget import CpuBudget
+from sidecar.cpu_budget import service_budget
 from sidecar.debug import add_debug_routes
 from sidecar.decode import configure_vips
 from sidecar.job import Services
@@ -157,7 +157,7 @@ async def _batcher_ctx(app: web.Application) -> AsyncIterator[None]:
         max_queue=server.max_queue,
         metrics=app[METRICS],
         worker_nice=server.worker_nice,
-        budget=CpuBudget(server.background_cpu_share, metrics=app[METRICS]),
+        budget=service_budget(server.background_cpu_share, app[METRICS]),
     )
     await batcher.start()
     app[BATCHER] = batcher

@@ -24,16 +24,28 @@ clock). That sees the decode pool, libvips' threads, the engine's worker and ONN
 intra-op threads (spinning off, engines/ort.py), which no clock of a thread of ours would.
 Foreground work off the loop during the span (a window search, a wait-policy decode) is charged
 too: the background then gets a little less than its share, never more.
+
+And only out of idle time (``MachineIdle``): while the whole machine left fewer than ``share``
+cores idle over the last quarter second (``/proc/stat``), the bucket refills at a trickle
+(``BUSY_TRICKLE`` of the share). When other processes, the legacy server first, keep the cores
+busy, a queue of renders is what grows on them, and every CPU second added then costs more than
+a second of their latency; the trickle keeps heatmaps coming at a few per minute, so a machine
+that is never idle still gets them. Where ``/proc/stat`` cannot be read, the rate alone holds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 from sidecar.metrics import Metrics
+
+log = logging.getLogger("heatcrop.cpu_budget")
 
 # The bucket holds this many seconds of refill: a background heatmap costs ~25 ms of CPU (a
 # shrink-on-load decode ~8 ms, the INT8 CNN ~7 ms on each of 2 threads, the read), so at the
@@ -43,6 +55,14 @@ from sidecar.metrics import Metrics
 BURST_S = 0.1
 # Balances this close to zero count as repaid (float rounding of refill x share).
 _EPSILON = 1e-9
+# While the machine is busy, the refill is this fraction of the share: at the default share a
+# heatmap every ~2 s, a CPU load the legacy server cannot notice.
+BUSY_TRICKLE = 0.05
+# /proc/stat counts in ticks of 10 ms per core: over a quarter second of 2 cores the idle share
+# is read to 2 %, and the gate follows a burst of renders within that quarter second.
+IDLE_WINDOW_S = 0.25
+PROC_STAT = "/proc/stat"
+_CORE_LINE = re.compile(r"^cpu\d+ ", re.MULTILINE)
 
 
 def offloop_cpu() -> float:
@@ -50,11 +70,65 @@ def offloop_cpu() -> float:
     return time.process_time() - time.thread_time()
 
 
+def cpu_ticks(text: str) -> tuple[int, int, int]:
+    """(all ticks, idle ticks incl. iowait, cores) of the machine from /proc/stat's text."""
+    first = text.split("\n", 1)[0].split()
+    if len(first) < 9 or first[0] != "cpu":
+        raise ValueError(f"not /proc/stat: {text[:60]!r}")
+    # user nice system idle iowait irq softirq steal; guest time is counted in user already.
+    ticks = [int(v) for v in first[1:9]]
+    return sum(ticks), ticks[3] + ticks[4], len(_CORE_LINE.findall(text))
+
+
+def _read_proc_stat() -> str:
+    with open(PROC_STAT) as f:
+        return f.read()
+
+
+class MachineIdle:
+    """Cores the whole machine left idle over the last window of ``window_s``, from /proc/stat.
+
+    ``cores()`` is None until a first window has passed, and for good once /proc/stat cannot
+    be read or parsed (logged once): the budget then holds by its rate alone. In a container
+    /proc/stat is the host's: idle cores of the host, which a CPU quota may not let us use.
+    """
+
+    def __init__(
+        self, read: Callable[[], str] = _read_proc_stat, window_s: float = IDLE_WINDOW_S
+    ) -> None:
+        self._read = read
+        self._window_ticks = window_s * os.sysconf("SC_CLK_TCK")
+        self._last: tuple[int, int] | None = None
+        self._cores: float | None = None
+        self._broken = False
+
+    def cores(self) -> float | None:
+        if self._broken:
+            return None
+        try:
+            total, idle, ncpu = cpu_ticks(self._read())
+        except (OSError, ValueError) as exc:
+            log.warning(
+                "machine idle time unreadable (%s): background CPU budget by rate only", exc
+            )
+            self._broken = True
+            return None
+        if self._last is None:
+            self._last = (total, idle)
+        elif total - self._last[0] >= self._window_ticks * max(1, ncpu):
+            spent, rested = total - self._last[0], idle - self._last[1]
+            self._cores = max(1, ncpu) * rested / spent
+            self._last = (total, idle)
+        return self._cores
+
+
 class CpuBudget:
     """A token bucket of CPU seconds for background work; see the module docstring.
 
-    ``clock`` (wall seconds) and ``cpu`` (the meter, ``offloop_cpu``) are injectable for tests.
-    Not thread-safe: used from the event loop only.
+    ``clock`` (wall seconds) and ``cpu`` (the meter, ``offloop_cpu``) are injectable for tests;
+    ``idle`` says how many cores the machine left idle lately (``MachineIdle.cores``; None: not
+    known), without it the budget does not look at the machine. Not thread-safe: used from the
+    event loop only.
     """
 
     def __init__(
@@ -64,6 +138,7 @@ class CpuBudget:
         burst_s: float = BURST_S,
         clock: Callable[[], float] = time.monotonic,
         cpu: Callable[[], float] = offloop_cpu,
+        idle: Callable[[], float | None] | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         if not share > 0 or not burst_s >= 0:
@@ -73,6 +148,7 @@ class CpuBudget:
         self.spent = 0.0  # CPU seconds charged since start
         self._clock = clock
         self._cpu = cpu
+        self._idle = idle
         self._metrics = metrics
         self._balance = self.capacity
         self._stamp = clock()
@@ -80,9 +156,15 @@ class CpuBudget:
     def balance(self) -> float:
         """CPU seconds available now; negative while an overdraft is being repaid."""
         now = self._clock()
-        self._balance = min(self.capacity, self._balance + (now - self._stamp) * self.share)
+        rate = self.share if not self.busy() else self.share * BUSY_TRICKLE
+        self._balance = min(self.capacity, self._balance + (now - self._stamp) * rate)
         self._stamp = now
         return self._balance
+
+    def busy(self) -> bool:
+        """Whether the machine lately left fewer than ``share`` cores idle."""
+        cores = self._idle() if self._idle is not None else None
+        return cores is not None and cores < self.share
 
     def ready(self) -> bool:
         return self.balance() > -_EPSILON
@@ -90,7 +172,11 @@ class CpuBudget:
     def delay(self) -> float:
         """Wall seconds until ``ready``; 0 when it is."""
         balance = self.balance()
-        return 0.0 if balance > -_EPSILON else -balance / self.share
+        if balance > -_EPSILON:
+            return 0.0
+        if self._idle is not None:  # the rate may change with the machine's next window
+            return min(IDLE_WINDOW_S, -balance / self.share)
+        return -balance / self.share
 
     def charge(self, cpu_s: float) -> None:
         """Take ``cpu_s`` CPU seconds (clamped at 0: a meter never runs backwards)."""
@@ -127,3 +213,8 @@ class CpuBudget:
 def metered(budget: CpuBudget | None) -> AbstractContextManager[None]:
     """``budget.metered()``, or nothing to charge without a budget."""
     return nullcontext() if budget is None else budget.metered()
+
+
+def service_budget(share: float, metrics: Metrics) -> CpuBudget:
+    """The sidecar's budget: ``share`` of a core, out of the machine's idle time."""
+    return CpuBudget(share, idle=MachineIdle().cores, metrics=metrics)

@@ -4,13 +4,22 @@ and the setting that sizes it. Clocks are injected: nothing here depends on how 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 
 import pytest
 
 from sidecar import settings as s
-from sidecar.cpu_budget import CpuBudget, metered, offloop_cpu
+from sidecar.cpu_budget import (
+    BUSY_TRICKLE,
+    IDLE_WINDOW_S,
+    CpuBudget,
+    MachineIdle,
+    cpu_ticks,
+    metered,
+    offloop_cpu,
+)
 from sidecar.metrics import Metrics
 from tests.support.clocks import PausableClock
 
@@ -90,6 +99,54 @@ async def test_wait_holds_until_the_refill_and_counts_one_hold() -> None:
     await asyncio.wait_for(waiting, 10.0)
     assert metrics.background_held.value(stage="decode") == 1
     assert metrics.background_held.value(stage="cnn") == 0
+
+
+def test_a_busy_machine_refills_the_budget_at_a_trickle() -> None:
+    clock = PausableClock()
+    idle = [None]  # cores the machine left idle lately; None: not known (yet)
+    budget = CpuBudget(0.5, burst_s=0.0, clock=clock, idle=lambda: idle[0])
+    budget.charge(0.5)
+    clock.advance(0.5)  # not known: the rate alone, 0.25 CPU s repaid
+    assert budget.balance() == pytest.approx(-0.25)
+    idle[0] = 0.4  # fewer than `share` cores idle: busy
+    assert budget.busy()
+    clock.advance(0.5)
+    assert budget.balance() == pytest.approx(-0.25 + 0.25 * BUSY_TRICKLE)
+    assert budget.delay() == IDLE_WINDOW_S  # looked at again after the next window
+    idle[0] = 1.5
+    assert not budget.busy()
+    clock.advance(0.5 - 0.5 * BUSY_TRICKLE)
+    assert budget.ready()
+
+
+def _stat(user: int, idle: int, cores: int = 2) -> str:
+    lines = [f"cpu  {user} 0 0 {idle} 0 0 0 0 0 0"]
+    lines += [f"cpu{i} 0 0 0 0 0 0 0 0 0 0" for i in range(cores)]
+    return "\n".join([*lines, "intr 12345 0 0", "ctxt 999", ""])
+
+
+def test_cpu_ticks_reads_proc_stat() -> None:
+    text = "cpu  10 1 2 30 4 0 5 6 7 0\ncpu0 1 1 1 1 1 1 1 1 0 0\ncpu1 1 1 1 1 1 1 1 1 0 0\n"
+    assert cpu_ticks(text) == (10 + 1 + 2 + 30 + 4 + 5 + 6, 34, 2)  # guest (7) is in user
+    with open("/proc/stat") as f:
+        total, idle, cores = cpu_ticks(f.read())
+    assert 0 <= idle <= total and cores >= 1
+    for bad in ("", "intr 1 2 3", "cpu 1 2"):
+        with pytest.raises(ValueError):
+            cpu_ticks(bad)
+
+
+def test_machine_idle_over_each_window_of_ticks(caplog: pytest.LogCaptureFixture) -> None:
+    reads = iter([_stat(0, 0), _stat(10, 10), _stat(30, 40), _stat(30, 40), "garbage", ""])
+    # 2 cores, a window of 0.25 s: 50 ticks of the machine (CLK_TCK 100)
+    machine = MachineIdle(read=lambda: next(reads), window_s=0.25 * 100 / os.sysconf("SC_CLK_TCK"))
+    assert machine.cores() is None  # a first sample, no window yet
+    assert machine.cores() is None  # 20 ticks: not a window yet
+    assert machine.cores() == pytest.approx(2 * 40 / 70)
+    assert machine.cores() == pytest.approx(2 * 40 / 70)  # no new window: the last one's
+    assert machine.cores() is None  # unreadable: not known, logged, never read again
+    assert machine.cores() is None
+    assert sum("unreadable" in r.message for r in caplog.records) == 1
 
 
 def _spin(cpu_s: float) -> None:
