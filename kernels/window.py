@@ -191,7 +191,7 @@ def _search(
     weights = (float(params.cut_weight), float(params.cut_band), float(params.zoom_weight))
     sat = _sat_kernel(_normalised(heat))
     scales = _scale_list(params)
-    sizes = np.array([_window_size(width, height, aspect, s) for s in scales], dtype=np.int64)
+    sizes = np.array(window_sizes(width, height, aspect, params), dtype=np.int64)
     cws = np.ascontiguousarray(sizes[:, 0])
     chs = np.ascontiguousarray(sizes[:, 1])
     found, bx, by, bk, score, center, sliced = _search_kernel(
@@ -211,6 +211,14 @@ def _search(
         confidence=max(0.0, float(score) - float(center)),
     )  # fmt: skip
     return box, int(sliced), bool(found)
+
+
+def window_sizes(
+    width: int, height: int, aspect: float, params: SearchParams
+) -> list[tuple[int, int]]:
+    """The (cw, ch) of the candidate windows, one per scale, largest first: every box the search
+    returns has one of these sizes (a cached box of another size was not made by it)."""
+    return [_window_size(width, height, aspect, s) for s in _scale_list(params)]
 
 
 def _window_size(width: int, height: int, aspect: float, s: float) -> tuple[int, int]:

@@ -7,10 +7,17 @@ change in place, and their in-process copies live a few seconds when Redis is sh
 is a help, never a dependency: when it fails the caches carry on from memory and stop asking
 it for ``retry_after_s`` (a circuit breaker), so a dead Redis costs neither errors nor a
 connect attempt per request.
+
+Nor is what Redis holds trusted (issue 21, item 8): a value over the largest record of its kind is
+dropped unread (``GETRANGE`` fetches one byte past the bound), and a record is used only once the
+codec has decoded it, it names the key it was read under, and it is what the request expects
+(sidecar/records.py). Whatever fails is deleted from both tiers, logged once (key and reason) and
+read as a miss; none of it is a Redis failure, so the breaker stays closed.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import logging
@@ -19,7 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote, urlsplit
 
 import redis.exceptions
@@ -30,6 +37,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from sidecar.codec import (
+    MAX_ANALYSIS_BYTES,
+    MAX_BOX_BYTES,
     BoxRecord,
     CodecError,
     decode_analysis,
@@ -38,6 +47,7 @@ from sidecar.codec import (
     encode_box,
 )
 from sidecar.core import Analysis
+from sidecar.records import AnalysisExpect, BadRecord, BoxExpect, check_analysis, check_box
 from sidecar.settings import CacheSettings, SettingsError, env_name
 
 log = logging.getLogger(__name__)
@@ -59,6 +69,8 @@ HEATMAP_BYTES_PER_ENTRY = 4096
 BOX_BYTES_PER_ENTRY = 512
 OVERRIDE_ENTRIES = 100_000
 OVERRIDE_BYTES_PER_ENTRY = 512
+# An override record is a JSON box of four ints up to 10^6 and a version count: ~60 bytes.
+MAX_OVERRIDE_BYTES = 1024
 # With a shared Redis, another sidecar may change an override: local copies (and local "there
 # is none") are trusted this long.
 OVERRIDE_L1_TTL_S = 2.0
@@ -271,8 +283,32 @@ class BytesSerializer(BaseSerializer):
         return value
 
 
+class Refused(NamedTuple):
+    """An L2 value refused before it was read whole: too large, or not a string."""
+
+    reason: str
+
+
 class RedisL2(RedisCache):
-    """aiocache's RedisCache without the calls redis-py 5+ deprecates (SETEX, ``close()``)."""
+    """aiocache's RedisCache without the calls redis-py 5+ deprecates (SETEX, ``close()``),
+    and with a read that never transfers more than a bound."""
+
+    async def get_bounded(self, key: str, limit: int) -> bytes | Refused | None:
+        """The value at ``key`` if it holds at most ``limit`` bytes; None when absent (or
+        empty); ``Refused`` when it is larger (only ``limit`` + 1 bytes cross the wire) or not
+        a string at all. A whole GET of a hostile 50 MB value blew the 50 ms budget of every
+        read, which opened the breaker each time."""
+        try:
+            value = await self.client.getrange(self.build_key(key), 0, limit)
+        except redis.exceptions.ResponseError as exc:
+            if not str(exc).startswith("WRONGTYPE"):
+                raise
+            return Refused("not a string value")
+        if not value:
+            return None
+        if len(value) > limit:
+            return Refused(f"over {limit} bytes")
+        return bytes(value)
 
     async def _set(
         self,
@@ -312,6 +348,9 @@ class TieredCache:
     ``l1_ttl_s`` caps how long L1 keeps a copy (for values another process may change), and
     ``negative_ttl_s`` > 0 makes L1 remember an L2 miss that long (saves a round trip per
     request for keys that mostly do not exist, like overrides).
+
+    ``max_value_bytes``: an L2 value over it (or not a string) is a miss, deleted and logged
+    once, and never read whole; counted in ``l2_refused``, not as an L2 failure.
     """
 
     def __init__(
@@ -326,6 +365,7 @@ class TieredCache:
         l2_timeout_s: float = L2_TIMEOUT_S,
         retry_after_s: float = RETRY_AFTER_S,
         l2_max_inflight: int = L2_MAX_INFLIGHT,
+        max_value_bytes: int | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
         self.name = name
@@ -337,6 +377,7 @@ class TieredCache:
         self.l2_timeout_s = l2_timeout_s
         self.retry_after_s = retry_after_s
         self.l2_max_inflight = l2_max_inflight
+        self.max_value_bytes = max_value_bytes
         self.clock = clock
         self._down_until: float | None = None
         self._inflight = 0
@@ -344,6 +385,7 @@ class TieredCache:
         self.l2_hits = self.l2_misses = self.l2_errors = 0
         self.l2_skipped = 0  # calls kept off L2 by the breaker
         self.l2_busy = 0  # calls that found every L2 slot taken
+        self.l2_refused = 0  # values too large (or not strings), dropped unread
 
     @property
     def l2_up(self) -> bool:
@@ -359,8 +401,12 @@ class TieredCache:
             self.l1_hits += 1
             return value
         self.l1_misses += 1
-        value = await self._l2_call(lambda l2: l2.get(key, timeout=self.l2_timeout_s))
+        value = await self._l2_call(lambda l2: self._l2_get(l2, key))
         if value is _FAILED:
+            return None
+        if isinstance(value, Refused):
+            self.l2_refused += 1
+            await self.drop(key, value.reason)
             return None
         if not isinstance(value, bytes):  # None, or not ours: a miss either way
             self.l2_misses += 1
@@ -383,6 +429,11 @@ class TieredCache:
             lambda l2: l2.set(key, value, ttl=ttl, timeout=self.l2_timeout_s)
         )
         return stored and done is not _FAILED
+
+    async def drop(self, key: str, reason: str) -> None:
+        """Delete a value found unusable from both tiers, with one warning."""
+        log.warning("cache %s: dropping entry %s: %s", self.name, key, reason)
+        await self.delete(key)
 
     def restore_local(self, key: str, value: bytes | None) -> None:
         """Put this process's copy back to ``value`` (None: no copy); the shared tier is not
@@ -413,6 +464,7 @@ class TieredCache:
             "l2_errors": self.l2_errors,
             "l2_skipped": self.l2_skipped,
             "l2_busy": self.l2_busy,
+            "l2_refused": self.l2_refused,
             "l2_up": int(self.l2_up),
         }
 
@@ -426,6 +478,18 @@ class TieredCache:
         # which may predate it; exists + set run without yielding, so nothing slips between.
         if not self.l1.exists_now(key):
             self.l1.set_now(key, value, ttl)
+
+    async def _l2_get(self, l2: BaseCache, key: str) -> Any:
+        limit = self.max_value_bytes
+        if limit is None:
+            return await l2.get(key, timeout=self.l2_timeout_s)
+        if isinstance(l2, RedisL2):
+            async with asyncio.timeout(self.l2_timeout_s):
+                return await l2.get_bounded(key, limit)
+        value = await l2.get(key, timeout=self.l2_timeout_s)
+        if isinstance(value, bytes) and len(value) > limit:
+            return Refused(f"{len(value)} bytes, over {limit}")
+        return value
 
     async def _l2_call(self, op: Callable[[BaseCache], Awaitable[Any]]) -> Any:
         if self.l2 is None or not self._l2_admitted():
@@ -515,10 +579,26 @@ def override_key(path: str) -> str:
 # -- the set of caches the service uses ---------------------------------------------------
 
 
-# A popular box is read thousands of times a second: checking its CRC and parsing it again
-# each time was a tenth of a box-cache hit. The records are immutable and small, the key is
-# the cached bytes themselves (which keep their hash), and the memo is bounded.
-_decode_box_memo = functools.lru_cache(maxsize=4096)(decode_box)
+# A popular box is read thousands of times a second: checking its CRC, parsing it and checking
+# it against the request again each time was a tenth of a box-cache hit. The records are
+# immutable and small, the memo's key is the cached bytes themselves (which keep their hash),
+# the key they were read under and what the request expects; the memo is bounded.
+@functools.lru_cache(maxsize=4096)
+def _checked_box(raw: bytes, key: str, expect: BoxExpect | None) -> BoxRecord:
+    record = decode_box(raw, key)
+    if expect is not None:
+        check_box(record, expect)
+    return record
+
+
+# What an analysis read where the original is not at hand must be: plausible.
+PLAUSIBLE = AnalysisExpect()
+
+
+def _checked_analysis(raw: bytes, key: str, expect: AnalysisExpect) -> Analysis:
+    analysis = decode_analysis(raw, key)
+    check_analysis(analysis, expect)
+    return analysis
 
 
 @dataclass
@@ -526,27 +606,32 @@ class Caches:
     heatmaps: TieredCache
     boxes: TieredCache
     overrides: TieredCache
-    decode_errors: int = 0
+    decode_errors: int = 0  # records dropped: undecodable, of another key, or not as expected
 
-    async def get_analysis(self, key: str) -> Analysis | None:
+    async def get_analysis(self, key: str, expect: AnalysisExpect = PLAUSIBLE) -> Analysis | None:
+        """The analysis at ``key`` if it is one the service could have made for the original
+        ``expect`` describes (sidecar/records.py); None otherwise, the entry then deleted."""
         raw = await self.heatmaps.get(key)
         if raw is None:
             return None
-        return await self._decoded(self.heatmaps, key, raw, decode_analysis)
+        return await self._decoded(self.heatmaps, key, raw, _checked_analysis, expect)
 
     async def put_analysis(self, key: str, analysis: Analysis) -> bool:
-        return await self.heatmaps.set(key, encode_analysis(analysis))
+        return await self.heatmaps.set(key, encode_analysis(analysis, key=key))
 
-    async def get_box(self, key: str) -> BoxRecord | None:
+    async def get_box(self, key: str, expect: BoxExpect | None = None) -> BoxRecord | None:
+        """The box at ``key`` if it is one the search could have made for the request
+        ``expect`` describes (None: only that it decodes, under this key); None otherwise,
+        the entry then deleted."""
         raw = await self.boxes.get(key)
         if raw is None:
             return None
-        return await self._decoded(self.boxes, key, raw, _decode_box_memo)
+        return await self._decoded(self.boxes, key, raw, _checked_box, expect)
 
     async def put_box(
         self, key: str, box: tuple[int, int, int, int], confidence: float, path: str
     ) -> bool:
-        return await self.boxes.set(key, encode_box(box, confidence, path))
+        return await self.boxes.set(key, encode_box(box, confidence, path, key=key))
 
     def stats(self) -> dict[str, dict[str, int]]:
         out = {c.name: c.stats() for c in (self.heatmaps, self.boxes, self.overrides)}
@@ -558,15 +643,19 @@ class Caches:
             await cache.close()
 
     async def _decoded(
-        self, cache: TieredCache, key: str, raw: bytes, decode: Callable[[bytes], Any]
+        self,
+        cache: TieredCache,
+        key: str,
+        raw: bytes,
+        decode: Callable[[bytes, str, Any], Any],
+        expect: Any,
     ) -> Any:
-        """Decoded value, or None (and the entry deleted) when the bytes are not valid."""
+        """Decoded and checked value, or None (and the entry deleted) when it is not valid."""
         try:
-            return decode(raw)
-        except CodecError as exc:
+            return decode(raw, key, expect)
+        except (CodecError, BadRecord) as exc:
             self.decode_errors += 1
-            log.warning("cache %s: dropping undecodable entry %s: %s", cache.name, key, exc)
-            await cache.delete(key)
+            await cache.drop(key, str(exc))
             return None
 
 
@@ -582,7 +671,12 @@ def make_caches(
     shared = redis_kwargs is not None
 
     def tier(
-        kind: str, entries: int, bytes_per_entry: int, ttl_s: float | None, **kw: Any
+        kind: str,
+        entries: int,
+        bytes_per_entry: int,
+        max_value_bytes: int,
+        ttl_s: float | None,
+        **kw: Any,
     ) -> TieredCache:
         l1 = BoundedMemoryCache(entries, entries * bytes_per_entry, clock=clock)
         l2 = None
@@ -611,6 +705,7 @@ def make_caches(
             l2_timeout_s=l2_timeout_s,
             retry_after_s=retry_after_s,
             l2_max_inflight=L2_MAX_INFLIGHT,
+            max_value_bytes=max_value_bytes,
             clock=clock,
             **kw,
         )
@@ -618,13 +713,20 @@ def make_caches(
     override_l1 = OVERRIDE_L1_TTL_S if shared else None
     return Caches(
         heatmaps=tier(
-            "heatmaps", settings.heatmap_entries, HEATMAP_BYTES_PER_ENTRY, settings.ttl_s
+            "heatmaps",
+            settings.heatmap_entries,
+            HEATMAP_BYTES_PER_ENTRY,
+            MAX_ANALYSIS_BYTES,
+            settings.ttl_s,
         ),
-        boxes=tier("boxes", settings.box_entries, BOX_BYTES_PER_ENTRY, settings.ttl_s),
+        boxes=tier(
+            "boxes", settings.box_entries, BOX_BYTES_PER_ENTRY, MAX_BOX_BYTES, settings.ttl_s
+        ),
         overrides=tier(
             "overrides",
             OVERRIDE_ENTRIES,
             OVERRIDE_BYTES_PER_ENTRY,
+            MAX_OVERRIDE_BYTES,
             None,
             l1_ttl_s=override_l1,
             negative_ttl_s=override_l1 or 0.0,

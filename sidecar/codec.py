@@ -10,16 +10,25 @@ Layouts (little-endian):
 
 analysis: b"HCAN" | u8 version | u32 width | u32 height | f64 food_mass | u8 n | model_version
           (n bytes UTF-8) | u8 channels | u8 h | u8 w | channels*h*w float16 |
-          (version 2) u16 f | f*5 float32 faces (x0, y0, x1, y1, score) | u32 crc32
-          Version 1 (no faces) is still read, as an analysis without faces.
+          (version >= 2) u16 f | f*5 float32 faces (x0, y0, x1, y1, score) |
+          (version 3) 16 bytes key digest | u32 crc32
+          Versions 1 (no faces) and 2 (no key digest) are still read.
 box:      b"HCBX" | u8 version | u32 x0 | u32 y0 | u32 x1 | u32 y1 | f64 confidence | u16 n |
-          path (n bytes UTF-8) | u32 crc32
+          path (n bytes UTF-8) | (version 2) 16 bytes key digest | u32 crc32
+          Version 1 (no key digest) is still read.
+
+The key digest (BLAKE2b-128 of the cache key the record was written under) ties a record to its
+key: one read under another key (copied, or a bug in whoever wrote it) is refused when the reader
+names its key. Records of the older versions carry none and are read without that check (their
+other checks in sidecar/records.py still apply), so a new sidecar keeps the caches filled by an
+older one.
 
 ``Analysis.timings_ms`` is not stored: it describes one computation, not the original.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import struct
 import zlib
@@ -32,10 +41,13 @@ from sidecar.core import Analysis
 
 ANALYSIS_MAGIC = b"HCAN"
 BOX_MAGIC = b"HCBX"
-VERSION = 1
-# Analyses gained the faces block in version 2; version 1 analyses still decode.
-ANALYSIS_VERSION = 2
-ANALYSIS_VERSIONS = (1, 2)
+# Analyses gained the faces block in version 2 and the key digest in 3; boxes the key digest
+# in 2. Older versions still decode.
+ANALYSIS_VERSION = 3
+ANALYSIS_VERSIONS = (1, 2, 3)
+BOX_VERSION = 2
+BOX_VERSIONS = (1, 2)
+KEY_DIGEST_BYTES = 16
 MAX_FACES = 1024
 
 MAX_SIDE = 1_000_000  # original width/height and box coordinates
@@ -55,6 +67,16 @@ _F16 = np.dtype("<f2")
 _F32 = np.dtype("<f4")
 _FACE_FIELDS = 5
 
+# The largest encodings these decoders accept: a stored value over them is refused unread.
+MAX_ANALYSIS_BYTES = (
+    _PREFIX.size + _ANALYSIS_HEAD.size + _U8.size + MAX_MODEL_VERSION + _SHAPE.size
+    + MAX_CHANNELS * MAX_MAP_SIDE**2 * _F16.itemsize
+    + _U16.size + MAX_FACES * _FACE_FIELDS * _F32.itemsize + KEY_DIGEST_BYTES + _CRC.size
+)  # fmt: skip
+MAX_BOX_BYTES = (
+    _PREFIX.size + _BOX_HEAD.size + _U16.size + MAX_BOX_PATH + KEY_DIGEST_BYTES + _CRC.size
+)
+
 
 class CodecError(ValueError):
     """Bytes that are not a valid encoding (or a value that cannot be encoded)."""
@@ -66,7 +88,14 @@ class BoxRecord(NamedTuple):
     path: str
 
 
-def encode_analysis(a: Analysis) -> bytes:
+def key_digest(key: str) -> bytes:
+    """What a record stores of the cache key it is written under."""
+    raw = key.encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(raw, digest_size=KEY_DIGEST_BYTES).digest()
+
+
+def encode_analysis(a: Analysis, *, key: str) -> bytes:
+    """``a`` as stored under cache key ``key``."""
     _check_size(a.width, a.height)
     _check_finite("food_mass", a.food_mass)
     version = _utf8(a.model_version, MAX_MODEL_VERSION, "model_version")
@@ -90,6 +119,7 @@ def encode_analysis(a: Analysis) -> bytes:
             data.tobytes(),
             _U16.pack(len(faces)),
             faces.tobytes(),
+            key_digest(key),
         )
     )
     return body + _CRC.pack(zlib.crc32(body))
@@ -103,7 +133,8 @@ def _checked_faces(faces: npt.NDArray[Any]) -> npt.NDArray[Any]:
     return faces
 
 
-def decode_analysis(b: bytes) -> Analysis:
+def decode_analysis(b: bytes, key: str | None = None) -> Analysis:
+    """The analysis in ``b``; with ``key``, CodecError too when it was stored under another."""
     body, version = _checked_body_version(b, ANALYSIS_MAGIC, ANALYSIS_VERSIONS)
     r = _Reader(body)
     width, height, food_mass = r.unpack(_ANALYSIS_HEAD)
@@ -119,6 +150,8 @@ def decode_analysis(b: bytes) -> Analysis:
         raw = r.take(n * _FACE_FIELDS * _F32.itemsize)
         faces = _checked_faces(np.frombuffer(raw, dtype=_F32).reshape(n, _FACE_FIELDS))
         faces = faces.astype(np.float32)
+    if version >= 3:
+        _check_key(r.take(KEY_DIGEST_BYTES), key)
     r.end()
     return Analysis(
         width=width,
@@ -130,7 +163,8 @@ def decode_analysis(b: bytes) -> Analysis:
     )
 
 
-def encode_box(box: tuple[int, int, int, int], confidence: float, path: str) -> bytes:
+def encode_box(box: tuple[int, int, int, int], confidence: float, path: str, *, key: str) -> bytes:
+    """The box found for ``path``, as stored under cache key ``key``."""
     if len(box) != 4 or not all(isinstance(v, int | np.integer) for v in box):
         raise CodecError(f"box must be four integers, got {box!r}")
     x0, y0, x1, y1 = (int(v) for v in box)
@@ -139,21 +173,26 @@ def encode_box(box: tuple[int, int, int, int], confidence: float, path: str) -> 
     raw_path = _utf8(path, MAX_BOX_PATH, "path")
     body = b"".join(
         (
-            _PREFIX.pack(BOX_MAGIC, VERSION),
+            _PREFIX.pack(BOX_MAGIC, BOX_VERSION),
             _BOX_HEAD.pack(x0, y0, x1, y1, float(confidence)),
             _U16.pack(len(raw_path)),
             raw_path,
+            key_digest(key),
         )
     )
     return body + _CRC.pack(zlib.crc32(body))
 
 
-def decode_box(b: bytes) -> BoxRecord:
-    r = _Reader(_checked_body(b, BOX_MAGIC))
+def decode_box(b: bytes, key: str | None = None) -> BoxRecord:
+    """The box in ``b``; with ``key``, CodecError too when it was stored under another."""
+    body, version = _checked_body_version(b, BOX_MAGIC, BOX_VERSIONS)
+    r = _Reader(body)
     x0, y0, x1, y1, confidence = r.unpack(_BOX_HEAD)
     _check_box(x0, y0, x1, y1)
     _check_finite("confidence", confidence)
     path = r.text(r.unpack(_U16)[0], MAX_BOX_PATH, "path")
+    if version >= 2:
+        _check_key(r.take(KEY_DIGEST_BYTES), key)
     r.end()
     return BoxRecord((x0, y0, x1, y1), confidence, path)
 
@@ -188,15 +227,11 @@ class _Reader:
             raise CodecError(f"{len(self.body) - self.pos} trailing bytes")
 
 
-def _checked_body(b: bytes, magic: bytes) -> memoryview:
-    """The bytes between prefix and checksum, once type, magic, version and CRC are right."""
-    return _checked_body_version(b, magic, (VERSION,))[0]
-
-
 def _checked_body_version(
     b: bytes, magic: bytes, versions: tuple[int, ...]
 ) -> tuple[memoryview, int]:
-    """``_checked_body`` for a record with several readable versions; also the version."""
+    """The bytes between prefix and checksum, and the version, once type, magic, version and
+    CRC are right."""
     if not isinstance(b, bytes | bytearray | memoryview):
         raise CodecError(f"expected bytes, got {type(b).__name__}")
     view = memoryview(b).cast("B")
@@ -219,6 +254,11 @@ def _float16_maps(raw: memoryview, shape: tuple[int, int, int]) -> npt.NDArray[n
     if not np.isfinite(maps).all():
         raise CodecError("heatmaps hold non-finite values")
     return maps
+
+
+def _check_key(digest: memoryview, key: str | None) -> None:
+    if key is not None and bytes(digest) != key_digest(key):
+        raise CodecError("stored under another key")
 
 
 def _check_size(width: object, height: object) -> None:

@@ -6,6 +6,7 @@ run serves every size of an original), the window search is cheap and runs per a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from engines.base import PROFILES, Engine
 from engines.faces import BOX_FIELDS, HeadBox
 from kernels.faces import best_window_faces
 from kernels.heat import prepare_heatmap
-from kernels.window import CropBox, SearchParams, best_window, center_box
+from kernels.window import CropBox, SearchParams, best_window, center_box, window_sizes
 from sidecar.decode import Decoded, decode
 from sidecar.settings import KernelSettings, Settings, SourceSettings
 
@@ -132,6 +133,11 @@ class CropCore:
             return box
         return best_window(heat, analysis.width, analysis.height, aspect, self.params, keep=keep)
 
+    def window_sizes(self, width: int, height: int, aspect: float) -> frozenset[tuple[int, int]]:
+        """The sizes of every box ``box`` can return for a width x height original at
+        ``aspect`` with these settings: what a cached box must have (sidecar/records.py)."""
+        return _window_sizes(width, height, aspect, self.params)
+
     def is_confident(self, box: CropBox) -> bool:
         return box.confidence >= self.kernel.min_confidence
 
@@ -146,6 +152,14 @@ SEARCH_PROFILES: tuple[str, ...] = (*PROFILES, "auto", "learned")
 # is the best on all images. The CAM still knows dishes and objects that the read-out's linear
 # map, fitted mostly on other kinds of photos, under-weights.
 CAM_SHARE = 0.15
+
+
+# Asked on every box-cache hit; a handful of sizes per original and aspect.
+@functools.lru_cache(maxsize=4096)
+def _window_sizes(
+    width: int, height: int, aspect: float, params: SearchParams
+) -> frozenset[tuple[int, int]]:
+    return frozenset(window_sizes(width, height, aspect, params))
 
 
 def _unit(heat: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:

@@ -50,6 +50,7 @@ from sidecar.errors import BadRequest, BadSize, CorruptImage, HeatcropError
 from sidecar.job import CropJob, Services
 from sidecar.overlay import render_overlay
 from sidecar.pipeline import run_crop
+from sidecar.records import AnalysisExpect
 from sidecar.routes import SERVICES, raw_tail
 from sidecar.singleflight import SingleFlight
 from sidecar.sizes import Size, parse_size
@@ -132,10 +133,10 @@ async def inspect(request: web.Request, svc: Services, size: Size, path: str) ->
     key = heatmap_key(original.identity, svc.heat_version)
     flights: SingleFlight[Analysis] = request.app[DEBUG_FLIGHTS]
     analysis = await flights.run(
-        _FLIGHT_PREFIX + key, partial(_cached_or_analysed, svc, original.data, key)
+        _FLIGHT_PREFIX + key, partial(_cached_or_analysed, svc, original, key)
     )
     # With the identity and heatmap known, run_crop goes straight to the box cache and search.
-    svc.identities.put(path, original.identity, loop.time())
+    svc.identities.put(path, original.identity, loop.time(), original.size)
     job = CropJob(path, size, deadline=loop.time() + DEBUG_DEADLINE_S)
     t0 = time.perf_counter()
     await run_crop(svc, job)
@@ -149,10 +150,13 @@ async def inspect(request: web.Request, svc: Services, size: Size, path: str) ->
     return Inspection(original, job.analysis or analysis, size, job.box, timings)
 
 
-async def _cached_or_analysed(svc: Services, data: bytes, key: str) -> Analysis:
-    analysis = await svc.caches.get_analysis(key)
+async def _cached_or_analysed(svc: Services, original: Original, key: str) -> Analysis:
+    analysis = None
+    if original.size is not None:  # else not an image: the analysis says how
+        expect = AnalysisExpect(original.size, svc.settings.source.max_pixels)
+        analysis = await svc.caches.get_analysis(key, expect)
     if analysis is None:
-        analysis = await _in_pool(svc, partial(svc.core.analyse, data))
+        analysis = await _in_pool(svc, partial(svc.core.analyse, original.data))
         await svc.caches.put_analysis(key, analysis)
     return analysis
 

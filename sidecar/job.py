@@ -79,13 +79,14 @@ class IdentityMemo:
     The heatmap and box keys name the original's identity (path + validators), which only a
     fetch tells. Remembering it lets box and heatmap cache hits answer without touching the
     source at all (for an HTTP origin a full GET per request); the price is that a changed
-    original is noticed up to ``ttl_s`` late.
+    original is noticed up to ``ttl_s`` late. The original's size from its header is kept with
+    the identity: what cached records of it are checked against (sidecar/records.py).
     """
 
     def __init__(self, ttl_s: float = IDENTITY_TTL_S, max_entries: int = IDENTITY_ENTRIES) -> None:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
-        self._entries: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[str, float, tuple[int, int] | None]] = OrderedDict()
 
     def get(self, path: str, now: float) -> str | None:
         entry = self._entries.get(path)
@@ -94,12 +95,19 @@ class IdentityMemo:
         self._entries.move_to_end(path)
         return entry[0]
 
+    def size(self, path: str) -> tuple[int, int] | None:
+        """The size stored with ``path``'s identity (None: unknown, or no image header)."""
+        entry = self._entries.get(path)
+        return None if entry is None else entry[2]
+
     def seen(self, path: str) -> bool:
         """Whether ``path`` was fetched here before (its identity may have expired since)."""
         return path in self._entries
 
-    def put(self, path: str, identity: str, now: float) -> None:
-        self._entries[path] = (identity, now + self.ttl_s)
+    def put(
+        self, path: str, identity: str, now: float, size: tuple[int, int] | None = None
+    ) -> None:
+        self._entries[path] = (identity, now + self.ttl_s, size)
         self._entries.move_to_end(path)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
@@ -190,6 +198,9 @@ class CropJob:
     analysis: Analysis | None = None
     box: CropBox | None = None
     cached: bool = False
+    # The original's (width, height) from its header, with the identity; None: unknown, or
+    # not an image. Cached records are checked against it, and not read without it.
+    original_size: tuple[int, int] | None = None
 
     def set_identity(self, identity: str, model_version: str, search_version: str) -> None:
         """The original's identity, and with it the keys of its heatmap and of this box.
@@ -219,6 +230,7 @@ class AnalyseJob:
     identity: str = ""
     heat_key: str = ""
     data: bytes = b""  # the original as fetched
+    original_size: tuple[int, int] | None = None  # from its header (``Original.size``)
     decoded: Decoded | None = None
     analysis: Analysis | None = None
     # The face detector's run on ``data`` (step ``faces``): boxes in its own decode and that

@@ -23,9 +23,11 @@ from urllib.parse import quote, unquote
 
 import aiohttp
 
+from sidecar.decode import probe
 from sidecar.errors import (
     BadPath,
     DeadlineExceeded,
+    HeatcropError,
     InputTooLarge,
     Overloaded,
     SourceNotFound,
@@ -43,6 +45,10 @@ DECODINGS = 3
 class Original:
     data: bytes
     identity: str  # path + validators: a changed original gets a new heatmap key
+    # (width, height) in display orientation, from the header (``header_size``); None when the
+    # header does not pass the decoder's checks. What a cached analysis or box of this original
+    # is held against (sidecar/records.py): the cache is shared, its records are not trusted.
+    size: tuple[int, int] | None = None
 
 
 class Source(Protocol):
@@ -52,6 +58,16 @@ class Source(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+def header_size(data: bytes, settings: SourceSettings) -> tuple[int, int] | None:
+    """The original's (width, height) from its header alone (~0.3 ms for a photo), None when it
+    does not pass the decoder's checks: then the decode fails too, and no heatmap of it exists."""
+    try:
+        width, height, _ = probe(data, max_bytes=settings.max_bytes, max_pixels=settings.max_pixels)
+    except HeatcropError:
+        return None
+    return width, height
 
 
 def clean_path(raw: str) -> str:
@@ -107,6 +123,7 @@ class FolderSource:
     def __init__(self, settings: SourceSettings) -> None:
         self.root = Path(settings.root).resolve()
         self._root_text = str(self.root)
+        self.settings = settings
         self.max_bytes = settings.max_bytes
         self.reads = 0  # queued or running
         self._pool = ThreadPoolExecutor(self.READ_THREADS, thread_name_prefix="heatcrop-read")
@@ -141,7 +158,9 @@ class FolderSource:
             os.close(fd)
         if len(data) > self.max_bytes:
             raise InputTooLarge(f"{rel} grew past the limit while reading")
-        return Original(data, f"file:{rel}:{info.st_size}:{info.st_mtime_ns}")
+        identity = f"file:{rel}:{info.st_size}:{info.st_mtime_ns}"
+        # Read here, in the read thread: no extra hop, and off the event loop.
+        return Original(data, identity, header_size(data, self.settings))
 
     def _open(self, rel: str) -> int:
         try:
@@ -190,6 +209,7 @@ class HttpSource:
         if not settings.base_url.startswith(("http://", "https://")):
             raise ValueError("HEATCROP_SOURCE_BASE_URL must be an http(s) URL")
         self.base = settings.base_url.rstrip("/") + "/"
+        self.settings = settings
         self.max_bytes = settings.max_bytes
         self.timeout = aiohttp.ClientTimeout(
             total=None,
@@ -221,11 +241,14 @@ class HttpSource:
                 if (resp.content_length or 0) > self.max_bytes:
                     raise InputTooLarge(f"{rel}: Content-Length {resp.content_length}")
                 data = await self._read_capped(resp, rel)
-                return Original(data, _http_identity(rel, resp.headers, data))
+                identity = _http_identity(rel, resp.headers, data)
         except TimeoutError as exc:
             raise SourceTimeout(f"origin timed out for {rel}") from exc
         except aiohttp.ClientError as exc:
             raise SourceUnavailable(f"origin error for {rel}: {exc}") from exc
+        # Off the event loop: a header read is a third of a millisecond of libvips.
+        size = await asyncio.to_thread(header_size, data, self.settings)
+        return Original(data, identity, size)
 
     def _capped(self, budget_s: float) -> aiohttp.ClientTimeout:
         return aiohttp.ClientTimeout(

@@ -43,6 +43,8 @@ class OncePerPath:
             job.path, partial(self.analyse, svc, job.path, job.deadline)
         )
         job.set_identity(identity, svc.heat_version, svc.core.search_version)
+        # Checked against the header's size, or made from this original's own pixels.
+        job.original_size = (job.analysis.width, job.analysis.height)
 
     async def analyse(self, svc: Services, path: str, deadline: float) -> tuple[str, Analysis]:
         """(identity, analysis) of the original at ``path``: the steps until one finds it."""

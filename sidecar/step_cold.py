@@ -42,6 +42,7 @@ from sidecar.cpu_budget import metered
 from sidecar.decode import Decoded
 from sidecar.errors import ColdStart, HeatcropError, Overloaded
 from sidecar.job import AnalyseJob, CropJob, Services
+from sidecar.records import AnalysisExpect
 
 log = logging.getLogger("heatcrop.pipeline")
 
@@ -131,6 +132,14 @@ async def _heatmap(svc: Services, path: str, read: tuple[str, bytes] | None) -> 
     return "computed"
 
 
+async def _cached(svc: Services, key: str, size: tuple[int, int] | None) -> bool:
+    """Whether a heatmap fit for the original of ``size`` is cached (none without a size)."""
+    if size is None:
+        return False
+    expect = AnalysisExpect(size, svc.settings.source.max_pixels)
+    return await svc.caches.get_analysis(key, expect) is not None
+
+
 async def _prepare(
     svc: Services, path: str, read: tuple[str, bytes] | None
 ) -> tuple[Decoded, str] | str:
@@ -138,9 +147,10 @@ async def _prepare(
     if read is None:
         # No request waits for it: no deadline; the source's own bound refuses it if busy.
         original = await svc.source.fetch(path)
-        svc.identities.put(path, original.identity, asyncio.get_running_loop().time())
+        now = asyncio.get_running_loop().time()
+        svc.identities.put(path, original.identity, now, original.size)
         key, data = heatmap_key(original.identity, svc.heat_version), original.data
-        if key in svc.background or await svc.caches.get_analysis(key) is not None:
+        if key in svc.background or await _cached(svc, key, original.size):
             return "found"
     else:
         key, data = read

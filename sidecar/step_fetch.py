@@ -1,5 +1,6 @@
 """Step ``fetch`` (of ``analyse``): the original from the source, bounded by the deadline; its
-identity gives the heatmap key and is remembered for the next requests (``IdentityMemo``)."""
+identity gives the heatmap key and is remembered for the next requests (``IdentityMemo``), with
+its size from the header, which cached records of it must match (sidecar/records.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ async def step_fetch(svc: Services, job: AnalyseJob) -> None:
     except DeadlineExceeded:
         svc.metrics.giveups.inc(reason="deadline")
         raise
-    svc.identities.put(job.path, original.identity, loop.time())
+    svc.identities.put(job.path, original.identity, loop.time(), original.size)
     job.identity = original.identity
+    job.original_size = original.size
     job.heat_key = heatmap_key(original.identity, svc.heat_version)
     job.data = original.data

@@ -15,3 +15,4 @@ async def step_override(svc: Services, job: CropJob) -> None:
     identity = svc.identities.get(job.path, asyncio.get_running_loop().time())
     if identity is not None:
         job.set_identity(identity, svc.heat_version, svc.core.search_version)
+        job.original_size = svc.identities.size(job.path)

@@ -30,6 +30,7 @@ from sidecar.caches import Caches, heatmap_key, make_caches
 from sidecar.core import make_analysis
 from sidecar.decode import decode
 from sidecar.errors import HeatcropError
+from sidecar.records import AnalysisExpect
 from sidecar.settings import Settings
 from sidecar.sources import Source, make_source
 
@@ -97,9 +98,11 @@ class _Warmer:
     async def _warm(self, path: str) -> str:
         original = await self.source.fetch(path)
         key = heatmap_key(original.identity, self.engine.version)
-        if await self.caches.get_analysis(key) is not None:
-            return "skipped"
         src = self.settings.source
+        if original.size is not None:  # else not an image: the decode says how
+            expect = AnalysisExpect(original.size, src.max_pixels)
+            if await self.caches.get_analysis(key, expect) is not None:
+                return "skipped"
         loop = asyncio.get_running_loop()
         decoded = await loop.run_in_executor(
             self.pool,

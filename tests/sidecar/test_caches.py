@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import redis.asyncio
 
+from engines.base import PROFILES
+from engines.buckets import bucket_for, heatmap_shape
 from sidecar.caches import (
     RETRY_AFTER_S,
     BoundedMemoryCache,
@@ -21,8 +23,9 @@ from sidecar.caches import (
     make_caches,
     override_key,
 )
-from sidecar.codec import BoxRecord
+from sidecar.codec import MAX_BOX_BYTES, BoxRecord
 from sidecar.core import Analysis
+from sidecar.records import AnalysisExpect
 from sidecar.settings import CacheSettings, SettingsError
 from tests.support.redis_server import RedisServer
 
@@ -38,9 +41,11 @@ class FakeClock:
         self.now += seconds
 
 
-def an_analysis(seed: int = 0) -> Analysis:
-    maps = np.random.default_rng(seed).normal(size=(2, 7, 14)).astype(np.float16)
-    return Analysis(1600, 1067, maps, 0.75, "lite0-test")
+def an_analysis(seed: int = 0, width: int = 1600, height: int = 1067) -> Analysis:
+    """One the service could have made: a channel per profile, on its bucket's grid."""
+    shape = (len(PROFILES), *heatmap_shape(bucket_for(width, height)))
+    maps = np.random.default_rng(seed).normal(size=shape).astype(np.float16)
+    return Analysis(width, height, maps, 0.75, "lite0-test")
 
 
 # -- BoundedMemoryCache --------------------------------------------------------------------
@@ -344,7 +349,7 @@ async def test_undecodable_redis_content_is_a_miss_and_dropped(sidecars, redis_c
     with caplog.at_level(logging.WARNING, logger="sidecar.caches"):
         assert await caches.get_analysis("bad") is None
     assert caches.stats()["codec"]["decode_errors"] == 1
-    assert "undecodable" in caplog.text
+    assert "dropping entry bad: bad magic" in caplog.text
     assert await redis_client.exists("heatcrop:v1:heatmaps:bad") == 0
     assert await caches.heatmaps.get("bad") is None  # gone from memory too
 
@@ -528,3 +533,88 @@ async def test_a_stalled_real_redis_costs_one_timeout_then_the_breaker_keeps_it_
         assert caches.heatmaps.stats()["l2_up"] == 1
     finally:
         await caches.close()
+
+
+# -- what Redis holds is not trusted (issue 21, item 8) -------------------------------------
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_a_value_over_the_bound_is_dropped_unread_and_the_breaker_stays_closed(
+    sidecars, redis_client, caplog
+):
+    caches = sidecars()
+    await redis_client.set("heatcrop:v1:boxes:huge", b"HCBX\x02" + bytes(8 * 1024 * 1024))
+    sent = (await redis_client.info("stats"))["total_net_output_bytes"]
+    with caplog.at_level(logging.WARNING, logger="sidecar.caches"):
+        assert await caches.get_box("huge") is None
+    assert (await redis_client.info("stats"))["total_net_output_bytes"] - sent < 64 * 1024
+    assert _warnings(caplog) == [f"cache boxes: dropping entry huge: over {MAX_BOX_BYTES} bytes"]
+    assert await redis_client.exists("heatcrop:v1:boxes:huge") == 0
+    stats = caches.boxes.stats()
+    assert (stats["l2_refused"], stats["l2_errors"], stats["l2_up"]) == (1, 0, 1)
+
+
+async def test_a_value_that_is_not_a_string_is_dropped_not_a_redis_failure(
+    sidecars, redis_client, caplog
+):
+    caches = sidecars()
+    await redis_client.rpush("heatcrop:v1:heatmaps:list", b"x")
+    with caplog.at_level(logging.WARNING, logger="sidecar.caches"):
+        assert await caches.get_analysis("list") is None
+    assert _warnings(caplog) == ["cache heatmaps: dropping entry list: not a string value"]
+    assert await redis_client.exists("heatcrop:v1:heatmaps:list") == 0
+    stats = caches.heatmaps.stats()
+    assert (stats["l2_errors"], stats["l2_up"]) == (0, 1)
+    assert await caches.heatmaps.set("list", b"v") is True  # Redis is used as before
+
+
+async def test_a_record_copied_under_another_key_is_dropped(sidecars, redis_client, caplog):
+    a, b = sidecars(), sidecars()
+    key = heatmap_key("file:a.jpg:10:1", "lite0-test")
+    assert await a.put_box(box_key(key, 1, 1), (0, 0, 400, 400), 0.5, "a.jpg") is True
+    assert await a.put_analysis(key, an_analysis()) is True
+    other = heatmap_key("file:b.jpg:10:1", "lite0-test")
+    for kind, src, dst in (
+        ("boxes", box_key(key, 1, 1), box_key(other, 1, 1)),
+        ("heatmaps", key, other),
+    ):
+        raw = await redis_client.get(f"heatcrop:v1:{kind}:{src}")
+        await redis_client.set(f"heatcrop:v1:{kind}:{dst}", raw)
+    with caplog.at_level(logging.WARNING, logger="sidecar.caches"):
+        assert await b.get_box(box_key(other, 1, 1)) is None
+        assert await b.get_analysis(other) is None
+        assert await b.get_box(box_key(key, 1, 1)) is not None  # under its own key: fine
+    assert len(_warnings(caplog)) == 2
+    assert all("stored under another key" in w for w in _warnings(caplog))
+    assert b.stats()["codec"]["decode_errors"] == 2
+
+
+async def test_a_record_not_for_the_original_is_dropped_with_one_warning(
+    sidecars, redis_client, caplog
+):
+    caches = sidecars()
+    key = heatmap_key("file:a.jpg:10:1", "lite0-test")
+    assert await caches.put_analysis(key, an_analysis(width=1, height=1)) is True
+    expect = AnalysisExpect((1600, 1067), 75_000_000)
+    other = sidecars()  # its own memory: the record comes from Redis
+    with caplog.at_level(logging.WARNING, logger="sidecar.caches"):
+        assert await other.get_analysis(key, expect) is None
+        assert await other.get_analysis(key, expect) is None  # gone: a plain miss
+    assert _warnings(caplog) == [
+        f"cache heatmaps: dropping entry {key}: claims a 1x1 original; it is 1600x1067"
+    ]
+    assert await redis_client.exists(f"heatcrop:v1:heatmaps:{key}") == 0
+
+
+async def test_the_size_bound_holds_for_any_second_tier():
+    l2 = BoundedMemoryCache(10)
+    cache = TieredCache("t", BoundedMemoryCache(10), l2, max_value_bytes=8, l2_timeout_s=None)
+    await l2.set("big", b"123456789")
+    await l2.set("small", b"12345678")
+    assert await cache.get("big") is None
+    assert await cache.get("small") == b"12345678"
+    assert await l2.get("big") is None  # dropped from the second tier too
+    assert cache.stats()["l2_refused"] == 1

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from sidecar.codec import (
+    MAX_ANALYSIS_BYTES,
+    MAX_BOX_BYTES,
     BoxRecord,
     CodecError,
     decode_analysis,
@@ -22,6 +24,8 @@ from sidecar.codec import (
 from sidecar.core import Analysis
 
 T = TypeVar("T")
+
+KEY = "0123456789abcdef0123456789abcdef01234567:4x3:search1"
 
 
 def analysis(
@@ -101,6 +105,7 @@ def raw_box(
     path: bytes = b"smart",
     path_len: int | None = None,
 ) -> bytes:
+    """A version 1 box blob (no key digest) with whatever fields a hostile writer chose."""
     body = (
         b"HCBX\x01"
         + struct.pack("<IIIId", *box, confidence)
@@ -125,21 +130,22 @@ def raw_box(
 )
 def test_analysis_round_trip(kw):
     a = analysis(**kw)
-    b = decode_analysis(encode_analysis(a))
+    b = decode_analysis(encode_analysis(a, key=KEY))
     assert_same(a, b)
     assert b.timings_ms == {}  # per-computation timings are not cached
 
 
 def test_analysis_is_compact():
     a = analysis(shape=(2, 7, 14), model_version="x" * 16)
-    # 4 magic + 1 version + 16 header + 1 + 16 version + 3 shape + 392 data + 2 faces + 4 crc
-    assert len(encode_analysis(a)) == 439
+    # 4 magic + 1 version + 16 header + 1 + 16 version + 3 shape + 392 data + 2 faces
+    # + 16 key digest + 4 crc
+    assert len(encode_analysis(a, key=KEY)) == 455
 
 
 def test_analysis_faces_round_trip():
     faces = np.array([[1.5, 2.0, 30.0, 40.25, 0.99], [100.0, 5.0, 120.0, 30.0, 0.8]], np.float32)
     a = dataclasses.replace(analysis(), faces=faces)
-    b = decode_analysis(encode_analysis(a))
+    b = decode_analysis(encode_analysis(a, key=KEY))
     np.testing.assert_array_equal(b.faces, faces)
     assert b.faces.dtype == np.float32
 
@@ -152,11 +158,11 @@ def test_version_1_analyses_still_decode_without_faces():
 @pytest.mark.parametrize("bad", [np.full((1, 5), np.nan, np.float32), np.zeros((1025, 5))])
 def test_bad_faces_are_refused(bad):
     with pytest.raises(CodecError, match="faces"):
-        encode_analysis(dataclasses.replace(analysis(), faces=bad))
+        encode_analysis(dataclasses.replace(analysis(), faces=bad), key=KEY)
 
 
 def test_decoded_analysis_serves_the_core():
-    b = decode_analysis(encode_analysis(analysis()))
+    b = decode_analysis(encode_analysis(analysis(), key=KEY))
     raw = b.raw("generic")
     assert raw.dtype == np.float32
     assert raw.shape == (7, 14)
@@ -166,13 +172,13 @@ def test_decoded_analysis_serves_the_core():
 def test_analysis_from_float32_maps_and_numpy_ints():
     maps = np.linspace(-3, 3, 2 * 5 * 6, dtype=np.float32).reshape(2, 5, 6)
     a = Analysis(np.int64(640), np.int32(480), maps, np.float32(0.25), "v")  # type: ignore[arg-type]
-    b = decode_analysis(encode_analysis(a))
+    b = decode_analysis(encode_analysis(a, key=KEY))
     assert (b.width, b.height, b.food_mass) == (640, 480, 0.25)
     np.testing.assert_array_equal(b.heatmaps, maps.astype(np.float16))
 
 
 def test_decode_accepts_bytearray_and_memoryview():
-    blob = encode_analysis(analysis())
+    blob = encode_analysis(analysis(), key=KEY)
     assert_same(decode_analysis(blob), decode_analysis(bytearray(blob)))
     assert_same(decode_analysis(blob), decode_analysis(memoryview(blob)))
 
@@ -199,7 +205,7 @@ def test_encode_refuses_what_decode_would_refuse(change, message):
     a = analysis()
     fields = {**a.__dict__, **change}
     with pytest.raises(CodecError, match=message):
-        encode_analysis(Analysis(**fields))
+        encode_analysis(Analysis(**fields), key=KEY)
 
 
 @pytest.mark.parametrize(
@@ -207,7 +213,7 @@ def test_encode_refuses_what_decode_would_refuse(change, message):
     [
         (raw_analysis(), None),  # the control: a well-formed blob decodes
         (raw_analysis(magic=b"HCBX"), "magic"),
-        (raw_analysis(codec_version=3), "version"),
+        (raw_analysis(codec_version=4), "version"),
         (raw_analysis(width=0), "width"),
         (raw_analysis(height=2_000_000), "height"),
         (raw_analysis(food_mass=float("nan")), "food_mass"),
@@ -242,14 +248,14 @@ def test_decode_refuses_non_bytes(value):
 
 
 def test_every_truncation_is_refused():
-    blob = encode_analysis(analysis(shape=(2, 4, 5)))
+    blob = encode_analysis(analysis(shape=(2, 4, 5)), key=KEY)
     for n in range(len(blob)):
         with pytest.raises(CodecError):
             decode_analysis(blob[:n])
 
 
 def test_every_single_bit_flip_is_refused():
-    blob = encode_analysis(analysis(shape=(2, 4, 5)))
+    blob = encode_analysis(analysis(shape=(2, 4, 5)), key=KEY)
     for i in range(len(blob) * 8):
         damaged = bytearray(blob)
         damaged[i // 8] ^= 1 << (i % 8)
@@ -259,7 +265,7 @@ def test_every_single_bit_flip_is_refused():
 
 def test_random_bytes_raise_only_codec_error():
     rng = np.random.default_rng(1)
-    good = encode_analysis(analysis())
+    good = encode_analysis(analysis(), key=KEY)
     for trial in range(3000):
         n = int(rng.integers(0, 600))
         blob = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
@@ -278,7 +284,7 @@ def test_random_bytes_raise_only_codec_error():
 
 def test_random_splices_of_a_valid_blob_raise_only_codec_error():
     rng = np.random.default_rng(2)
-    good = encode_analysis(analysis())
+    good = encode_analysis(analysis(), key=KEY)
     for _ in range(2000):
         blob = bytearray(good)
         for _ in range(int(rng.integers(1, 8))):
@@ -303,7 +309,7 @@ def test_random_splices_of_a_valid_blob_raise_only_codec_error():
     ],
 )
 def test_box_round_trip(box, confidence, path):
-    record = decode_box(encode_box(box, confidence, path))
+    record = decode_box(encode_box(box, confidence, path, key=KEY))
     assert record == BoxRecord(box, confidence, path)
     got_box, got_confidence, got_path = record  # unpacks as a plain triple
     assert (got_box, got_confidence, got_path) == (box, confidence, path)
@@ -311,7 +317,7 @@ def test_box_round_trip(box, confidence, path):
 
 def test_box_accepts_numpy_integers():
     box = tuple(np.array([1, 2, 3, 4], dtype=np.int64))
-    assert decode_box(encode_box(box, np.float32(0.5), "p")).box == (1, 2, 3, 4)  # type: ignore[arg-type]
+    assert decode_box(encode_box(box, np.float32(0.5), "p", key=KEY)).box == (1, 2, 3, 4)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -331,7 +337,7 @@ def test_box_accepts_numpy_integers():
 )
 def test_encode_box_refuses(box, confidence, path, message):
     with pytest.raises(CodecError, match=message):
-        encode_box(box, confidence, path)
+        encode_box(box, confidence, path, key=KEY)
 
 
 @pytest.mark.parametrize(
@@ -344,7 +350,7 @@ def test_encode_box_refuses(box, confidence, path, message):
         (raw_box(path=b"x" * 1025), "path"),
         (raw_box(path_len=6), "truncated"),
         (raw_box(path_len=4), "trailing"),
-        (encode_analysis(analysis()), "magic"),
+        (encode_analysis(analysis(), key=KEY), "magic"),
     ],
 )
 def test_decode_box_refuses(blob, message):
@@ -353,7 +359,7 @@ def test_decode_box_refuses(blob, message):
 
 
 def test_box_truncations_flips_and_noise_raise_only_codec_error():
-    blob = encode_box((12, 34, 560, 780), 0.37, "recipes/pasta.jpg")
+    blob = encode_box((12, 34, 560, 780), 0.37, "recipes/pasta.jpg", key=KEY)
     for n in range(len(blob)):
         with pytest.raises(CodecError):
             decode_box(blob[:n])
@@ -369,3 +375,31 @@ def test_box_truncations_flips_and_noise_raise_only_codec_error():
         if record is not None:  # a random valid encoding must still be a sane box
             x0, y0, x1, y1 = record.box
             assert 0 <= x0 < x1 and 0 <= y0 < y1
+
+
+# -- the key a record was stored under -----------------------------------------------------
+
+
+def test_a_record_read_under_another_key_is_refused():
+    blob = encode_analysis(analysis(), key=KEY)
+    assert_same(decode_analysis(blob, key=KEY), analysis())
+    assert_same(decode_analysis(blob), analysis())  # no key named: not checked
+    with pytest.raises(CodecError, match="another key"):
+        decode_analysis(blob, key=KEY + "x")
+    box = encode_box((0, 0, 4, 3), 0.5, "a.jpg", key=KEY)
+    assert decode_box(box, key=KEY) == BoxRecord((0, 0, 4, 3), 0.5, "a.jpg")
+    with pytest.raises(CodecError, match="another key"):
+        decode_box(box, key="other")
+
+
+def test_records_of_the_older_versions_still_decode_under_any_key():
+    # Written by a sidecar before the key digest: kept readable, with the other checks.
+    assert decode_analysis(raw_analysis(codec_version=1), key=KEY).width == 10
+    assert decode_box(raw_box(), key=KEY) == BoxRecord((0, 0, 10, 10), 0.5, "smart")
+
+
+def test_the_size_bounds_are_the_largest_records():
+    faces = np.ones((1024, 5), np.float32)
+    largest = dataclasses.replace(analysis(shape=(8, 64, 64), model_version="x" * 128), faces=faces)
+    assert len(encode_analysis(largest, key=KEY)) == MAX_ANALYSIS_BYTES
+    assert len(encode_box((0, 0, 1, 1), 0.5, "x" * 1024, key=KEY)) == MAX_BOX_BYTES

@@ -8,12 +8,15 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 from skimage import data as skdata
 
 import sidecar.app
 import sidecar.caches
 from sidecar.app import make_app
 from sidecar.caches import make_caches
+from sidecar.job import CropJob
+from sidecar.routes import SERVICES
 from sidecar.settings import (
     CacheSettings,
     EngineSettings,
@@ -21,6 +24,8 @@ from sidecar.settings import (
     Settings,
     SourceSettings,
 )
+from sidecar.sizes import parse_size
+from tests.support.hostile_records import analysis_blob, box_blob
 from tests.support.images import jpeg
 from tests.support.redis_server import RedisServer
 from tests.support.sidecar_metrics import scraped
@@ -33,6 +38,7 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("originals")
     (root / "recipes").mkdir()
     (root / "recipes" / "coffee.jpg").write_bytes(jpeg(skdata.coffee()))
+    (root / "twin.jpg").write_bytes((root / "recipes" / "coffee.jpg").read_bytes())
     (root / "cat.jpg").write_bytes(jpeg(skdata.chelsea()))
     (root / "rocket.jpg").write_bytes(jpeg(skdata.rocket()))
     return root
@@ -126,3 +132,85 @@ async def test_an_override_that_redis_cannot_take_is_refused_not_half_stored(
     assert resp.headers["X-Heatcrop-Path"] == "override"
     x0, _, x1, _ = (int(v) for v in resp.headers["X-Heatcrop-Box"].split(","))
     assert x0 == 0 and x1 >= 50
+
+
+# -- hostile cache records (issue 21, item 8) ----------------------------------------------
+
+TARGET = "recipes/coffee.jpg"
+SIZE = "300x100"
+COFFEE = skdata.coffee().shape[1::-1]  # (width, height)
+# A hostile value's own size: a GET of it blew the read budget and opened the breaker.
+HUGE = 50 * 1024 * 1024
+# What Redis may send while one crop is answered: records are a few KB at most.
+MAX_SENT = 1024 * 1024
+
+# case: (which key, the value a hostile writer stores there; None: a list, not a string)
+HOSTILE: dict[str, tuple[str, bytes | None]] = {
+    "analysis with one channel": ("heatmap", analysis_blob(*COFFEE, channels=1)),
+    "analysis claiming 1x1": ("heatmap", analysis_blob(1, 1)),
+    "analysis claiming 10^6 x 10^6": ("heatmap", analysis_blob(10**6, 10**6)),
+    "analysis with another grid": ("heatmap", analysis_blob(*COFFEE, grid=(7, 7))),
+    "50 MB value": ("heatmap", b"HCAN\x02" + bytes(HUGE)),
+    "a list": ("heatmap", None),
+    "box (0,0,1,1)": ("box", box_blob((0, 0, 1, 1), TARGET)),
+    "box (0,0,1e6,1e6)": ("box", box_blob((0, 0, 10**6, 10**6), TARGET)),
+    "box of another path": ("box", box_blob((0, 0, 450, 150), "cat.jpg")),
+    "box of another aspect": ("box", box_blob((100, 0, 500, 400), TARGET)),
+}
+
+
+async def _answer(client, size: str, path: str) -> tuple[str, str]:
+    """(X-Heatcrop-Path, X-Heatcrop-Box) of a 200 redirect to the legacy server."""
+    resp = await client.get(f"/crop/{size}/{path}")
+    assert resp.status == 200, await resp.text()
+    assert resp.headers["X-Accel-Redirect"].startswith("/@legacy")
+    return resp.headers["X-Heatcrop-Path"], resp.headers.get("X-Heatcrop-Box", "")
+
+
+async def _redis_keys(client, size: str, path: str) -> dict[str, str]:
+    """The Redis keys the sidecar reads for this crop's heatmap and box."""
+    svc = client.app[SERVICES]
+    job = CropJob(path, parse_size(size), deadline=0.0)
+    identity = (await svc.source.fetch(path)).identity
+    job.set_identity(identity, svc.heat_version, svc.core.search_version)
+    return {
+        "heatmap": f"heatcrop:v1:heatmaps:{job.heat_key}",
+        "box": f"heatcrop:v1:boxes:{job.box_key}",
+    }
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+async def test_a_hostile_cache_record_is_dropped_once_and_the_crop_is_right(
+    aiohttp_client, settings, redis_server, caplog, case
+) -> None:
+    client = await aiohttp_client(make_app(settings))
+    # The right answer: the same photo under another name, on a cache with nothing hostile.
+    want = await _answer(client, SIZE, "twin.jpg")
+    assert want[0] in ("smart", "low-confidence")
+    kind, value = HOSTILE[case]
+    key = (await _redis_keys(client, SIZE, TARGET))[kind]
+    redis = aioredis.Redis(port=redis_server.port)
+    try:
+        if value is None:
+            await redis.rpush(key, b"not a record")
+        else:
+            await redis.set(key, value)
+        sent = (await redis.info("stats"))["total_net_output_bytes"]
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            got = await _answer(client, SIZE, TARGET)
+        sent = (await redis.info("stats"))["total_net_output_bytes"] - sent
+        assert got == want  # no 500, no fallback: the crop a clean cache gives
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert len(warnings) == 1, warnings
+        assert key.rsplit(":", 1)[-1] in warnings[0] and "Traceback" not in caplog.text
+        assert sent < MAX_SENT  # a huge value is never read whole
+        if value is None:
+            assert await redis.type(key) in (b"none", b"string")  # dropped, maybe replaced
+        else:
+            assert await redis.get(key) != value  # dropped, maybe replaced
+    finally:
+        await redis.aclose()
+    stats = client.app[SERVICES].caches.stats()
+    for tier in ("heatmaps", "boxes"):
+        assert (stats[tier]["l2_errors"], stats[tier]["l2_up"]) == (0, 1)  # breaker closed

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 from aiohttp import web
+from skimage import data as skdata
 
 from sidecar.errors import (
     BadPath,
@@ -17,6 +18,7 @@ from sidecar.errors import (
 )
 from sidecar.settings import SourceSettings
 from sidecar.sources import FolderSource, HttpSource, clean_path, make_source
+from tests.support.images import jpeg
 from tests.support.redis_server import free_port
 
 # Reads raced against the swap: until each state (file, symlink) was met EACH_STATE times,
@@ -258,3 +260,26 @@ async def test_a_symlink_swapped_in_during_reads_never_serves_the_outside_file(t
         await src.close()
     assert b"outside" not in served
     assert min(refused, len(served)) >= EACH_STATE  # the race was on
+
+
+async def test_an_original_comes_with_its_size_from_the_header(tmp_path, aiohttp_server):
+    # What cached records of it are checked against (sidecar/records.py); None: no image.
+    photo = jpeg(skdata.coffee())
+    (tmp_path / "coffee.jpg").write_bytes(photo)
+    (tmp_path / "junk.jpg").write_bytes(b"not an image")
+    folder = FolderSource(SourceSettings(root=str(tmp_path)))
+
+    async def image(request: web.Request) -> web.Response:
+        return web.Response(body=(tmp_path / request.match_info["name"]).read_bytes())
+
+    app = web.Application()
+    app.router.add_get("/{name}", image)
+    origin = await aiohttp_server(app, host="127.0.0.1")
+    http = HttpSource(SourceSettings(kind="http", base_url=str(origin.make_url("/"))))
+    try:
+        for src in (folder, http):
+            assert (await src.fetch("coffee.jpg")).size == (600, 400)
+            assert (await src.fetch("junk.jpg")).size is None
+    finally:
+        await folder.close()
+        await http.close()
