@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from kernels.window import MAX_ASPECT, MIN_ASPECT
+from kernels.window import MAX_ASPECT, MAX_SIDE, MIN_ASPECT
 from sidecar.settings import Settings
 from sidecar.sources import DECODINGS, MAX_PATH
 
 _DEFAULT = Settings()
+MAX_ANIMATION_PIXELS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,12 @@ class LegacyLimits:
     max_height: int = _DEFAULT.server.max_height
     max_pixels: int = _DEFAULT.source.max_pixels
     max_bytes: int = _DEFAULT.source.max_bytes
+    # An animated GIF with more pixels than this in all its frames is rendered as its first
+    # frame: Thumbor's Pillow engine renders every frame, ~0.2 s per 480×320 one on the dev
+    # box (a 30-frame one took 5-8 s, past nginx's 3 s), and renders nothing else meanwhile.
+    max_animation_pixels: int = MAX_ANIMATION_PIXELS
+    # The sidecar refuses a longer side (a 1,200,000 x 1 strip passes the pixel limit).
+    max_side: int = MAX_SIDE
 
 
 def edge_limits(settings: Settings) -> EdgeLimits:

@@ -51,6 +51,15 @@ function plain(r) {
 
 export default {plain};
 """
+# The sidecar answers a public request with a redirect (200 + X-Accel-Redirect) or one of its
+# public refusals (400, 404, 413, 415, 422: sidecar/errors.py); nginx sends every other 3xx,
+# 4xx and 5xx to the legacy crop.
+SIDECAR_PUBLIC = (400, 404, 413, 415, 422)
+SIDECAR_ODD = tuple(
+    c
+    for c in (*range(300, 309), *range(400, 432), 451, *range(500, 512))
+    if c not in SIDECAR_PUBLIC and c not in (304, 306, 309)
+)
 # With ``access_log``: the public server's lines go to logs/access.log, the inner server's
 # (one per miss, every hop's address, status and time) to this file beside it.
 HOPS_LOG = "hops.log"
@@ -72,6 +81,16 @@ class NginxConfig:
     # Each hop to the legacy server. A timed-out or refused hop is answered at once (504/502),
     # never retried as the plain crop: the worst wait is the sidecar's budget plus this.
     legacy_timeout_ms: int = 3000
+    # Misses of one client ($remote_addr) in flight at once; more are answered 429 at once
+    # instead of queueing renders on the legacy server ahead of everyone else. Six is what a
+    # browser opens per host over HTTP/1.1, so a page never meets it. 0: no limit.
+    legacy_per_client: int = 6
+    # How long a legacy render that timed out (504) is answered from the cache.
+    slow_cache_s: int = 5
+    # How long the cache keeps a smart crop before it revalidates it with the sidecar: the
+    # longest an editor's override takes to reach it; each hot URL costs the sidecar one box
+    # lookup per period.
+    revalidate_s: int = 60
     fallback_max_age_s: int = 30
     plain_path: str = ""  # legacy default-crop path in nginx variables; Thumbor's by default
     cache_lock: bool = True
@@ -103,6 +122,10 @@ class NginxConfig:
             raise ValueError("legacy mode needs --legacy")
         if self.mode == "standin" and self.standin_image is None:
             raise ValueError("standin mode needs --standin-image")
+        if self.revalidate_s < 1:
+            raise ValueError("the revalidation period must be >= 1 s")
+        if self.legacy_per_client < 0 or self.slow_cache_s < 0:
+            raise ValueError("the per-client limit and the slow-answer cache must be >= 0")
         if not 0 < self.fallback_max_age_s <= 30:
             raise ValueError("the fallback max-age must be in (0, 30] s")
 
@@ -121,7 +144,8 @@ def pattern_regexes(pattern: str) -> tuple[str, str]:
     if not pattern.startswith("/"):
         raise ValueError(f"pattern {pattern!r} must start with /")
     # Five digits at most: anything larger is not a size, and nginx answers 404 itself.
-    routed = {"{W}": "[0-9]{1,5}", "{H}": "[0-9]{1,5}", "{path}": "[^?]+"}
+    # $uri is decoded and has no query: a `?` in it is a name's own (sent as %3F).
+    routed = {"{W}": "[0-9]{1,5}", "{H}": "[0-9]{1,5}", "{path}": ".+"}
     raw = {
         "{W}": "(?<crop_w>[0-9]{1,5})",
         "{H}": "(?<crop_h>[0-9]{1,5})",
@@ -171,6 +195,21 @@ def render(cfg: NginxConfig) -> Path:
             else THUMBOR_PLAIN.format(max_age=cfg.fallback_max_age_s)
         ),
         "legacy_path": THUMBOR_LEGACY,
+        "sidecar_odd": " ".join(str(c) for c in SIDECAR_ODD),
+        "slow_cache": f"{cfg.slow_cache_s}s",
+        "revalidate_s": str(cfg.revalidate_s),
+        "lock_timeout": f"{lock_timeout_ms(cfg)}ms",
+        "client_zone": (
+            "    limit_conn_zone $http_x_heatcrop_client zone=heatcrop_client:4m;\n\n"
+            if cfg.legacy_per_client
+            else ""
+        ),
+        "per_client": (
+            f"            limit_conn heatcrop_client {cfg.legacy_per_client};\n"
+            "            limit_conn_status 429;\n"
+            if cfg.legacy_per_client
+            else ""
+        ),
         "cache_lock": "on" if cfg.cache_lock else "off",
         "cache_zone": cfg.cache_zone,
         "cache_max_size": cfg.cache_max_size,
@@ -191,7 +230,10 @@ def render(cfg: NginxConfig) -> Path:
         values["access_log"] = f"{out}/logs/access.log" if cfg.access_log else "off"
     text = _fill(template, values)
     if cfg.mode == "edge":
-        guard = _fill((TEMPLATES / "guard.js.in").read_text(), {"limits": cfg.limits.js()})
+        guard = _fill(
+            (TEMPLATES / "guard.js.in").read_text(),
+            {"limits": cfg.limits.js(), "legacy_timeout_ms": str(cfg.legacy_timeout_ms)},
+        )
         (out / "guard.js").write_text(guard)
     if cfg.legacy_key:
         sign = out / "thumbor_sign.js"
@@ -205,10 +247,16 @@ def render(cfg: NginxConfig) -> Path:
     return path
 
 
+def lock_timeout_ms(cfg: NginxConfig) -> int:
+    """The longest a miss can take (sidecar, smart hop, then the plain hop), and a second."""
+    return cfg.sidecar_timeout_ms + 2 * cfg.legacy_timeout_ms + 1000
+
+
 def _js_lines(out: Path, cfg: NginxConfig) -> str:
     lines = [
         f"    js_import guard from {out}/guard.js;",
         "    js_set $heatcrop_refused guard.refused;",
+        "    js_set $heatcrop_legacy_deadline guard.legacyDeadline;",
     ]
     if cfg.legacy_key:
         lines += [
@@ -271,6 +319,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--standin-image", type=Path)
     parser.add_argument("--legacy-timeout-ms", type=int, default=3000)
     parser.add_argument(
+        "--per-client",
+        type=int,
+        default=NginxConfig.legacy_per_client,
+        help="misses of one client in flight at once (0: no limit; behind a CDN, set "
+        "real_ip so $remote_addr is the client's)",
+    )
+    parser.add_argument(
+        "--revalidate-s",
+        type=int,
+        default=NginxConfig.revalidate_s,
+        help="seconds a smart crop is served from the cache before it is revalidated",
+    )
+    parser.add_argument(
         "--config",
         help="heatcrop settings TOML (default: $HEATCROP_CONFIG): the size limits nginx "
         "enforces are the sidecar's, from the same settings",
@@ -295,6 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             standin_image=args.standin_image,
             legacy_key=args.legacy_key_file.read_text().strip() if args.legacy_key_file else "",
             legacy_timeout_ms=args.legacy_timeout_ms,
+            legacy_per_client=args.per_client,
+            revalidate_s=args.revalidate_s,
             limits=edge_limits(settings),
         )
         path = render(cfg)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import math
 import os
 import shutil
 import signal
@@ -46,6 +47,9 @@ STOP_TIMEOUT_S = 10.0
 RESTART_BACKOFF_S = 1.0
 RESTART_BACKOFF_MAX_S = 30.0
 RESTART_RESET_S = 60.0
+# A child that exits with this code says it cannot run as configured (sidecar.app's typed
+# start-up errors): the supervisor does not start it again.
+CONFIG_EXIT = 2
 # The sidecar's own deadline leaves this much of nginx's timeout for the hop and the redirect.
 DEADLINE_MARGIN_MS = 30
 
@@ -568,6 +572,15 @@ class Supervisor:
 
     def _exited(self, svc: Service, state: _Restart, now: float) -> None:
         code = svc.proc.returncode if svc.proc is not None else None
+        if code == CONFIG_EXIT:
+            # It said why in one line (a missing model, a wrong setting): starting it again
+            # would say the same every 30 s forever. nginx serves the legacy crop meanwhile.
+            state.due = math.inf
+            self.say(
+                f"heatcrop: {svc.name} cannot start (exit code {code}): not restarting it; "
+                f"fix what its log says and run again; log: {svc.log_path}"
+            )
+            return
         state.due = now + state.delay_s
         self.say(
             f"heatcrop: {svc.name} exited ({_exit_text(code)}); restarting in "

@@ -29,6 +29,7 @@ def render_thumbor_conf(
     key: str = "",
     limits: LegacyLimits | None = None,
     max_age_s: int = 86400,
+    engine_threads: int = 2,
 ) -> Path:
     """Write a Thumbor config file (Python syntax, as Thumbor reads it); returns ``path``."""
     limits = limits or LegacyLimits()
@@ -38,6 +39,11 @@ def render_thumbor_conf(
         f"FILE_LOADER_ROOT_PATH = {str(root.resolve())!r}",
         f"HEATCROP_MAX_BYTES = {int(limits.max_bytes)}",
         f"MAX_PIXELS = {int(limits.max_pixels)}",
+        f"HEATCROP_MAX_SIDE = {int(limits.max_side)}",
+        f"HEATCROP_MAX_ANIMATION_PIXELS = {int(limits.max_animation_pixels)}",
+        # Encoding runs on a thread of its own, so one large render does not hold the event
+        # loop (and with it every other request) for its whole length.
+        f"ENGINE_THREADPOOL_SIZE = {int(engine_threads)}",
         # Larger requests are clamped: the edge refuses them first, this is the second wall.
         f"MAX_WIDTH = {int(limits.max_width)}",
         f"MAX_HEIGHT = {int(limits.max_height)}",
@@ -52,6 +58,9 @@ def render_thumbor_conf(
         f"SECURITY_KEY = {key or 'heatcrop-unsigned'!r}",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
+    # The signing key is in it: the owner's alone, as nginx's copy (thumbor_sign.js).
+    path.touch(mode=0o600)
+    path.chmod(0o600)
     path.write_text("\n".join(lines) + "\n")
     return path
 

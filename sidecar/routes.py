@@ -18,6 +18,10 @@
 - a typed error with ``fallback=False`` (bad size or path, missing source, not an image): its
   status and its public message as a short text body.
 
+Smart answers carry an ``ETag`` (of their legacy URL). nginx keeps a smart crop for a short
+while and then revalidates it with ``If-None-Match``: 304 when the crop is unchanged or the
+work gave up, the new redirect when the box changed (an editor's override, or one removed).
+
 Metrics: ``requests_total`` by outcome (the ``X-Heatcrop-Path`` value, except that a
 ``giveup`` is counted as ``error`` unless it was for time: Overloaded or DeadlineExceeded, and
 typed errors without fallback count as ``error``), stage histograms (fetch, decode, search,
@@ -39,6 +43,7 @@ its percent-encodings reach ``clean_path`` and are refused with 400.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -117,7 +122,7 @@ async def crop(request: web.Request) -> web.Response:
     loop = asyncio.get_running_loop()
     start = loop.time()
     try:
-        return await _crop(request, svc, start)
+        return revalidated(request, await _crop(request, svc, start))
     finally:
         svc.metrics.stage_seconds.observe(loop.time() - start, stage="total")
 
@@ -181,12 +186,38 @@ def _typed_failure(
     return redirect(dialect.plain_url(job.path, job.size), "giveup")
 
 
+# The answers nginx's cache may keep and revalidate: a smart crop's ETag names its legacy URL,
+# so any change of box (an editor's override, a new model) is a new ETag. Fallbacks carry none:
+# they expire within 30 s and are never extended.
+SMART_KINDS = frozenset({"smart", "cached", "override"})
+GIVEN_UP = frozenset({"giveup", "cold"})
+
+
 def redirect(url: str, kind: str, box: CropBox | None = None) -> web.Response:
     headers = {"X-Accel-Redirect": LEGACY_PREFIX + url, "X-Heatcrop-Path": kind}
+    if kind in SMART_KINDS:
+        headers["ETag"] = etag_of(url)
     if box is not None:
         headers["X-Heatcrop-Box"] = ",".join(str(v) for v in box.as_tuple())
         headers["X-Heatcrop-Confidence"] = f"{box.confidence:.5f}"
     return web.Response(status=200, headers=headers)
+
+
+def etag_of(url: str) -> str:
+    return '"' + hashlib.sha256(url.encode("utf-8")).hexdigest()[:20] + '"'
+
+
+def revalidated(request: web.Request, answer: web.Response) -> web.Response:
+    """nginx revalidating a smart crop it holds (If-None-Match, its ETag): 304 when the answer
+    is the same crop, or when the work gave up (what nginx holds is still an editor's or a
+    model's box, better than the legacy crop); otherwise the new answer, which replaces it."""
+    asked = request.headers.get("If-None-Match", "")
+    if not asked:
+        return answer
+    kind = answer.headers.get("X-Heatcrop-Path", "")
+    if answer.headers.get("ETag") == asked or kind in GIVEN_UP:
+        return web.Response(status=304, headers={"ETag": asked, "X-Heatcrop-Path": kind})
+    return answer
 
 
 def error_response(exc: HeatcropError) -> web.Response:

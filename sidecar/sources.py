@@ -77,7 +77,12 @@ def clean_path(raw: str) -> str:
     Deeper decodings are checked too (``%252e%252e`` is refused), but not used: a file whose
     name holds ``%41`` is requested as ``%2541`` and must stay ``%41``.
     """
-    path = unquote(raw)
+    try:
+        # Each run of escapes must be UTF-8 (nginx's guard refuses alike): a name decoded with
+        # replacement characters names no file, and would count 3 bytes per bad byte.
+        path = unquote(raw, errors="strict")
+    except UnicodeDecodeError:
+        raise BadPath(f"path {raw[:64]!r} is not UTF-8") from None
     deeper = path
     for _ in range(DECODINGS):
         decoded = unquote(deeper)
@@ -102,8 +107,10 @@ def checked_path(path: str, shown: str | None = None) -> str:
         raise BadPath(f"path {what!r} is absolute or has dot segments")
     if any(ord(c) < 32 for c in path):
         raise BadPath(f"path {what!r} has control characters")
+    if path.endswith("/"):
+        raise BadPath(f"path {what!r} names a folder")
     normal = posixpath.normpath(path)
-    if normal != path.rstrip("/") or normal.startswith(".."):
+    if normal != path or normal.startswith(".."):
         raise BadPath(f"path {what!r} is not normalised")
     return normal
 

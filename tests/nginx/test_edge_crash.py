@@ -19,7 +19,15 @@ import pytest
 
 from nginx.launch import SocketInUse, clear_stale_sockets
 from nginx.render import NginxConfig
-from nginx.stack import HOST, REPO, free_port, http_status, nginx_service
+from nginx.stack import (
+    HOST,
+    REPO,
+    Service,
+    Supervisor,
+    free_port,
+    http_status,
+    nginx_service,
+)
 from tests.support.edge_stack import fetch, pixels, require_tools, sidecar_env
 
 pytestmark = pytest.mark.slow
@@ -191,3 +199,33 @@ def test_make_run_heals_an_nginx_crash_and_its_own(tmp_path: Path, model_dir: Pa
         assert fetch(url2).status == 200
     finally:
         again.close()
+
+
+def test_the_supervisor_does_not_restart_a_process_that_cannot_start(tmp_path: Path) -> None:
+    said: list[str] = []
+    cannot = Service(
+        name="sidecar:1",
+        cmd=[sys.executable, "-c", "import sys; print('heatcrop: model not built'); sys.exit(2)"],
+        log_path=tmp_path / "cannot.log",
+        ready=lambda: True,
+    ).spawn()
+    crashes = Service(
+        name="thumbor:2",
+        cmd=[sys.executable, "-c", "import sys; sys.exit(1)"],
+        log_path=tmp_path / "crashes.log",
+        ready=lambda: True,
+    ).spawn()
+    supervisor = Supervisor([cannot, crashes], say=said.append)
+    for svc in (cannot, crashes):
+        assert svc.proc is not None
+        svc.proc.wait(30)
+    now = time.monotonic()
+    for step in range(4):
+        supervisor.check(now + step * 40.0)
+    try:
+        assert any("sidecar:1 cannot start (exit code 2): not restarting" in s for s in said), said
+        assert not any("sidecar:1 restarted" in s for s in said), said
+        assert any("thumbor:2 restarted" in s for s in said), said  # a crash is restarted
+    finally:
+        cannot.stop()
+        crashes.stop()

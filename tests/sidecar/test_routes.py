@@ -9,6 +9,7 @@ import gc
 import logging
 import math
 import re
+import shutil
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from sidecar.background import finish_in_background
 from sidecar.batcher import Batcher, ServiceModel
 from sidecar.caches import heatmap_key
 from sidecar.decode import decode
+from sidecar.demo import write_demo_images
 from sidecar.job import CropJob, IdentityMemo
 from sidecar.legacy import Thumbor
 from sidecar.metrics import CONTENT_TYPE
@@ -57,6 +59,11 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "plats du jour" / "crème brûlée.jpg").write_bytes(coffee)
     (root / "notes.jpg").write_bytes(b"this is not an image at all, only some words\n" * 20)
     (root / "truncated.jpg").write_bytes(coffee[: len(coffee) // 3])
+    # The demo's off-centre photo (1320x400, the cup on the left): a smart box that clearly
+    # beats the centre crop whatever the CPU's INT8 arithmetic (coffee.jpg's are near-centre).
+    demo = tmp_path_factory.mktemp("demo")
+    write_demo_images(demo)
+    shutil.copyfile(demo / "recipes" / "coffee-wide.jpg", root / "recipes" / "coffee-wide.jpg")
     return root
 
 
@@ -117,17 +124,31 @@ async def _crop(client, size: str, path: str = "recipes/coffee.jpg"):
 
 
 async def test_smart_answer_has_a_box_inside_the_image_at_the_exact_aspect(client) -> None:
-    # 3:1 is an aspect where the cup clearly beats the centre crop (most others of this photo
-    # are close to the centre crop and answer low-confidence).
-    resp = await _crop(client, "300x100")
+    resp = await _crop(client, "400x300", "recipes/coffee-wide.jpg")
     assert resp.headers["X-Heatcrop-Path"] == "smart"
     x0, y0, x1, y1 = _box(resp)
-    assert 0 <= x0 < x1 <= 600 and 0 <= y0 < y1 <= 400
-    assert abs((x1 - x0) - 3 * (y1 - y0)) <= 3
-    assert float(resp.headers["X-Heatcrop-Confidence"]) > 0
-    url = Thumbor().crop_url("recipes/coffee.jpg", (x0, y0, x1, y1), Size(300, 100))
+    assert 0 <= x0 < x1 <= 1320 and 0 <= y0 < y1 <= 400
+    assert abs(3 * (x1 - x0) - 4 * (y1 - y0)) <= 4
+    assert float(resp.headers["X-Heatcrop-Confidence"]) > 0.05
+    assert x1 < 1320 // 2 + 200  # on the cup's side, not the centre crop
+    url = Thumbor().crop_url("recipes/coffee-wide.jpg", (x0, y0, x1, y1), Size(400, 300))
     assert resp.headers["X-Accel-Redirect"] == "/@legacy" + url
-    assert f"/{x0}x{y0}:{x1}x{y1}/300x100/recipes/coffee.jpg" in url
+    assert f"/{x0}x{y0}:{x1}x{y1}/400x300/recipes/coffee-wide.jpg" in url
+    assert resp.headers["ETag"]  # what nginx's cache revalidates with
+
+
+async def test_a_revalidation_is_304_while_the_crop_is_the_same(client) -> None:
+    path = "/crop/400x300/recipes/coffee-wide.jpg"
+    etag = (await _crop(client, "400x300", "recipes/coffee-wide.jpg")).headers["ETag"]
+    same = await client.get(path, headers={"If-None-Match": etag})
+    assert same.status == 304 and same.headers["ETag"] == etag
+    assert "X-Accel-Redirect" not in same.headers
+    other = await client.get(path, headers={"If-None-Match": '"another-box"'})
+    assert other.status == 200 and other.headers["ETag"] == etag
+    assert other.headers["X-Accel-Redirect"].startswith("/@legacy/")
+    # A fallback carries no ETag: nginx keeps it 30 s and never revalidates it.
+    plain = await _crop(client, "300x0")
+    assert "ETag" not in plain.headers
 
 
 async def test_low_confidence_answers_the_legacy_crop(aiohttp_client, model_dir, photos) -> None:

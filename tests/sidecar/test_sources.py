@@ -67,10 +67,20 @@ def test_clean_path_rejects_traversal(raw):
 
 
 @pytest.mark.parametrize(
-    ("raw", "want"), [("a/b.jpg", "a/b.jpg"), ("a%20b.jpg", "a b.jpg"), ("x/y/", "x/y")]
+    ("raw", "want"),
+    [("a/b.jpg", "a/b.jpg"), ("a%20b.jpg", "a b.jpg"), ("caf%C3%A9.jpg", "café.jpg")],
 )
 def test_clean_path_accepts_normal(raw, want):
     assert clean_path(raw) == want
+
+
+# nginx's guard refuses these alike (tests/nginx/test_edge_guard.py): with the sidecar down,
+# a folder's name or a name that is not UTF-8 must not reach the legacy server either.
+@pytest.mark.parametrize("raw", ["x/y/", "a.jpg/", "%FF" * 400, "caf%E9.jpg", "%C3.jpg"])
+def test_clean_path_refuses_folders_and_names_that_are_not_utf8(raw):
+    with pytest.raises(BadPath) as info:
+        clean_path(raw)
+    assert info.value.status == 400
 
 
 @pytest.fixture

@@ -3,6 +3,8 @@
     python -m tests.support.edge_servers hang PORT     # accepts, reads the request, never answers
     python -m tests.support.edge_servers error PORT    # answers every request with 500
     python -m tests.support.edge_servers hang-first PORT  # the first /crop hangs 3 s, the rest 500
+    python -m tests.support.edge_servers status-429 PORT  # any status of no sidecar of ours
+    python -m tests.support.edge_servers no-redirect PORT  # 200 without X-Accel-Redirect
     python -m tests.support.edge_servers broken-engine
         # the real sidecar (HEATCROP_* settings) whose engine raises on every request after warming
 
@@ -40,12 +42,21 @@ class _Handler(BaseHTTPRequestHandler):
             threading.Event().wait()  # until the process is stopped
         elif self.mode == "hang-first" and first:
             threading.Event().wait(3.0)  # past any edge timeout, then a late 500
+        elif self.mode.startswith("status-"):
+            # A status no sidecar of ours sends, cacheable for a day if nginx let it.
+            self._answer(int(self.mode[7:]), b"odd answer", cache=True)
+            return
+        elif self.mode == "no-redirect":
+            self._answer(200, b"", cache=True)  # 200 without X-Accel-Redirect
+            return
         self._answer(500, b"sidecar broke")
 
     do_PUT = do_GET  # noqa: N815 (http.server dispatches on the method name)
 
-    def _answer(self, status: int, body: bytes) -> None:
+    def _answer(self, status: int, body: bytes, *, cache: bool = False) -> None:
         self.send_response(status)
+        if cache:
+            self.send_header("Cache-Control", "public, max-age=86400")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -84,7 +95,9 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["broken-engine"]:
         return serve_broken_engine()
     mode, port = argv[0], int(argv[1])
-    if mode not in ("hang", "error", "hang-first"):
+    if mode not in ("hang", "error", "hang-first", "no-redirect") and not mode.startswith(
+        "status-"
+    ):
         raise SystemExit(f"unknown mode {mode}")
     serve_fake(mode, port)
     return 0
