@@ -484,7 +484,8 @@ class TieredCache:
         if limit is None:
             return await l2.get(key, timeout=self.l2_timeout_s)
         if isinstance(l2, RedisL2):
-            async with asyncio.timeout(self.l2_timeout_s):
+            # aiocache's convention, kept: a timeout of 0 or None means none.
+            async with asyncio.timeout(self.l2_timeout_s or None):
                 return await l2.get_bounded(key, limit)
         value = await l2.get(key, timeout=self.l2_timeout_s)
         if isinstance(value, bytes) and len(value) > limit:
