@@ -13,7 +13,13 @@ counts from that moment, so a slow answer never postpones the next request. Roun
      with ``HEATCROP_SERVER_COLD_POLICY=legacy`` and ``HEATCROP_SERVER_WORKER_NICE=10``, as the
      README recommends: every request is answered cold and queues a background heatmap.
 
-in pairs A B, B A, A B, ... so that a drift of the shared machine's load weighs on both.
+in pairs A B, B A, A B, ... so that a drift of the shared machine's load weighs on both. With
+``--control``, a third kind rotates in (A B C, B C A, C A B, ...):
+
+  C  latency-first with the background all but off (``HEATCROP_SERVER_BACKGROUND_CPU_SHARE``
+     0.001): what the heatcrop edge's extra hops cost by themselves, so that B - C is what
+     the background heatmaps cost the answers.
+
 Thumbor stores nothing (no storage, no result storage), and every original is read once before
 the first round, so an original is as new to the stack in each round as in the first. The
 report gives each round, the medians of A and of B, and B's median over A's median for p50 and
@@ -38,7 +44,8 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.load import LATENCY_FIRST_ENV, SIZES, WARM_RENDERS, get
+from bench import hops
+from bench.load import LATENCY_FIRST_ENV, SIZES, WARM_RENDERS, edge_logs, get, today_logs
 from bench.service import cpu_model
 from nginx.stack import Stack, StackOptions
 from training.data import publish
@@ -46,8 +53,9 @@ from training.data import publish
 DEFAULT_SOURCE = Path("../shared/eval/fcdb_train/images")
 TARGET = 0.20  # latency-first p50 and p95 at most this much above legacy only
 TIMEOUT_S = 10.0  # per request: a late answer is measured, not dropped
-A = "A: legacy only (today's edge, sidecar down)"
-B = "B: latency-first"
+NAMES = {"A": "A: legacy only", "B": "B: latency-first", "C": "C: latency-first, no background"}
+# C's background: a thousandth of a core, a heatmap every ~25 s.
+CONTROL_ENV = {"HEATCROP_SERVER_BACKGROUND_CPU_SHARE": "0.001"}
 # Sidecar counters read after each B round.
 COUNTERS = (
     "cold_total",
@@ -67,6 +75,8 @@ class Round:
     load_before: float
     cpu_s: dict[str, float] = field(default_factory=dict)  # process CPU seconds in the round
     counters: dict[str, float] = field(default_factory=dict)
+    thumbor_split: list[float] = field(default_factory=list)  # CPU s of each Thumbor process
+    hops: hops.HopSummary | None = None
 
     def pct(self, q: float) -> float:
         ordered = sorted(self.latencies_ms)
@@ -84,7 +94,8 @@ def main() -> None:
     parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE)
     parser.add_argument("--originals", type=int, default=600)
     parser.add_argument("--rate", type=float, default=60.0)
-    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--pairs", type=int, default=3, help="rounds of each kind")
+    parser.add_argument("--control", action="store_true", help="also C rounds (see above)")
     parser.add_argument(
         "--latency-env",
         action="append",
@@ -118,14 +129,16 @@ def run(
         workers=2,
         thumbor_processes=2,
         legacy_edge_port=0,
+        access_log=True,  # each hop's time: what the answers waited for
     )
     rounds: list[Round] = []
     with Stack(options) as st:
         base_env = dict(st.options.sidecar_env)
         warm(st, args.source, names[args.originals : args.originals + WARM_RENDERS], originals)
+        kinds = "ABC" if args.control else "AB"
         for pair in range(args.pairs):
-            order = "AB" if pair % 2 == 0 else "BA"
-            for kind in order:
+            shift = pair % len(kinds)
+            for kind in kinds[shift:] + kinds[:shift]:
                 rounds.append(one_round(st, kind, len(rounds) + 1, originals, args, base_env, env))
                 print(summary_line(rounds[-1]), flush=True)
     return rounds
@@ -152,20 +165,26 @@ def one_round(
         for sidecar in st.sidecars:
             sidecar.stop()
         st.restart_legacy_edge()
-        base = st.legacy_edge_base
+        base, logs = st.legacy_edge_base, today_logs(st)
     else:
-        st.restart_sidecars({**base_env, **env})
+        st.restart_sidecars({**base_env, **env, **(CONTROL_ENV if kind == "C" else {})})
         st.restart_edge()
-        base = st.public
+        base, logs = st.public, edge_logs(st)
     time.sleep(2.0)  # start-up's own CPU (model load, warm-up) out of the way
     pids = process_pids(st, kind)
     urls = [f"{base}/img/{SIZES[i % len(SIZES)]}/{n}" for i, n in enumerate(originals)]
     load = os.getloadavg()[0]
-    before = {name: cpu_seconds(p) for name, p in pids.items()}
+    mark = logs.mark()
+    before = {pid: cpu_seconds([pid]) for p in pids.values() for pid in p}
     latencies, statuses, lag = asyncio.run(open_loop(urls, args.rate))
-    cpu = {name: cpu_seconds(p) - before[name] for name, p in pids.items()}
+    each = {pid: cpu_seconds([pid]) - cpu for pid, cpu in before.items()}
+    cpu = {name: sum(each[pid] for pid in p) for name, p in pids.items()}
     result = Round(kind, index, latencies, statuses, lag, load, cpu)
-    if kind == "B":
+    # Thumbor's processes each: nginx keeps its connections to Thumbor alive, and a connection
+    # stays with the process that accepted it.
+    result.thumbor_split = sorted((each[pid] for pid in pids.get("thumbor", ())), reverse=True)
+    result.hops = hops.summarise(*logs.since(mark))
+    if kind != "A":
         result.counters = sidecar_counters(st.sidecar_base())
     return result
 
@@ -175,7 +194,7 @@ def process_pids(st: Stack, kind: str) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     if st.legacy_service is not None and st.legacy_service.pid is not None:
         out["thumbor"] = group_pids(st.legacy_service.pid)
-    if kind == "B" and st.sidecars and st.sidecars[0].pid is not None:
+    if kind != "A" and st.sidecars and st.sidecars[0].pid is not None:
         out["sidecar"] = [st.sidecars[0].pid]
     return out
 
@@ -247,6 +266,9 @@ def sidecar_counters(base: str) -> dict[str, float]:
 
 def summary_line(r: Round) -> str:
     cpu = ", ".join(f"{k} {v:.1f} s" for k, v in r.cpu_s.items())
+    cpu += " (Thumbor's processes " + " / ".join(f"{v:.1f}" for v in r.thumbor_split) + ")"
+    if r.hops is not None:
+        cpu += f"; hops p50/p95 ms: legacy {r.hops.legacy.text()}, sidecar {r.hops.sidecar.text()}"
     return (
         f"round {r.index} {r.kind}: p50 {r.pct(0.5):.1f} ms, p95 {r.pct(0.95):.1f} ms, "
         f"p99 {r.pct(0.99):.1f} ms, statuses {r.statuses}, load {r.load_before:.2f}, CPU {cpu}"
@@ -264,7 +286,8 @@ def report(
     lines = [
         f"# Latency-first against legacy only, never-seen originals ({started:%Y-%m-%d %H:%M} UTC)",
         "",
-        f"`python -m bench.latency_first --out {args.out or '…'}` (pairs {args.pairs}). "
+        f"`python -m bench.latency_first --out {args.out or '…'}` "
+        f"(`--pairs {args.pairs}{' --control' if args.control else ''}`, rounds of each kind). "
         f"Machine: {os.cpu_count()} cores ({cpu_model()}), no GPU, **shared with other jobs** "
         "(1-minute load average before each round in the table). Thumbor 7.8 (2 processes), "
         "nginx (2 workers), the sidecar and this client share the cores.",
@@ -272,17 +295,23 @@ def report(
         f"Each round: {args.originals} distinct originals of `{args.source}`, each requested "
         f"once (sizes {', '.join(SIZES)} in turn), open-loop at {args.rate:.0f} req/s, latency "
         "from each request's scheduled send time. A: today's edge (nginx → Thumbor) with the "
-        f"sidecar down; B: the heatcrop edge and a fresh sidecar with {settings}. Every round "
-        "on empty caches (nginx's, the sidecar's; Thumbor stores nothing); pairs alternate "
-        "A B, B A, …",
+        f"sidecar down; B: the heatcrop edge and a fresh sidecar with {settings}"
+        + (
+            "; C: as B with `HEATCROP_SERVER_BACKGROUND_CPU_SHARE=0.001` (the heatcrop edge's "
+            "hops without the background's CPU). The kinds rotate: A B C, B C A, C A B, …"
+            if args.control
+            else ". Pairs alternate A B, B A, …"
+        )
+        + " Every round on empty caches (nginx's, the sidecar's; Thumbor stores nothing).",
         "",
         "| round | kind | load avg | p50 ms | p95 ms | p99 ms | errors | client lag ms "
-        "| Thumbor CPU s | sidecar CPU s | background heatmaps | background CPU s |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| legacy hop p50 / p95 ms | sidecar hop p50 / p95 ms | Thumbor CPU s (each process) "
+        "| sidecar CPU s | background heatmaps | background CPU s |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in rounds:
         lines.append(row(r))
-    lines += verdict(rounds)
+    lines += verdict(rounds, "ABC" if args.control else "AB")
     return lines
 
 
@@ -295,41 +324,66 @@ def row(r: Round) -> str:
     )
     spent = r.counters.get("background_cpu_seconds_total")
     sidecar = r.cpu_s.get("sidecar")
+    split = " / ".join(f"{v:.1f}" for v in r.thumbor_split if v >= 0.05)
     return (
         f"| {r.index} | {r.kind} | {r.load_before:.2f} | {r.pct(0.5):.1f} | "
         f"{r.pct(0.95):.1f} | {r.pct(0.99):.1f} | {r.errors} | {r.lag_ms:.1f} | "
-        f"{r.cpu_s.get('thumbor', 0.0):.1f} | {'–' if sidecar is None else f'{sidecar:.1f}'} | "
+        f"{r.hops.legacy.text() if r.hops else '–'} | {r.hops.sidecar.text() if r.hops else '–'} | "
+        f"{r.cpu_s.get('thumbor', 0.0):.1f} ({split}) | "
+        f"{'–' if sidecar is None else f'{sidecar:.1f}'} | "
         f"{heat or '–'} | {'–' if spent is None else f'{spent:.2f}'} |"
     )
 
 
-def verdict(rounds: list[Round]) -> list[str]:
-    a = [r for r in rounds if r.kind == "A"]
-    b = [r for r in rounds if r.kind == "B"]
-    if not a or not b:
+def verdict(rounds: list[Round], kinds: str) -> list[str]:
+    by = {k: [r for r in rounds if r.kind == k] for k in kinds}
+    if not by["A"] or not by["B"]:
         return []
-    lines = [
-        "",
-        "| | A: legacy only | B: latency-first | B vs A | within +20 % |",
-        "|---|---:|---:|---:|---|",
-    ]
+    head = "| | " + " | ".join(NAMES[k] for k in kinds) + " | B vs A | within +20 % |"
+    lines = ["", head, "|---|" + "---:|" * len(kinds) + "---:|---|"]
     ok = True
     for q, label in ((0.5, "p50"), (0.95, "p95")):
-        ma, mb = med([r.pct(q) for r in a]), med([r.pct(q) for r in b])
-        spread_a = f"{min(r.pct(q) for r in a):.1f}-{max(r.pct(q) for r in a):.1f}"
-        spread_b = f"{min(r.pct(q) for r in b):.1f}-{max(r.pct(q) for r in b):.1f}"
-        ratio = mb / ma - 1
-        ok &= ratio <= TARGET
-        lines.append(
-            f"| {label} ms, median (spread) | {ma:.1f} ({spread_a}) | {mb:.1f} ({spread_b}) | "
-            f"{100 * ratio:+.0f} % | {'yes' if ratio <= TARGET else '**no**'} |"
+        meds = {k: med([r.pct(q) for r in by[k]]) for k in kinds}
+        cells = " | ".join(
+            f"{meds[k]:.1f} ({min(r.pct(q) for r in by[k]):.1f}-{max(r.pct(q) for r in by[k]):.1f})"
+            for k in kinds
         )
+        ratio = meds["B"] / meds["A"] - 1
+        ok &= ratio <= TARGET
+        # Each set of consecutive rounds (one of each kind) on its own: the same minute's load.
+        sets = [rounds[i : i + len(kinds)] for i in range(0, len(rounds), len(kinds))]
+        each = [_of(g, "B").pct(q) / _of(g, "A").pct(q) - 1 for g in sets if len(g) == len(kinds)]
+        within = ", ".join(f"{100 * e:+.0f}" for e in each)
+        met = "yes" if ratio <= TARGET else "**no**"
+        lines.append(
+            f"| {label} ms, median (spread) | {cells} | {100 * ratio:+.0f} % "
+            f"(within each set: {within}) | {met} |"
+        )
+    if all(r.hops for r in rounds):
+        cells = " | ".join(
+            f"{med([r.hops.legacy.p50_ms for r in by[k] if r.hops]):.0f} / "
+            f"{med([r.hops.legacy.p95_ms for r in by[k] if r.hops]):.0f}"
+            for k in kinds
+        )
+        lines.append(f"| legacy hop (Thumbor's render) p50 / p95 ms, medians | {cells} | | |")
+        cells = " | ".join(
+            "–"
+            if k == "A"
+            else f"{med([r.hops.sidecar.p50_ms for r in by[k] if r.hops]):.0f} / "
+            f"{med([r.hops.sidecar.p95_ms for r in by[k] if r.hops]):.0f}"
+            for k in kinds
+        )
+        lines.append(f"| sidecar hop p50 / p95 ms, medians | {cells} | | |")
     lines += [
         "",
         f"Target (B's medians within +{100 * TARGET:.0f} % of A's): "
         f"{'**met**' if ok else '**not met**'}.",
     ]
     return lines
+
+
+def _of(group: Sequence[Round], kind: str) -> Round:
+    return next(r for r in group if r.kind == kind)
 
 
 if __name__ == "__main__":
