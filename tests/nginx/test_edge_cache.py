@@ -17,9 +17,7 @@ import numpy as np
 import pytest
 import pyvips
 
-from nginx.limits import edge_limits
-from nginx.render import NginxConfig
-from nginx.stack import HOST, Service, Stack, StackOptions, free_port, nginx_service
+from nginx.stack import HOST, Service, Stack, StackOptions, free_port
 from tests.support.edge_stack import (
     SMART,
     Resp,
@@ -28,6 +26,7 @@ from tests.support.edge_stack import (
     make_images,
     pixels,
     require_tools,
+    side_edge,
     sidecar_env,
 )
 
@@ -75,29 +74,15 @@ def edges(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator
         stack.restart_edge(revalidate_s=REVALIDATE_S)
         by_state = {"up": stack.public}
         try:
-            by_state["down"] = _edge(services, base / "down", f"{HOST}:{free_port()}", stack)
+            by_state["down"] = side_edge(services, base / "down", f"{HOST}:{free_port()}", stack)
             for mode in ODD:
                 port = free_port()
                 services.append(fake_sidecar(base / mode, mode, port).start())
-                by_state[mode] = _edge(services, base / mode, f"{HOST}:{port}", stack)
+                by_state[mode] = side_edge(services, base / mode, f"{HOST}:{port}", stack)
             yield Edges(stack, by_state)
         finally:
             for svc in reversed(services):
                 svc.stop()
-
-
-def _edge(services: list[Service], workdir: Path, sidecar: str, stack: Stack) -> str:
-    cfg = NginxConfig(
-        out=workdir / "nginx",
-        listen=f"{HOST}:{free_port()}",
-        admin_listen=f"{HOST}:{free_port()}",
-        sidecars=(sidecar,),
-        legacy=stack.legacy_addr,
-        sidecar_timeout_ms=3000,
-        limits=edge_limits(stack.sidecar_settings()),
-    )
-    services.append(nginx_service(cfg).start())
-    return f"http://{cfg.listen}"
 
 
 def _raw_get(base: str, target: str) -> tuple[int, bytes]:

@@ -17,9 +17,7 @@ from pathlib import Path
 import pytest
 import pyvips
 
-from nginx.limits import EdgeLimits, edge_limits
-from nginx.render import NginxConfig
-from nginx.stack import HOST, Service, Stack, StackOptions, free_port, nginx_service
+from nginx.stack import HOST, Service, Stack, StackOptions, free_port
 from tests.support.edge_stack import (
     SMART,
     fake_sidecar,
@@ -27,6 +25,7 @@ from tests.support.edge_stack import (
     make_images,
     pixels,
     require_tools,
+    side_edge,
     sidecar_env,
 )
 
@@ -69,36 +68,21 @@ def edges(tmp_path_factory: pytest.TempPathFactory, model_dir: Path) -> Iterator
     )
     services: list[Service] = []
     with Stack(options) as stack:
-        limits = edge_limits(stack.sidecar_settings())
         by_state = {"up": stack.public}
         try:
-            by_state["down"] = _start_edge(
-                services, base / "down", f"{HOST}:{free_port()}", stack, limits
+            by_state["down"] = side_edge(
+                services, base / "down", f"{HOST}:{free_port()}", stack, TIMEOUT_MS
             )
             for mode in ("hang", "error"):
                 port = free_port()
                 services.append(fake_sidecar(base / mode, mode, port).start())
-                by_state[mode] = _start_edge(services, base / mode, f"{HOST}:{port}", stack, limits)
+                by_state[mode] = side_edge(
+                    services, base / mode, f"{HOST}:{port}", stack, TIMEOUT_MS
+                )
             yield Edges(stack, by_state, stack.sidecars[0].log_path)
         finally:
             for svc in reversed(services):
                 svc.stop()
-
-
-def _start_edge(
-    services: list[Service], workdir: Path, sidecar: str, stack: Stack, limits: EdgeLimits
-) -> str:
-    cfg = NginxConfig(
-        out=workdir / "nginx",
-        listen=f"{HOST}:{free_port()}",
-        admin_listen=f"{HOST}:{free_port()}",
-        sidecars=(sidecar,),
-        legacy=stack.legacy_addr,
-        sidecar_timeout_ms=TIMEOUT_MS,
-        limits=limits,
-    )
-    services.append(nginx_service(cfg).start())
-    return f"http://{cfg.listen}"
 
 
 STATES = ("up", "down", "hang", "error")

@@ -19,7 +19,9 @@ import numpy as np
 import pytest
 import pyvips
 
-from nginx.stack import REPO, Service, http_status
+from nginx.limits import edge_limits
+from nginx.render import NginxConfig
+from nginx.stack import HOST, REPO, Service, Stack, free_port, http_status, nginx_service
 from nginx.thumbor import THUMBOR_VENV
 from sidecar.demo import write_demo_images
 
@@ -133,3 +135,21 @@ def fake_sidecar(workdir: Path, mode: str, port: int) -> Service:
         log_path=workdir / "logs" / f"fake-{mode}-{port}.log",
         ready=lambda: http_status(f"http://127.0.0.1:{port}/healthz") == 200,
     )
+
+
+def side_edge(
+    services: list[Service], workdir: Path, sidecar: str, stack: Stack, timeout_ms: int = 3000
+) -> str:
+    """Another nginx in front of ``sidecar`` (a dead address, a fake) with ``stack``'s legacy
+    server and limits, appended to ``services``; its public base URL."""
+    cfg = NginxConfig(
+        out=workdir / "nginx",
+        listen=f"{HOST}:{free_port()}",
+        admin_listen=f"{HOST}:{free_port()}",
+        sidecars=(sidecar,),
+        legacy=stack.legacy_addr,
+        sidecar_timeout_ms=timeout_ms,
+        limits=edge_limits(stack.sidecar_settings()),
+    )
+    services.append(nginx_service(cfg).start())
+    return f"http://{cfg.listen}"
