@@ -13,12 +13,14 @@ counts from that moment, so a slow answer never postpones the next request. Roun
      with ``HEATCROP_SERVER_COLD_POLICY=legacy`` and ``HEATCROP_SERVER_WORKER_NICE=10``, as the
      README recommends: every request is answered cold and queues a background heatmap.
 
-in pairs A B, B A, A B, ... so that a drift of the shared machine's load weighs on both. With
-``--control``, a third kind rotates in (A B C, B C A, C A B, ...):
+in pairs A B, B A, A B, ... so that a drift of the shared machine's load weighs on both.
+``--kinds`` adds others to the rotation (``--kinds ABC``: A B C, B C A, C A B, ...):
 
   C  latency-first with the background all but off (``HEATCROP_SERVER_BACKGROUND_CPU_SHARE``
      0.001): what the heatcrop edge's extra hops cost by themselves, so that B - C is what
-     the background heatmaps cost the answers.
+     the background heatmaps cost the answers;
+  D  the alternative to a budget: latency-first with no budget to speak of (share 64) and the
+     whole sidecar's autogroup lowered (``/proc/<pid>/autogroup`` nice 10, foreground included).
 
 Thumbor stores nothing (no storage, no result storage), and every original is read once before
 the first round, so an original is as new to the stack in each round as in the first. The
@@ -53,9 +55,24 @@ from training.data import publish
 DEFAULT_SOURCE = Path("../shared/eval/fcdb_train/images")
 TARGET = 0.20  # latency-first p50 and p95 at most this much above legacy only
 TIMEOUT_S = 10.0  # per request: a late answer is measured, not dropped
-NAMES = {"A": "A: legacy only", "B": "B: latency-first", "C": "C: latency-first, no background"}
-# C's background: a thousandth of a core, a heatmap every ~25 s.
-CONTROL_ENV = {"HEATCROP_SERVER_BACKGROUND_CPU_SHARE": "0.001"}
+NAMES = {
+    "A": "A: legacy only",
+    "B": "B: latency-first",
+    "C": "C: latency-first, no background",
+    "D": "D: latency-first, no budget, autogroup nice 10",
+}
+# On top of B's settings. C's background: a thousandth of a core, a heatmap every ~25 s.
+KIND_ENV = {
+    "C": {"HEATCROP_SERVER_BACKGROUND_CPU_SHARE": "0.001"},
+    "D": {"HEATCROP_SERVER_BACKGROUND_CPU_SHARE": "64"},
+}
+AUTOGROUP_NICE = 10  # D's
+KIND_TEXT = {
+    "C": "C: as B with `HEATCROP_SERVER_BACKGROUND_CPU_SHARE=0.001` (the edge's extra hops "
+    "without the background's CPU). ",
+    "D": "D: as B with `HEATCROP_SERVER_BACKGROUND_CPU_SHARE=64` (no budget to speak of) and "
+    f"the sidecar's autogroup at nice {AUTOGROUP_NICE} (/proc/PID/autogroup). ",
+}
 # Sidecar counters read after each B round.
 COUNTERS = (
     "cold_total",
@@ -95,7 +112,7 @@ def main() -> None:
     parser.add_argument("--originals", type=int, default=600)
     parser.add_argument("--rate", type=float, default=60.0)
     parser.add_argument("--pairs", type=int, default=3, help="rounds of each kind")
-    parser.add_argument("--control", action="store_true", help="also C rounds (see above)")
+    parser.add_argument("--kinds", default="AB", help="kinds of rounds, rotated (see above)")
     parser.add_argument(
         "--latency-env",
         action="append",
@@ -135,7 +152,7 @@ def run(
     with Stack(options) as st:
         base_env = dict(st.options.sidecar_env)
         warm(st, args.source, names[args.originals : args.originals + WARM_RENDERS], originals)
-        kinds = "ABC" if args.control else "AB"
+        kinds = args.kinds
         for pair in range(args.pairs):
             shift = pair % len(kinds)
             for kind in kinds[shift:] + kinds[:shift]:
@@ -167,7 +184,10 @@ def one_round(
         st.restart_legacy_edge()
         base, logs = st.legacy_edge_base, today_logs(st)
     else:
-        st.restart_sidecars({**base_env, **env, **(CONTROL_ENV if kind == "C" else {})})
+        st.restart_sidecars({**base_env, **env, **KIND_ENV.get(kind, {})})
+        if kind == "D":
+            for sidecar in st.sidecars:
+                Path(f"/proc/{sidecar.pid}/autogroup").write_text(f"{AUTOGROUP_NICE}\n")
         st.restart_edge()
         base, logs = st.public, edge_logs(st)
     time.sleep(2.0)  # start-up's own CPU (model load, warm-up) out of the way
@@ -287,7 +307,7 @@ def report(
         f"# Latency-first against legacy only, never-seen originals ({started:%Y-%m-%d %H:%M} UTC)",
         "",
         f"`python -m bench.latency_first --out {args.out or '…'}` "
-        f"(`--pairs {args.pairs}{' --control' if args.control else ''}`, rounds of each kind). "
+        f"(`--pairs {args.pairs} --kinds {args.kinds}`, rounds of each kind). "
         f"Machine: {os.cpu_count()} cores ({cpu_model()}), no GPU, **shared with other jobs** "
         "(1-minute load average before each round in the table). Thumbor 7.8 (2 processes), "
         "nginx (2 workers), the sidecar and this client share the cores.",
@@ -295,13 +315,9 @@ def report(
         f"Each round: {args.originals} distinct originals of `{args.source}`, each requested "
         f"once (sizes {', '.join(SIZES)} in turn), open-loop at {args.rate:.0f} req/s, latency "
         "from each request's scheduled send time. A: today's edge (nginx → Thumbor) with the "
-        f"sidecar down; B: the heatcrop edge and a fresh sidecar with {settings}"
-        + (
-            "; C: as B with `HEATCROP_SERVER_BACKGROUND_CPU_SHARE=0.001` (the heatcrop edge's "
-            "hops without the background's CPU). The kinds rotate: A B C, B C A, C A B, …"
-            if args.control
-            else ". Pairs alternate A B, B A, …"
-        )
+        f"sidecar down; B: the heatcrop edge and a fresh sidecar with {settings}. "
+        + "".join(KIND_TEXT[k] for k in args.kinds if k in KIND_TEXT)
+        + f"The kinds rotate ({' '.join(args.kinds)}, then shifted by one each set)."
         + " Every round on empty caches (nginx's, the sidecar's; Thumbor stores nothing).",
         "",
         "| round | kind | load avg | p50 ms | p95 ms | p99 ms | errors | client lag ms "
@@ -311,7 +327,7 @@ def report(
     ]
     for r in rounds:
         lines.append(row(r))
-    lines += verdict(rounds, "ABC" if args.control else "AB")
+    lines += verdict(rounds, args.kinds)
     return lines
 
 
