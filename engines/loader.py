@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 from engines import buckets
 from engines.artifacts import HASH_CHARS
 from engines.base import Engine
+from engines.cpu import int8_dot_product
 from engines.errors import EngineError, ModelNotBuilt, first_line
 from engines.plans import (
     BUILD_HINT,
@@ -60,7 +61,7 @@ class EngineConfig(Protocol):
     def trt_precision(self) -> str: ...  # fp16 | int8 | fp32
 
     @property
-    def ort_precision(self) -> str: ...  # int8 | fp32
+    def ort_precision(self) -> str: ...  # auto | int8 | fp32
 
     @property
     def threads(self) -> int: ...
@@ -160,11 +161,12 @@ def load_engine(
         )
     else:
         log.info(
-            "engine: ONNX Runtime %s (%s threads), model %s (kind=%s): %s",
+            "engine: ONNX Runtime %s (%s threads), model %s (kind=%s, %s): %s",
             "FP32" if graph == model else "INT8",
             settings.threads,
             graph.name,
             settings.kind,
+            resolved_precision(settings.ort_precision)[1],
             reason,
         )
     return engine
@@ -184,13 +186,22 @@ def _ort(
     from engines.model import find_int8_model, int8_not_built, not_built
 
     why_fp32 = ""
-    if settings.ort_precision == "int8":
+    if resolved_precision(settings.ort_precision)[0] == "int8":
         try:
             int8 = find_int8_model(model_dir, fp32_sha256)
             return _ort_graph(int8, model_dir, int8_not_built, settings.threads, warm), int8, ""
         except ModelNotBuilt as exc:
             why_fp32 = str(exc)
     return _ort_graph(fp32, model_dir, not_built, settings.threads, warm), fp32, why_fp32
+
+
+def resolved_precision(asked: str, cpuinfo: str | None = None) -> tuple[str, str]:
+    """(int8 | fp32, why) for ``engine.ort_precision``: ``auto`` is INT8 where the CPU has
+    int8 dot products (engines/cpu.py), FP32 elsewhere."""
+    if asked != "auto":
+        return asked, f"ort_precision={asked}"
+    exact, why = int8_dot_product(cpuinfo)
+    return ("int8" if exact else "fp32"), f"ort_precision=auto: {why}"
 
 
 def _ort_graph(graph: Path, model_dir: Path, fail: NotBuilt, threads: int, warm: bool) -> Engine:

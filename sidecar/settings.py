@@ -112,10 +112,12 @@ class EngineSettings:
     # Which TensorRT plan to load: the precision it was built with.
     trt_precision: str = "fp16"
     # Which ONNX Runtime graph to load. int8 is the statically quantized graph
-    # (engines/quantize.py): 1.7x faster CNN, headroom shares within one point of FP32 on
-    # every dev set (bench/results/int8.md). When it is missing or was built from another
-    # FP32 model, the FP32 graph serves and one log line says why.
-    ort_precision: str = "int8"
+    # (engines/quantize.py): a 1.3-1.7x faster CNN, within one point of FP32's headroom
+    # shares on a CPU with int8 dot products (VNNI, AMX), 1.9 points below on one without
+    # (bench/results/int8.md); auto takes int8 only where the CPU has them (engines/cpu.py).
+    # When the INT8 graph is missing or was built from another FP32 model, the FP32 graph
+    # serves and one log line says why.
+    ort_precision: str = "auto"
     # ONNX Runtime's threads per engine call.
     threads: int = 2
     # food | generic | auto (blend of both by the image's food probability) | readout (the
@@ -312,7 +314,12 @@ _RULES: tuple[tuple[str, str, typing.Callable[[Any], bool], str], ...] = (
         lambda v: v in ("fp16", "int8", "fp32"),
         "must be fp16, int8 or fp32",
     ),
-    ("engine", "ort_precision", lambda v: v in ("int8", "fp32"), "must be int8 or fp32"),
+    (
+        "engine",
+        "ort_precision",
+        lambda v: v in ("auto", "int8", "fp32"),
+        "must be auto, int8 or fp32",
+    ),
     ("engine", "threads", *_POS),
     (
         "engine",

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from engines.errors import EngineError, ModelNotBuilt
-from engines.loader import EngineOptions, choose, load_engine
+from engines.loader import EngineOptions, choose, load_engine, resolved_precision
 from engines.model import read_manifest
 from engines.ort import OrtEngine
 from engines.plans import NoMatchingPlan, Unavailable
@@ -129,8 +129,10 @@ def test_load_auto_without_tensorrt_logs_one_line(model_dir, tmp_path, caplog, m
     (record,) = caplog.records
     message = record.getMessage()
     assert "\n" not in message
-    assert message.startswith("engine: ONNX Runtime INT8 (1 threads)")
-    assert "(kind=auto): TensorRT not used: no TensorRT (TensorRT not importable" in message
+    # ort_precision=auto: INT8 where this CPU has int8 dot products, FP32 elsewhere; said why.
+    precision, why = resolved_precision("auto")
+    assert message.startswith(f"engine: ONNX Runtime {precision.upper()} (1 threads)")
+    assert f"(kind=auto, {why}): TensorRT not used: no TensorRT (TensorRT not" in message
 
 
 def test_load_ort_does_not_probe(model_dir, tmp_path):

@@ -63,7 +63,8 @@ def test_broken_int8_graph_serves_smart_crops_on_fp32(
         tmp_path,
         images=images,
         legacy_base=LEGACY,
-        env=sidecar_env(folder),
+        # Asked for INT8 whatever the CPU (auto would not try it without int8 dot products).
+        env=sidecar_env(folder, HEATCROP_ENGINE_ORT_PRECISION="int8"),
         nginx_timeout_ms=TIMEOUT_MS,
     )
     try:
