@@ -26,12 +26,12 @@ $(STAMP): pyproject.toml
 
 # The ONNX graph is written from the shipped weights; its file name carries a content hash.
 # Its INT8 twin is quantized with the committed ranges (engines/int8_calibration.json).
-# The face detector (MTCNN) is written from the weights in the facenet-pytorch wheel, which pip
-# fetches into build/wheels without its dependencies (pinned by sha256 in engines/faces_export.py).
+# The face detector (YuNet-n) is written from the committed engines/yunet/yunet_n_dynamic.onnx
+# (Apache-2.0, pinned by sha256 in engines/faces.py): nothing is fetched.
 model: $(STAMP)
 	$(BIN)/python -m engines.export --out $(MODEL_DIR)
 	$(BIN)/python -m engines.quantize build --model-dir $(MODEL_DIR)
-	$(BIN)/python -m engines.faces_export --out $(MODEL_DIR)
+	$(BIN)/python -m engines.faces_build --out $(MODEL_DIR)
 
 # Thumbor, the legacy image server of `make run` and the edge tests, in its own environment:
 # it needs Pillow < 13 and .venv has 13. Exact pins: pyproject.toml's `legacy` extra.

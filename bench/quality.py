@@ -246,8 +246,8 @@ class HeatcropMethod(Method):
 
 class FaceRuleMethod(HeatcropMethod):
     """heatcrop's box chosen by the face rule (kernels/faces.py), as the service does with
-    ``kernel.faces``: the detector's faces (engines/faces.py, as the service decodes for it)
-    as head boxes (engines.faces.HeadBox).
+    ``kernel.faces``: the detector's faces (engines/faces.py, on the CNN's input as the service
+    runs it) as head boxes (engines.faces.HeadBox).
 
     The head-box transform is fitted on crowd_train's labelled faces; on crowd_train each photo
     gets the transform fitted on the other four folds (5 by photo, training/faces.py), on every
@@ -298,7 +298,7 @@ class FaceRuleMethod(HeatcropMethod):
         ms = 1e3 * np.array(self.detect_s)
         found = sum(len(v) for v in self.faces.values())
         return (
-            f"face detector (decode to 768 px + MTCNN, one thread) ms per photo: median "
+            f"face detector (YuNet-n on the CNN's input, one thread) ms per photo: median "
             f"{np.median(ms):.1f}, mean {ms.mean():.1f}; {found} faces found in "
             f"{len(self.faces)} photos"
         )
@@ -330,7 +330,7 @@ class LabelledFaceRuleMethod(HeatcropMethod):
 def _faces_of(detector: Any, ctx: ImageContext) -> npt.NDArray[np.float32]:
     from training.faces import detect_original
 
-    return detect_original(detector, ctx.item)
+    return detect_original(detector, ctx.item)[0]
 
 
 @dataclass

@@ -30,11 +30,15 @@ class HeatmapBatch:
         h = H/32 and w = W/32 of the input bucket.
     food_mass: float32 [N], softmax probability mass on food and dish classes (confidence).
     logits: float32 [N, 1000], ImageNet logits (checks against the reference model).
+    faces: per image, float32 [k, 5] x0, y0, x1, y1 as shares of the image's width and height
+        (the bucket is a squash of the whole original, so they hold for the original too) and
+        the detector's score; () when no face detector ran (engines/face_engine.py).
     """
 
     heatmaps: npt.NDArray[np.float32]
     food_mass: npt.NDArray[np.float32]
     logits: npt.NDArray[np.float32]
+    faces: tuple[npt.NDArray[np.float32], ...] = ()
 
     def __len__(self) -> int:
         return int(self.heatmaps.shape[0])

@@ -1,22 +1,29 @@
-"""Faces in a photo: the MTCNN cascade (engines/faces_export.py) on ONNX Runtime's CPU provider.
+"""Faces in a photo: YuNet-n (engines/faces_build.py) on ONNX Runtime's CPU provider.
 
-``FaceDetector.detect`` takes RGB pixels and returns boxes ``[x0, y0, x1, y1, score]`` (float32,
-pixels of the image given, x1/y1 exclusive). The cascade is facenet-pytorch 2.6.0's
-``detect_face`` in numpy: an image pyramid from ``min_face`` up (each level an area resize, as
-torch's ``interpolate(mode="area")``), P-Net over every level, NMS per level and across them,
-R-Net on 24x24 crops, O-Net on 48x48 crops, box regression and NMS after each stage.
+``FaceDetector.detect_batch`` takes the very uint8 RGB NHWC array the heatmap model takes (one
+shape bucket, H and W multiples of 32) and returns, per image, boxes ``[x0, y0, x1, y1, score]``
+(float32, pixels of that image, x1/y1 exclusive). The service runs it on the CNN's own input
+(engines/face_engine.py), so it needs no decode of its own: measured on crowd_train, YuNet-n on
+the 224-px bucket finds 76 % of the faces people notice at precision 0.975 (docs/faces.md).
 
-``face_map`` turns boxes into a heat grid at any resolution (the model's heatmap grid): the
-channel a read-out head can learn to weigh (training/), and the boxes themselves drive the
-window search's face rule (kernels/faces.py).
+Decoding follows OpenCV's ``FaceDetectorYN``: per stride s (8, 16, 32) and grid cell (r, c),
+centre ``((c + dx) s, (r + dy) s)``, size ``(exp(dw) s, exp(dh) s)``; the graph gives the score
+sqrt(cls x obj). Then a score threshold, the ``top_k`` best candidates, greedy NMS at IoU
+``nms``, and at most ``max_faces`` boxes, best first. The work and memory of one call are
+bounded by its input (at most a 448x224 bucket: 2,058 candidates) and by ``top_k``, whatever
+the photo holds.
+
+``face_map`` turns boxes into a heat grid at any resolution (a read-out channel), and
+``HeadBox`` turns the detector's boxes (brows to chin) into the head boxes a crop must not cut.
 
 Runtime conventions are engines/ort.py's: deterministic compute, no spinning, sequential
-execution, a fixed thread count; the graphs are read through their manifest and refused when
-their bytes do not match it.
+execution, a fixed thread count; the graph is read through its manifest and refused when its
+bytes do not match it.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -27,67 +34,60 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
-import pyvips
 from numba import njit
 
 from engines.artifacts import HASH_CHARS
-from engines.errors import EngineError, ModelNotBuilt
+from engines.errors import EngineError, ModelNotBuilt, first_line
 from engines.ort import _session_options
-from engines.pixels import _to_rgb8, needs_colour_transform, open_header
 
 FACES_MANIFEST_NAME = "faces.json"
-NETS = ("pnet", "rnet", "onet")
-HINT = "run `make model` (or `python -m engines.faces_export --out {dir}`) to build it"
+# The vendored graph the build starts from (engines/yunet/): what faces.json must name.
+SOURCE_SHA256 = "104ee26c71d5c270ce79a6b3dced91c91013260d29a6bf18f9296c5b8c4c2b12"
+STRIDES = (8, 16, 32)
+INPUT = "image"
+OUTPUTS = ("scores", "boxes")
+HINT = "run `make model` (or `python -m engines.faces_build --out {dir}`) to build it"
 # A face box as the detector returns it: x0, y0, x1, y1, score.
 BOX_FIELDS = 5
-CELL = 12
-STRIDE = 2
-RNET_SIDE = 24
-ONET_SIDE = 48
-# R-Net and O-Net take their crops in batches of at most this many: bounded memory on photos
-# where P-Net proposes thousands of boxes.
-BATCH = 256
+ALIGN = 32
+
+F32 = npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True)
 class FaceParams:
-    """The cascade's knobs. Smaller ``min_face`` finds smaller faces at the cost of pyramid
-    levels (P-Net's work grows ~ 1/min_face²); thresholds are per stage, as in MTCNN.
+    """The detector's knobs. ``score``: least sqrt(cls x obj) kept (0.6 gives precision 0.975
+    on crowd_train at the bucket, MTCNN's); ``nms``: IoU above which the weaker of two boxes
+    goes; ``top_k``: candidates NMS considers at most; ``max_faces``: boxes kept per photo, the
+    best scores first (the face rule's cost grows with them, and a crowd's smallest faces are
+    sliced by any window anyway)."""
 
-    Chosen on the first 60 crowd_train photos (training/faces.py's measure; no fitting): min
-    face 12 instead of 20 found 3 points more of the labelled faces for 2.3x the time; max
-    side 640 or 512 instead of 768 lost 6 and 17 points of recall; a P-Net threshold of 0.7
-    instead of facenet-pytorch's 0.6 cost 0.3 points and 6 % of the time (fewer proposals
-    for R-Net)."""
-
-    min_face: float = 20.0
-    thresholds: tuple[float, float, float] = (0.7, 0.7, 0.7)
-    factor: float = 0.709
-    # The detector sees the photo shrunk to fit this many pixels on its long side.
-    max_side: int = 768
+    score: float = 0.6
+    nms: float = 0.3
+    top_k: int = 512
+    max_faces: int = 64
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.min_face) and 12.0 <= self.min_face <= 1000.0):
-            raise ValueError(f"min_face must be in [12, 1000], got {self.min_face!r}")
-        if len(self.thresholds) != 3 or not all(0.0 <= t < 1.0 for t in self.thresholds):
-            raise ValueError(f"thresholds must be three numbers in [0, 1), got {self.thresholds}")
-        if not 0.3 <= self.factor <= 0.95:
-            raise ValueError(f"factor must be in [0.3, 0.95], got {self.factor!r}")
-        if not 48 <= self.max_side <= 4096:
-            raise ValueError(f"max_side must be in [48, 4096], got {self.max_side!r}")
+        if not (math.isfinite(self.score) and 0.0 < self.score < 1.0):
+            raise ValueError(f"score must be in (0, 1), got {self.score!r}")
+        if not (math.isfinite(self.nms) and 0.0 < self.nms <= 1.0):
+            raise ValueError(f"nms must be in (0, 1], got {self.nms!r}")
+        if not 1 <= self.top_k <= 4096:
+            raise ValueError(f"top_k must be in [1, 4096], got {self.top_k!r}")
+        if not 1 <= self.max_faces <= self.top_k:
+            raise ValueError(f"max_faces must be in [1, top_k], got {self.max_faces!r}")
 
     def key(self) -> str:
-        t = ",".join(f"{v:g}" for v in self.thresholds)
-        return f"m{self.min_face:g}-t{t}-f{self.factor:g}-s{self.max_side}"
+        return f"s{self.score:g}-n{self.nms:g}-k{self.top_k}-m{self.max_faces}"
 
 
 def _not_built(model_dir: Path, why: str) -> ModelNotBuilt:
     return ModelNotBuilt(f"face detector: {why} in {model_dir}: " + HINT.format(dir=model_dir))
 
 
-def find_face_model(model_dir: str | Path) -> tuple[dict[str, Path], str]:
-    """The three graphs named by ``faces.json`` (each checked against its sha256) and the
-    detector version; ``ModelNotBuilt`` when anything is missing or does not match."""
+def find_face_model(model_dir: str | Path) -> tuple[Path, str]:
+    """The graph ``faces.json`` names, checked against its sha256, and that sha256;
+    ``ModelNotBuilt`` saying why when anything is missing or does not match."""
     model_dir = Path(model_dir)
     try:
         info = json.loads((model_dir / FACES_MANIFEST_NAME).read_text(encoding="utf-8"))
@@ -95,321 +95,157 @@ def find_face_model(model_dir: str | Path) -> tuple[dict[str, Path], str]:
         raise _not_built(model_dir, f"no {FACES_MANIFEST_NAME}") from None
     except (OSError, ValueError) as exc:
         raise _not_built(model_dir, f"unreadable {FACES_MANIFEST_NAME} ({exc})") from exc
-    nets = info.get("nets") if isinstance(info, dict) else None
-    version = info.get("version") if isinstance(info, dict) else None
-    if not isinstance(nets, dict) or not isinstance(version, str):
-        raise _not_built(model_dir, f"{FACES_MANIFEST_NAME} lacks nets/version")
-    paths: dict[str, Path] = {}
-    for net in NETS:
-        entry = nets.get(net)
-        if not (
-            isinstance(entry, dict)
-            and isinstance(entry.get("file"), str)
-            and isinstance(entry.get("sha256"), str)
-        ):
-            raise _not_built(model_dir, f"{FACES_MANIFEST_NAME} lacks {net}")
-        name, digest = entry["file"], entry["sha256"]
-        if Path(name).name != name or not name.endswith(f"-{digest[:HASH_CHARS]}.onnx"):
-            raise _not_built(model_dir, f"{FACES_MANIFEST_NAME} names {name!r}, not its hash's")
-        try:
-            data = (model_dir / name).read_bytes()
-        except FileNotFoundError:
-            raise _not_built(model_dir, f"{name} is missing") from None
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise _not_built(model_dir, f"{name} does not match its sha256")
-        paths[net] = model_dir / name
-    return paths, version
+    if not isinstance(info, dict):
+        raise _not_built(model_dir, f"{FACES_MANIFEST_NAME} is not an object")
+    name, digest, source = info.get("file"), info.get("sha256"), info.get("source")
+    if not (isinstance(name, str) and isinstance(digest, str) and isinstance(source, dict)):
+        raise _not_built(model_dir, f"{FACES_MANIFEST_NAME} lacks file/sha256/source")
+    if source.get("sha256") != SOURCE_SHA256:
+        raise _not_built(model_dir, f"{FACES_MANIFEST_NAME} was built from another detector")
+    if Path(name).name != name or not name.endswith(f"-{digest[:HASH_CHARS]}.onnx"):
+        raise _not_built(model_dir, f"{FACES_MANIFEST_NAME} names {name!r}, not its hash's")
+    try:
+        data = (model_dir / name).read_bytes()
+    except FileNotFoundError:
+        raise _not_built(model_dir, f"{name} is missing") from None
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise _not_built(model_dir, f"{name} does not match its sha256 (tampered or half-written)")
+    return model_dir / name, digest
 
 
-def area_resize(integral: npt.NDArray[np.int64], out_h: int, out_w: int) -> npt.NDArray[Any]:
-    """torch ``interpolate(mode="area")`` (adaptive average pooling) from an integral image.
-
-    ``integral`` is ``integral_image(pixels)``: [H+1, W+1, 3]. Output pixel (i, j) averages the
-    source rows floor(i H / h) .. ceil((i+1) H / h) and the same for columns.
-    """
-    h, w = integral.shape[0] - 1, integral.shape[1] - 1
-    return _pool(integral, 0, h, 0, w, out_h, out_w)[0]
-
-
-def integral_image(pixels: npt.NDArray[np.uint8]) -> npt.NDArray[np.int64]:
-    # int32 while the whole image's sum fits (every photo up to ~2900 px square): half the
-    # memory traffic of int64 in the cumulative sums and in every gather from them.
-    fits = pixels.shape[0] * pixels.shape[1] * 255 < 2**31
-    dtype = np.int32 if fits else np.int64
-    out = np.zeros((pixels.shape[0] + 1, pixels.shape[1] + 1, 3), dtype=dtype)
-    np.cumsum(pixels, axis=0, dtype=dtype, out=out[1:, 1:])
-    np.cumsum(out[1:, 1:], axis=1, out=out[1:, 1:])
-    return out
+@functools.lru_cache(maxsize=32)
+def priors(height: int, width: int) -> tuple[F32, F32, F32]:
+    """Per candidate of a height x width input: its grid cell's column, row and stride, in the
+    order the graph joins the strides (8, 16, 32; row-major within each)."""
+    cols, rows, strides = [], [], []
+    for s in STRIDES:
+        r, c = np.divmod(np.arange((height // s) * (width // s)), width // s)
+        cols.append(c)
+        rows.append(r)
+        strides.append(np.full(r.size, s))
+    out = (np.concatenate(cols), np.concatenate(rows), np.concatenate(strides))
+    return tuple(a.astype(np.float32) for a in out)  # type: ignore[return-value]
 
 
-def _pool(
-    integral: npt.NDArray[np.int64],
-    y0: npt.ArrayLike,
-    y1: npt.ArrayLike,
-    x0: npt.ArrayLike,
-    x1: npt.ArrayLike,
-    out_h: int,
-    out_w: int,
-) -> npt.NDArray[np.float32]:
-    """Adaptive average pooling of the boxes [y0, y1) x [x0, x1) (ints, one per box) to
-    out_h x out_w: [N, out_h, out_w, 3] float32."""
-    y0a, y1a = np.atleast_1d(y0).astype(np.int64), np.atleast_1d(y1).astype(np.int64)
-    x0a, x1a = np.atleast_1d(x0).astype(np.int64), np.atleast_1d(x1).astype(np.int64)
-    hs, ws = (y1a - y0a)[:, None], (x1a - x0a)[:, None]
-    i, j = np.arange(out_h)[None, :], np.arange(out_w)[None, :]
-    r0 = y0a[:, None] + (i * hs) // out_h
-    r1 = y0a[:, None] + -((-(i + 1) * hs) // out_h)
-    c0 = x0a[:, None] + (j * ws) // out_w
-    c1 = x0a[:, None] + -((-(j + 1) * ws) // out_w)
-    r0, r1 = r0[:, :, None], r1[:, :, None]
-    c0, c1 = c0[:, None, :], c1[:, None, :]
-    total = integral[r1, c1] - integral[r0, c1] - integral[r1, c0] + integral[r0, c0]
-    area = ((r1 - r0) * (c1 - c0))[..., None]
-    return (total / area).astype(np.float32)
-
-
-def nms(
-    boxes: npt.NDArray[Any], scores: npt.NDArray[Any], threshold: float, *, by_min: bool = False
-) -> npt.NDArray[np.int64]:
-    """Greedy non-maximum suppression, MTCNN's (inclusive pixel areas, +1), best score first;
-    ``by_min`` divides the overlap by the smaller box's area instead of the union."""
-    if boxes.shape[0] == 0:
-        return np.zeros(0, dtype=np.int64)
-    b = np.ascontiguousarray(boxes[:, :4], dtype=np.float64)
-    # Stable, so equal scores keep their input order whatever numpy's sort does.
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
-    return _nms_kernel(b, order, float(threshold), bool(by_min))
+def decode(scores: F32, regression: F32, height: int, width: int, params: FaceParams) -> F32:
+    """One image's graph outputs ([K, 1], [K, 4]) -> [n, 5] boxes in its pixels, best first."""
+    score = scores.reshape(-1)
+    col, row, stride = priors(height, width)
+    idx = np.flatnonzero(score >= params.score)
+    if idx.size > params.top_k:
+        best = np.argpartition(-score[idx], params.top_k - 1)[: params.top_k]
+        idx = idx[best]
+    idx = idx[np.argsort(-score[idx], kind="stable")]
+    reg = regression.reshape(-1, 4)[idx].astype(np.float64)
+    s = stride[idx].astype(np.float64)
+    # exp of an absurd regression would overflow; no face is 2^20 strides wide.
+    w = np.exp(np.minimum(reg[:, 2], 20.0)) * s
+    h = np.exp(np.minimum(reg[:, 3], 20.0)) * s
+    cx = (col[idx] + reg[:, 0]) * s
+    cy = (row[idx] + reg[:, 1]) * s
+    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+    boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0.0, float(width))
+    boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0.0, float(height))
+    keep = _nms(np.ascontiguousarray(boxes), float(params.nms), int(params.max_faces))
+    out = np.concatenate([boxes[keep], score[idx][keep, None]], axis=1).astype(np.float32)
+    return out[(out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])]
 
 
 @njit(cache=True)
-def _nms_kernel(
-    b: npt.NDArray[np.float64], order: npt.NDArray[np.int64], threshold: float, by_min: bool
-) -> npt.NDArray[np.int64]:
-    n = order.size
-    area = (b[:, 2] - b[:, 0] + 1.0) * (b[:, 3] - b[:, 1] + 1.0)
+def _nms(boxes: npt.NDArray[np.float64], threshold: float, limit: int) -> npt.NDArray[np.int64]:
+    """Greedy NMS over boxes sorted best first: indices kept, at most ``limit``."""
+    n = boxes.shape[0]
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     gone = np.zeros(n, dtype=np.bool_)
-    keep = np.empty(n, dtype=np.int64)
+    keep = np.empty(min(n, limit), dtype=np.int64)
     k = 0
-    for a in range(n):
-        i = order[a]
+    for i in range(n):
         if gone[i]:
             continue
         keep[k] = i
         k += 1
-        for c in range(a + 1, n):
-            j = order[c]
+        if k == limit:
+            break
+        for j in range(i + 1, n):
             if gone[j]:
                 continue
-            w = min(b[i, 2], b[j, 2]) - max(b[i, 0], b[j, 0]) + 1.0
-            h = min(b[i, 3], b[j, 3]) - max(b[i, 1], b[j, 1]) + 1.0
+            w = min(boxes[i, 2], boxes[j, 2]) - max(boxes[i, 0], boxes[j, 0])
+            h = min(boxes[i, 3], boxes[j, 3]) - max(boxes[i, 1], boxes[j, 1])
             if w <= 0.0 or h <= 0.0:
                 continue
             inter = w * h
-            denom = min(area[i], area[j]) if by_min else area[i] + area[j] - inter
-            if inter / denom > threshold:
+            union = area[i] + area[j] - inter
+            if union > 0.0 and inter / union > threshold:
                 gone[j] = True
     return keep[:k].copy()
 
 
-def _regress(
-    boxes: npt.NDArray[np.float64], reg: npt.NDArray[Any], plus_one: bool
-) -> npt.NDArray[np.float64]:
-    w = boxes[:, 2] - boxes[:, 0] + (1.0 if plus_one else 0.0)
-    h = boxes[:, 3] - boxes[:, 1] + (1.0 if plus_one else 0.0)
-    out = boxes.copy()
-    out[:, 0] += reg[:, 0] * w
-    out[:, 1] += reg[:, 1] * h
-    out[:, 2] += reg[:, 2] * w
-    out[:, 3] += reg[:, 3] * h
-    return out
-
-
-def _square(boxes: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    h = boxes[:, 3] - boxes[:, 1]
-    w = boxes[:, 2] - boxes[:, 0]
-    side = np.maximum(w, h)
-    out = boxes.copy()
-    out[:, 0] = boxes[:, 0] + w * 0.5 - side * 0.5
-    out[:, 1] = boxes[:, 1] + h * 0.5 - side * 0.5
-    out[:, 2] = out[:, 0] + side
-    out[:, 3] = out[:, 1] + side
-    return out
-
-
-def _crop_bounds(
-    boxes: npt.NDArray[np.float64], width: int, height: int
-) -> tuple[npt.NDArray[np.int64], ...]:
-    """facenet-pytorch's ``pad``: truncated, clipped to the image (1-based starts), and only
-    the boxes with something left inside."""
-    b = np.trunc(boxes[:, :4]).astype(np.int64)
-    x = np.maximum(b[:, 0], 1)
-    y = np.maximum(b[:, 1], 1)
-    ex = np.minimum(b[:, 2], width)
-    ey = np.minimum(b[:, 3], height)
-    ok = (ey > y - 1) & (ex > x - 1)
-    return ok, y - 1, ey, x - 1, ex
-
-
 class FaceDetector:
-    """MTCNN on ONNX Runtime (CPU). ``detect`` is safe to call from one thread at a time per
-    instance; the service calls it from its engine-side worker."""
+    """YuNet-n on ONNX Runtime (CPU), one session of ``threads`` threads. ``detect_batch`` is
+    called from one thread at a time (the batcher's engine worker)."""
 
     def __init__(
         self, model_dir: str | Path, params: FaceParams | None = None, threads: int = 1
     ) -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
-        paths, version = find_face_model(model_dir)
+        path, digest = find_face_model(model_dir)
         self.params = params or FaceParams()
-        self._model_version = version
-        options = _session_options(threads, False)
+        self._digest = digest
         try:
-            self._sessions = {
-                net: ort.InferenceSession(
-                    str(paths[net]), sess_options=options, providers=["CPUExecutionProvider"]
-                )
-                for net in NETS
-            }
+            self._session: ort.InferenceSession | None = ort.InferenceSession(
+                path.read_bytes(),
+                sess_options=_session_options(threads, False),
+                providers=["CPUExecutionProvider"],
+            )
         except Exception as exc:  # ORT raises its own exception types
-            raise EngineError(f"face detector cannot start: {exc}") from exc
+            why = f"ONNX Runtime cannot load it ({first_line(exc)})"
+            raise _not_built(Path(model_dir), why) from exc
 
     @property
     def version(self) -> str:
-        """The graphs' hash and the cascade's knobs: what face boxes are cached under."""
-        return f"mtcnn-{self._model_version}-{self.params.key()}"
+        """The graph's hash and the knobs: what face boxes are cached under."""
+        return f"yunet-{self._digest[:HASH_CHARS]}-{self.params.key()}"
 
     def warm_up(self) -> None:
         self.detect(np.full((96, 128, 3), 127, dtype=np.uint8))
 
-    def _run(self, net: str, image: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], ...]:
+    def detect_batch(self, batch: npt.NDArray[np.uint8]) -> list[F32]:
+        """Faces in each image of ``batch`` (uint8 [N, H, W, 3] RGB, H and W multiples of 32):
+        [n, 5] float32 x0, y0, x1, y1, score in that image's pixels."""
+        if not (isinstance(batch, np.ndarray) and batch.dtype == np.uint8 and batch.ndim == 4):
+            raise ValueError("batch must be a uint8 [N, H, W, 3] array")
+        n, height, width, bands = batch.shape
+        if bands != 3 or n < 1 or height % ALIGN or width % ALIGN or not height or not width:
+            raise ValueError(f"batch must be [N>=1, H, W, 3], H and W multiples of {ALIGN}")
+        if self._session is None:
+            raise EngineError("face detector used after close()")
         try:
-            prob, reg = self._sessions[net].run(["prob", "reg"], {"image": image})
+            scores, boxes = self._session.run(list(OUTPUTS), {INPUT: np.ascontiguousarray(batch)})
         except Exception as exc:
-            raise EngineError(f"face detector ({net}) failed: {exc}") from exc
-        return np.asarray(prob, dtype=np.float32), np.asarray(reg, dtype=np.float32)
+            raise EngineError(f"face detector failed: {first_line(exc)}") from exc
+        return [decode(scores[i], boxes[i], height, width, self.params) for i in range(n)]
 
-    def _refine(
-        self, net: str, integral: npt.NDArray[np.int64], boxes: npt.NDArray[np.float64], side: int
-    ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float32], npt.NDArray[np.float32]]:
-        height, width = integral.shape[0] - 1, integral.shape[1] - 1
-        ok, y0, y1, x0, x1 = _crop_bounds(boxes, width, height)
-        boxes = boxes[ok]
-        probs, regs = [], []
-        for at in range(0, boxes.shape[0], BATCH):
-            sl = slice(at, at + BATCH)
-            crops = _pool(integral, y0[ok][sl], y1[ok][sl], x0[ok][sl], x1[ok][sl], side, side)
-            p, r = self._run(net, crops)
-            probs.append(p.reshape(-1))
-            regs.append(r.reshape(-1, 4))
-        if not probs:
-            return boxes, np.zeros(0, np.float32), np.zeros((0, 4), np.float32)
-        return boxes, np.concatenate(probs), np.concatenate(regs)
-
-    def detect(self, pixels: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:
-        """Faces in ``pixels`` (uint8 [H, W, 3] RGB): [N, 5] float32 x0, y0, x1, y1, score."""
-        if not (
-            isinstance(pixels, np.ndarray)
-            and pixels.dtype == np.uint8
-            and pixels.ndim == 3
-            and pixels.shape[2] == 3
-        ):
+    def detect(self, pixels: npt.NDArray[np.uint8]) -> F32:
+        """Faces in one uint8 [H, W, 3] RGB image of any size: padded with black to multiples
+        of 32 below and right (as OpenCV's FaceDetectorYN does), boxes in its pixels."""
+        if not (isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8 and pixels.ndim == 3):
             raise ValueError("pixels must be a uint8 [H, W, 3] array")
         height, width = pixels.shape[:2]
-        p = self.params
-        empty = np.zeros((0, BOX_FIELDS), dtype=np.float32)
-        if min(height, width) < CELL:
-            return empty
-        integral = integral_image(pixels)
-        image = pyvips.Image.new_from_array(pixels, interpretation="srgb")
-        # Stage 1: P-Net over the pyramid.
-        scale = CELL / p.min_face
-        side = min(height, width) * scale
-        found = []
-        while side >= CELL:
-            hs, ws = int(height * scale + 1), int(width * scale + 1)
-            # libvips' resize (a box shrink, then a linear reduce) stands in for the area
-            # resize of facenet-pytorch: the same averaging, a tenth of numpy's time.
-            small = image.resize(ws / width, vscale=hs / height, kernel="linear")
-            level = small.numpy()[None, :hs, :ws, :3].astype(np.float32)
-            prob, reg = self._run("pnet", level)
-            prob, reg = prob[0], reg[0]
-            ys, xs = np.nonzero(prob >= p.thresholds[0])
-            if ys.size:
-                q0x = np.floor((STRIDE * xs + 1) / scale)
-                q0y = np.floor((STRIDE * ys + 1) / scale)
-                q1x = np.floor((STRIDE * xs + CELL) / scale)
-                q1y = np.floor((STRIDE * ys + CELL) / scale)
-                cand = np.stack(
-                    [q0x, q0y, q1x, q1y, prob[ys, xs], *(reg[k, ys, xs] for k in range(4))],
-                    axis=1,
-                ).astype(np.float64)
-                found.append(cand[nms(cand[:, :4], cand[:, 4], 0.5)])
-            scale *= p.factor
-            side *= p.factor
-        if not found:
-            return empty
-        boxes = np.concatenate(found)
-        boxes = boxes[nms(boxes[:, :4], boxes[:, 4], 0.7)]
-        boxes = np.concatenate(
-            [_regress(boxes[:, :4], boxes[:, 5:9], plus_one=False), boxes[:, 4:5]], axis=1
-        )
-        boxes = _square(boxes)
-        # Stage 2: R-Net.
-        boxes, prob, reg = self._refine("rnet", integral, boxes, RNET_SIDE)
-        keep = prob > p.thresholds[1]
-        boxes, prob, reg = boxes[keep], prob[keep], reg[keep]
-        if boxes.shape[0] == 0:
-            return empty
-        boxes = np.concatenate([boxes[:, :4], prob[:, None]], axis=1)
-        pick = nms(boxes[:, :4], boxes[:, 4], 0.7)
-        boxes, reg = boxes[pick], reg[pick]
-        boxes[:, :4] = _regress(boxes[:, :4], reg, plus_one=True)
-        boxes = _square(boxes)
-        # Stage 3: O-Net.
-        boxes, prob, reg = self._refine("onet", integral, boxes, ONET_SIDE)
-        keep = prob > p.thresholds[2]
-        boxes, prob, reg = boxes[keep], prob[keep], reg[keep]
-        if boxes.shape[0] == 0:
-            return empty
-        boxes = np.concatenate([boxes[:, :4], prob[:, None]], axis=1)
-        boxes[:, :4] = _regress(boxes[:, :4], reg, plus_one=True)
-        boxes = boxes[nms(boxes[:, :4], boxes[:, 4], 0.7, by_min=True)]
-        out = boxes.astype(np.float32)
-        # Inside the image, x1/y1 exclusive like every box in heatcrop.
-        out[:, [0, 2]] = np.clip(out[:, [0, 2]], 0.0, float(width))
-        out[:, [1, 3]] = np.clip(out[:, [1, 3]], 0.0, float(height))
-        out = out[(out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])]
-        return np.ascontiguousarray(out)
-
-    def detect_bytes(self, data: bytes) -> tuple[npt.NDArray[np.float32], tuple[int, int]]:
-        """Faces in an encoded image, decoded to fit ``params.max_side`` (shrink-on-load, EXIF
-        orientation applied, sRGB): boxes in the pixels of that decode, and its (width, height).
-        Raises ``pyvips.Error`` for data libvips cannot decode."""
-        pixels = face_pixels(data, self.params.max_side)
-        return self.detect(pixels), (pixels.shape[1], pixels.shape[0])
+        if pixels.shape[2] != 3 or min(height, width) < 1:
+            raise ValueError("pixels must be a uint8 [H, W, 3] array")
+        padded = np.zeros((1, -(-height // ALIGN) * ALIGN, -(-width // ALIGN) * ALIGN, 3), np.uint8)
+        padded[0, :height, :width] = pixels
+        out = self.detect_batch(padded)[0]
+        out[:, [0, 2]] = np.minimum(out[:, [0, 2]], float(width))
+        out[:, [1, 3]] = np.minimum(out[:, [1, 3]], float(height))
+        return out[(out[:, 2] > out[:, 0]) & (out[:, 3] > out[:, 1])]
 
     def close(self) -> None:
-        self._sessions = {}
+        self._session = None
 
 
-def face_pixels(data: bytes, max_side: int) -> npt.NDArray[np.uint8]:
-    """``data`` shrunk (never enlarged) to fit max_side x max_side: uint8 [H, W, 3] sRGB.
-
-    The detector needs more pixels than the heatmap model's 224-px bucket (a 20-px face of a
-    768-px photo would be 6 px there), so it has its own decode, the same pipeline otherwise
-    (engines/pixels.py).
-    """
-    colour = {"export_profile": "srgb"} if needs_colour_transform(open_header(data)) else {}
-    image = pyvips.Image.thumbnail_buffer(
-        data, max_side, height=max_side, size="down", option_string="fail_on=error", **colour
-    )
-    image = _to_rgb8(image)
-    return np.ascontiguousarray(image.numpy(), dtype=np.uint8).reshape(image.height, image.width, 3)
-
-
-def scale_boxes(
-    faces: npt.NDArray[Any], source: tuple[int, int], target: tuple[int, int]
-) -> npt.NDArray[np.float32]:
+def scale_boxes(faces: npt.NDArray[Any], source: tuple[int, int], target: tuple[int, int]) -> F32:
     """Boxes found in a ``source`` (width, height) image, in the pixels of ``target``."""
     out = np.array(faces, dtype=np.float32).reshape(-1, BOX_FIELDS)
     out[:, [0, 2]] *= target[0] / source[0]
@@ -421,21 +257,19 @@ def scale_boxes(
 class HeadBox:
     """Detector box -> the box a person would draw around the head.
 
-    MTCNN's boxes cover brows to chin; the boxes labelled in crowd_train (and what a crop must
-    not cut) cover the head: matched pairs there have the detector box at ~0.56 of the
-    labelled width and ~0.61 of its height, centred at 0.48 across and 0.59 down it (hair
-    above; training/results/faces.md). ``width``/``height`` are the detector box's share of
-    the head box, ``cx``/``cy`` where the detector box's centre sits in it. Fitted on
-    crowd_train by training/faces.py (medians over matched pairs; the benchmark fits them per
-    fold).
+    The boxes labelled in crowd_train (and what a crop must not cut) cover the head, hair
+    included; YuNet's cover the face. ``width``/``height`` are the detector box's share of the
+    head box, ``cx``/``cy`` where the detector box's centre sits in it: medians over matched
+    pairs on crowd_train (``python -m training.faces``, training/results/faces.md; the
+    benchmark fits them per fold).
     """
 
-    width: float = 0.556
-    height: float = 0.606
-    cx: float = 0.482
-    cy: float = 0.589
+    width: float = 0.609
+    height: float = 0.626
+    cx: float = 0.487
+    cy: float = 0.581
 
-    def apply(self, faces: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+    def apply(self, faces: npt.NDArray[Any]) -> F32:
         f = np.asarray(faces, dtype=np.float64).reshape(
             -1, np.shape(faces)[-1] if np.size(faces) else BOX_FIELDS
         )
@@ -448,9 +282,7 @@ class HeadBox:
         return out.astype(np.float32)
 
 
-def face_map(
-    faces: npt.NDArray[Any], width: int, height: int, grid_h: int, grid_w: int
-) -> npt.NDArray[np.float32]:
+def face_map(faces: npt.NDArray[Any], width: int, height: int, grid_h: int, grid_w: int) -> F32:
     """Face boxes (``[N, >= 4]``, pixels of a ``width`` x ``height`` image) as a ``grid_h`` x
     ``grid_w`` map: each cell holds the share of its area that faces cover (overlaps add, then
     capped at 1), so the map is exact at any grid resolution and 0 without faces."""

@@ -1,8 +1,9 @@
 """The sidecar's aiohttp application: ``make_app(settings)`` and ``python -m sidecar.app``.
 
 Every long-lived resource is opened by its own ``cleanup_ctx`` context, in dependency order,
-and closed in reverse when the app stops: metrics, engine (loaded and warmed once), crop core
-(kernels warmed), batcher, caches, source, decode pool, then the services the routes use.
+and closed in reverse when the app stops: metrics, engine (loaded and warmed once, with the face
+detector joined to it: sidecar/faces.py), crop core (kernels warmed), batcher, caches, source,
+decode pool, then the services the routes use.
 The routes and their answers are described in ``sidecar.routes``; the pipeline in
 ``sidecar.pipeline``.
 """
@@ -16,14 +17,12 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
 from functools import partial
 
 from aiohttp import web
 
 from engines.base import Engine
 from engines.errors import HeatcropError
-from engines.faces import FaceDetector
 from engines.loader import load_engine
 from sidecar import http_server
 from sidecar import settings as settings_mod
@@ -34,6 +33,7 @@ from sidecar.core import CropCore
 from sidecar.cpu_budget import service_budget
 from sidecar.debug import add_debug_routes
 from sidecar.decode import configure_vips
+from sidecar.faces import with_faces
 from sidecar.job import Services
 from sidecar.legacy import make_dialect
 from sidecar.metrics import Metrics
@@ -54,14 +54,6 @@ from sidecar.step_search import search_is_quick
 log = logging.getLogger("heatcrop.app")
 
 
-@dataclass(frozen=True)
-class Faces:
-    """The face detector and its thread; ``detector`` None when faces are off or unbuilt."""
-
-    detector: FaceDetector | None = None
-    pool: Executor | None = None
-
-
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 ENGINE = web.AppKey("engine", Engine)
@@ -71,7 +63,6 @@ CACHES = web.AppKey("caches", Caches)
 SOURCE = web.AppKey("source", Source)
 POOL = web.AppKey("pool", Executor)
 SEARCH_POOL = web.AppKey("search_pool", Executor)
-FACES = web.AppKey("faces", Faces)
 # Clean-up waits this long for background cache writes (each bounded by its own timeout).
 WRITES_DRAIN_S = 2.0
 
@@ -96,7 +87,6 @@ def make_app(settings: Settings) -> web.Application:
         _caches_ctx,
         _source_ctx,
         _pool_ctx,
-        _faces_ctx,
         _services_ctx,
         _gc_ctx,
     )
@@ -128,7 +118,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     # Loading and warming take seconds of CPU: off the loop, before any request is served.
     # From a lowered thread: the runtime's own threads, started now, inherit its priority.
     settings = app[SETTINGS]
-    load = partial(load_engine, settings.engine, warm=True)
+    load = partial(_load_engine, settings, app[METRICS])
     engine = await asyncio.to_thread(
         run_lowered, load, settings.server.worker_nice, "heatcrop-load"
     )
@@ -138,6 +128,10 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         app[HEALTH].engine_warm = False
         engine.close()
+
+
+def _load_engine(settings: Settings, metrics: Metrics) -> Engine:
+    return with_faces(load_engine(settings.engine, warm=True), settings, metrics)
 
 
 async def _core_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -200,38 +194,6 @@ async def _pool_ctx(app: web.Application) -> AsyncIterator[None]:
         search_pool.shutdown(wait=True, cancel_futures=True)
 
 
-async def _faces_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    if not settings.kernel.faces:
-        app[FACES] = Faces()
-        yield
-        return
-    try:
-        detector = await asyncio.to_thread(_load_faces, settings.engine.model_dir)
-    except HeatcropError as exc:
-        # The heatmap alone still crops well: a missing face model is no reason not to serve.
-        log.warning("faces: off, %s", exc)
-        app[FACES] = Faces()
-        yield
-        return
-    # Its own thread: a detection takes several times a decode, and must not hold up the
-    # decode pool that the admission's estimates are about.
-    pool = lowered_pool(1, settings.server.worker_nice, "heatcrop-faces")
-    app[FACES] = Faces(detector, pool)
-    log.info("faces: %s", detector.version)
-    try:
-        yield
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        detector.close()
-
-
-def _load_faces(model_dir: str) -> FaceDetector:
-    detector = FaceDetector(model_dir)
-    detector.warm_up()
-    return detector
-
-
 async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     svc = app[SERVICES] = Services(
@@ -247,8 +209,6 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         search_pool=app[SEARCH_POOL],
         search_inline=search_is_quick(app[CORE]),
         metrics=app[METRICS],
-        faces=app[FACES].detector,
-        face_pool=app[FACES].pool,
     )
     yield
     await svc.cancel_cold()

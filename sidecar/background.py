@@ -33,7 +33,9 @@ def finish_in_background(svc: Services, decoded: Decoded, key: str) -> bool:
     pending = Pending(decoded, asyncio.get_running_loop().create_future())
 
     def store(heat: ImageHeat) -> None:
-        analysis = make_analysis(decoded, heat.heatmaps, heat.food_mass, svc.engine.version)
+        analysis = make_analysis(
+            decoded, heat.heatmaps, heat.food_mass, svc.engine.version, faces=heat.faces
+        )
         settle(analysis)
         svc.spawn_write(svc.caches.put_analysis(key, analysis), _log_failure)
 

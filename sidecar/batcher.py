@@ -69,11 +69,14 @@ UNIT_PIXELS = 224 * 224
 class ImageHeat:
     """One image's share of an engine call, copied out of the batch arrays.
 
-    heatmaps: float32 [len(PROFILES), h, w]; food_mass: probability mass on food classes.
+    heatmaps: float32 [len(PROFILES), h, w]; food_mass: probability mass on food classes;
+    faces: [k, 5] as shares of the image's sides (``HeatmapBatch.faces``), None when the engine
+    has no face detector.
     """
 
     heatmaps: npt.NDArray[np.float32]
     food_mass: float
+    faces: npt.NDArray[np.float32] | None = None
 
 
 @dataclass(frozen=True)
@@ -174,7 +177,11 @@ def _run_engine(
         raise EngineError(f"engine returned {len(out)} results for {len(images)} images")
     # Own copies: a per-image view would keep the whole batch array alive in the caches.
     heats = [
-        ImageHeat(heatmaps=np.array(out.heatmaps[i], dtype=np.float32), food_mass=float(fm))
+        ImageHeat(
+            heatmaps=np.array(out.heatmaps[i], dtype=np.float32),
+            food_mass=float(fm),
+            faces=out.faces[i] if out.faces else None,
+        )
         for i, fm in enumerate(out.food_mass)
     ]
     return heats, time.perf_counter() - start

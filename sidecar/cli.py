@@ -218,6 +218,7 @@ def _crop(args: argparse.Namespace) -> int:
     from engines.loader import load_engine
     from sidecar.core import CropCore
     from sidecar.decode import configure_vips
+    from sidecar.faces import with_faces
 
     settings = settings_mod.load(args.config)
     size = parse_size(
@@ -226,7 +227,7 @@ def _crop(args: argparse.Namespace) -> int:
     data = _read(args.photo, settings.source.max_bytes)
     configure_vips()
     t0 = time.perf_counter()
-    engine = load_engine(settings.engine, warm=False)
+    engine = with_faces(load_engine(settings.engine, warm=False), settings, warm=False)
     t1 = time.perf_counter()
     core = CropCore.from_settings(settings, engine)
     core.warm()
@@ -240,6 +241,7 @@ def _crop(args: argparse.Namespace) -> int:
         "profile": profile,
         "model": engine.version,
         "food_mass": round(analysis.food_mass, 4),
+        "faces": [[round(float(v), 1) for v in f] for f in analysis.faces],
     }
     timings = {
         "engine_load": (t1 - t0) * 1e3,
@@ -264,8 +266,9 @@ def _crop(args: argparse.Namespace) -> int:
             from sidecar.overlay import render_overlay
 
             heat = core.prepared(analysis, profile)
+            faces = core.protected(analysis)
             args.debug.write_bytes(
-                render_overlay(data, heat, box, centre, analysis.width, analysis.height)
+                render_overlay(data, heat, box, centre, analysis.width, analysis.height, faces)
             )
     else:
         chosen = None

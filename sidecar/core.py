@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from engines.base import PROFILES, Engine
+from engines.face_engine import in_pixels
 from engines.faces import BOX_FIELDS, HeadBox
 from kernels.faces import best_window_faces
 from kernels.heat import prepare_heatmap
@@ -54,8 +55,10 @@ def make_analysis(
     faces: npt.NDArray[np.float32] | None = None,
 ) -> Analysis:
     """The Analysis of a decoded original from the engine's output for it (one image's
-    ``[len(PROFILES), h, w]`` maps and food mass): the one place that builds it, for the
-    service's pipeline, ``heatcrop warm``, ``CropCore.analyse`` (command line, debug pages)."""
+    ``[len(PROFILES), h, w]`` maps, food mass and faces as shares of the image's sides, as
+    ``HeatmapBatch.faces`` gives them): the one place that builds it, for the service's
+    pipeline, its background heatmaps, ``heatcrop warm``, ``CropCore.analyse`` (command line,
+    debug pages)."""
     return Analysis(
         width=decoded.width,
         height=decoded.height,
@@ -63,9 +66,7 @@ def make_analysis(
         food_mass=float(food_mass),
         model_version=model_version,
         timings_ms={} if timings_ms is None else timings_ms,
-        faces=no_faces()
-        if faces is None
-        else np.asarray(faces, np.float32).reshape(-1, BOX_FIELDS),
+        faces=no_faces() if faces is None else in_pixels(faces, decoded.width, decoded.height),
     )
 
 
@@ -106,12 +107,19 @@ class CropCore:
         out = self.engine.infer(decoded.pixels[np.newaxis])
         t2 = time.perf_counter()
         timings = {"decode": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3}
+        faces = out.faces[0] if out.faces else None
         return make_analysis(
-            decoded, out.heatmaps[0], out.food_mass[0], self.engine.version, timings
+            decoded, out.heatmaps[0], out.food_mass[0], self.engine.version, timings, faces
         )
 
     def prepared(self, analysis: Analysis, profile: str | None = None) -> npt.NDArray[np.float32]:
         return prepare(blend_profiles(analysis, profile or self.profile), self.kernel)
+
+    def protected(self, analysis: Analysis) -> npt.NDArray[np.float32]:
+        """The head boxes the face rule keeps whole for ``analysis`` (none with faces off)."""
+        if not self.kernel.faces or not len(analysis.faces):
+            return no_faces()
+        return self.head_box.apply(analysis.faces)
 
     def box(
         self,

@@ -192,8 +192,9 @@ def _render(svc: Services, seen: Inspection) -> bytes:
     analysis = seen.analysis
     centre = svc.core.center(analysis, seen.size.aspect)
     heat = svc.core.prepared(analysis)
+    faces = svc.core.protected(analysis)
     return render_overlay(
-        seen.original.data, heat, seen.box, centre, analysis.width, analysis.height
+        seen.original.data, heat, seen.box, centre, analysis.width, analysis.height, faces
     )
 
 

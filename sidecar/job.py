@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engines.base import Engine
-from engines.faces import FaceDetector
 from kernels.window import CropBox
 from sidecar.admission import DecodeAdmission
 from sidecar.batcher import Batcher
@@ -135,9 +134,6 @@ class Services:
     search_pool: Executor  # window searches, unless quick enough to run on the loop
     metrics: Metrics
     search_inline: bool = False
-    # The face detector (None: faces off, or no face model built) and its own thread.
-    faces: FaceDetector | None = None
-    face_pool: Executor | None = None
     flights: SingleFlight[tuple[str, Analysis]] = field(default_factory=SingleFlight)
     identities: IdentityMemo = field(default_factory=IdentityMemo)
     background: dict[str, Pending] = field(default_factory=dict)  # by heatmap key
@@ -151,11 +147,10 @@ class Services:
 
     @property
     def heat_version(self) -> str:
-        """What heatmap keys name as the model: the engine's version, and the face detector's
-        when faces are found (its boxes are cached with the heatmap)."""
-        if self.faces is None:
-            return self.engine.version
-        return f"{self.engine.version}+{self.faces.version}"
+        """What heatmap keys name as the model: the engine's version, which names the face
+        detector too when one is joined to it (engines/face_engine.py: its boxes are cached
+        with the heatmap)."""
+        return self.engine.version
 
     def spawn_write(
         self, write: Awaitable[Any], on_done: Callable[[asyncio.Task[Any]], None]
@@ -233,9 +228,6 @@ class AnalyseJob:
     original_size: tuple[int, int] | None = None  # from its header (``Original.size``)
     decoded: Decoded | None = None
     analysis: Analysis | None = None
-    # The face detector's run on ``data`` (step ``faces``): boxes in its own decode and that
-    # decode's (width, height), None when it failed; not started when faces are off.
-    faces: asyncio.Future[tuple[Any, tuple[int, int]] | None] | None = None
 
 
 Step = Callable[[Services, CropJob], Awaitable[None]]

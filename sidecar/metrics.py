@@ -359,6 +359,8 @@ STAGE_BUCKETS = (
     2.0,
 )
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+# Faces per photo: the detector keeps at most kernel.max_faces (64 by default).
+FACES_BUCKETS = (0, 1, 2, 3, 5, 8, 13, 21, 34, 63, 64)
 
 
 class Metrics:
@@ -369,7 +371,8 @@ class Metrics:
     reasons (admission, queue-full, expired, shutdown); the request pipeline records every other
     stage, ``requests_total``, cache lookups and ``giveups_total{reason="deadline"}``; the
     background CPU budget (sidecar/cpu_budget.py) ``background_cpu_seconds_total`` and
-    ``background_held_total``.
+    ``background_held_total``; the face detector, inside the engine call (sidecar/faces.py),
+    ``face_seconds`` and ``faces_per_photo``.
     """
 
     def __init__(self, namespace: str = "heatcrop") -> None:
@@ -435,6 +438,21 @@ class Metrics:
                 p + "background_held_total",
                 "Background work held back until the CPU budget refilled, by stage.",
                 {"stage": BACKGROUND_STAGES},
+            )
+        )
+
+        self.face_seconds = self._add(
+            Histogram(
+                p + "face_seconds",
+                "Seconds of the face detector per engine call (part of batch_seconds).",
+                STAGE_BUCKETS,
+            )
+        )
+        self.faces_found = self._add(
+            Histogram(
+                p + "faces_per_photo",
+                "Faces the detector kept per photo (at most kernel.max_faces).",
+                FACES_BUCKETS,
             )
         )
 

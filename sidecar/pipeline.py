@@ -24,10 +24,9 @@ and none calls another. In order:
     cold-read  with ``server.cold_policy = "legacy"``: not cached after all, so as step cold
     take-back  an earlier give-up's pixels of this original, left for the background
     decode     in the decode pool, unless refused first (``DecodeAdmission``)
-    faces      with ``kernel.faces``: the face detector started on the bytes in its own thread,
-               beside the engine (sidecar/step_faces.py)
-    infer      the batcher and the engine; the heatmap, and the faces, stored in the heatmap
-               cache
+    infer      the batcher and the engine (with ``kernel.faces``, the face detector in the same
+               engine call, on the same pixels: sidecar/faces.py); the heatmap and its faces
+               stored in the heatmap cache
              Fetch and lookup go on for the other waiters past that deadline; the decode and
              the engine do not start late. Pixels decoded for a request that then gives up go
              to the background (sidecar/background.py)
@@ -48,7 +47,6 @@ from sidecar.step_analyse import OncePerPath, SharedStep
 from sidecar.step_box import step_box_cache
 from sidecar.step_cold import step_cold, step_cold_read
 from sidecar.step_decode import step_decode
-from sidecar.step_faces import step_faces
 from sidecar.step_fetch import step_fetch
 from sidecar.step_heatmap import step_heatmap_cache
 from sidecar.step_infer import step_infer
@@ -71,7 +69,6 @@ STEPS: tuple[tuple[str, Step], ...] = (
             SharedStep("cold-read", step_cold_read, after_deadline=True),
             SharedStep("take-back", step_take_back),
             SharedStep("decode", step_decode),
-            SharedStep("faces", step_faces),
             SharedStep("infer", step_infer),
         ),
     ),

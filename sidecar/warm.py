@@ -2,8 +2,9 @@
 
 Each path goes through the same functions as the service's pipeline (source fetch, the
 original's identity, ``heatmap_key``, ``decode``, the batcher, ``make_analysis``,
-``put_analysis``), so a sidecar asking for a warmed original finds its heatmap under the very
-same key and runs no CNN. Originals whose heatmap is already cached are skipped. Every failure
+``put_analysis``), with the same engine (the face detector joined to it: sidecar/faces.py), so
+a sidecar asking for a warmed original finds its heatmap and faces under the very same key and
+runs no CNN. Originals whose heatmap is already cached are skipped. Every failure
 (bad path, missing or broken original, cache write refused) is counted by error type, never
 raised: one bad line must not stop a backlog of millions.
 """
@@ -30,6 +31,7 @@ from sidecar.caches import Caches, heatmap_key, make_caches
 from sidecar.core import make_analysis
 from sidecar.decode import decode
 from sidecar.errors import HeatcropError
+from sidecar.faces import with_faces
 from sidecar.records import AnalysisExpect
 from sidecar.settings import Settings
 from sidecar.sources import Source, make_source
@@ -109,7 +111,9 @@ class _Warmer:
             partial(decode, original.data, max_bytes=src.max_bytes, max_pixels=src.max_pixels),
         )
         heat = await self.batcher.infer(decoded.pixels, loop.time() + WARM_DEADLINE_S)
-        analysis = make_analysis(decoded, heat.heatmaps, heat.food_mass, self.engine.version)
+        analysis = make_analysis(
+            decoded, heat.heatmaps, heat.food_mass, self.engine.version, faces=heat.faces
+        )
         if not await self.caches.put_analysis(key, analysis):
             raise CacheWriteFailed(key)
         return "done"
@@ -151,13 +155,17 @@ async def warm(
     unique = list(dict.fromkeys(paths))
     summary = WarmSummary(duplicates=len(paths) - len(unique))
     start = time.perf_counter()
-    engine = await asyncio.to_thread(load_engine, settings.engine, warm=True)
+    engine = await asyncio.to_thread(_load_engine, settings)
     try:
         await _warm_all(settings, engine, unique, concurrency, progress, summary)
     finally:
         engine.close()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _load_engine(settings: Settings) -> Engine:
+    return with_faces(load_engine(settings.engine, warm=True), settings)
 
 
 async def _warm_all(

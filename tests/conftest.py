@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engines import quantize
+from engines import faces_build, quantize
 from engines.export import export
 from engines.ort import OrtEngine
 from tests.support.redis_server import RedisServer
@@ -15,10 +15,12 @@ from tests.support.redis_server import RedisServer
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """What `make model` builds: the FP32 graph and its INT8 twin (the service's default)."""
+    """What `make model` builds: the FP32 graph, its INT8 twin (the service's default) and the
+    face detector."""
     out = tmp_path_factory.mktemp("model")
     export(out)
     quantize.build(out)
+    faces_build.build(out)
     return out
 
 

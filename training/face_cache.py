@@ -3,8 +3,9 @@
     python -m training.face_cache [--sets fcdb_train,...] [--eval-dir ../shared/eval]
         [--model-dir build/model] [--cache build/heads]
 
-The detector is engines/faces.py's MTCNN as the service runs it (default FaceParams, one
-thread, photos decoded to fit 768 px); boxes are stored in the original photo's pixels in
+The detector is engines/faces.py's YuNet as the service runs it (default FaceParams, one
+thread, on the photo's shape bucket as the service decodes it); boxes are stored in the
+original photo's pixels in
 ``<cache>/faces-<detector version>-<set>.npz`` (``names``, ``offsets``, ``boxes`` [N, 5]:
 x0, y0, x1, y1, score), so that the read-out head can take them as an input channel
 (training/heads.py, ``faces=1``) without running the detector again.
@@ -66,7 +67,7 @@ def detect_cached(
     boxes = {}
     t0 = time.perf_counter()
     for i, item in enumerate(eval_set.items):
-        boxes[item.name] = detect_original(detector, item)
+        boxes[item.name] = detect_original(detector, item)[0]
         if (i + 1) % 100 == 0:
             print(
                 f"{eval_set.name}: {i + 1}/{len(eval_set.items)} "

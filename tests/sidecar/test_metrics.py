@@ -104,6 +104,8 @@ def test_service_metrics_render_and_parse_back():
         "heatcrop_cold_heatmaps_total": "counter",
         "heatcrop_background_cpu_seconds_total": "counter",
         "heatcrop_background_held_total": "counter",
+        "heatcrop_face_seconds": "histogram",
+        "heatcrop_faces_per_photo": "histogram",
     }
     assert series(samples, "heatcrop_requests_total", outcome="smart") == 1
     assert series(samples, "heatcrop_requests_total", outcome="giveup") == 2
