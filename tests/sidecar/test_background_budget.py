@@ -27,6 +27,7 @@ from tests.support.sidecar_metrics import scraped
 
 CALL_CPU_S = 0.01  # what the scripted meter charges per engine call
 DECODE_CPU_S = 0.01  # and per decode
+DEBT_S = 0.05
 
 
 def image(marker: int) -> np.ndarray:
@@ -122,7 +123,9 @@ async def test_cold_heatmaps_wait_for_the_budget_and_are_made_once_it_refills(cl
 
     budget = CpuBudget(0.25, clock=clock, cpu=meter, metrics=svc.metrics)
     svc.batcher.budget = budget  # in place of the app's own: a clock and a meter the test holds
-    budget.charge(1.0)  # overdrawn by 1 CPU s: 4 s of refill, which never comes while paused
+    # Overdrawn: 0.2 s of refill, which never comes while the clock stands still (the worker
+    # looks again every 0.2 s of real time).
+    budget.charge(DEBT_S)
     resp = await client.get("/crop/400x300/one.jpg")
     assert resp.status == 200
     assert resp.headers["X-Heatcrop-Path"] == "cold"  # the answer does not wait for the budget
@@ -137,9 +140,9 @@ async def test_cold_heatmaps_wait_for_the_budget_and_are_made_once_it_refills(cl
     assert "one.jpg" in svc.cold
     assert await scraped(client, "heatcrop_stage_seconds_count", stage="decode") == 0
     assert await scraped(client, "heatcrop_nn_runs_total") == 0
-    assert budget.spent == pytest.approx(1.0)
+    assert budget.spent == pytest.approx(DEBT_S)
     clock.resume()
-    clock.advance(4.0)  # repaid; from now on it refills with time
+    clock.advance(DEBT_S / 0.25)  # repaid; from now on it refills with time
 
     async def computed() -> bool:
         return await scraped(client, "heatcrop_cold_heatmaps_total", result="computed") == 1
@@ -148,8 +151,8 @@ async def test_cold_heatmaps_wait_for_the_budget_and_are_made_once_it_refills(cl
     assert await scraped(client, "heatcrop_nn_runs_total") == 1
     # The decode was charged (the CNN run too, by the batcher, though this meter sees no CPU in
     # it); the metric says what the budget was charged.
-    assert budget.spent == pytest.approx(1.0 + DECODE_CPU_S)
+    assert budget.spent == pytest.approx(DEBT_S + DECODE_CPU_S)
     charged = await scraped(client, "heatcrop_background_cpu_seconds_total")
-    assert charged == pytest.approx(1.0 + DECODE_CPU_S)
+    assert charged == pytest.approx(DEBT_S + DECODE_CPU_S)
     resp = await client.get("/crop/400x300/one.jpg")
     assert resp.headers["X-Heatcrop-Path"] == "smart"

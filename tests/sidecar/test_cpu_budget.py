@@ -13,6 +13,7 @@ import pytest
 from sidecar import settings as s
 from sidecar.cpu_budget import (
     BUSY_TRICKLE,
+    IDLE_RESERVE_CORES,
     IDLE_WINDOW_S,
     CpuBudget,
     MachineIdle,
@@ -108,12 +109,12 @@ def test_a_busy_machine_refills_the_budget_at_a_trickle() -> None:
     budget.charge(0.5)
     clock.advance(0.5)  # not known: the rate alone, 0.25 CPU s repaid
     assert budget.balance() == pytest.approx(-0.25)
-    idle[0] = 0.4  # fewer than `share` cores idle: busy
+    idle[0] = 0.5 + IDLE_RESERVE_CORES - 0.01  # not the share and the reserve: busy
     assert budget.busy()
     clock.advance(0.5)
     assert budget.balance() == pytest.approx(-0.25 + 0.25 * BUSY_TRICKLE)
     assert budget.delay() == IDLE_WINDOW_S  # looked at again after the next window
-    idle[0] = 1.5
+    idle[0] = 0.5 + IDLE_RESERVE_CORES
     assert not budget.busy()
     clock.advance(0.5 - 0.5 * BUSY_TRICKLE)
     assert budget.ready()
