@@ -1,0 +1,528 @@
+"""Cold cost of a crop against libvips attention as an image server runs it (issue 25).
+
+    python -m bench.cost [--dir ../shared/eval/fcdb_dev/images] [--rounds 3]
+        [--in-flight 2 4] [--out bench/results/cost.md]
+
+In ONE run, round after round on the same photos, every request cold (a fresh sidecar for each
+part of a round, so no photo was seen before by the process that answers it):
+
+1. one cold request at a time, photo by photo, the methods' order rotating per photo: libvips
+   attention in its own process with libvips' defaults (bench/cost_workers.py: threads,
+   operation cache; ``configure_vips()`` is never called there); heatcrop's CropCore in its
+   own process as the sidecar runs it (``configure_vips()``, the settings' engine and face
+   detector), faces on and off; the real sidecar (``python -m sidecar.app`` on a free loopback
+   port, started and stopped by its PID) over HTTP, faces on and off;
+2. cost at saturation: every photo at 2 and 4 in flight, nothing given up (deadline 60 s;
+   X-Heatcrop-Path and the sidecar's own counters say whether anything was): the sidecar with
+   faces on and off, attention in a pool of as many threads in its own process. Images per
+   second and the serving process's CPU per photo (/proc: a figure other jobs on a shared
+   machine disturb less than a rate);
+3. ratios against attention measured in the same round, summed up over the rounds as the
+   median and the lowest and highest, beside the machine's load in each round.
+
+HEATCROP_* variables of this process reach the sidecars and CropCore (e.g.
+HEATCROP_ENGINE_ORT_PRECISION=int8); faces and the deadline are set here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from bench.cost_stats import (
+    Latency,
+    Saturation,
+    answer_kind,
+    cost_ratio,
+    count_kinds,
+    fmt_kinds,
+    merge_kinds,
+    quantile,
+    ratio,
+    rotated,
+    spread,
+)
+from bench.cost_workers import ATTENTION_CALL
+from bench.service import Sidecar, cpu_model, scrape, sidecar
+from training.data import publish
+
+DEFAULT_PHOTOS = Path("../shared/eval/fcdb_dev/images")
+SIZE = "400x300"
+DEADLINE_MS = 60_000
+HTTP_TIMEOUT_S = 120.0
+WORKER_STOP_S = 10.0
+
+ATT = "libvips attention"
+CORE_ON = "heatcrop in-process, faces on"
+CORE_OFF = "heatcrop in-process, faces off"
+HTTP_ON = "heatcrop sidecar over HTTP, faces on"
+HTTP_OFF = "heatcrop sidecar over HTTP, faces off"
+LATENCY_METHODS = (ATT, CORE_ON, CORE_OFF, HTTP_ON, HTTP_OFF)
+SAT_ON = "heatcrop sidecar, faces on"
+SAT_OFF = "heatcrop sidecar, faces off"
+SAT_METHODS = (ATT, SAT_ON, SAT_OFF)
+FACES = {CORE_ON: True, CORE_OFF: False, HTTP_ON: True, HTTP_OFF: False}
+FACES |= {SAT_ON: True, SAT_OFF: False}
+
+Reply = dict[str, Any]
+
+
+# -- processes ------------------------------------------------------------------------------
+
+
+class Worker:
+    """A ``bench.cost_workers`` process: one JSON request a line in, one reply a line out."""
+
+    def __init__(self, kind: str, env: Mapping[str, str], log: IO[bytes]) -> None:
+        self.log = log
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.cost_workers", kind],
+            env={**os.environ, **env},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+        )
+        self._read()  # {"ready": true}, after the engine is loaded and warm
+
+    def ask(self, **request: object) -> Reply:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def _read(self) -> Reply:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(WORKER_STOP_S)
+            self.log.seek(0)
+            tail = self.log.read()[-2000:].decode(errors="replace")
+            raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{tail}")
+        reply: Reply = json.loads(line)
+        return reply
+
+    def close(self) -> None:
+        """End of input, then its own PID if it does not exit."""
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(WORKER_STOP_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(WORKER_STOP_S)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@contextlib.contextmanager
+def worker(kind: str, env: Mapping[str, str] | None = None) -> Iterator[Worker]:
+    with tempfile.TemporaryFile() as log:
+        w = Worker(kind, env or {}, log)
+        try:
+            yield w
+        finally:
+            w.close()
+
+
+def sidecar_env(root: Path, faces: bool) -> dict[str, str]:
+    return {
+        "HEATCROP_SOURCE_KIND": "folder",
+        "HEATCROP_SOURCE_ROOT": str(root.resolve()),
+        "HEATCROP_SERVER_DEADLINE_MS": str(DEADLINE_MS),
+        "HEATCROP_KERNEL_FACES": "true" if faces else "false",
+    }
+
+
+def core_env(faces: bool) -> dict[str, str]:
+    return {"HEATCROP_KERNEL_FACES": "true" if faces else "false"}
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Client:
+    """One kept-alive HTTP connection to a sidecar."""
+
+    def __init__(self, base: str) -> None:
+        url = urllib.parse.urlsplit(base)
+        self.host, self.port = url.hostname or "127.0.0.1", url.port or 80
+        self.conn = http.client.HTTPConnection(self.host, self.port, timeout=HTTP_TIMEOUT_S)
+
+    def crop(self, name: str) -> tuple[str, float]:
+        """(answer kind, ms) of /crop/400x300/<name>."""
+        target = f"/crop/{SIZE}/{urllib.parse.quote(name)}"
+        t0 = time.perf_counter()
+        try:
+            self.conn.request("GET", target)
+            resp = self.conn.getresponse()
+            resp.read()
+        except (OSError, http.client.HTTPException):
+            self.conn.close()
+            return "error", (time.perf_counter() - t0) * 1e3
+        ms = (time.perf_counter() - t0) * 1e3
+        return answer_kind(resp.status, resp.getheader("X-Heatcrop-Path")), ms
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def metric_sum(samples: Mapping[str, float], name: str) -> float:
+    return sum(v for k, v in samples.items() if k == name or k.startswith(name + "{"))
+
+
+# -- one request at a time ------------------------------------------------------------------
+
+
+@dataclass
+class LatencyRound:
+    load: float
+    by_method: dict[str, Latency]
+    stages: dict[str, dict[str, float]]  # in-process: median ms of decode and infer
+
+
+def latency_round(
+    r: int, names: Sequence[str], warm: Sequence[str], root: Path, cores: Mapping[str, Worker]
+) -> LatencyRound:
+    load = os.getloadavg()[0]
+    with contextlib.ExitStack() as stack:
+        att = stack.enter_context(worker("attention"))
+        clients = {}
+        for method in (HTTP_ON, HTTP_OFF):
+            svc = stack.enter_context(sidecar(sidecar_env(root, FACES[method]), cores=None))
+            clients[method] = Client(svc.base)
+            stack.callback(clients[method].close)
+        samples: dict[str, list[float]] = {m: [] for m in LATENCY_METHODS}
+        kinds: dict[str, list[str]] = {m: [] for m in LATENCY_METHODS}
+        stages: dict[str, dict[str, list[float]]] = {m: {"decode": [], "infer": []} for m in cores}
+
+        def run(method: str, name: str) -> tuple[str, float]:
+            path = str(root / name)
+            if method == ATT:
+                return "cold", float(att.ask(op="one", path=path)["ms"])
+            if method in cores:
+                reply = cores[method].ask(op="one", path=path)
+                for key, values in stages[method].items():
+                    values.append(float(reply[key]))
+                return "cold", float(reply["ms"])
+            return clients[method].crop(name)
+
+        for name in warm:
+            for method in LATENCY_METHODS:
+                run(method, name)
+        for values in stages.values():
+            for v in values.values():
+                v.clear()
+        for i, name in enumerate(names):
+            for method in rotated(LATENCY_METHODS, r + i):
+                kind, ms = run(method, name)
+                samples[method].append(ms)
+                kinds[method].append(kind)
+    return LatencyRound(
+        load=load,
+        by_method={m: Latency(tuple(samples[m]), count_kinds(kinds[m])) for m in LATENCY_METHODS},
+        stages={m: {k: quantile(v, 0.5) for k, v in s.items()} for m, s in stages.items()},
+    )
+
+
+# -- saturation -----------------------------------------------------------------------------
+
+
+def http_saturation(svc: Sidecar, names: Sequence[str], n: int) -> Saturation:
+    """Every photo through the sidecar, ``n`` requests in flight (one connection each)."""
+    before = scrape(svc)
+    pending = iter(names)
+    lock = threading.Lock()
+    kinds: list[str] = []
+    clients = [Client(svc.base) for _ in range(n)]
+    for c in clients:
+        c.conn.connect()
+    start = threading.Barrier(n + 1)
+
+    def work(client: Client) -> None:
+        start.wait()
+        while True:
+            with lock:
+                name = next(pending, None)
+            if name is None:
+                return
+            kinds.append(client.crop(name)[0])
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    cpu0, client0 = process_cpu_s(svc.pid), time.process_time()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    cpu1, client1 = process_cpu_s(svc.pid), time.process_time()
+    for c in clients:
+        c.close()
+    after = scrape(svc)
+    name = "heatcrop_giveups_total"
+    return Saturation(
+        photos=len(names),
+        kinds=count_kinds(kinds),
+        wall_s=wall,
+        server_cpu_s=cpu1 - cpu0,
+        client_cpu_s=client1 - client0,
+        metric_giveups=round(metric_sum(after, name) - metric_sum(before, name)),
+        cnn_runs=round(
+            metric_sum(after, "heatcrop_nn_runs_total")
+            - metric_sum(before, "heatcrop_nn_runs_total")
+        ),
+    )
+
+
+def saturation_run(
+    method: str, n: int, names: Sequence[str], warm: Sequence[str], root: Path
+) -> Saturation:
+    """A fresh process for ``method``, warmed on ``warm``, then ``names`` at ``n`` in flight."""
+    if method == ATT:
+        with worker("attention") as att:
+            for name in warm:
+                att.ask(op="one", path=str(root / name))
+            reply = att.ask(op="pool", n=n, paths=[str(root / name) for name in names])
+        return Saturation(
+            photos=len(names),
+            kinds={"cold": int(reply["done"])},
+            wall_s=float(reply["wall_s"]),
+            server_cpu_s=float(reply["cpu_s"]),
+        )
+    with sidecar(sidecar_env(root, FACES[method]), cores=None) as svc:
+        client = Client(svc.base)
+        for name in warm:
+            client.crop(name)
+        client.close()
+        return http_saturation(svc, names, n)
+
+
+@dataclass
+class SaturationRound:
+    load: float
+    runs: dict[tuple[int, str], Saturation] = field(default_factory=dict)
+
+
+def saturation_round(
+    r: int, names: Sequence[str], warm: Sequence[str], root: Path, in_flight: Sequence[int]
+) -> SaturationRound:
+    out = SaturationRound(load=os.getloadavg()[0])
+    for k, n in enumerate(in_flight):
+        for method in rotated(SAT_METHODS, r + k):
+            out.runs[(n, method)] = saturation_run(method, n, names, warm, root)
+    return out
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    latency: list[LatencyRound] = field(default_factory=list)
+    saturation: list[SaturationRound] = field(default_factory=list)
+    info: dict[str, Reply] = field(default_factory=dict)
+    uptime: list[str] = field(default_factory=list)
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dir", type=Path, default=DEFAULT_PHOTOS)
+    parser.add_argument("--photos", type=int, default=0, help="at most this many (0: all)")
+    parser.add_argument("--warmup", type=int, default=2, help="photos that warm, not measured")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--in-flight", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--phases", choices=("all", "latency", "saturation"), default="all")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    names = sorted(p.name for p in args.dir.glob("*.jpg"))
+    if args.photos:
+        names = names[: args.photos + args.warmup]
+    warm, names = names[: args.warmup], names[args.warmup :]
+    if not names:
+        sys.exit(f"no photos in {args.dir} beyond the {args.warmup} warm-up ones")
+    started = datetime.now(UTC)
+    res = Results(uptime=[uptime()])
+    with contextlib.ExitStack() as stack:
+        latency = args.phases in ("all", "latency")
+        cores = {
+            m: stack.enter_context(worker("core", core_env(FACES[m])))
+            for m in (CORE_ON, CORE_OFF) if latency
+        }  # fmt: skip
+        res.info = {m: w.ask(op="info") for m, w in cores.items()}
+        with worker("attention") as att:
+            res.info[ATT] = att.ask(op="info")
+        for r in range(args.rounds):
+            if latency:
+                res.latency.append(latency_round(r, names, warm, args.dir, cores))
+                print(f"round {r + 1}: latency done ({uptime()})", file=sys.stderr)
+            if args.phases in ("all", "saturation"):
+                res.saturation.append(saturation_round(r, names, warm, args.dir, args.in_flight))
+                print(f"round {r + 1}: saturation done ({uptime()})", file=sys.stderr)
+    res.uptime.append(uptime())
+    lines = report(started, args, len(names), res)
+    publish("\n".join(lines) + "\n", args.out)
+    return 0
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def report(started: datetime, args: argparse.Namespace, n: int, res: Results) -> list[str]:
+    info_on, att = res.info.get(CORE_ON, {}), res.info.get(ATT, {})
+    lines = [
+        f"# heatcrop's cold cost against libvips attention ({started:%Y-%m-%d %H:%M} UTC)",
+        "",
+        f"`python -m bench.cost` ({len(res.latency) or len(res.saturation)} rounds, "
+        f"{n} photos of `{args.dir}` each round, {args.warmup} more to warm each process; "
+        "every request cold: a fresh sidecar and attention process for each part of a round).",
+        f"Machine: {os.cpu_count()} cores ({cpu_model()}), shared with other jobs; "
+        f"`uptime` before: {res.uptime[0]}; after: {res.uptime[-1]}.",
+        f"heatcrop: engine `{info_on.get('engine')}` (ort_precision={info_on.get('precision')}, "
+        f"{info_on.get('threads')} threads), face detector `{info_on.get('detector')}` when "
+        f"faces are on; libvips concurrency {info_on.get('vips_concurrency')} "
+        f"(`configure_vips()`, as the sidecar). Attention: `{ATTENTION_CALL}` in its own "
+        f"process, libvips {att.get('libvips')} with its defaults (concurrency "
+        f"{att.get('vips_concurrency')}, operation cache {att.get('vips_cache_max')}).",
+        "",
+    ]
+    if res.latency:
+        lines += latency_table(res.latency)
+    if res.saturation:
+        lines += saturation_table(res.saturation)
+    lines += [
+        "Medians over the rounds, lowest–highest in brackets; a ratio is taken within each round",
+        "(both figures measured minutes apart on the same photos) and then summed up the same way.",
+        "",
+    ]
+    lines += per_round(res)
+    return lines
+
+
+def latency_table(rounds: Sequence[LatencyRound]) -> list[str]:
+    rows = []
+    for m in LATENCY_METHODS:
+        med = spread(r.by_method[m].median for r in rounds)
+        p90 = spread(r.by_method[m].p90 for r in rounds)
+        rel = spread(ratio(r.by_method[m].median, r.by_method[ATT].median) for r in rounds)
+        kinds = merge_kinds(r.by_method[m].kinds for r in rounds)
+        rows.append(f"| {m} | {med.fmt()} | {p90.fmt()} | {rel.fmt(2, '×')} | {fmt_kinds(kinds)} |")
+    stage_rows = []
+    for m in (CORE_ON, CORE_OFF):
+        dec = spread(r.stages[m]["decode"] for r in rounds)
+        inf = spread(r.stages[m]["infer"] for r in rounds)
+        stage_rows.append(f"| {m} | {dec.fmt()} | {inf.fmt()} |")
+    return [
+        "## One cold request at a time",
+        "",
+        "| method | median ms | p90 ms | median against attention | answers |",
+        "|---|---:|---:|---:|---|",
+        *rows,
+        "",
+        "In-process stages (median ms per photo): the decode is shrink-on-load to the CNN's",
+        "bucket; the engine call is the CNN and, with faces on, the face detector on the same",
+        "pixels.",
+        "",
+        "| method | decode | engine call |",
+        "|---|---:|---:|",
+        *stage_rows,
+        "",
+    ]
+
+
+def saturation_table(rounds: Sequence[SaturationRound]) -> list[str]:
+    in_flight = sorted({n for r in rounds for n, _ in r.runs})
+    rows = []
+    for n in in_flight:
+        for m in SAT_METHODS:
+            runs = [r.runs[(n, m)] for r in rounds if (n, m) in r.runs]
+            atts = [r.runs[(n, ATT)] for r in rounds if (n, m) in r.runs]
+            rate = spread(s.rate for s in runs)
+            cpu = spread(s.cpu_ms for s in runs)
+            client = spread(s.client_cpu_ms for s in runs) if m != ATT else None
+            cost = spread(cost_ratio(s, a) for s, a in zip(runs, atts, strict=True))
+            cpu_rel = spread(ratio(s.cpu_ms, a.cpu_ms) for s, a in zip(runs, atts, strict=True))
+            gave_up = sum(s.given_up for s in runs)
+            dirty = sum(not s.clean for s in runs)
+            verdict = "none" if not dirty else f"**{gave_up} in {dirty} of {len(runs)} runs**"
+            rows.append(
+                f"| {n} | {m} | {rate.fmt(0)} | {cpu.fmt()} | "
+                f"{client.fmt(2) if client else '—'} | {verdict} | "
+                f"{'1' if m == ATT else cost.fmt(2, '×')} | "
+                f"{'1' if m == ATT else cpu_rel.fmt(2, '×')} |"
+            )
+    return [
+        "## Cost at saturation (every core busy, nothing given up)",
+        "",
+        "| in flight | method | images/s | CPU ms/photo (server) | client CPU ms/photo "
+        "| given up | cost against attention | CPU against attention |",
+        "|---:|---|---:|---:|---:|---|---:|---:|",
+        *rows,
+        "",
+        "Cost against attention: attention's images per second over heatcrop's, in the same",
+        "round (a run that gave anything up has none). CPU: the serving process's user + system",
+        "CPU over the run per photo (the sidecar's from /proc, attention's process time); the",
+        "client's CPU (bench.cost's own threads, HTTP on loopback) is apart and counts for",
+        "neither. Attention runs in a thread pool of as many threads as requests in flight,",
+        "without HTTP and without encoding its output: its figures are a lower bound of what",
+        "an image server spends on it.",
+        "",
+    ]
+
+
+def per_round(res: Results) -> list[str]:
+    lines = ["## Round by round", ""]
+    if res.latency:
+        lines += [
+            "| round | load (1 min) | "
+            + " | ".join(f"{m} median ms" for m in LATENCY_METHODS)
+            + " |",
+            "|---:|---:|" + "---:|" * len(LATENCY_METHODS),
+        ]
+        for i, r in enumerate(res.latency):
+            cells = " | ".join(f"{r.by_method[m].median:.1f}" for m in LATENCY_METHODS)
+            lines.append(f"| {i + 1} | {r.load:.2f} | {cells} |")
+        lines.append("")
+    if res.saturation:
+        lines += [
+            "| round | load (1 min) | in flight | method | images/s | CPU ms/photo | answers "
+            "| CNN runs |",
+            "|---:|---:|---:|---|---:|---:|---|---:|",
+        ]
+        for i, r in enumerate(res.saturation):
+            for (n, m), s in sorted(r.runs.items()):
+                runs = "—" if s.cnn_runs is None else str(s.cnn_runs)
+                lines.append(
+                    f"| {i + 1} | {r.load:.2f} | {n} | {m} | {s.rate:.0f} | {s.cpu_ms:.1f} | "
+                    f"{fmt_kinds(s.kinds)}"
+                    f"{f', give-ups counted {s.metric_giveups}' if s.metric_giveups else ''} "
+                    f"| {runs} |"
+                )
+        lines.append("")
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())
