@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import http.client
 import json
+import math
 import os
 import subprocess
 import sys
@@ -57,7 +58,7 @@ from bench.cost_stats import (
     spread,
 )
 from bench.cost_workers import ATTENTION_CALL
-from bench.service import Sidecar, cpu_model, scrape, sidecar
+from bench.service import Sidecar, _label, cpu_model, scrape, sidecar
 from training.data import publish
 
 DEFAULT_PHOTOS = Path("../shared/eval/fcdb_dev/images")
@@ -195,7 +196,13 @@ def metric_sum(samples: Mapping[str, float], name: str) -> float:
 class LatencyRound:
     load: float
     by_method: dict[str, Latency]
-    stages: dict[str, dict[str, float]]  # in-process: median ms of decode and infer
+    # In-process methods: median ms of their stages and CPU per photo (STAGES)
+    stages: dict[str, dict[str, float]]
+
+
+# What the in-process workers say of each photo beside its time (bench/cost_workers.py).
+STAGES = {ATT: ("cpu_ms",), CORE_ON: ("decode", "infer", "cpu_ms")}
+STAGES[CORE_OFF] = STAGES[CORE_ON]
 
 
 def latency_round(
@@ -211,18 +218,15 @@ def latency_round(
             stack.callback(clients[method].close)
         samples: dict[str, list[float]] = {m: [] for m in LATENCY_METHODS}
         kinds: dict[str, list[str]] = {m: [] for m in LATENCY_METHODS}
-        stages: dict[str, dict[str, list[float]]] = {m: {"decode": [], "infer": []} for m in cores}
+        stages = {m: {k: list[float]() for k in keys} for m, keys in STAGES.items()}
 
         def run(method: str, name: str) -> tuple[str, float]:
-            path = str(root / name)
-            if method == ATT:
-                return "cold", float(att.ask(op="one", path=path)["ms"])
-            if method in cores:
-                reply = cores[method].ask(op="one", path=path)
-                for key, values in stages[method].items():
-                    values.append(float(reply[key]))
-                return "cold", float(reply["ms"])
-            return clients[method].crop(name)
+            if method in clients:
+                return clients[method].crop(name)
+            reply = (cores.get(method) or att).ask(op="one", path=str(root / name))
+            for key, values in stages[method].items():
+                values.append(float(reply[key]))
+            return "cold", float(reply["ms"])
 
         for name in warm:
             for method in LATENCY_METHODS:
@@ -279,6 +283,11 @@ def http_saturation(svc: Sidecar, names: Sequence[str], n: int) -> Saturation:
         c.close()
     after = scrape(svc)
     name = "heatcrop_giveups_total"
+    reasons = {
+        reason: round(after[key] - before.get(key, 0.0))
+        for key in after
+        if (reason := _label(key, name, "reason")) is not None
+    }
     return Saturation(
         photos=len(names),
         kinds=count_kinds(kinds),
@@ -286,6 +295,7 @@ def http_saturation(svc: Sidecar, names: Sequence[str], n: int) -> Saturation:
         server_cpu_s=cpu1 - cpu0,
         client_cpu_s=client1 - client0,
         metric_giveups=round(metric_sum(after, name) - metric_sum(before, name)),
+        giveup_reasons={k: v for k, v in reasons.items() if v},
         cnn_runs=round(
             metric_sum(after, "heatcrop_nn_runs_total")
             - metric_sum(before, "heatcrop_nn_runs_total")
@@ -430,10 +440,10 @@ def latency_table(rounds: Sequence[LatencyRound]) -> list[str]:
         kinds = merge_kinds(r.by_method[m].kinds for r in rounds)
         rows.append(f"| {m} | {med.fmt()} | {p90.fmt()} | {rel.fmt(2, '×')} | {fmt_kinds(kinds)} |")
     stage_rows = []
-    for m in (CORE_ON, CORE_OFF):
-        dec = spread(r.stages[m]["decode"] for r in rounds)
-        inf = spread(r.stages[m]["infer"] for r in rounds)
-        stage_rows.append(f"| {m} | {dec.fmt()} | {inf.fmt()} |")
+    for m, keys in STAGES.items():
+        cells = [spread(r.stages[m][k] for r in rounds).fmt() if k in keys else "—"
+                 for k in ("decode", "infer", "cpu_ms")]  # fmt: skip
+        stage_rows.append(f"| {m} | {' | '.join(cells)} |")
     return [
         "## One cold request at a time",
         "",
@@ -441,12 +451,12 @@ def latency_table(rounds: Sequence[LatencyRound]) -> list[str]:
         "|---|---:|---:|---:|---|",
         *rows,
         "",
-        "In-process stages (median ms per photo): the decode is shrink-on-load to the CNN's",
+        "In-process stages, median ms per photo: the decode is shrink-on-load to the CNN's",
         "bucket; the engine call is the CNN and, with faces on, the face detector on the same",
-        "pixels.",
+        "pixels; CPU is the process's user + system time over the photo, all threads.",
         "",
-        "| method | decode | engine call |",
-        "|---|---:|---:|",
+        "| method | decode | engine call | CPU |",
+        "|---|---:|---:|---:|",
         *stage_rows,
         "",
     ]
@@ -463,7 +473,10 @@ def saturation_table(rounds: Sequence[SaturationRound]) -> list[str]:
             cpu = spread(s.cpu_ms for s in runs)
             client = spread(s.client_cpu_ms for s in runs) if m != ATT else None
             cost = spread(cost_ratio(s, a) for s, a in zip(runs, atts, strict=True))
-            cpu_rel = spread(ratio(s.cpu_ms, a.cpu_ms) for s, a in zip(runs, atts, strict=True))
+            cpu_rel = spread(
+                ratio(s.cpu_ms, a.cpu_ms) if s.clean and a.clean else math.nan
+                for s, a in zip(runs, atts, strict=True)
+            )
             gave_up = sum(s.given_up for s in runs)
             dirty = sum(not s.clean for s in runs)
             verdict = "none" if not dirty else f"**{gave_up} in {dirty} of {len(runs)} runs**"
@@ -492,6 +505,13 @@ def saturation_table(rounds: Sequence[SaturationRound]) -> list[str]:
     ]
 
 
+def why(s: Saturation) -> str:
+    """The sidecar's own count of give-ups over the run, by reason, when there were any."""
+    if not s.giveup_reasons:
+        return ""
+    return "; give-ups by reason: " + fmt_kinds(s.giveup_reasons)
+
+
 def per_round(res: Results) -> list[str]:
     lines = ["## Round by round", ""]
     if res.latency:
@@ -516,8 +536,7 @@ def per_round(res: Results) -> list[str]:
                 runs = "—" if s.cnn_runs is None else str(s.cnn_runs)
                 lines.append(
                     f"| {i + 1} | {r.load:.2f} | {n} | {m} | {s.rate:.0f} | {s.cpu_ms:.1f} | "
-                    f"{fmt_kinds(s.kinds)}"
-                    f"{f', give-ups counted {s.metric_giveups}' if s.metric_giveups else ''} "
+                    f"{fmt_kinds(s.kinds)}{why(s)} "
                     f"| {runs} |"
                 )
         lines.append("")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # X-Heatcrop-Path of an answer the sidecar computed now (decode, CNN, search) ...
 COLD_PATHS = frozenset({"smart", "low-confidence"})
@@ -100,6 +100,7 @@ class Saturation:
     client_cpu_s: float = 0.0  # the HTTP client's (bench.cost's own threads); 0 in-process
     metric_giveups: int = 0  # the sidecar's heatcrop_giveups_total over the run
     cnn_runs: int | None = None  # the sidecar's heatcrop_nn_runs_total over the run
+    giveup_reasons: Mapping[str, int] = field(default_factory=dict)  # the sidecar's, by reason
 
     @property
     def cold(self) -> int:
