@@ -6,6 +6,7 @@ run serves every size of an original), the window search is cheap and runs per a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import time
@@ -83,6 +84,11 @@ class CropCore:
         self.source = source
         self.profile = profile
         self.params = search_params(kernel)
+        # The face rule's search: zoomed in down to kernel.face_min_scale when that keeps a
+        # face whole (used only for photos with faces to protect).
+        self.face_params = dataclasses.replace(
+            self.params, min_scale=min(self.params.min_scale, kernel.face_min_scale)
+        )
         # Detector boxes -> head boxes for the face rule (the constants fitted on crowd_train).
         self.head_box = HeadBox()
         # Part of every box key: boxes found with other search settings are not reused.
@@ -115,11 +121,19 @@ class CropCore:
     def prepared(self, analysis: Analysis, profile: str | None = None) -> npt.NDArray[np.float32]:
         return prepare(blend_profiles(analysis, profile or self.profile), self.kernel)
 
-    def protected(self, analysis: Analysis) -> npt.NDArray[np.float32]:
-        """The head boxes the face rule keeps whole for ``analysis`` (none with faces off)."""
+    def protected(
+        self, analysis: Analysis, head_box: HeadBox | None = None
+    ) -> npt.NDArray[np.float32]:
+        """The head boxes the face rule keeps whole for ``analysis`` (none with faces off): the
+        detector's faces as head boxes (``head_box``, default ``self.head_box``), those at least
+        ``kernel.face_min_height`` of the photo's height tall. A face people notice must not be
+        sliced; a small face at the back of a crowd is sliced by any window anyway, and
+        protecting it costs what viewers look at (docs/faces.md)."""
         if not self.kernel.faces or not len(analysis.faces):
             return no_faces()
-        return self.head_box.apply(analysis.faces)
+        heads = (head_box or self.head_box).apply(analysis.faces)
+        tall = heads[:, 3] - heads[:, 1] >= self.kernel.face_min_height * analysis.height
+        return widened(heads[tall], self.kernel.face_margin)
 
     def box(
         self,
@@ -129,13 +143,13 @@ class CropCore:
         keep: tuple[int, int, int, int] | None = None,
         head_box: HeadBox | None = None,
     ) -> CropBox:
-        """The best window; with ``kernel.faces`` and faces in the analysis, by the face rule
-        (kernels/faces.py) on their head boxes (``head_box``, default ``self.head_box``)."""
+        """The best window; with faces to protect (``protected``), by the face rule
+        (kernels/faces.py) on them, zoomed in down to ``kernel.face_min_scale``."""
         heat = self.prepared(analysis, profile)
-        if self.kernel.faces and len(analysis.faces):
-            heads = (head_box or self.head_box).apply(analysis.faces)
+        heads = self.protected(analysis, head_box)
+        if len(heads):
             box, _ = best_window_faces(
-                heat, analysis.width, analysis.height, aspect, self.params, heads, keep,
+                heat, analysis.width, analysis.height, aspect, self.face_params, heads, keep,
                 self.kernel.face_weight,
             )  # fmt: skip
             return box
@@ -144,13 +158,30 @@ class CropCore:
     def window_sizes(self, width: int, height: int, aspect: float) -> frozenset[tuple[int, int]]:
         """The sizes of every box ``box`` can return for a width x height original at
         ``aspect`` with these settings: what a cached box must have (sidecar/records.py)."""
-        return _window_sizes(width, height, aspect, self.params)
+        sizes = _window_sizes(width, height, aspect, self.params)
+        if self.kernel.faces and self.face_params != self.params:
+            sizes |= _window_sizes(width, height, aspect, self.face_params)
+        return sizes
 
     def is_confident(self, box: CropBox) -> bool:
         return box.confidence >= self.kernel.min_confidence
 
     def center(self, analysis: Analysis, aspect: float) -> CropBox:
         return center_box(analysis.width, analysis.height, aspect)
+
+
+def widened(boxes: npt.NDArray[np.float32], margin: float) -> npt.NDArray[np.float32]:
+    """Boxes grown by ``margin`` of their width and height on every side: where a labelled
+    head lies around a detected face varies (training/results/faces.md: its width is 0.46 to
+    0.82 of the head's, its centre 0.30 to 0.67 across, 5th to 95th percentile)."""
+    out = np.array(boxes, dtype=np.float32).reshape(-1, BOX_FIELDS)
+    w = out[:, 2] - out[:, 0]
+    h = out[:, 3] - out[:, 1]
+    out[:, 0] -= margin * w
+    out[:, 2] += margin * w
+    out[:, 1] -= margin * h
+    out[:, 3] += margin * h
+    return out
 
 
 SEARCH_PROFILES: tuple[str, ...] = (*PROFILES, "auto", "learned")

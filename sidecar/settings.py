@@ -174,6 +174,14 @@ class KernelSettings:
     face_score: float = 0.6
     # Faces kept per photo at most, the best scores first: bounds the face rule's work.
     max_faces: int = 64
+    # Faces the rule keeps whole: head boxes at least this share of the photo's height (1/12:
+    # the faces people notice); smaller ones are left to the heat.
+    face_min_height: float = 1 / 12
+    # With faces to keep whole, windows down to this share of the largest are tried (1: none).
+    face_min_scale: float = 1.0
+    # The box kept whole around each face: its head box grown by this share of its size on
+    # every side (where the head lies around a detected face varies).
+    face_margin: float = 0.0
     # Score bonus for keeping every face (per face: face_weight / faces), among the windows
     # that slice the fewest; 0: the heat kept decides alone.
     face_weight: float = 0.0
@@ -346,6 +354,9 @@ _RULES: tuple[tuple[str, str, typing.Callable[[Any], bool], str], ...] = (
     ("kernel", "face_weight", *_NONNEG),
     ("kernel", "face_score", lambda v: 0 < v < 1, "must be in (0, 1)"),
     ("kernel", "max_faces", lambda v: 1 <= v <= 128, "must be in [1, 128]"),
+    ("kernel", "face_min_height", lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ("kernel", "face_min_scale", lambda v: 0.5 <= v <= 1, "must be in [0.5, 1]"),
+    ("kernel", "face_margin", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     ("cache", "backend", lambda v: v in ("memory", "redis"), "must be memory or redis"),
     ("cache", "heatmap_entries", *_POS),
     ("cache", "box_entries", *_POS),

@@ -156,6 +156,16 @@ SLICE_LOW = 0.1
 SLICE_HIGH = 0.9
 
 
+# A face people notice: its labelled box at least this share of the photo's height tall (48 px
+# on a 576-px crowd photo; ../shared/eval/README.md).
+NOTICED = 1 / 12
+
+
+def noticed_faces(item: EvalItem) -> tuple[Box, ...]:
+    """The labelled faces a viewer notices (``NOTICED``), of those that count for slicing."""
+    return tuple(f for f in item.faces if f.height >= NOTICED * item.height)
+
+
 def face_sliced(crop: Box, faces: Sequence[Box]) -> bool:
     """Some face box keeps between 10 % and 90 % of its area inside the crop."""
     for face in faces:
@@ -238,7 +248,11 @@ def _score_saliency(item: EvalItem, box: Box) -> dict[str, float]:
 
 
 def _score_saliency_faces(item: EvalItem, box: Box) -> dict[str, float]:
-    return {**_score_saliency(item, box), "sliced": float(face_sliced(box, item.faces))}
+    return {
+        **_score_saliency(item, box),
+        "sliced": float(face_sliced(box, item.faces)),
+        "noticed": float(face_sliced(box, noticed_faces(item))),
+    }
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -272,13 +286,18 @@ PROTOCOLS: dict[str, Protocol] = {
     # A saliency set whose manifest labels faces (crowd_train): the same, plus faces sliced.
     "saliency-faces": Protocol(
         kind="saliency",
-        metrics=(Metric("fix", "fixations", True), Metric("sliced", "faces sliced", False)),
+        metrics=(
+            Metric("fix", "fixations", True),
+            Metric("sliced", "faces sliced", False),
+            Metric("noticed", "noticed sliced", False),
+        ),
         aspect_labels=tuple(ASPECTS),
         aspects=_fixed_aspects,
         score=_score_saliency_faces,
         legend="fixations: share of eye fixations inside the crop, each subject's first "
         "fixation left out; faces sliced: share of crops that keep between 10 % and 90 % of "
-        "some labelled frontal or profile face (faces seen from the back do not count).",
+        "some labelled frontal or profile face (faces seen from the back do not count); "
+        "noticed sliced: the same, counting only faces at least 1/12 of the photo's height.",
     ),
 }
 

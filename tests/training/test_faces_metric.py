@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from engines.faces import HeadBox
-from training.data import Box, EvalItem, face_sliced, load_set
+from training.data import PROTOCOLS, Box, EvalItem, face_sliced, load_set, noticed_faces
 from training.faces import Detections, fit_head_box, match
 
 
@@ -34,11 +34,21 @@ def test_a_saliency_set_with_labelled_faces_scores_faces_sliced(tmp_path: Path):
     }  # fmt: skip
     (root / "manifest.json").write_text(json.dumps([entry]))
     es = load_set(tmp_path, "crowd")
-    assert [m.key for m in es.protocol.metrics] == ["fix", "sliced"]
+    assert [m.key for m in es.protocol.metrics] == ["fix", "sliced", "noticed"]
     item = es.items[0]
     assert item.faces == (Box(150, 100, 250, 200),)  # the `back` face does not count
     assert es.protocol.score(item, Box(0, 0, 200, 300))["sliced"] == 1.0
     assert es.protocol.score(item, Box(100, 0, 400, 300))["sliced"] == 0.0
+
+
+def test_a_face_people_notice_is_at_least_a_twelfth_of_the_photos_height():
+    faces = (Box(0, 0, 50, 50), Box(100, 0, 140, 49))  # 50 px: noticed on a 600-px photo
+    item = EvalItem("a.jpg", Path("a.jpg"), 800, 600, (Box(0, 0, 800, 600),), faces=faces)
+    assert noticed_faces(item) == (Box(0, 0, 50, 50),)
+    scores = PROTOCOLS["saliency-faces"].score(item, Box(120, 0, 800, 600))
+    assert (scores["sliced"], scores["noticed"]) == (1.0, 0.0)
+    scores = PROTOCOLS["saliency-faces"].score(item, Box(25, 0, 800, 600))
+    assert (scores["sliced"], scores["noticed"]) == (1.0, 1.0)
 
 
 def test_match_is_one_to_one_by_centre_and_iou():
