@@ -6,7 +6,8 @@
 Writes index.html and one JPEG per photo and aspect: the photo with the crop boxes drawn on
 it (heatcrop green, centre white, attention magenta) and the ground truth in yellow (the
 expert crop, the dish boxes, or the eye fixations; on crowd_train also the labelled faces, in
-cyan, with "faces sliced" per method), plus the heatmap the search read. The
+cyan, with "faces sliced" per method), the faces the service keeps whole (the detector's, as
+head boxes, in orange), plus the heatmap the search read (with the same faces). The
 numbers benchmark the methods; the pictures show why they come out that way.
 """
 
@@ -53,6 +54,7 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "attention": (255, 0, 255),
     "truth": (255, 220, 0),
     "face": (0, 200, 255),
+    "kept whole": (255, 140, 0),
 }
 
 
@@ -101,7 +103,9 @@ def display_pixels(item: EvalItem) -> tuple[npt.NDArray[np.uint8], float]:
     return pixels, image.width / item.width
 
 
-def render_tile(item: EvalItem, kind: str, boxes: dict[str, Box]) -> npt.NDArray[np.uint8]:
+def render_tile(
+    item: EvalItem, kind: str, boxes: dict[str, Box], protected: npt.NDArray[np.float32]
+) -> npt.NDArray[np.uint8]:
     pixels, scale = display_pixels(item)
     if kind == "saliency":
         draw_points(pixels, item.fixations, scale, COLOURS["truth"])
@@ -110,6 +114,9 @@ def render_tile(item: EvalItem, kind: str, boxes: dict[str, Box]) -> npt.NDArray
             draw_box(pixels, gt, scale, COLOURS["truth"], 1)
     for face in item.faces:  # the labelled faces a crop must not slice (crowd_train)
         draw_box(pixels, face, scale, COLOURS["face"], 1)
+    for x0, y0, x1, y1, *_ in protected:  # the detector's faces the service keeps whole
+        box = Box(max(0, int(x0)), max(0, int(y0)), int(x1), int(y1))
+        draw_box(pixels, box, scale, COLOURS["kept whole"], 1)
     for name in ("centre", "attention", "heatcrop"):  # heatcrop last: on top
         draw_box(pixels, boxes[name], scale, COLOURS[name], 3 if name == "heatcrop" else 2)
     return pixels
@@ -130,6 +137,7 @@ def photo_tiles(
     protocol = eval_set.protocol
     aspects = {**protocol.aspects(item), **ASPECTS}
     stem = f"{eval_set.name}_{Path(item.name).stem[:24]}"
+    protected = core.protected(analysis)
     tiles = []
     for label, aspect in aspects.items():
         raw = core.box(analysis, aspect, profile)
@@ -139,11 +147,11 @@ def photo_tiles(
             "attention": smartcrop_box(work, item.width, item.height, aspect, "attention"),
         }
         name = f"{stem}_{label.replace(':', 'x')}.jpg"
-        save_jpeg(render_tile(item, protocol.kind, boxes), out / name)
+        save_jpeg(render_tile(item, protocol.kind, boxes, protected), out / name)
         verdict = "" if core.is_confident(raw) else " → centre"
         caption = f"{label}: confidence {raw.confidence:.4f}{verdict}"
         if label in protocol.aspects(item):
-            for metric in protocol.metrics[: 2 if item.faces else 1]:
+            for metric in protocol.metrics[: 3 if item.faces else 1]:
                 scores = ", ".join(
                     f"{m} {protocol.score(item, b)[metric.key]:.2f}" for m, b in boxes.items()
                 )
@@ -156,6 +164,7 @@ def photo_tiles(
         core.center(analysis, 1.0),
         analysis.width,
         analysis.height,
+        protected,
     )
     heat = pyvips.Image.new_from_buffer(heat_png, "").thumbnail_image(
         TILE_LONG_SIDE, height=TILE_LONG_SIDE
@@ -209,11 +218,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sidecar import settings as settings_mod
     from sidecar.core import CropCore
     from sidecar.decode import configure_vips
+    from sidecar.faces import with_faces
 
     configure_vips()
     settings = settings_mod.load(args.config)
     args.profile = args.profile or settings.engine.profile
-    core = CropCore(load_engine(settings.engine), settings.kernel, settings.source, args.profile)
+    engine = with_faces(load_engine(settings.engine), settings)
+    core = CropCore(engine, settings.kernel, settings.source, args.profile)
     args.out.mkdir(parents=True, exist_ok=True)
     sections = []
     for set_name, names in PHOTOS.items():

@@ -68,6 +68,7 @@ T = TypeVar("T")
 TRAIN_SETS: tuple[str, ...] = ("osie_train", "crowd_train")
 CENTRE = "centre"
 ORACLE = "oracle (ground truth)"
+ANALYSE = "heatcrop analyse (decode + CNN + faces)"
 
 
 @dataclass
@@ -201,17 +202,24 @@ class HeatcropMethod(Method):
         # in-sample there; `held-out` rows use maps from heads that never saw the image.
         tag = " held-out" if heldout is not None else ""
         self.name = f"heatcrop {profile}{tag}" + (" (low conf → centre)" if fallback else "")
+        if not core.kernel.faces:
+            self.name += ", faces off"
         self.counts: Counter[str] = Counter()
         self.fitted_on = False
+        # Per photo of a set with labelled faces: the head-box transform fitted on the other
+        # folds (training/faces.py), since the shipped one was fitted on those very faces.
+        self.heads: dict[str, Any] = {}
+        self.set_name = ""
 
     def boxes(self, ctx: ImageContext, aspects: Sequence[float]) -> list[Box]:
-        # Both profiles come out of one CNN run: the analysis is shared across rows.
-        analysis = ctx.memo("heatcrop analyse (decode + CNN)", lambda: self.core.analyse(ctx.data))
+        # Every row comes out of one CNN (and face detector) run: the analysis is shared.
+        analysis = ctx.memo(ANALYSE, lambda: self.core.analyse(ctx.data))
         if self.heldout is not None:
             analysis = heldout_analysis(analysis, self._heldout_map(ctx.item))
+        head = self.heads.get(ctx.item.name)
         out = []
         for aspect in aspects:
-            box = self.core.box(analysis, aspect, self.profile)
+            box = self.core.box(analysis, aspect, self.profile, head_box=head)
             self.counts["boxes"] += 1
             if self.fallback and not self.core.is_confident(box):
                 self.counts["fallback"] += 1
@@ -221,6 +229,11 @@ class HeatcropMethod(Method):
 
     def begin_set(self, eval_set: EvalSet) -> None:
         self.fitted_on = eval_set.name in FIT_SETS
+        self.set_name = eval_set.name
+        self.heads = {}
+        detector = getattr(self.core.engine, "detector", None)
+        if self.core.kernel.faces and detector is not None:
+            self.heads = fold_heads(detector, eval_set)
 
     def _heldout_map(self, item: EvalItem) -> npt.NDArray[np.float32] | None:
         """The image's held-out map; None for a set the read-out never saw (its own map is
@@ -238,70 +251,43 @@ class HeatcropMethod(Method):
         self.counts.clear()
 
     def notes(self) -> str:
-        if not self.fallback or not self.counts["boxes"]:
-            return ""
-        share = self.counts["fallback"] / self.counts["boxes"]
-        return f"centre crop used for {share:.0%} of {self.counts['boxes']} boxes"
+        out = []
+        if self.fallback and self.counts["boxes"]:
+            share = self.counts["fallback"] / self.counts["boxes"]
+            out.append(f"centre crop used for {share:.0%} of {self.counts['boxes']} boxes")
+        stats = DETECT_STATS.get(self.set_name) if self.core.kernel.faces else None
+        if stats is not None and not isinstance(self, LabelledFaceRuleMethod):
+            ms, found, photos = stats
+            out.append(
+                f"face detector (YuNet-n on the CNN's own input, one thread, inside the engine "
+                f"call) ms per photo: median {np.median(ms):.2f}, mean {np.mean(ms):.2f}; "
+                f"{found} faces kept in {photos} of {len(ms)} photos"
+            )
+        return "; ".join(out)
 
 
-class FaceRuleMethod(HeatcropMethod):
-    """heatcrop's box chosen by the face rule (kernels/faces.py), as the service does with
-    ``kernel.faces``: the detector's faces (engines/faces.py, on the CNN's input as the service
-    runs it) as head boxes (engines.faces.HeadBox).
+_FOLD_HEADS: dict[tuple[int, str], dict[str, Any]] = {}
+# Per set: the detector's ms per photo, faces kept, photos with faces.
+DETECT_STATS: dict[str, tuple[list[float], int, int]] = {}
 
-    The head-box transform is fitted on crowd_train's labelled faces; on crowd_train each photo
-    gets the transform fitted on the other four folds (5 by photo, training/faces.py), on every
-    other set the one fitted on all of crowd_train, as shipped. The detector runs once per
-    photo, before the set's boxes (its time is reported per photo in the notes).
-    """
 
-    def __init__(
-        self,
-        core: Any,
-        profile: str,
-        detector: Any,
-        heldout: dict[str, npt.NDArray[np.float32]] | None = None,
-    ) -> None:
-        super().__init__(core, profile, False, heldout)
-        self.name += " + face rule"
-        self.detector = detector
-        self.faces: dict[str, npt.NDArray[np.float32]] = {}
-        self.heads: dict[str, Any] = {}
-        self.detect_s: list[float] = []
-
-    def begin_set(self, eval_set: EvalSet) -> None:
-        from engines.faces import HeadBox
+def fold_heads(detector: Any, eval_set: EvalSet) -> dict[str, Any]:
+    """Each photo's head-box transform fitted on the other folds' labelled faces (none for a
+    set without labelled faces); the detector's ms per photo of the set are kept for its notes.
+    Computed once per set and detector."""
+    key = (id(detector), eval_set.name)
+    if key not in _FOLD_HEADS:
         from training.faces import detect_set, fold_head_boxes
 
-        super().begin_set(eval_set)
-        found = detect_set(self.detector, eval_set)
-        self.faces = found.boxes
-        self.detect_s = list(found.seconds.values())
-        labelled = any(item.faces for item in eval_set.items)
-        folds = fold_head_boxes(eval_set, found) if labelled else {}
-        self.heads = {item.name: folds.get(item.name, HeadBox()) for item in eval_set.items}
-
-    def boxes(self, ctx: ImageContext, aspects: Sequence[float]) -> list[Box]:
-        analysis = ctx.memo("heatcrop analyse (decode + CNN)", lambda: self.core.analyse(ctx.data))
-        if self.heldout is not None:
-            analysis = heldout_analysis(analysis, self._heldout_map(ctx.item))
-        faces = self.faces.get(ctx.item.name)
-        if faces is None:  # the warm-up pass: no set yet
-            faces = _faces_of(self.detector, ctx)
-        analysis = dataclasses.replace(analysis, faces=faces)
-        head = self.heads.get(ctx.item.name)
-        return [Box.of(self.core.box(analysis, a, self.profile, head_box=head)) for a in aspects]
-
-    def notes(self) -> str:
-        if not self.detect_s:
-            return ""
-        ms = 1e3 * np.array(self.detect_s)
-        found = sum(len(v) for v in self.faces.values())
-        return (
-            f"face detector (YuNet-n on the CNN's input, one thread) ms per photo: median "
-            f"{np.median(ms):.1f}, mean {ms.mean():.1f}; {found} faces found in "
-            f"{len(self.faces)} photos"
+        found = detect_set(detector, eval_set)
+        DETECT_STATS[eval_set.name] = (
+            [1e3 * v for v in found.seconds.values()],
+            sum(len(b) for b in found.boxes.values()),
+            sum(len(b) > 0 for b in found.boxes.values()),
         )
+        labelled = any(item.faces for item in eval_set.items)
+        _FOLD_HEADS[key] = fold_head_boxes(eval_set, found) if labelled else {}
+    return _FOLD_HEADS[key]
 
 
 class LabelledFaceRuleMethod(HeatcropMethod):
@@ -317,7 +303,7 @@ class LabelledFaceRuleMethod(HeatcropMethod):
     def boxes(self, ctx: ImageContext, aspects: Sequence[float]) -> list[Box]:
         from engines.faces import HeadBox
 
-        analysis = ctx.memo("heatcrop analyse (decode + CNN)", lambda: self.core.analyse(ctx.data))
+        analysis = ctx.memo(ANALYSE, lambda: self.core.analyse(ctx.data))
         if self.heldout is not None:
             analysis = heldout_analysis(analysis, self._heldout_map(ctx.item))
         labelled = np.array([[*f.as_list(), 1.0] for f in ctx.item.faces], np.float32)
@@ -325,12 +311,6 @@ class LabelledFaceRuleMethod(HeatcropMethod):
         # The labelled boxes are head boxes already: the identity transform.
         same = HeadBox(1.0, 1.0, 0.5, 0.5)
         return [Box.of(self.core.box(analysis, a, self.profile, head_box=same)) for a in aspects]
-
-
-def _faces_of(detector: Any, ctx: ImageContext) -> npt.NDArray[np.float32]:
-    from training.faces import detect_original
-
-    return detect_original(detector, ctx.item)[0]
 
 
 @dataclass
@@ -346,6 +326,9 @@ class SetResult:
     notes: dict[str, str] = field(default_factory=dict)
     # Saliency sets: what windows chosen by other viewers win (bench/observers.py).
     observers: list[ObserverGain] = field(default_factory=list)
+    # Sets with labelled faces: per photo, the other viewers' gain over the centre crop among
+    # the windows that slice no noticed face (training/face_rule.py's constrained ceiling).
+    face_ceiling: npt.NDArray[np.float64] | None = None
 
     @property
     def n_images(self) -> int:
@@ -610,6 +593,8 @@ def set_section(result: SetResult) -> str:
         parts += [headroom, ""]
     if result.observers:
         parts += [viewer_section(result), ""]
+    if result.face_ceiling is not None:
+        parts += [faces_section(result), ""]
     for method, note in result.notes.items():
         parts.append(f"- {method}: {note}")
     n = max(result.n_images, 1)
@@ -618,6 +603,52 @@ def set_section(result: SetResult) -> str:
     )
     parts += [f"- ms per image: {timing}; set total {result.seconds:.1f} s", ""]
     return "\n".join(parts)
+
+
+def face_ceiling(eval_set: EvalSet) -> npt.NDArray[np.float64]:
+    from training.data import noticed_faces
+    from training.face_rule import viewers_gain
+
+    return np.array(
+        [
+            viewers_gain(item, list(eval_set.protocol.aspects(item).values()), noticed_faces(item))
+            for item in eval_set.items
+        ]
+    )
+
+
+def faces_section(result: SetResult) -> str:
+    """Faces people notice sliced, and fixations as a share of the viewers' ceiling under the
+    face constraint, with 95 % bootstrap intervals over photos (issue 23's crowd figures)."""
+    from training.face_rule import interval, mean_interval, share
+
+    ceiling = result.face_ceiling
+    assert ceiling is not None
+    centre = result.per_image(CENTRE, "fix")
+    lines = [
+        "Under the face constraint: the viewers' ceiling among the windows that slice no "
+        "noticed face (each viewer scored on the non-slicing largest window all the others' "
+        f"fixations choose): fixations {centre.mean():.3f} (centre) → "
+        f"{centre.mean() + ceiling.mean():.3f}; {result.n_images} photos, intervals 95 % "
+        "bootstrap over photos.",
+        "",
+        "| method | noticed sliced | faces sliced | fixations | share of the constrained "
+        "ceiling's gain |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for method in result.methods:
+        if method == ORACLE:
+            continue
+        noticed = result.per_image(method, "noticed")
+        lo, hi = mean_interval(noticed)
+        gain = result.per_image(method, "fix") - centre
+        slo, shi = interval(gain, ceiling)
+        lines.append(
+            f"| {method} | {noticed.mean():.1%} ({lo:.1%} to {hi:.1%}) | "
+            f"{result.mean(method, 'sliced'):.1%} | {result.mean(method, 'fix'):.4f} | "
+            f"{share(gain, ceiling):+.0%} ({slo:+.0%} to {shi:+.0%}) |"
+        )
+    return "\n".join(lines)
 
 
 def viewer_section(result: SetResult) -> str:
@@ -661,16 +692,21 @@ def heatcrop_methods(
 ) -> tuple[list[Method], str]:
     """heatcrop rows, plus a line describing the engine; imports the model stack lazily.
 
-    The shipped read-out was fitted on training.data.FIT_SETS, so its rows there are
+    The rows use the service's settings: with ``kernel.faces`` (the default) the engine is the
+    service's, the face detector joined to it (sidecar/faces.py), and the boxes follow the face
+    rule. The shipped read-out was fitted on training.data.FIT_SETS, so its rows there are
     in-sample; the `held-out` rows use each image's map from a cross-validation head that
     never saw it (training/fit_head.py), the figures to trust for other photos.
     """
     from engines.loader import load_engine
     from sidecar.core import CropCore
     from sidecar.decode import configure_vips
+    from sidecar.faces import with_faces
 
     configure_vips()
     engine = load_engine(settings.engine)
+    if faces:
+        engine = with_faces(engine, settings)
     core = CropCore(engine, settings.kernel, settings.source, profiles[0])
     methods: list[Method] = []
     uses_readout = ("readout", "learned")
@@ -684,28 +720,22 @@ def heatcrop_methods(
             methods += [HeatcropMethod(core, profile, f, heldout) for f in fallbacks]
         methods += [HeatcropMethod(core, profile, f) for f in fallbacks]
     line = f"{engine.name}, model {engine.version}, threads {settings.engine.threads}"
-    if faces:
+    if faces and settings.kernel.faces:
         methods += face_methods(settings, engine, profiles[0], heldout, uses_readout)
-        line += f"; faces {methods[-1].detector.version}"  # type: ignore[attr-defined]
     return methods, line
 
 
 def face_methods(
     settings: Any, engine: Any, profile: str, heldout: Any, uses_readout: Sequence[str]
 ) -> list[Method]:
-    """The face-rule rows (kernel.faces on, whatever the settings say), on the first profile."""
-    from engines.faces import FaceDetector
+    """Beside the service's rows, on the first profile: the same without faces, and the face
+    rule on the labelled faces (a perfect detector)."""
     from sidecar.core import CropCore
 
-    kernel = dataclasses.replace(settings.kernel, faces=True)
-    core = CropCore(engine, kernel, settings.source, profile)
     maps = heldout if profile in uses_readout else None
-    detector = FaceDetector(settings.engine.model_dir)
-    detector.warm_up()
-    return [
-        LabelledFaceRuleMethod(core, profile, maps),
-        FaceRuleMethod(core, profile, detector, maps),
-    ]
+    off = CropCore(engine, dataclasses.replace(settings.kernel, faces=False), settings.source)
+    on = CropCore(engine, settings.kernel, settings.source, profile)
+    return [HeatcropMethod(off, profile, False, maps), LabelledFaceRuleMethod(on, profile, maps)]
 
 
 def run(args: argparse.Namespace) -> tuple[list[SetResult], dict[str, Any]]:
@@ -729,6 +759,8 @@ def run(args: argparse.Namespace) -> tuple[list[SetResult], dict[str, Any]]:
     for result in results:
         if result.eval_set.protocol.kind == "saliency" and result.n_images:
             result.observers = observer_gains(result.eval_set, oracle_box)
+        if any(item.faces for item in result.eval_set.items):
+            result.face_ceiling = face_ceiling(result.eval_set)
     info["runtime_s"] = time.perf_counter() - t0
     return results, info
 

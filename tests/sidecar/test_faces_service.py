@@ -245,3 +245,24 @@ def test_face_settings_change_the_search_version(session_engine):
         session_engine, KernelSettings(faces=True, face_weight=0.1), SourceSettings()
     )
     assert len({on.search_version, off.search_version, weighted.search_version}) == 3
+
+
+async def test_the_debug_overlay_draws_the_faces_kept_whole(aiohttp_client, model_dir, photos):
+    import pyvips
+
+    from sidecar.overlay import DISPLAY_LONG_SIDE, FACE
+
+    root, heads = photos
+    client = await aiohttp_client(make_app(_settings(model_dir, root)))
+    resp = await client.get("/debug/300x300/group.jpg")
+    assert resp.status == 200 and resp.content_type == "image/png"
+    png = pyvips.Image.new_from_buffer(await resp.read(), "").numpy()
+    analysis = await _analysis(client, "group.jpg")
+    svc = client.server.app[SERVICES]
+    protected = svc.core.protected(analysis)
+    assert len(protected) == len(heads["group.jpg"])
+    scale = DISPLAY_LONG_SIDE / 1200
+    for x0, y0, x1, _, _ in protected:
+        # The middle of each box's top edge is drawn in the face colour.
+        top = png[round(round(y0) * scale), round((x0 + x1) / 2 * scale), :3]
+        assert tuple(int(v) for v in top) == FACE
