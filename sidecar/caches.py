@@ -27,12 +27,12 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
-from urllib.parse import unquote, urlsplit
 
 import redis.exceptions
 from aiocache import RedisCache
 from aiocache.base import BaseCache
 from aiocache.serializers import BaseSerializer, NullSerializer
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -48,15 +48,22 @@ from sidecar.codec import (
 )
 from sidecar.core import Analysis
 from sidecar.records import AnalysisExpect, BadRecord, BoxExpect, check_analysis, check_box
-from sidecar.settings import CacheSettings, SettingsError, env_name
+from sidecar.settings import CacheSettings, RedisTarget, redis_target
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 
 # What a failing Redis raises through aiocache: refused/reset sockets (OSError, and redis'
-# ConnectionError), aiocache's per-operation timeout (TimeoutError) and Redis' own errors.
-L2_ERRORS: tuple[type[BaseException], ...] = (OSError, TimeoutError, redis.exceptions.RedisError)
+# ConnectionError), aiocache's per-operation timeout (TimeoutError) and Redis' own errors; a
+# cluster client also its own (no seed node reachable, a slot no master covers), which are not
+# RedisErrors.
+L2_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    redis.exceptions.RedisError,
+    redis.exceptions.RedisClusterException,
+)
 
 L2_TIMEOUT_S = 0.05  # per Redis operation; a slow Redis must not eat the request's deadline
 RETRY_AFTER_S = 5.0  # how long a failed Redis is left alone
@@ -327,8 +334,93 @@ class RedisL2(RedisCache):
             return await self.client.set(key, value, px=max(1, int(ttl * 1000)))
         return await self.client.set(key, value, ex=ttl)
 
+    async def get_many_bounded(self, keys: list[str], limit: int) -> list[bytes | Refused | None]:
+        """``get_bounded`` of each key in one round trip (a pipeline; a cluster client sends
+        one per master); a key's own error (a wrong type) is ``Refused``, not a failure."""
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.getrange(self.build_key(key), 0, limit)
+        out: list[bytes | Refused | None] = []
+        for value in await pipe.execute(raise_on_error=False):
+            if isinstance(value, redis.exceptions.ResponseError):
+                if not str(value).startswith("WRONGTYPE"):
+                    raise value
+                out.append(Refused("not a string value"))
+            elif isinstance(value, BaseException):
+                raise value
+            elif not value:
+                out.append(None)
+            else:
+                out.append(Refused(f"over {limit} bytes") if len(value) > limit else bytes(value))
+        return out
+
     async def _close(self, *args: Any, _conn: Any = None, **kwargs: Any) -> None:
         await self.client.aclose()
+
+
+class RedisClusterL2(RedisL2):
+    """``RedisL2`` on redis-py's cluster client: each key goes to the master of its slot.
+
+    The keys carry no hash tag, so they spread over all slots (and masters); every operation
+    the tiers use names one key, so none crosses slots."""
+
+    def __init__(self, client: RedisCluster, **kwargs: Any) -> None:
+        # BaseCache's, not RedisBackend's: that one builds a single-node connection pool.
+        BaseCache.__init__(self, **kwargs)
+        self.client = client
+        self._start: asyncio.Future[Any] | None = None
+
+    async def ready(self) -> None:
+        """The cluster's slot map, read once (CLUSTER SLOTS from a seed node). It goes on past
+        the operation that started it: an operation's timeout (50 ms in the service) must not
+        cancel it half way, or every first operation would start it again and time out."""
+        if self._start is None or (self._start.done() and self._start.exception() is not None):
+            self._start = asyncio.ensure_future(self.client.initialize())
+            # Its failure is the awaiting operation's; with none left awaiting, it is not lost
+            # as an "exception never retrieved": the next operation starts it again.
+            self._start.add_done_callback(lambda f: f.cancelled() or f.exception())
+        await asyncio.shield(self._start)
+
+    async def get_bounded(self, key: str, limit: int) -> bytes | Refused | None:
+        await self.ready()
+        return await super().get_bounded(key, limit)
+
+    async def get_many_bounded(self, keys: list[str], limit: int) -> list[bytes | Refused | None]:
+        await self.ready()
+        return await super().get_many_bounded(keys, limit)
+
+    async def _get(self, key: str, encoding: str | None = "utf-8", _conn: Any = None) -> Any:
+        await self.ready()
+        return await super()._get(key, encoding=encoding, _conn=_conn)
+
+    async def _set(
+        self,
+        key: str,
+        value: Any,
+        ttl: float | None = None,
+        _cas_token: Any = None,
+        _conn: Any = None,
+    ) -> Any:
+        await self.ready()
+        return await super()._set(key, value, ttl=ttl, _cas_token=_cas_token, _conn=_conn)
+
+    async def _delete(self, key: str, _conn: Any = None) -> Any:
+        await self.ready()
+        return await super()._delete(key, _conn=_conn)
+
+    async def _close(self, *args: Any, _conn: Any = None, **kwargs: Any) -> None:
+        if self._start is not None and not self._start.done():
+            self._start.cancel()
+            await asyncio.gather(self._start, return_exceptions=True)
+        await super()._close(*args, _conn=_conn, **kwargs)
+        # redis-py 8.1's aclose() closes nothing once a failure has marked the slot map for a
+        # refresh (a master died): every node's connections would be left open.
+        nodes = self.client.nodes_manager
+        await nodes.aclose()
+        await nodes.aclose("startup_nodes")
+
+    def __repr__(self) -> str:
+        return f"RedisClusterL2({self.namespace})"
 
 
 _NOT_SET: Any = object()
@@ -416,6 +508,42 @@ class TieredCache:
         self.l2_hits += 1
         await self._fill_l1(key, value, _min_ttl(self.ttl_s, self.l1_ttl_s))
         return value
+
+    async def get_many(self, keys: list[str]) -> list[bytes | None] | None:
+        """``get`` of many keys with one L2 round trip for those L1 lacks (no negative
+        caching); None when L2 was wanted and failed or was skipped: nobody can say what it
+        holds. For batch work (``heatcrop backfill``), which must not ask key by key."""
+        out: list[bytes | None] = [self.l1.get_now(k) for k in keys]
+        out = [None if v is _ABSENT else v for v in out]
+        missing = [i for i, v in enumerate(out) if v is None]
+        self.l1_hits += len(keys) - len(missing)
+        self.l1_misses += len(missing)
+        if not missing or self.l2 is None:
+            return out
+        limit = self.max_value_bytes or MAX_ANALYSIS_BYTES
+        wanted = [keys[i] for i in missing]
+        found = await self._l2_call(lambda l2: self._l2_get_many(l2, wanted, limit))
+        if found is _FAILED:
+            return None
+        for i, key, value in zip(missing, wanted, found, strict=True):
+            if isinstance(value, Refused):
+                self.l2_refused += 1
+                await self.drop(key, value.reason)
+            elif value is None:
+                self.l2_misses += 1
+            else:
+                self.l2_hits += 1
+                await self._fill_l1(key, value, _min_ttl(self.ttl_s, self.l1_ttl_s))
+                out[i] = value
+        return out
+
+    async def _l2_get_many(
+        self, l2: BaseCache, keys: list[str], limit: int
+    ) -> list[bytes | Refused | None]:
+        if not isinstance(l2, RedisL2):  # any other aiocache backend: one call per key
+            return [await self._l2_get(l2, k) for k in keys]
+        async with asyncio.timeout(self.l2_timeout_s or None):
+            return await l2.get_many_bounded(keys, limit)
 
     async def set(self, key: str, value: bytes, ttl_s: float | None = _NOT_SET) -> bool:
         """Store in both tiers (``ttl_s`` defaults to the cache's); True if every tier took it."""
@@ -620,6 +748,23 @@ class Caches:
     async def put_analysis(self, key: str, analysis: Analysis) -> bool:
         return await self.heatmaps.set(key, encode_analysis(analysis, key=key))
 
+    async def get_analyses(
+        self, keys: list[str], expects: list[AnalysisExpect]
+    ) -> list[Analysis | None] | None:
+        """``get_analysis`` of each key, with one round trip to the shared tier for them all;
+        None when it could not be asked (down, or kept out by its breaker)."""
+        raws = await self.heatmaps.get_many(keys)
+        if raws is None:
+            return None
+        out: list[Analysis | None] = []
+        for key, raw, expect in zip(keys, raws, expects, strict=True):
+            if raw is None:
+                out.append(None)
+                continue
+            decoded = self._decoded(self.heatmaps, key, raw, _checked_analysis, expect)
+            out.append(await decoded)
+        return out
+
     async def get_box(self, key: str, expect: BoxExpect | None = None) -> BoxRecord | None:
         """The box at ``key`` if it is one the search could have made for the request
         ``expect`` describes (None: only that it decodes, under this key); None otherwise,
@@ -667,9 +812,10 @@ def make_caches(
     retry_after_s: float = RETRY_AFTER_S,
     clock: Clock = time.monotonic,
 ) -> Caches:
-    """Caches bounded by ``settings``; backed by Redis at ``redis_url`` when backend is redis."""
-    redis_kwargs = _redis_kwargs(settings.redis_url) if settings.backend == "redis" else None
-    shared = redis_kwargs is not None
+    """Caches bounded by ``settings``; backed by Redis (or a Redis Cluster) at ``redis_url``
+    when backend is redis."""
+    target = redis_target(settings.redis_url) if settings.backend == "redis" else None
+    shared = target is not None
 
     def tier(
         kind: str,
@@ -680,24 +826,7 @@ def make_caches(
         **kw: Any,
     ) -> TieredCache:
         l1 = BoundedMemoryCache(entries, entries * bytes_per_entry, clock=clock)
-        l2 = None
-        if redis_kwargs is not None:
-            l2 = RedisL2(
-                serializer=BytesSerializer(),
-                namespace=f"{REDIS_PREFIX}:{kind}",
-                timeout=l2_timeout_s,
-                create_connection_timeout=l2_timeout_s,
-                pool_max_size=L2_MAX_INFLIGHT,
-                connection_pool_kwargs={
-                    "socket_timeout": l2_timeout_s,
-                    # One immediate retry on a fresh connection: after a Redis restart (or an
-                    # idle connection dropped by the network) each pooled connection fails
-                    # once, and that must not open the breaker. A dead Redis costs one more
-                    # refused connect per breaker opening, no more.
-                    "retry": Retry(NoBackoff(), 1),
-                },
-                **redis_kwargs,
-            )
+        l2 = None if target is None else _redis_l2(target, kind, l2_timeout_s)
         return TieredCache(
             kind,
             l1,
@@ -735,24 +864,36 @@ def make_caches(
     )
 
 
-def _redis_kwargs(url: str) -> dict[str, Any]:
-    """aiocache RedisCache arguments from redis://[:password@]host[:port][/db]."""
-    var = env_name("cache", "redis_url")
-    try:
-        parts = urlsplit(url)
-        port = parts.port or 6379
-        db_text = parts.path.strip("/") or "0"
-        db = int(db_text)
-    except ValueError as exc:
-        raise SettingsError(f"{var}={url!r}: not a redis://host:port/db URL ({exc})") from exc
-    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
-        raise SettingsError(f"{var}={url!r}: expected redis://host:port/db")
-    if db < 0:
-        raise SettingsError(f"{var}={url!r}: db must be >= 0")
-    return {
-        "endpoint": parts.hostname,
-        "port": port,
-        "db": db,
-        "password": unquote(parts.password) if parts.password else None,
-        "ssl": parts.scheme == "rediss",
+def _redis_l2(target: RedisTarget, kind: str, timeout_s: float) -> RedisL2:
+    """The shared tier of one cache: aiocache's Redis backend on one Redis, or on redis-py's
+    cluster client. One immediate retry on a fresh connection: after a Redis restart (or an
+    idle connection dropped by the network) each pooled connection fails once, and that must
+    not open the breaker. A dead Redis costs one more refused connect per breaker opening."""
+    common: dict[str, Any] = {
+        "serializer": BytesSerializer(),
+        "namespace": f"{REDIS_PREFIX}:{kind}",
+        "timeout": timeout_s,
     }
+    if target.cluster:
+        client = RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in target.nodes],
+            password=target.password,
+            ssl=target.ssl,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            max_connections=L2_MAX_INFLIGHT,  # per master
+            retry=Retry(NoBackoff(), 1),
+        )
+        return RedisClusterL2(client, **common)
+    (host, port), *_ = target.nodes
+    return RedisL2(
+        endpoint=host,
+        port=port,
+        db=target.db,
+        password=target.password,
+        ssl=target.ssl,
+        create_connection_timeout=timeout_s,
+        pool_max_size=L2_MAX_INFLIGHT,
+        connection_pool_kwargs={"socket_timeout": timeout_s, "retry": Retry(NoBackoff(), 1)},
+        **common,
+    )

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from kernels.window import KNOB_BOUNDS, SearchParams
 
@@ -194,7 +195,9 @@ class CacheSettings:
 
     # memory: this process only; redis: also in Redis at redis_url (down: memory only).
     backend: str = "memory"
-    # redis://[:password@]host[:port][/db] (backend redis).
+    # One Redis: redis://[:password@]host[:port][/db]. A Redis Cluster: its seed nodes,
+    # redis-cluster://[:password@]host:port[,host:port...] (any reachable one finds the others).
+    # rediss:// and rediss-cluster:// for TLS.
     redis_url: str = ""
     # Heatmaps kept in process memory (least recently used go first).
     heatmap_entries: int = 20_000
@@ -246,6 +249,8 @@ class Settings:
                     f"must be below {env_name(section, limit)}={bound}"
                 )
         _check_legacy(self.legacy)
+        if self.cache.backend == "redis":
+            redis_target(self.cache.redis_url)  # says what is wrong with the URL
         return self
 
 
@@ -291,6 +296,57 @@ def _check_template(var: str, what: str, text: str, allowed: frozenset[str]) -> 
 
 def env_name(section: str, name: str) -> str:
     return f"{ENV_PREFIX}{section}_{name}".upper()
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """The shared tier ``cache.redis_url`` names: one Redis, or the seed nodes of a cluster."""
+
+    nodes: tuple[tuple[str, int], ...]  # (host, port): one, or a cluster's seed nodes
+    cluster: bool
+    db: int = 0  # a cluster has db 0 only
+    password: str | None = None
+    ssl: bool = False
+
+
+REDIS_PORT = 6379
+_SINGLE = {"redis": False, "rediss": True}
+_CLUSTER = {"redis-cluster": False, "rediss-cluster": True}
+REDIS_URL_FORMS = (
+    "redis://[:password@]host[:port][/db] or redis-cluster://[:password@]host:port[,host:port...]"
+    " (rediss for TLS)"
+)
+
+
+def redis_target(url: str) -> RedisTarget:
+    """What ``url`` names; SettingsError naming the variable when it is not one of the forms."""
+    scheme, sep, rest = url.partition("://")
+    scheme = scheme.lower()
+    userinfo, at, hosts = rest.rpartition("@")
+    # The message names the URL without its password: it goes to logs.
+    var = env_name("cache", "redis_url") + "=" + repr(f"{scheme}://***@{hosts}" if at else url)
+    if not sep or scheme not in _SINGLE | _CLUSTER:
+        raise SettingsError(f"{var}: expected {REDIS_URL_FORMS}")
+    password = (unquote(userinfo.partition(":")[2]) or None) if at else None
+    hosts, slash, path = hosts.partition("/")
+    try:
+        nodes = tuple(_host_port(part) for part in hosts.split(","))
+        db = int(path or "0") if slash else 0
+    except ValueError as exc:
+        raise SettingsError(f"{var}: expected {REDIS_URL_FORMS} ({exc})") from exc
+    cluster = scheme in _CLUSTER
+    if db < 0 or (cluster and db != 0):
+        raise SettingsError(f"{var}: db must be >= 0, and 0 in a cluster")
+    if not cluster and len(nodes) != 1:
+        raise SettingsError(f"{var}: one host for redis://; redis-cluster:// for several")
+    return RedisTarget(nodes, cluster, db, password, (_SINGLE | _CLUSTER)[scheme])
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    parts = urlsplit(f"//{text.strip()}")
+    if not parts.hostname or parts.username is not None:
+        raise ValueError(f"no host in {text!r}")
+    return parts.hostname, parts.port or REDIS_PORT
 
 
 COLD_POLICIES = ("wait", "legacy")
