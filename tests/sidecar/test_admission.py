@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import types
 from concurrent.futures import ThreadPoolExecutor
 
@@ -52,14 +53,38 @@ def test_the_estimate_counts_the_decodes_ahead_per_thread() -> None:
     assert decodes.ready_in() == pytest.approx(2 * DECODE_S)
 
 
-def test_a_full_pool_or_a_hopeless_engine_is_refused_and_counted() -> None:
+async def test_a_full_pool_or_a_hopeless_engine_is_refused_and_counted() -> None:
     metrics = Metrics()
     decodes = DecodeAdmission(ThreadPoolExecutor(1), 2, SourceSettings(), metrics)
-    decodes.queued = decodes.max_queued
+    deadline = asyncio.get_running_loop().time() + 0.1
+    decodes.queued = decodes.max_queued(0.1)
     with pytest.raises(Overloaded, match="decodes already queued"):
-        decodes.refuse_if_hopeless(1e9, _batcher(worth=True))  # type: ignore[arg-type]
+        decodes.refuse_if_hopeless(deadline, _batcher(worth=True))  # type: ignore[arg-type]
     assert _giveups(metrics, "queue-full") == 1
     decodes.queued = 0
     with pytest.raises(Overloaded, match="cannot finish in time"):
-        decodes.refuse_if_hopeless(1e9, _batcher(worth=False))  # type: ignore[arg-type]
+        decodes.refuse_if_hopeless(deadline, _batcher(worth=False))  # type: ignore[arg-type]
     assert _giveups(metrics, "admission") == 1
+
+
+def test_under_the_default_deadline_the_pool_holds_two_decodes_a_thread() -> None:
+    decodes = DecodeAdmission(ThreadPoolExecutor(1), 2, SourceSettings(), Metrics())
+    decodes.decode_s = 0.006
+    assert decodes.max_queued(0.100) == 4  # 120 ms less the 20 ms answer margin
+    assert decodes.max_queued(0.0) == 4
+    assert decodes.max_queued(-1.0) == 4
+
+
+async def test_a_long_deadline_admits_more_decodes_a_thread_up_to_the_bound() -> None:
+    # 8 requests in flight on 2 decode threads under a 60 s deadline: a cap of 2 decodes a
+    # thread refused half of them as queue-full though the engine had time (bench.cost).
+    metrics = Metrics()
+    decodes = DecodeAdmission(ThreadPoolExecutor(1), 2, SourceSettings(), metrics)
+    decodes.decode_s = 0.006
+    batcher = _batcher(worth=True)
+    decodes.queued = 8
+    decodes.refuse_if_hopeless(asyncio.get_running_loop().time() + 60.0, batcher)  # type: ignore[arg-type]
+    assert _giveups(metrics, "queue-full") == 0
+    assert batcher.asked == [pytest.approx(5 * 0.006)]  # 4 rounds ahead, then its own
+    assert decodes.max_queued(0.3) == 2 * 5  # a tenth of 300 ms in 6 ms decodes, a thread
+    assert decodes.max_queued(60.0) == decodes.max_queued(math.inf) == 2 * 16  # the bound
