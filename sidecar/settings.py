@@ -70,11 +70,11 @@ class ServerSettings:
     # (sidecar/step_cold.py): the sidecar's part of a miss is then a few ms, for a smaller smart
     # share (docs/performance.md, the edge under load, and why wait stays the default).
     cold_policy: str = "wait"
-    # CPU the background work (decode and CNN of heatmaps no request waits for) may use, in cores:
-    # a token bucket charged with its measured CPU time (sidecar/cpu_budget.py). A nice value
-    # does not keep it off other processes' cores (autogroups). 0.25: on the 2-core box the
-    # legacy server renders 60 new originals/s in ~0.85 of a core, and a quarter core still
-    # makes ~10 heatmaps/s for the originals asked for again.
+    # CPU the background work (read, decode and CNN of heatmaps no request waits for) may use,
+    # in cores, charged with its measured CPU time (sidecar/cpu_budget.py); while the machine
+    # has fewer than this plus one core idle, a twentieth of it, so that the legacy server's
+    # renders keep a free core. A nice value cannot do this: autogroups share the CPU between
+    # processes first. 0.25: ~7-10 heatmaps/s here (25-35 ms of CPU each) when the box is idle.
     background_cpu_share: float = 0.25
 
 
