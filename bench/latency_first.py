@@ -20,7 +20,9 @@ in pairs A B, B A, A B, ... so that a drift of the shared machine's load weighs 
      0.001): what the heatcrop edge's extra hops cost by themselves, so that B - C is what
      the background heatmaps cost the answers;
   D  the alternative to a budget: latency-first with no budget to speak of (share 64) and the
-     whole sidecar's autogroup lowered (``/proc/<pid>/autogroup`` nice 10, foreground included).
+     whole sidecar's autogroup lowered (``/proc/<pid>/autogroup`` nice 10, foreground included);
+  E  latency-first with no budget to speak of (share 64): the code before the budget, near
+     enough (a bucket of 6.4 CPU s refilled at 3.2 cores when busy never holds anything back).
 
 Thumbor stores nothing (no storage, no result storage), and every original is read once before
 the first round, so an original is as new to the stack in each round as in the first. The
@@ -64,11 +66,13 @@ NAMES = {
     "B": "B: latency-first",
     "C": "C: latency-first, no background",
     "D": "D: latency-first, no budget, autogroup nice 10",
+    "E": "E: latency-first, no budget (as before it)",
 }
 # On top of B's settings. C's background: a thousandth of a core, a heatmap every ~25 s.
 KIND_ENV = {
     "C": {"HEATCROP_SERVER_BACKGROUND_CPU_SHARE": "0.001"},
     "D": {"HEATCROP_SERVER_BACKGROUND_CPU_SHARE": "64"},
+    "E": {"HEATCROP_SERVER_BACKGROUND_CPU_SHARE": "64"},
 }
 AUTOGROUP_NICE = 10  # D's
 KIND_TEXT = {
@@ -76,6 +80,8 @@ KIND_TEXT = {
     "without the background's CPU). ",
     "D": "D: as B with `HEATCROP_SERVER_BACKGROUND_CPU_SHARE=64` (no budget to speak of) and "
     f"the sidecar's autogroup at nice {AUTOGROUP_NICE} (/proc/PID/autogroup). ",
+    "E": "E: as B with `HEATCROP_SERVER_BACKGROUND_CPU_SHARE=64`: no budget to speak of, as "
+    "before it. ",
 }
 # Sidecar counters read after each B round.
 COUNTERS = (
