@@ -32,6 +32,7 @@ import http.client
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -196,13 +197,29 @@ def metric_sum(samples: Mapping[str, float], name: str) -> float:
 class LatencyRound:
     load: float
     by_method: dict[str, Latency]
-    # In-process methods: median ms of their stages and CPU per photo (STAGES)
+    # In-process methods: median ms of their stages and CPU per photo (STAGES); the sidecars:
+    # the mean ms of their own stages (SIDECAR_STAGES, from their histograms), their CPU per
+    # photo and the client's mean ms
     stages: dict[str, dict[str, float]]
 
 
 # What the in-process workers say of each photo beside its time (bench/cost_workers.py).
 STAGES = {ATT: ("cpu_ms",), CORE_ON: ("decode", "infer", "cpu_ms")}
 STAGES[CORE_OFF] = STAGES[CORE_ON]
+# The sidecar's heatcrop_stage_seconds, in the order a cold request passes them; total is the
+# handler's whole time.
+SIDECAR_STAGES = ("fetch", "decode", "queue", "infer", "search", "total")
+
+
+def stage_means(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
+    """Mean ms of each of the sidecar's stages between two scrapes of its /metrics."""
+    out = {}
+    for stage in SIDECAR_STAGES:
+        key = f'heatcrop_stage_seconds_%s{{stage="{stage}"}}'
+        count = after.get(key % "count", 0.0) - before.get(key % "count", 0.0)
+        total = after.get(key % "sum", 0.0) - before.get(key % "sum", 0.0)
+        out[stage] = 1e3 * total / count if count else math.nan
+    return out
 
 
 def latency_round(
@@ -211,9 +228,10 @@ def latency_round(
     load = os.getloadavg()[0]
     with contextlib.ExitStack() as stack:
         att = stack.enter_context(worker("attention"))
-        clients = {}
+        clients, services = {}, {}
         for method in (HTTP_ON, HTTP_OFF):
             svc = stack.enter_context(sidecar(sidecar_env(root, FACES[method]), cores=None))
+            services[method] = svc
             clients[method] = Client(svc.base)
             stack.callback(clients[method].close)
         samples: dict[str, list[float]] = {m: [] for m in LATENCY_METHODS}
@@ -234,15 +252,22 @@ def latency_round(
         for values in stages.values():
             for v in values.values():
                 v.clear()
+        before = {m: (scrape(svc), process_cpu_s(svc.pid)) for m, svc in services.items()}
         for i, name in enumerate(names):
             for method in rotated(LATENCY_METHODS, r + i):
                 kind, ms = run(method, name)
                 samples[method].append(ms)
                 kinds[method].append(kind)
+        medians = {m: {k: quantile(v, 0.5) for k, v in s.items()} for m, s in stages.items()}
+        for m, svc in services.items():
+            metrics, cpu = before[m]
+            medians[m] = stage_means(metrics, scrape(svc))
+            medians[m]["cpu_ms"] = 1e3 * (process_cpu_s(svc.pid) - cpu) / len(names)
+            medians[m]["client"] = statistics.mean(samples[m])
     return LatencyRound(
         load=load,
         by_method={m: Latency(tuple(samples[m]), count_kinds(kinds[m])) for m in LATENCY_METHODS},
-        stages={m: {k: quantile(v, 0.5) for k, v in s.items()} for m, s in stages.items()},
+        stages=medians,
     )
 
 
@@ -444,6 +469,11 @@ def latency_table(rounds: Sequence[LatencyRound]) -> list[str]:
         cells = [spread(r.stages[m][k] for r in rounds).fmt() if k in keys else "—"
                  for k in ("decode", "infer", "cpu_ms")]  # fmt: skip
         stage_rows.append(f"| {m} | {' | '.join(cells)} |")
+    sidecar_rows = []
+    for m in (HTTP_ON, HTTP_OFF):
+        keys = (*SIDECAR_STAGES, "client", "cpu_ms")
+        cells = [spread(r.stages[m][k] for r in rounds).fmt() for k in keys]
+        sidecar_rows.append(f"| {m} | {' | '.join(cells)} |")
     return [
         "## One cold request at a time",
         "",
@@ -458,6 +488,15 @@ def latency_table(rounds: Sequence[LatencyRound]) -> list[str]:
         "| method | decode | engine call | CPU |",
         "|---|---:|---:|---:|",
         *stage_rows,
+        "",
+        "The sidecar's own stages, mean ms per cold request (its `heatcrop_stage_seconds`,",
+        "thread hops included: fetch = the read in the source's pool and the header; decode = in",
+        "the decode pool; queue = waiting for the engine; infer = the engine call; total = the",
+        "handler's whole time), the client's mean time, and the sidecar's CPU per photo:",
+        "",
+        "| method | " + " | ".join(SIDECAR_STAGES) + " | client | CPU |",
+        "|---|" + "---:|" * (len(SIDECAR_STAGES) + 2),
+        *sidecar_rows,
         "",
     ]
 
