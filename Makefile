@@ -76,7 +76,10 @@ engines: setup
 
 bench: bench-speed bench-quality
 
+# bench.cost: the cold cost against libvips attention as an image server runs it, one request
+# at a time and at saturation (about 10 minutes); bench.speed: the crop core's parts.
 bench-speed: setup
+	$(BIN)/python -m bench.cost --out bench/results/cost.md
 	$(BIN)/python -m bench.speed --out bench/results/speed.md
 
 # nginx + sidecar + Thumbor under wrk (and a static stand-in legacy); a few minutes.
