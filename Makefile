@@ -6,7 +6,7 @@ MODEL_DIR ?= build/model
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup model thumbor run test lint docs bench bench-quality bench-speed bench-load apt-deps clean distclean
+.PHONY: setup model thumbor cluster run test lint docs bench bench-quality bench-speed bench-load apt-deps clean distclean
 
 # System packages the tests and `make run` use (Debian). As root, or through sudo.
 APT_PACKAGES := redis-server chromium wrk nginx libnginx-mod-http-js
@@ -46,12 +46,21 @@ $(THUMBOR_STAMP): pyproject.toml
 	    print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["legacy"]))')
 	touch $@
 
+# The cluster extra (Ray Data, pinned in pyproject.toml) for `heatcrop backfill` and its tests
+# (tests/cluster/); `make run` does without it, and the sidecar never imports it.
+CLUSTER_STAMP := $(VENV)/.cluster-installed
+cluster: $(CLUSTER_STAMP)
+
+$(CLUSTER_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/python -m pip install --quiet -e '.[build,dev,cluster]'
+	touch $@
+
 # nginx + sidecar + Thumbor on loopback with the demo photos; prints the URLs; Ctrl-C stops all.
 run: setup thumbor
 	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || $(MAKE) apt-deps
 	$(BIN)/python -m nginx.stack
 
-test: setup thumbor
+test: setup thumbor cluster
 	@command -v redis-server >/dev/null && command -v chromium >/dev/null \
 	    && command -v wrk >/dev/null && test -x /usr/sbin/nginx \
 	    && test -f /usr/lib/nginx/modules/ngx_http_js_module.so || $(MAKE) apt-deps

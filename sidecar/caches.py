@@ -57,12 +57,16 @@ Clock = Callable[[], float]
 # What a failing Redis raises through aiocache: refused/reset sockets (OSError, and redis'
 # ConnectionError), aiocache's per-operation timeout (TimeoutError) and Redis' own errors; a
 # cluster client also its own (no seed node reachable, a slot no master covers), which are not
-# RedisErrors.
+# RedisErrors; and on uvloop (the service's loop, and Ray's workers') a write on a connection
+# the dead server closed can surface as uvloop's RuntimeError("unable to perform operation on
+# <TCPTransport closed=True ...>; the handler is closed") instead of a ConnectionError (seen
+# when a cluster master was killed under a backfill).
 L2_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
     redis.exceptions.RedisError,
     redis.exceptions.RedisClusterException,
+    RuntimeError,
 )
 
 L2_TIMEOUT_S = 0.05  # per Redis operation; a slow Redis must not eat the request's deadline

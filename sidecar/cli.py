@@ -1,5 +1,5 @@
 """``heatcrop`` command line: ``heatcrop crop PHOTO --size 400x300``, ``heatcrop serve``,
-``heatcrop warm``, ``heatcrop engines list``, ``heatcrop settings``."""
+``heatcrop warm``, ``heatcrop backfill``, ``heatcrop engines list``, ``heatcrop settings``."""
 
 from __future__ import annotations
 
@@ -96,6 +96,41 @@ def _parser() -> argparse.ArgumentParser:
     )
     warm.add_argument("--concurrency", type=int, default=4, help="originals in flight at once")
     warm.set_defaults(func=_warm)
+    backfill = sub.add_parser(
+        "backfill",
+        help="precompute the heatmaps of millions of originals on Ray (the cluster extra)",
+        description="Ray Data: fetch and decode in CPU tasks, the engine in an actor pool, "
+        f"the heatmaps into the shared cache ({_setting('cache', 'redis_url')}: a Redis or a "
+        "Redis Cluster); what is cached already is skipped, so a run killed and started again "
+        "resumes. Progress on stderr, a JSON summary on stdout. Needs "
+        "`pip install 'heatcrop[cluster]'`; docs/scaling.md.",
+        epilog=SETTINGS_EPILOG,
+    )
+    which = backfill.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--list",
+        type=Path,
+        help="paths under the source root as named there (not URL-encoded), one a line; "
+        "read in ranges, never whole",
+    )
+    which.add_argument(
+        "--walk",
+        action="store_true",
+        help=f"every file under the folder source's root ({_setting('source', 'root')})",
+    )
+    backfill.add_argument(
+        "--address",
+        help="the Ray cluster to join (e.g. auto, or ray://head:10001); default: start Ray here",
+    )
+    backfill.add_argument(
+        "--workers", type=int, help="CPU workers, one core each (default: every CPU of the cluster)"
+    )
+    backfill.add_argument(
+        "--gpus", type=int, default=0, help="GPU workers instead, one GPU each (TensorRT plans)"
+    )
+    backfill.add_argument("--batch", type=int, default=32, help="originals per batch")
+    backfill.add_argument("--progress-every", type=float, default=10.0, help="seconds")
+    backfill.set_defaults(func=_backfill)
     engines = sub.add_parser("engines", help="TensorRT plans (see `make engines`)")
     engines_sub = engines.add_subparsers(required=True, metavar="ACTION")
     listing = engines_sub.add_parser(
@@ -200,6 +235,42 @@ def _warm(args: argparse.Namespace) -> int:
     configure_vips()
     logging.getLogger("pyvips").setLevel(logging.WARNING)
     summary = asyncio.run(warm(settings, paths, concurrency=args.concurrency))
+    print(json.dumps(summary.as_dict()))
+    return 1 if summary.failures else 0
+
+
+def _backfill(args: argparse.Namespace) -> int:
+    import logging
+
+    from sidecar.backfill import require_shared_cache
+
+    settings = settings_mod.load(args.config)
+    require_shared_cache(settings)
+    if args.walk and settings.source.kind != "folder":
+        print("heatcrop: --walk needs source.kind = folder; give --list", file=sys.stderr)
+        return 2
+    if args.list is not None and not args.list.is_file():
+        print(f"heatcrop: --list {args.list}: no such file", file=sys.stderr)
+        return 2
+    try:
+        import ray
+
+        from sidecar.backfill_ray import Listing, Plan, run_backfill
+    except ImportError as exc:
+        print(f"heatcrop: backfill needs heatcrop[cluster] ({exc})", file=sys.stderr)
+        return 2
+    listing = Listing(file=args.list) if args.list else Listing(walk=Path(settings.source.root))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    ray.init(address=args.address, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        workers = args.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        plan = Plan(workers=workers, gpus=args.gpus, batch_size=args.batch)
+        summary = run_backfill(settings, listing, plan, every_s=args.progress_every)
+    except ValueError as exc:  # a plan out of bounds
+        print(f"heatcrop: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        ray.shutdown()
     print(json.dumps(summary.as_dict()))
     return 1 if summary.failures else 0
 

@@ -27,6 +27,10 @@ BAD = {
     "wide.png": "TooManyPixels",  # over max_pixels, a few KB on disk
 }
 LIMITS = {"max_bytes": 400_000, "max_pixels": 4_000_000}
+RAY_HINT = (
+    "ray is not installed; the backfill tests need the cluster extra, which `make setup` "
+    "installs (or `pip install -e '.[cluster]'`)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +62,10 @@ def redis_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
 @pytest.fixture(scope="module")
 def ray_session() -> Iterator[Any]:
     """Ray in local mode with two CPUs, shared by the module's tests."""
-    ray = pytest.importorskip("ray", reason="the cluster extra: pip install -e '.[cluster]'")
+    try:
+        import ray
+    except ImportError:
+        pytest.fail(RAY_HINT, pytrace=False)
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     try:
         yield ray

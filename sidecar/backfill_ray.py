@@ -1,0 +1,211 @@
+"""``heatcrop backfill``: the heatmaps of millions of originals, ahead of traffic, on Ray Data.
+
+Ray Data's batch-inference pattern, with the sidecar's own code in each stage
+(sidecar/backfill.py):
+
+    listing (streamed: a file of paths split into byte ranges, or the source root walked)
+      -> Prepare: fetch, key, batched cache lookup, decode      CPU tasks
+      -> Analyse: engine, make_analysis, put_analysis           actor pool, model loaded once
+      -> the driver counts outcomes: progress, then a summary
+
+Ray does the scheduling, the streaming and the backpressure (a bounded number of blocks in
+flight per stage, and of batches queued per actor); nothing here is cluster code of our own.
+On CPUs Ray fuses Prepare into the actors (each worker decodes and runs its own CNN, one per
+core); with ``gpus`` the actors take ``num_gpus=1`` each and load the TensorRT plan where one
+is built (``engine.kind`` auto), while Prepare runs as CPU tasks beside them.
+
+Only ``heatcrop backfill`` imports this module: the sidecar never imports Ray
+(tests/cluster/test_no_ray_in_sidecar.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import pyarrow as pa
+import ray
+import ray.data
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from sidecar.backfill import (
+    Analyse,
+    BackfillSummary,
+    Batch,
+    Prepare,
+    require_shared_cache,
+    service_version,
+)
+from sidecar.settings import Settings
+from sidecar.warm import read_paths
+
+log = logging.getLogger("heatcrop.backfill")
+
+# A listing file is read in ranges of this many bytes (~20,000 paths), one read task each.
+CHUNK_BYTES = 1 << 20
+# Reading a listing is next to no CPU: it must never wait for a core the workers hold.
+READ_CPUS = 0.0
+# Batches queued at each actor beyond the one it runs: bounds a worker's memory.
+QUEUED_PER_ACTOR = 2
+
+
+@dataclass(frozen=True)
+class Listing:
+    """Which originals: the paths in ``file`` (one a line, ``#`` comments), or every file
+    under ``walk`` (the folder source's root)."""
+
+    file: Path | None = None
+    walk: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.file is None) == (self.walk is None):
+            raise ValueError("a listing is a file of paths or a folder to walk, not both")
+
+
+class ListingDatasource(Datasource):
+    """The listing as blocks of ``rows`` paths, read on the driver's node (where the file is,
+    or the folder walked)."""
+
+    def __init__(self, listing: Listing, rows: int) -> None:
+        super().__init__()
+        self.listing = listing
+        self.rows = rows
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    @property
+    def supports_distributed_reads(self) -> bool:
+        return False  # Ray Data then runs the reads on the driver's node
+
+    def get_read_tasks(
+        self, parallelism: int, per_task_row_limit: int | None = None, **kwargs: Any
+    ) -> list[ReadTask]:
+        meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None)
+        rows = self.rows
+        if self.listing.walk is not None:
+            root = self.listing.walk
+            return [ReadTask(lambda: _blocks(_walked(root), rows), meta)]
+        path = self.listing.file
+        assert path is not None
+        size = path.stat().st_size
+        parts = max(1, min(max(parallelism, 1), math.ceil(size / CHUNK_BYTES)))
+        edges = [size * k // parts for k in range(parts + 1)]
+        return [
+            ReadTask(lambda a=a, b=b: _blocks(_lines(path, a, b), rows), meta)
+            for a, b in itertools.pairwise(edges)
+        ]
+
+
+def _lines(path: Path, start: int, end: int) -> Iterator[str]:
+    """The lines that begin in [start, end) of ``path``, without their line ends."""
+    with path.open("rb") as f:
+        if start:
+            f.seek(start - 1)
+            f.readline()  # the end of the line that began in the range before
+        while f.tell() < end:
+            line = f.readline()
+            if not line:
+                return
+            yield line.decode("utf-8", "replace")
+
+
+def _walked(root: Path) -> Iterator[str]:
+    """Every regular file under ``root`` as a path relative to it, one folder at a time."""
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        rel = Path(folder).relative_to(root)
+        for name in sorted(files):
+            if os.path.isfile(os.path.join(folder, name)):
+                yield (rel / name).as_posix()
+
+
+def _blocks(lines: Iterator[str], rows: int) -> Iterator[pa.Table]:
+    chunk: list[str] = []
+    for line in lines:
+        chunk.append(line)
+        if len(chunk) >= rows:
+            yield _table(chunk)
+            chunk = []
+    if chunk:
+        yield _table(chunk)
+
+
+def _table(lines: list[str]) -> pa.Table:
+    return pa.table({"path": pa.array(read_paths(lines), type=pa.string())})
+
+
+def _prepare(batch: Batch, settings: Settings, version: str) -> Batch:
+    return Prepare(settings, version)(batch)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How many workers, and of which kind."""
+
+    workers: int = 1  # CPU actors, one core each (engine.threads threads)
+    gpus: int = 0  # GPU actors instead, one GPU each
+    batch_size: int = 32  # originals per batch: one cache lookup, one Ray block
+
+    def __post_init__(self) -> None:
+        if self.workers < 1 or self.gpus < 0 or self.batch_size < 1:
+            raise ValueError("workers and batch_size must be >= 1, gpus >= 0")
+
+
+def run_backfill(
+    settings: Settings,
+    listing: Listing,
+    plan: Plan = Plan(),
+    *,
+    progress: TextIO | None = sys.stderr,
+    every_s: float = 10.0,
+) -> BackfillSummary:
+    """Compute and store the heatmap of every original of ``listing`` not cached yet, on the
+    Ray cluster this process is connected to (``ray.init`` first); see the module docstring."""
+    require_shared_cache(settings)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    actor: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1} if plan.gpus else {"num_cpus": 1}
+    version = ray.get(ray.remote(**actor)(service_version).remote(settings))
+    log.info("backfill: heatmaps keyed by %s", version)
+    ds = ray.data.read_datasource(ListingDatasource(listing, plan.batch_size), num_cpus=READ_CPUS)
+    args = {"settings": settings, "version": version}
+    ds = ds.map_batches(
+        _prepare, batch_size=plan.batch_size, fn_kwargs=args, num_cpus=1, batch_format="numpy"
+    )
+    ds = ds.map_batches(
+        Analyse,
+        batch_size=plan.batch_size,
+        fn_constructor_kwargs=args,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(
+            size=plan.gpus or plan.workers, max_tasks_in_flight_per_actor=QUEUED_PER_ACTOR
+        ),
+        **actor,
+    )
+    return _counted(ds, progress, every_s)
+
+
+def _counted(ds: ray.data.Dataset, progress: TextIO | None, every_s: float) -> BackfillSummary:
+    summary = BackfillSummary()
+    start = last = time.perf_counter()
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for outcome in batch["outcome"]:
+            summary.count(str(outcome))
+        now = time.perf_counter()
+        summary.seconds = now - start
+        if not summary.first_s:
+            summary.first_s, summary.first_done = summary.seconds, summary.done
+        if progress is not None and now - last >= every_s:
+            print(summary.line(), file=progress, flush=True)
+            last = now
+    summary.seconds = time.perf_counter() - start
+    return summary
