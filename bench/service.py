@@ -292,20 +292,48 @@ class HealthProbe:
 
 @contextmanager
 def sidecar(env: Mapping[str, str], cores: str | None) -> Iterator[Sidecar]:
-    port = free_port()
-    full_env = {**os.environ, **env, "HEATCROP_SERVER_PORT": str(port)}
-    full_env["HEATCROP_SERVER_HOST"] = "127.0.0.1"
+    with tempfile.TemporaryFile() as log:
+        proc, svc = _started(env, cores, log)
+        try:
+            yield svc
+        finally:
+            stop(proc)
+
+
+# Starts tried before giving up: the free port found may be taken by another process (on a
+# shared machine, e.g. Ray's workers) before the sidecar binds it, and the sidecar then exits.
+START_ATTEMPTS = 3
+
+
+class SidecarExited(RuntimeError):
+    pass
+
+
+def _started(
+    env: Mapping[str, str], cores: str | None, log: IO[bytes]
+) -> tuple[subprocess.Popen[bytes], Sidecar]:
     cmd = [sys.executable, "-m", "sidecar.app"]
     if cores is not None:
         cmd = ["taskset", "-c", cores, *cmd]
-    with tempfile.TemporaryFile() as log:
+    for attempt in range(START_ATTEMPTS):
+        port = free_port()
+        full_env = {**os.environ, **env, "HEATCROP_SERVER_PORT": str(port)}
+        full_env["HEATCROP_SERVER_HOST"] = "127.0.0.1"
+        log.seek(0)
+        log.truncate()
         proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT)
         svc = Sidecar(f"http://127.0.0.1:{port}", proc.pid)
         try:
             wait_ready(svc, proc, log)
-            yield svc
-        finally:
+        except SidecarExited:
+            if attempt + 1 == START_ATTEMPTS:
+                raise
+            continue
+        except BaseException:
             stop(proc)
+            raise
+        return proc, svc
+    raise AssertionError("unreachable")
 
 
 def wait_ready(svc: Sidecar, proc: subprocess.Popen[bytes], log: IO[bytes]) -> None:
@@ -314,13 +342,13 @@ def wait_ready(svc: Sidecar, proc: subprocess.Popen[bytes], log: IO[bytes]) -> N
         if proc.poll() is not None:
             log.seek(0)
             tail = log.read()[-2000:].decode(errors="replace")
-            raise RuntimeError(f"sidecar exited with {proc.returncode}:\n{tail}")
+            raise SidecarExited(f"sidecar exited with {proc.returncode}:\n{tail}")
         try:
             with urllib.request.urlopen(svc.base + "/healthz", timeout=1) as resp:
-                if resp.status == 200:
+                if resp.status == 200 and proc.poll() is None:
                     return
-        except (urllib.error.URLError, OSError):
-            pass
+        except (urllib.error.URLError, OSError, http.client.HTTPException):
+            pass  # not up yet, or another process's port (it exits: tried again)
         time.sleep(0.2)
     raise RuntimeError(f"sidecar not ready after {START_TIMEOUT_S:.0f} s")
 
@@ -513,9 +541,9 @@ def report(
             else "."
         ),
         f"- (c0) runs under a {CAPACITY_DEADLINE_MS // 1000} s deadline, so that nothing gives up "
-        "for time: under",
-        "  the default one, 4 unpaced connections turn into a give-up storm once the engine runs",
-        "  late (each refusal asks again at once), a figure of the event loop, not of the cold path.",
+        "for time: under the",
+        "  default one, 4 unpaced connections turn into a give-up storm once the engine runs late",
+        "  (each refusal asks again at once): a figure of the event loop, not of the cold path.",
         "- (c0) and (c) set `HEATCROP_CACHE_HEATMAP_ENTRIES=1`, so every request decodes its",
         "  original and runs the CNN; with the default cache each of the originals is analysed",
         "  once (or in the background after a give-up) and later requests are heatmap hits: (c').",
