@@ -153,12 +153,25 @@ class Plan:
     """How many workers, and of which kind."""
 
     workers: int = 1  # CPU actors, one core each (engine.threads threads)
-    gpus: int = 0  # GPU actors instead, one GPU each
+    gpus: int = 0  # GPU actors instead, on this many GPUs
+    # Actors sharing one GPU, each with a core: with faces on, each runs the face detector on
+    # its core in the engine call (a few ms per photo), which one actor alone would make the
+    # limit of a GPU that runs thousands of heatmaps a second.
+    actors_per_gpu: int = 1
     batch_size: int = 32  # originals per batch: one cache lookup, one Ray block
 
     def __post_init__(self) -> None:
-        if self.workers < 1 or self.gpus < 0 or self.batch_size < 1:
-            raise ValueError("workers and batch_size must be >= 1, gpus >= 0")
+        if min(self.workers, self.actors_per_gpu, self.batch_size) < 1 or self.gpus < 0:
+            raise ValueError("workers, actors per GPU and batch size must be >= 1, gpus >= 0")
+
+    @property
+    def actors(self) -> int:
+        return self.gpus * self.actors_per_gpu if self.gpus else self.workers
+
+    def actor_resources(self) -> dict[str, float]:
+        if self.gpus:
+            return {"num_cpus": 1, "num_gpus": 1 / self.actors_per_gpu}
+        return {"num_cpus": 1}
 
 
 def run_backfill(
@@ -173,7 +186,7 @@ def run_backfill(
     Ray cluster this process is connected to (``ray.init`` first); see the module docstring."""
     require_shared_cache(settings)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    actor: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1} if plan.gpus else {"num_cpus": 1}
+    actor = plan.actor_resources()
     version = ray.get(ray.remote(**actor)(service_version).remote(settings))
     log.info("backfill: heatmaps keyed by %s", version)
     ds = ray.data.read_datasource(ListingDatasource(listing, plan.batch_size), num_cpus=READ_CPUS)
@@ -187,7 +200,7 @@ def run_backfill(
         fn_constructor_kwargs=args,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(
-            size=plan.gpus or plan.workers, max_tasks_in_flight_per_actor=QUEUED_PER_ACTOR
+            size=plan.actors, max_tasks_in_flight_per_actor=QUEUED_PER_ACTOR
         ),
         **actor,
     )
@@ -200,6 +213,7 @@ def _counted(ds: ray.data.Dataset, progress: TextIO | None, every_s: float) -> B
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         for outcome in batch["outcome"]:
             summary.count(str(outcome))
+        summary.cpu_s += float(batch["cpu_s"].sum())
         now = time.perf_counter()
         summary.seconds = now - start
         if not summary.first_s:

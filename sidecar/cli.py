@@ -128,6 +128,12 @@ def _parser() -> argparse.ArgumentParser:
     backfill.add_argument(
         "--gpus", type=int, default=0, help="GPU workers instead, one GPU each (TensorRT plans)"
     )
+    backfill.add_argument(
+        "--actors-per-gpu",
+        type=int,
+        default=1,
+        help="actors sharing each GPU, a core each (with faces: the detector runs on the CPU)",
+    )
     backfill.add_argument("--batch", type=int, default=32, help="originals per batch")
     backfill.add_argument("--progress-every", type=float, default=10.0, help="seconds")
     backfill.set_defaults(func=_backfill)
@@ -264,7 +270,7 @@ def _backfill(args: argparse.Namespace) -> int:
     ray.init(address=args.address, include_dashboard=False, logging_level=logging.WARNING)
     try:
         workers = args.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        plan = Plan(workers=workers, gpus=args.gpus, batch_size=args.batch)
+        plan = Plan(workers, args.gpus, args.actors_per_gpu, args.batch)
         summary = run_backfill(settings, listing, plan, every_s=args.progress_every)
     except ValueError as exc:  # a plan out of bounds
         print(f"heatcrop: {exc}", file=sys.stderr)
