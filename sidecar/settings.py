@@ -178,9 +178,10 @@ class KernelSettings:
     face_score: float = 0.6
     # Faces kept per photo at most, the best scores first: bounds the face rule's work.
     max_faces: int = 64
-    # Faces the rule keeps whole: head boxes at least this share of the photo's height (1/12:
-    # the faces people notice); smaller ones are left to the heat.
-    face_min_height: float = 1 / 12
+    # Faces the rule keeps whole: head boxes at least this share of the photo's height; smaller
+    # ones are left to the heat. 1/16, with no margin, zoom or weight: cross-validated on
+    # crowd_train and osie_train (training/face_rule.py, training/results/face_rule.md).
+    face_min_height: float = 1 / 16
     # With faces to keep whole, windows down to this share of the largest are tried (1: none).
     face_min_scale: float = 1.0
     # The box kept whole around each face: its head box grown by this share of its size on
