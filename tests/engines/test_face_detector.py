@@ -228,3 +228,29 @@ def test_the_default_head_box_holds_the_astronauts_face_in_her_head():
         HEAD[3] - HEAD[1]
     )
     assert ix * iy / (union - ix * iy) > 0.6
+
+
+def test_the_built_graph_gives_the_vendored_graphs_scores_and_boxes(model_dir):
+    # The build folds YuNet's BGR order into its first convolution and joins the strides:
+    # on the same photo both graphs must agree, the vendored one fed BGR floats NCHW.
+    import onnxruntime as ort
+
+    path, _ = find_face_model(model_dir)
+    built = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    raw = ort.InferenceSession(str(SOURCE), providers=["CPUExecutionProvider"])
+    image = np.ascontiguousarray(skdata.astronaut()[:224, :288])[None]
+    scores, boxes = built.run(["scores", "boxes"], {"image": image})
+    names = [f"{k}_{s}" for k in ("cls", "obj", "bbox") for s in (8, 16, 32)]
+    ref = dict(
+        zip(
+            names,
+            raw.run(names, {"input": image[..., ::-1].transpose(0, 3, 1, 2).astype(np.float32)}),
+            strict=True,
+        )
+    )
+    # Squared: sqrt near 0 would magnify float noise.
+    want = np.concatenate([ref[f"cls_{s}"] * ref[f"obj_{s}"] for s in (8, 16, 32)], 1)
+    np.testing.assert_allclose(scores**2, want, atol=1e-5)
+    assert (scores > 0.9).sum() >= 1  # her face
+    want_boxes = np.concatenate([ref[f"bbox_{s}"] for s in (8, 16, 32)], 1)
+    np.testing.assert_allclose(boxes, want_boxes, atol=1e-3)
