@@ -29,12 +29,14 @@ And only out of spare time (``MachineIdle``): while the whole machine left fewer
 plus ``IDLE_RESERVE_CORES`` cores idle over the last quarter second (``/proc/stat``), the bucket
 refills at a trickle (``BUSY_TRICKLE`` of the share). The reserve is a core that a render of the
 legacy server arriving now finds free: a background heatmap takes every core for a few ms (the
-engine's two threads), and a render that shares a core with it takes longer. Measured with
-``python -m bench.latency_first --kinds ABC`` on the shared 2-core machine at 60 never-seen
-originals/s (the legacy server busy ~0.9 core), with the rate alone at 0.25 the answers' p50 /
-p95 were 17-21 / 30-38 ms against 14-17 / 25-29 ms with the sidecar down and 16-18 / 26-39 ms
-with the background all but off. The trickle keeps heatmaps coming, one every few seconds, on
-a machine that is never that idle. Where ``/proc/stat`` cannot be read, the rate alone holds.
+engine's two threads), and a render that meets it waits. Measured with ``python -m
+bench.latency_first`` on the shared 2-core machine at 60 never-seen originals/s (the legacy
+server busy ~0.9 core; bench/results/latency_first.md): with the rate alone the answers' p50 /
+p95 were 16-21 / 30-38 ms against 14-16 / 25-29 ms with the sidecar down, in sets too noisy to
+tell from the edge's own hops (16-18 / 26-39 ms with no background); with the reserve, 22-26 /
+41-53 ms against 19-23 / 35-39 ms and one outlier (medians +12 % / +15 %), no background
+22-24 / 37-45 ms. The trickle keeps heatmaps coming, one every few seconds, on a machine that
+is never that idle. Where ``/proc/stat`` cannot be read, the rate alone holds.
 """
 
 from __future__ import annotations
