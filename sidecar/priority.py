@@ -6,7 +6,10 @@ answer (give-ups and cache hits included) waits when it does. Lowering the worke
 (``server.worker_nice``) is meant to keep the loop ahead of them. Measured on the 2-core dev box
 (``python -m bench.service --only overload``, worker_nice 10 against 0) it shortened the client
 tail in some runs but cut the cold capacity, and the runs were too noisy to decide, so it is off
-by default.
+by default. It ranks the workers below this process's own loop only: with autogroups
+(``kernel.sched_autogroup_enabled``) Linux shares the CPU between sessions first, so another
+process, the legacy server included, gets nothing from it; what keeps background work off
+their cores is its CPU budget (sidecar/cpu_budget.py).
 
 Linux schedules threads individually and a thread's nice value is its own, inherited by the
 threads it starts, so the decode pool, the batcher's worker and the threads ONNX Runtime starts
