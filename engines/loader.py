@@ -150,7 +150,8 @@ def load_engine(
             if not isinstance(exc, expected):
                 log.warning("TensorRT failed unexpectedly; using ONNX Runtime", exc_info=True)
             reason = f"TensorRT plan {choice.plan.plan_file} failed to load: {first_line(exc)}"
-    engine, graph, why_fp32 = _ort(settings, model_dir, model, digest, warm)
+    precision, why_precision = resolved_precision(settings.ort_precision)
+    engine, graph, why_fp32 = _ort(settings, precision, model_dir, model, digest, warm)
     if why_fp32:
         # The operator asked for INT8 and gets FP32: say so once, loudly enough to be seen.
         log.warning(
@@ -166,16 +167,22 @@ def load_engine(
             settings.threads,
             graph.name,
             settings.kind,
-            resolved_precision(settings.ort_precision)[1],
+            why_precision,
             reason,
         )
     return engine
 
 
 def _ort(
-    settings: EngineConfig, model_dir: Path, fp32: Path, fp32_sha256: str, warm: bool
+    settings: EngineConfig,
+    precision: str,
+    model_dir: Path,
+    fp32: Path,
+    fp32_sha256: str,
+    warm: bool,
 ) -> tuple[Engine, Path, str]:
-    """(engine, its graph, why FP32 although INT8 was asked for, or "") for ONNX Runtime.
+    """(engine, its graph, why FP32 although INT8 was asked for, or "") for ONNX Runtime,
+    ``precision`` being ``settings.ort_precision`` resolved for this CPU.
 
     Every INT8 defect is one reason for FP32, not a failure: missing, stale, tampered, or
     bytes that ONNX Runtime cannot load or run (another onnxruntime, a half-written build).
@@ -186,7 +193,7 @@ def _ort(
     from engines.model import find_int8_model, int8_not_built, not_built
 
     why_fp32 = ""
-    if resolved_precision(settings.ort_precision)[0] == "int8":
+    if precision == "int8":
         try:
             int8 = find_int8_model(model_dir, fp32_sha256)
             return _ort_graph(int8, model_dir, int8_not_built, settings.threads, warm), int8, ""
