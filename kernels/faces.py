@@ -27,6 +27,7 @@ import numpy as np
 from kernels.window import (
     SLICE_HIGH,
     SLICE_LOW,
+    Composition,
     CropBox,
     SearchParams,
     _check_aspect,
@@ -34,6 +35,7 @@ from kernels.window import (
     _check_size,
     _is_number,
     _search,
+    comp_tables,
 )
 
 # More faces than this: the largest ones are kept. The search costs ~ candidates x faces, and
@@ -50,12 +52,13 @@ def best_window_faces(
     faces: np.ndarray,
     keep: tuple[int, int, int, int] | None = None,
     face_weight: float = 0.0,
+    comp: np.ndarray | Composition | None = None,
 ) -> tuple[CropBox, int]:
     """kernels.window.best_window with the face rule; also the number of faces it slices.
 
     ``faces`` is [N, >= 4] (x0, y0, x1, y1 in original pixels, x1/y1 exclusive; further
     columns, such as a detector's score, are ignored); boxes are clipped to the image and
-    empty ones dropped. With no faces the box is best_window's.
+    empty ones dropped. With no faces the box is best_window's; ``comp`` as there.
     """
     _check_size(width, height)
     _check_aspect(aspect)
@@ -66,7 +69,7 @@ def best_window_faces(
     keep_arr = _check_keep(keep, width, height)
     boxes = clean_faces(faces, width, height)
     box, sliced, found = _search(heat, width, height, aspect, params, keep_arr, boxes,
-                                 float(face_weight))  # fmt: skip
+                                 float(face_weight), comp_tables(comp))  # fmt: skip
     if not found:
         sliced = count_sliced(boxes, box.as_tuple())
     return box, sliced

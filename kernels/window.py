@@ -21,6 +21,14 @@ an edge through background slices nothing, an edge through a hot object slices t
 (Counting the band's whole mass would make a flat map prefer windows pushed against a border,
 one cut edge instead of two: a bias toward corners with no evidence behind it.)
 
+With composition maps (``comp``, issue 24), the score adds, for each of ``COMP_CHANNELS``
+signed maps, its integral over one part of the window: channels 0-8 the 3 x 3 grid of the
+window's thirds (row-major, top-left first), channel 9 the part of the image the window
+throws away; each in units of the image's area (a map of constant 1 adds the part's share of
+the image). The maps are read piecewise constant on their own grid, like the heat, so the
+terms are exact too. A heat map says where things are; these say where in the frame they
+should sit, and what may be cut (ASM-Net's position-specific maps, GAIC's discarded region).
+
 Ties (within 1e-9) go to the window whose centre is closer to the image centre, then to the
 first in a fixed order (largest scale first, then top-to-bottom, left-to-right), so the same
 map, size and aspect always give the same box.
@@ -35,7 +43,7 @@ from typing import TypeGuard
 import numpy as np
 from numba import njit
 
-from kernels.sat import _locate, _sat_kernel
+from kernels.sat import _locate, _sat_kernel, _window_sum
 
 MAX_SIDE = 1_000_000
 MIN_ASPECT = 1e-3
@@ -48,6 +56,10 @@ TIE_EPS = 1e-9
 SLICE_LOW = 0.1
 SLICE_HIGH = 0.9
 NO_FACES = np.zeros((0, 4), dtype=np.float64)
+# Composition channels: the 3 x 3 thirds of the window, then the discarded rest of the image.
+COMP_GRID = 3
+COMP_CHANNELS = COMP_GRID * COMP_GRID + 1
+NO_COMP = np.zeros((0, 2, 2), dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -157,11 +169,14 @@ def best_window(
     aspect: float,
     params: SearchParams,
     keep: tuple[int, int, int, int] | None = None,
+    comp: np.ndarray | Composition | None = None,
 ) -> CropBox:
     """Best window of ``aspect`` on ``heat`` (covering the whole width x height original).
 
     ``keep`` (original pixels, x1/y1 exclusive) restricts candidates to windows containing it;
     when no window of the aspect can, the largest window is centred on it instead, clamped.
+    ``comp``: [COMP_CHANNELS, gh, gw] composition maps covering the whole original (or their
+    ``composition``, to make the tables once for several searches), or None.
     ``confidence`` is the score gained over the centre crop of the largest window.
     """
     _check_size(width, height)
@@ -169,7 +184,55 @@ def best_window(
     if not isinstance(params, SearchParams):
         raise ValueError(f"params must be a SearchParams, got {type(params).__name__}")
     keep_arr = _check_keep(keep, width, height)
-    return _search(heat, width, height, aspect, params, keep_arr, NO_FACES, 0.0)[0]
+    csat = comp_tables(comp)
+    return _search(heat, width, height, aspect, params, keep_arr, NO_FACES, 0.0, csat)[0]
+
+
+def composition_terms(
+    comp: np.ndarray | Composition, width: int, height: int, box: tuple[int, int, int, int]
+) -> np.ndarray:
+    """float64 [COMP_CHANNELS]: each composition map's integral over its part of ``box``
+    (original pixels, x1/y1 exclusive), in units of the image's area: what the search adds."""
+    _check_size(width, height)
+    if not isinstance(box, tuple | list) or len(box) != 4 or not all(map(_is_int, box)):
+        raise ValueError(f"box must be (x0, y0, x1, y1) ints, got {box!r}")
+    x0, y0, x1, y1 = (int(v) for v in box)
+    if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+        raise ValueError(f"box must lie inside the {width}x{height} image, got {box!r}")
+    out = np.zeros(COMP_CHANNELS, dtype=np.float64)
+    _comp_terms(comp_tables(comp, required=True), width, height, x0, y0, x1 - x0, y1 - y0, out)
+    return out
+
+
+@dataclass(frozen=True)
+class Composition:
+    """Checked composition maps as their summed-area tables, made once per heatmap and read by
+    every aspect's search (``composition``)."""
+
+    tables: np.ndarray  # [COMP_CHANNELS, gh + 1, gw + 1] float64, over the cell count
+
+
+def composition(comp: np.ndarray) -> Composition:
+    """The tables of [COMP_CHANNELS, gh, gw] composition maps (float, finite, signed)."""
+    if not isinstance(comp, np.ndarray) or comp.dtype.kind != "f":
+        raise ValueError(f"comp must be a float numpy array, got {type(comp).__name__}")
+    if comp.ndim != 3 or comp.shape[0] != COMP_CHANNELS or min(comp.shape[1:]) < 1:
+        raise ValueError(f"comp must be [{COMP_CHANNELS}, gh >= 1, gw >= 1], got {comp.shape}")
+    maps = np.ascontiguousarray(comp, dtype=np.float64)
+    if not np.isfinite(maps).all():
+        raise ValueError("comp must be finite")
+    return Composition(_comp_sat_kernel(maps))
+
+
+def comp_tables(comp: np.ndarray | Composition | None, required: bool = False) -> np.ndarray:
+    """The tables the kernel reads: of the maps, of a Composition as it is, NO_COMP for None."""
+    if isinstance(comp, Composition):
+        return comp.tables
+    if comp is None:
+        if required:
+            raise ValueError("comp must be a composition map array, got None")
+        return NO_COMP
+    return composition(comp).tables
 
 
 def _search(
@@ -181,10 +244,11 @@ def _search(
     keep_arr: np.ndarray,
     faces: np.ndarray,
     face_weight: float,
+    csat: np.ndarray = NO_COMP,
 ) -> tuple[CropBox, int, bool]:
     """The checked search (best_window, kernels.faces.best_window_faces): the box, the faces
     it slices, and False when no window held ``keep`` (the box is then the fallback's and the
-    count is not made)."""
+    count is not made). ``csat``: comp_tables of the composition maps."""
     width, height, aspect = int(width), int(height), float(aspect)
     # Plain int/float arguments only: an int cut_weight or np.int32 width would otherwise make
     # numba compile (seconds) and cache another specialisation at request time.
@@ -196,13 +260,14 @@ def _search(
     chs = np.ascontiguousarray(sizes[:, 1])
     found, bx, by, bk, score, center, sliced = _search_kernel(
         sat, width, height, cws, chs, np.array(scales, dtype=np.float64), int(params.steps),
-        keep_arr, faces, float(face_weight), *weights,
+        keep_arr, faces, float(face_weight), csat, *weights,
     )  # fmt: skip
     cw, ch = int(cws[bk]), int(chs[bk])
     if not found:
         # No window of this aspect holds the keep box: cover what we can of it, centred on it.
         bx, by, cw, ch = _keep_fallback(keep_arr, width, height, int(cws[0]), int(chs[0]))
         score = _box_score(sat, width, height, bx, by, cw, ch, 1.0, *weights)
+        score += _comp_box(csat, width, height, bx, by, cw, ch)
     x0, y0 = int(bx), int(by)
     box = CropBox(
         x0, y0, x0 + cw, y0 + ch,
@@ -495,6 +560,7 @@ def _search_kernel(
     keep: np.ndarray,
     faces: np.ndarray,
     face_weight: float,
+    csat: np.ndarray,
     cut_weight: float,
     cut_band: float,
     zoom_weight: float,
@@ -535,6 +601,8 @@ def _search_kernel(
         sc = _scores(
             sat, width, height, cw, ch, scales[k], xs, ys, cut_weight, cut_band, zoom_weight
         )
+        if csat.shape[0] > 0:
+            sc += _comp_scores(csat, width, height, cw, ch, xs, ys)
         gx = _fractions(xs, cw, fx0, fx1)
         gy = _fractions(ys, ch, fy0, fy1)
         for b in range(ys.size):
@@ -571,5 +639,94 @@ def _search_kernel(
     cy = (height - chs[0]) // 2
     center = _box_score(
         sat, width, height, cx, cy, cws[0], chs[0], scales[0], cut_weight, cut_band, zoom_weight
-    )
+    ) + _comp_box(csat, width, height, cx, cy, cws[0], chs[0])
     return found, bx, by, bk, best_score, center, best_sliced
+
+
+@njit(cache=True)
+def _comp_scores(
+    csat: np.ndarray, width: int, height: int, cw: int, ch: int, xs: np.ndarray, ys: np.ndarray
+) -> np.ndarray:
+    """[b, a]: the composition terms of the cw x ch windows at (ys[b], xs[a]), summed.
+
+    Per y offset, the column-cumulative sums of each channel between its band's rows; per x
+    offset, two interpolations per part, as _scores does for the heat."""
+    gh = csat.shape[1] - 1
+    gw = csat.shape[2] - 1
+    kx = gw / width
+    ky = gh / height
+    g = COMP_GRID
+    nx = xs.size
+    # Per x offset, the grid x of the window's g + 1 column edges; their cells.
+    xj = np.empty((nx, g + 1), dtype=np.int64)
+    xf = np.empty((nx, g + 1), dtype=np.float64)
+    for a in range(nx):
+        for c in range(g + 1):
+            xj[a, c], xf[a, c] = _locate((xs[a] + c * cw / g) * kx, gw)
+    rows = np.empty((COMP_CHANNELS, gw + 1), dtype=np.float64)
+    out = np.empty((ys.size, nx), dtype=np.float64)
+    last = COMP_CHANNELS - 1
+    for b in range(ys.size):
+        y0 = float(ys[b])
+        for r in range(g):
+            for c in range(g):
+                _rows_between(csat[r * g + c], (y0 + r * ch / g) * ky, (y0 + (r + 1) * ch / g) * ky,
+                              rows[r * g + c])  # fmt: skip
+        _rows_between(csat[last], y0 * ky, (y0 + ch) * ky, rows[last])
+        total = csat[last, gh, gw]
+        for a in range(nx):
+            v = 0.0
+            for r in range(g):
+                for c in range(g):
+                    d = rows[r * g + c]
+                    v += _lerp(d, xj[a, c + 1], xf[a, c + 1]) - _lerp(d, xj[a, c], xf[a, c])
+            d = rows[last]
+            v += total - (_lerp(d, xj[a, g], xf[a, g]) - _lerp(d, xj[a, 0], xf[a, 0]))
+            out[b, a] = v
+    return out
+
+
+@njit(cache=True)
+def _comp_box(csat: np.ndarray, width: int, height: int, x: int, y: int, cw: int, ch: int) -> float:
+    """One window's summed composition terms (0 without maps), through _comp_scores."""
+    if csat.shape[0] == 0:
+        return 0.0
+    xs = np.full(1, x, dtype=np.int64)
+    ys = np.full(1, y, dtype=np.int64)
+    return _comp_scores(csat, width, height, cw, ch, xs, ys)[0, 0]
+
+
+@njit(cache=True)
+def _comp_terms(
+    csat: np.ndarray, width: int, height: int, x: int, y: int, cw: int, ch: int, out: np.ndarray
+) -> None:
+    """Each channel's term of one window into out (composition_terms)."""
+    gh = csat.shape[1] - 1
+    gw = csat.shape[2] - 1
+    kx = gw / width
+    ky = gh / height
+    g = COMP_GRID
+    for r in range(g):
+        for c in range(g):
+            out[r * g + c] = _window_sum(
+                csat[r * g + c], (x + c * cw / g) * kx, (y + r * ch / g) * ky,
+                (x + (c + 1) * cw / g) * kx, (y + (r + 1) * ch / g) * ky,
+            )  # fmt: skip
+    last = COMP_CHANNELS - 1
+    inside = _window_sum(csat[last], x * kx, y * ky, (x + cw) * kx, (y + ch) * ky)
+    out[last] = csat[last, gh, gw] - inside
+
+
+@njit(cache=True)
+def _comp_sat_kernel(maps: np.ndarray) -> np.ndarray:
+    """Every map's summed-area table (as _sat_kernel), divided by the cell count."""
+    k, h, w = maps.shape
+    out = np.zeros((k, h + 1, w + 1), dtype=np.float64)
+    cells = float(h * w)
+    for c in range(k):
+        for i in range(h):
+            row = 0.0
+            for j in range(w):
+                row += maps[c, i, j] / cells
+                out[c, i + 1, j + 1] = out[c, i, j + 1] + row
+    return out

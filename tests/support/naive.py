@@ -114,10 +114,44 @@ def offsets(m: int, steps: int, lo: int, hi: int) -> list[int]:
     return sorted({v for v in values if lo <= v <= hi} | {lo, hi})
 
 
+def composition_terms(comp, width: int, height: int, x: int, y: int, cw: int, ch: int) -> list:
+    """Each composition map's integral over its part of the window, over the map's cell count:
+    parts 0-8 the window's thirds row-major, 9 the image outside the window (whole minus inside,
+    each from its own cell-by-cell overlaps)."""
+    out = []
+    for k in range(9):
+        m = np.asarray(comp[k], dtype=np.float64)
+        gh, gw = m.shape
+        r, c = divmod(k, 3)
+        px0, px1 = x + c * cw / 3, x + (c + 1) * cw / 3
+        py0, py1 = y + r * ch / 3, y + (r + 1) * ch / 3
+        mass = rect_mass(
+            m, px0 * gw / width, py0 * gh / height, px1 * gw / width, py1 * gh / height
+        )
+        out.append(mass / (gh * gw))
+    m = np.asarray(comp[9], dtype=np.float64)
+    gh, gw = m.shape
+    inside = rect_mass(
+        m, x * gw / width, y * gh / height, (x + cw) * gw / width, (y + ch) * gh / height
+    )
+    out.append((float(m.sum()) - inside) / (gh * gw))
+    return out
+
+
 def score(
-    heat: np.ndarray, width: int, height: int, x: int, y: int, cw: int, ch: int, s: float, params
+    heat: np.ndarray,
+    width: int,
+    height: int,
+    x: int,
+    y: int,
+    cw: int,
+    ch: int,
+    s: float,
+    params,
+    comp=None,
 ) -> float:
-    """inside - cut_weight * sum of band excess over flat - zoom_weight * (1 - s)."""
+    """inside - cut_weight * sum of band excess over flat - zoom_weight * (1 - s) [+ the sum of
+    the composition terms]."""
     gh, gw = heat.shape
     kx, ky = gw / width, gh / height
     flat = 1.0 / (gw * gh)
@@ -140,11 +174,12 @@ def score(
         mass = rect_mass(heat, bx0, by0, bx1, by1)
         area = overlaps(bx0, bx1, gw).sum() * overlaps(by0, by1, gh).sum()
         cut += max(0.0, mass - area * flat)
-    return inside - params.cut_weight * cut - params.zoom_weight * (1.0 - s)
+    extra = 0.0 if comp is None else sum(composition_terms(comp, width, height, x, y, cw, ch))
+    return inside - params.cut_weight * cut - params.zoom_weight * (1.0 - s) + extra
 
 
 def best_window(
-    heat: np.ndarray, width: int, height: int, aspect: float, params, keep=None
+    heat: np.ndarray, width: int, height: int, aspect: float, params, keep=None, comp=None
 ) -> tuple[tuple[int, int, int, int], float, float]:
     """(box, score, centre score) by trying every candidate in the spec's order."""
     heat = np.asarray(heat, dtype=np.float64)
@@ -162,7 +197,7 @@ def best_window(
                 continue
         for y in offsets(height - ch, params.steps, loy, hiy):
             for x in offsets(width - cw, params.steps, lox, hix):
-                v = score(heat, width, height, x, y, cw, ch, s, params)
+                v = score(heat, width, height, x, y, cw, ch, s, params, comp)
                 d2 = (2 * x + cw - width) ** 2 + (2 * y + ch - height) ** 2
                 if (
                     best is None
@@ -172,11 +207,15 @@ def best_window(
                     best = (v, d2, (x, y, x + cw, y + ch))
     cw, ch = sizes[0]
     cx, cy = (width - cw) // 2, (height - ch) // 2
-    center = score(heat, width, height, cx, cy, cw, ch, 1.0, params)
+    center = score(heat, width, height, cx, cy, cw, ch, 1.0, params, comp)
     if best is None:  # keep cannot fit: the largest window centred on it, clamped
         x = min(max(math.floor((keep[0] + keep[2] - cw) / 2), 0), width - cw)
         y = min(max(math.floor((keep[1] + keep[3] - ch) / 2), 0), height - ch)
-        return (x, y, x + cw, y + ch), score(heat, width, height, x, y, cw, ch, 1.0, params), center
+        return (
+            (x, y, x + cw, y + ch),
+            score(heat, width, height, x, y, cw, ch, 1.0, params, comp),
+            center,
+        )
     return best[2], best[0], center
 
 
@@ -197,6 +236,7 @@ def best_window_faces(
     faces,
     keep=None,
     face_weight: float = 0.0,
+    comp=None,
 ) -> tuple[tuple[int, int, int, int], float, int]:
     """(box, score, faces sliced): every candidate of the spec, the face rule's order."""
     heat = np.asarray(heat, dtype=np.float64)
@@ -238,7 +278,7 @@ def best_window_faces(
                 shares = [face_kept(f, box) for f in faces]
                 sliced = sum(1 for v in shares if 0.1 < v < 0.9)
                 kept = sum(1 for v in shares if v >= 0.9)
-                sc = score(heat, width, height, x, y, cw, ch, s, params)
+                sc = score(heat, width, height, x, y, cw, ch, s, params, comp)
                 v = sc + (face_weight * kept / len(faces) if faces else 0.0)
                 d2 = (2 * x + cw - width) ** 2 + (2 * y + ch - height) ** 2
                 if (
@@ -258,5 +298,5 @@ def best_window_faces(
         y = min(max(math.floor((keep[1] + keep[3] - ch) / 2), 0), height - ch)
         box = (x, y, x + cw, y + ch)
         sliced = sum(1 for f in faces if 0.1 < face_kept(f, box) < 0.9)
-        return box, score(heat, width, height, x, y, cw, ch, 1.0, params), sliced
+        return box, score(heat, width, height, x, y, cw, ch, 1.0, params, comp), sliced
     return best[3], best[4], best[0]
