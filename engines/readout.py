@@ -46,8 +46,17 @@ LITE2_TAPS: tuple[Tap, ...] = (
 # Weights of the optional food head, whose output is multiplied by the image's own food
 # probability (the graph's food_mass) and added to the read-out's logits.
 GATE_PREFIX = "gate_"
+# Weights of the optional expert-crop head (issue 24, measured, not in the graph): its output
+# times sigmoid(xgate_v . the image's mean features + xgate_c) is added to the logits.
+XGATE_PREFIX = "xgate_"
 # Centre bias terms, in relative cell coordinates u, v in (-1, 1): u, v, u², v².
 COORD_TERMS = 4
+# Composition maps (issue 24): kernels.window.COMP_CHANNELS signed maps per aspect bucket,
+# comp_w [buckets * COMP_MAPS, FEATURES] and comp_b [buckets * COMP_MAPS], linear in the
+# features. Buckets of the requested aspect (w / h): below the first edge, between, above the
+# second (one bucket: the same maps for every aspect).
+COMP_MAPS = 10
+ASPECT_EDGES = (0.8, 1.25)
 
 
 def coord_axis(n: int) -> npt.NDArray[np.float64]:
@@ -149,9 +158,41 @@ def head_logits(
     z = _chain(weights, "", x)[:, 0]
     if layer_count(weights, GATE_PREFIX):
         z = z + food_mass * _chain(weights, GATE_PREFIX, x)[:, 0]
+    if layer_count(weights, XGATE_PREFIX):
+        v, c = weights[XGATE_PREFIX + "v"], weights[XGATE_PREFIX + "c"]
+        gate = 1.0 / (1.0 + np.exp(-(x.mean(0) @ v.astype(np.float64) + float(c[0]))))
+        z = z + gate * _chain(weights, XGATE_PREFIX, x)[:, 0]
     h, w = shape
     z = z.reshape(h, w)
     sigma = float(weights["blur"]) if "blur" in weights else 0.0
     if sigma > 0.0:
         z = blur_map(z, sigma)
     return z + (coord_features(h, w) @ weights["a"].astype(np.float64)).reshape(h, w)
+
+
+def aspect_bucket(aspect: float, buckets: int) -> int:
+    """Which of `buckets` (1 or 3) composition read-outs serves a requested aspect."""
+    if buckets == 1:
+        return 0
+    if buckets != len(ASPECT_EDGES) + 1:
+        raise ValueError(f"composition buckets must be 1 or {len(ASPECT_EDGES) + 1}, got {buckets}")
+    return 0 if aspect < ASPECT_EDGES[0] else 2 if aspect > ASPECT_EDGES[1] else 1
+
+
+def comp_maps(
+    weights: dict[str, npt.NDArray[np.float32]],
+    features: npt.NDArray[np.floating],
+    shape: tuple[int, int],
+    aspect: float,
+) -> npt.NDArray[np.float32]:
+    """[COMP_MAPS, h, w] composition maps for a window of `aspect` (the numpy reference the
+    graph follows): the aspect's bucket of comp_w / comp_b on the [h * w, FEATURES] tapped
+    features, row-major over cells."""
+    w_all, b_all = weights["comp_w"].astype(np.float64), weights["comp_b"].astype(np.float64)
+    k = aspect_bucket(aspect, len(b_all) // COMP_MAPS) * COMP_MAPS
+    m = (
+        np.asarray(features, dtype=np.float64) @ w_all[k : k + COMP_MAPS].T
+        + b_all[k : k + COMP_MAPS]
+    )
+    h, w = shape
+    return m.T.reshape(COMP_MAPS, h, w).astype(np.float32)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from engines.base import INPUT_NAME
 from engines.model import find_model
-from engines.readout import TAPS
+from engines.readout import TAPS, aspect_bucket
 from kernels.window import best_window, center_box
 from sidecar.core import prepare, search_params
 from sidecar.decode import Decoded, configure_vips, decode
@@ -206,16 +206,28 @@ def share(scores: F64, refs: tuple[F64, F64]) -> float:
     return float((scores.mean() - centre.mean()) / (oracle.mean() - centre.mean()))
 
 
-def primary_scores(eval_set: EvalSet, heats: Sequence[F32], kernel: KernelSettings) -> F64:
-    """Per image, the primary metric of the window search on each heat map (mean of aspects)."""
+def primary_scores(
+    eval_set: EvalSet,
+    heats: Sequence[F32],
+    kernel: KernelSettings,
+    comps: Sequence[F32 | None] | None = None,
+) -> F64:
+    """Per image, the primary metric of the window search on each heat map (mean of aspects);
+    with `comps`, each image's composition maps [buckets, COMP_MAPS, h, w] (or None), the
+    requested aspect's bucket passed to the search as the service does."""
     params = search_params(kernel)
     key = eval_set.protocol.metrics[0].key
     out = np.zeros(len(eval_set.items))
     for i, (item, raw) in enumerate(zip(eval_set.items, heats, strict=True)):
         heat = prepare(raw, kernel)
+        comp = None if comps is None else comps[i]
         vals = []
         for aspect in eval_set.protocol.aspects(item).values():
-            box = best_window(heat, item.width, item.height, aspect, params)
+            if comp is None:
+                box = best_window(heat, item.width, item.height, aspect, params)
+            else:
+                maps = comp[aspect_bucket(aspect, len(comp))]
+                box = best_window(heat, item.width, item.height, aspect, params, comp=maps)
             if box.confidence < kernel.min_confidence:
                 box = center_box(item.width, item.height, aspect)
             vals.append(eval_set.protocol.score(item, Box.of(box))[key])

@@ -44,6 +44,7 @@ from engines.readout import WEIGHTS_PATH, head_logits, load_weights
 from sidecar.core import Analysis, blend_profiles
 from sidecar.settings import KernelSettings
 from training.backbones import ALL_FIT_SETS, BACKBONES, Cells, extract
+from training.comp_terms import rank_episodes
 from training.data import (
     EvalSet,
     centre_box,
@@ -58,7 +59,7 @@ from training.data import (
 from training.face_cache import load_cached
 from training.features import fold_of, primary_scores, reference_scores, targets
 from training.fit_window import episodes
-from training.heads import FitSet, HeadConfig, export_weights, fit, heat_maps
+from training.heads import FitSet, HeadConfig, comp_maps_of, export_weights, fit, heat_maps
 
 F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
@@ -86,9 +87,9 @@ def parse_config(spec: str) -> HeadConfig:
             raise ValueError(f"unknown head setting {key!r} (one of {', '.join(kinds)})")
         if key == "hidden":
             values[key] = tuple(int(v) for v in value.split("-") if v)
-        elif key in ("gate", "skip", "faces"):
+        elif key in ("gate", "skip", "faces", "xgate"):
             values[key] = value not in ("0", "false", "")
-        elif key in ("dims", "iters", "seed"):
+        elif key in ("dims", "iters", "seed", "comp", "buckets"):
             values[key] = int(value)
         else:
             values[key] = float(value)
@@ -173,10 +174,10 @@ class SetRun:
     fit: FitSet | None  # None for the check set
 
 
-def load_runs(eval_dir: str, sets: dict[str, float], backbone: str, folds: int,
-              window: bool, faces: bool = False) -> dict[str, SetRun]:  # fmt: skip
+def load_runs(eval_dir: str, sets: dict[str, float], backbone: str, folds: int, window: bool,
+              faces: bool = False, rank: bool = False) -> dict[str, SetRun]:  # fmt: skip
     """Every set's data; with `faces`, the cells carry the face channel (boxes cached by
-    training/face_cache.py)."""
+    training/face_cache.py); with `rank`, the expert-crop sets' ranking windows."""
     runs = {}
     # Every known set is scored: the fit sets by cross-validation, the others (fcdb_dev always)
     # by every fold's head, since none of them saw it.
@@ -189,13 +190,17 @@ def load_runs(eval_dir: str, sets: dict[str, float], backbone: str, folds: int,
         fs = None
         if name in sets:
             eps = episodes(s, cells) if window else []  # type: ignore[arg-type]
-            fs = FitSet(name, cells, targets(s, cells), eps, refs[1] - refs[0], sets[name])  # type: ignore[arg-type]
+            ranks = rank_episodes(s, cells) if rank and s.protocol.kind == "crop" else []
+            fs = FitSet(name, cells, targets(s, cells), eps, refs[1] - refs[0], sets[name],  # type: ignore[arg-type]
+                        ranks=ranks, kind=s.protocol.kind)  # fmt: skip
         runs[name] = SetRun(s, cells, sets.get(name, 0.0), fold_of(len(s.items), folds), refs, fs)
     return runs
 
 
-def score_maps(run: SetRun, maps: dict[int, F32], kernel: KernelSettings) -> F64:
-    """Per image (in `maps`' order of keys), the primary metric of the `learned` profile."""
+def score_maps(run: SetRun, maps: dict[int, F32], kernel: KernelSettings,
+               comps: dict[int, F32] | None = None) -> F64:  # fmt: skip
+    """Per image (in `maps`' order of keys), the primary metric of the `learned` profile; with
+    `comps`, each image's composition maps in the search too (heads.comp_maps_of)."""
     raw = []
     for i, heat in maps.items():
         item = run.eval_set.items[i]
@@ -206,23 +211,42 @@ def score_maps(run: SetRun, maps: dict[int, F32], kernel: KernelSettings) -> F64
         analysis = Analysis(item.width, item.height, stack, float(run.cells.food_mass[i]), "cv")
         raw.append(blend_profiles(analysis, "learned"))
     subset = replace(run.eval_set, items=tuple(run.eval_set.items[i] for i in maps))
-    return primary_scores(subset, raw, kernel)
+    per = None if not comps else [comps[i] for i in maps]
+    return primary_scores(subset, raw, kernel, per)
 
 
 # --- cross-validation -------------------------------------------------------------------------
 
 
+# Settings that joined HeadConfig after the first records: left out of the id's text at their
+# defaults, so that those records keep their ids.
+LATE_FIELDS = ("faces", "comp", "buckets", "rank", "xgate")
+
+
 def config_id(cfg: HeadConfig, sets: dict[str, float], backbone: str, folds: int) -> str:
-    # `faces` joined the config after the first records: left out of the text when off, so
-    # that those records keep their ids.
-    text = repr(cfg) if cfg.faces else repr(cfg).replace(", faces=False", "")
+    text = repr(cfg)
+    for f in fields(HeadConfig):
+        value = getattr(cfg, f.name)
+        if f.name in LATE_FIELDS and value == f.default:
+            text = text.replace(f", {f.name}={value!r}", "")
     text = json.dumps([text, sorted(sets.items()), backbone, folds])
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
 # A fold's fitted model as what scoring needs: (set name, image indices) -> each image's map.
 MapsOf = Callable[[str, list[int]], dict[int, F32]]
-FitFold = Callable[[list[FitSet], int], MapsOf]
+
+
+@dataclass
+class FoldModel:
+    """A fold's heat maps and, for a head with composition maps, those ([buckets, COMP_MAPS,
+    h, w] per image)."""
+
+    maps: MapsOf
+    comps: MapsOf | None = None
+
+
+FitFold = Callable[[list[FitSet], int], MapsOf | FoldModel]
 
 
 def cross_validate(
@@ -238,12 +262,15 @@ def cross_validate(
         t0 = time.perf_counter()
         parts = [replace(r.fit, images=np.flatnonzero(r.fold != f))
                  for r in runs.values() if r.fit is not None]  # fmt: skip
-        maps_of = fit_fold(parts, f)
+        model = fit_fold(parts, f)
+        if not isinstance(model, FoldModel):
+            model = FoldModel(model)
         for n, r in runs.items():
             held = (np.flatnonzero(r.fold == f) if r.fit is not None
                     else np.arange(len(r.eval_set.items)))  # fmt: skip
-            maps = maps_of(n, held.tolist())
-            scores = score_maps(r, maps, kernel)
+            maps = model.maps(n, held.tolist())
+            comps = model.comps(n, held.tolist()) if model.comps is not None else None
+            scores = score_maps(r, maps, kernel, comps)
             if r.fit is not None:
                 out[n][held] = scores
                 if maps_out is not None:
@@ -258,9 +285,13 @@ def cross_validate(
 def head_fold(runs: dict[str, SetRun], cfg: HeadConfig) -> FitFold:
     """fit_fold for cross_validate: the read-out head on frozen features."""
 
-    def fit_fold(parts: list[FitSet], fold: int) -> MapsOf:
+    def fit_fold(parts: list[FitSet], fold: int) -> FoldModel:
         head = fit(parts, cfg)
-        return lambda name, images: heat_maps(head, runs[name].cells, images)
+        return FoldModel(
+            lambda name, images: heat_maps(head, runs[name].cells, images),
+            (lambda name, images: comp_maps_of(head, runs[name].cells, images))
+            if cfg.comp else None,
+        )  # fmt: skip
 
     return fit_fold
 
@@ -288,6 +319,29 @@ def share(scores: F64, refs: tuple[F64, F64, F64], idx: npt.NDArray[np.int64] | 
     return float((scores[sel].mean() - centre[sel].mean()) / (top[sel].mean() - centre[sel].mean()))
 
 
+# The bootstrap over photos: draws and seed fixed, so a report says the same on every run.
+DRAWS = 2000
+SEED = 0
+
+
+def resamples(n: int, draws: int = DRAWS, seed: int = SEED) -> npt.NDArray[np.int64]:
+    """[draws, n] photo indices drawn with replacement (a photo's aspects stay together: its
+    score is already their mean)."""
+    return np.random.default_rng(seed).integers(0, n, (draws, n))
+
+
+def share_interval(scores: F64, refs: tuple[F64, F64, F64],
+                   viewers: bool = False) -> tuple[float, float]:  # fmt: skip
+    """95 % bootstrap interval of `share` over the photos."""
+    centre, oracle, view = refs
+    top = view if viewers else oracle
+    idx = resamples(len(scores))
+    c = centre[idx].mean(1)
+    boot = (scores[idx].mean(1) - c) / (top[idx].mean(1) - c)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
 def objective(shares: Sequence[float]) -> float:
     s = np.array(shares)
     return float(s.mean() + PENALTY * np.minimum(s, 0.0).sum())
@@ -305,7 +359,7 @@ def run_cv(args: argparse.Namespace) -> int:
             continue
         t0 = time.perf_counter()
         runs = load_runs(args.eval_dir, sets, args.backbone, args.folds, cfg.window > 0,
-                         cfg.faces)  # fmt: skip
+                         cfg.faces, cfg.rank > 0)  # fmt: skip
         print(f"{cid} {args.backbone} {cfg.label()} on {sets}", file=sys.stderr)
         maps: dict[str, F32] | None = {} if args.save_heldout else None
         scores = cross_validate(runs, args.folds, head_fold(runs, cfg), maps)
@@ -367,7 +421,7 @@ def run_select(args: argparse.Namespace) -> int:
     refs = {n: references(load_set(args.eval_dir, n)) for n in names}
     lines = [
         "| candidate | backbone | fit sets (weights) | "
-        + " | ".join(names)
+        + " | ".join(f"{n} ({len(refs[n][0])})" for n in names)
         + " | objective | time |",
         "|---|---|---|" + "---:|" * (len(names) + 2),
     ]  # fmt: skip
@@ -378,7 +432,8 @@ def run_select(args: argparse.Namespace) -> int:
                 cells.append("")
                 continue
             s = np.array(r["scores"][n])
-            text = f"{share(s, refs[n]):+.0%}"
+            lo, hi = share_interval(s, refs[n])
+            text = f"{share(s, refs[n]):+.0%} [{lo:+.0%}..{hi:+.0%}]"
             if n in r.get("fitted_on", []):
                 text += " (in-sample)"
             if n in SALIENCY:
@@ -433,7 +488,9 @@ def run_select(args: argparse.Namespace) -> int:
         "by every fold's head, averaged), through the service's `learned` profile and default "
         "search settings. For fixations, \"v\": the share of the other viewers' gain (each "
         "viewer scored on the window all the others choose). Objective: mean share over the "
-        f"five fit sets + {PENALTY:g} × the sum of the negative ones.",
+        f"five fit sets + {PENALTY:g} × the sum of the negative ones. In brackets: the 95 % "
+        f"bootstrap interval of the share over photos ({DRAWS} draws, seed {SEED}); beside each "
+        "set's name, its number of photos.",
         "",
         f"Centre → oracle: {centre_oracle}.",
         "",
@@ -445,18 +502,35 @@ def run_select(args: argparse.Namespace) -> int:
     return 0
 
 
-def paired(
-    a: dict, b: dict, refs: dict[str, tuple[F64, F64, F64]]
-) -> dict[str, tuple[float, float]]:
+@dataclass(frozen=True)
+class Paired:
+    """A paired per-photo difference in points of a set's headroom: its mean, 1.96 standard
+    errors, the 95 % bootstrap interval over photos and the number of photos."""
+
+    mean: float
+    half: float
+    lo: float
+    hi: float
+    n: int
+
+    def clear(self) -> bool:
+        """Whether the interval leaves out zero."""
+        return self.lo > 0 or self.hi < 0
+
+
+def paired(a: dict, b: dict, refs: dict[str, tuple[F64, F64, F64]]) -> dict[str, Paired]:
     """Per set both records scored: the mean per-photo difference of record `a` minus `b`, in
-    points of the set's centre -> oracle headroom, and 1.96 standard errors of it."""
+    points of the set's centre -> oracle headroom, with 1.96 standard errors and the 95 %
+    bootstrap interval of its mean (photos resampled)."""
     out = {}
     for n in a["scores"]:
         if n not in b["scores"]:
             continue
         centre, oracle, _ = refs[n]
-        d = (np.array(a["scores"][n]) - np.array(b["scores"][n])) / (oracle - centre).mean()
-        out[n] = (float(100 * d.mean()), float(196 * d.std(ddof=1) / np.sqrt(len(d))))
+        d = 100 * (np.array(a["scores"][n]) - np.array(b["scores"][n])) / (oracle - centre).mean()
+        lo, hi = np.percentile(d[resamples(len(d))].mean(1), [2.5, 97.5])
+        out[n] = Paired(float(d.mean()), float(1.96 * d.std(ddof=1) / np.sqrt(len(d))),
+                        float(lo), float(hi), len(d))  # fmt: skip
     return out
 
 
@@ -467,9 +541,12 @@ def run_compare(args: argparse.Namespace) -> int:
         raise SystemExit(f"compare needs --ids A,B of two score records in {SCORES}")
     a, b = by_id[ids[0]], by_id[ids[1]]
     refs = {n: references(load_set(args.eval_dir, n)) for n in a["scores"] if n in b["scores"]}
-    print(f"{a['name']} minus {b['name']}, per photo, points of the headroom (± 1.96 SE):")
-    for n, (mean, half) in paired(a, b, refs).items():
-        print(f"  {n}: {mean:+.1f} ± {half:.1f}")
+    print(f"{a['name']} minus {b['name']}, per photo, points of the headroom (± 1.96 SE; 95 % "
+          f"bootstrap interval over photos, {DRAWS} draws, seed {SEED}; *: not 0):")  # fmt: skip
+    for n, p in paired(a, b, refs).items():
+        mark = " *" if p.clear() else ""
+        print(f"  {n}: {p.mean:+.1f} ± {p.half:.1f} [{p.lo:+.1f} .. {p.hi:+.1f}], "
+              f"{p.n} photos{mark}")  # fmt: skip
     return 0
 
 
@@ -477,7 +554,8 @@ def run_ship(args: argparse.Namespace) -> int:
     sets = parse_sets(args.sets)
     cfg = parse_config(args.config[0])
     torch.set_num_threads(args.threads)
-    runs = load_runs(args.eval_dir, sets, args.backbone, 1, cfg.window > 0, cfg.faces)
+    runs = load_runs(args.eval_dir, sets, args.backbone, 1, cfg.window > 0, cfg.faces,
+                     cfg.rank > 0)  # fmt: skip
     parts = [replace(r.fit, images=np.arange(len(r.eval_set.items)))
              for r in runs.values() if r.fit is not None]  # fmt: skip
     head = fit(parts, cfg)

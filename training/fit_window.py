@@ -32,7 +32,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -92,6 +92,11 @@ class Episode:
     a: F64  # [K, cells]: heat inside each candidate = a @ cell heats
     u: F64  # [cells]: the whole image's heat = u @ cell heats
     m: F64  # [K]: the ground-truth metric of each candidate
+    # [K, 4] the candidates (x0, y0, x1, y1 in image pixels) and the aspect asked for: what the
+    # composition terms pool over (training/comp_terms.py).
+    boxes: I64 = field(default_factory=lambda: np.zeros((0, 4), np.int64))
+    aspect: float = 1.0
+    frame: tuple[int, int] = (0, 0)  # the image's width and height
 
 
 def window_weights(ry: F64, rx: F64, width: int, height: int, box: Box) -> F64:
@@ -119,13 +124,15 @@ def episodes(eval_set: EvalSet, feats: SetFeatures) -> list[Episode]:
             free_x, free_y = item.width - cw, item.height - ch
             if max(free_x, free_y) < 2:
                 continue
-            rows, ms = [], []
+            rows, ms, boxes = [], [], []
             for off in offsets(max(free_x, free_y)):
                 x0, y0 = (off, 0) if free_x > 0 else (0, off)
                 box = Box(x0, y0, x0 + cw, y0 + ch)
                 rows.append(window_weights(ry, rx, item.width, item.height, box))
                 ms.append(eval_set.protocol.score(item, box)[key])
-            out.append(Episode(i, np.array(rows), u, np.array(ms)))
+                boxes.append(box.as_list())
+            out.append(Episode(i, np.array(rows), u, np.array(ms), np.array(boxes), aspect,
+                               (item.width, item.height)))  # fmt: skip
     return out
 
 

@@ -177,11 +177,12 @@ def test_paired_difference_is_in_headroom_points():
     refs = {"s": (np.zeros(4), np.full(4, 0.5), np.full(4, np.nan))}
     a = {"scores": {"s": [0.1, 0.2, 0.3, 0.4], "only_a": [1.0]}}
     b = {"scores": {"s": [0.1, 0.1, 0.2, 0.2]}}
-    (name, (mean, half)), *_ = paired(a, b, refs).items()
+    (name, p), *_ = paired(a, b, refs).items()
     assert name == "s" and len(paired(a, b, refs)) == 1
     d = np.array([0.0, 0.1, 0.1, 0.2]) / 0.5
-    assert mean == pytest.approx(100 * d.mean())
-    assert half == pytest.approx(196 * d.std(ddof=1) / 2)
+    assert p.mean == pytest.approx(100 * d.mean())
+    assert p.half == pytest.approx(196 * d.std(ddof=1) / 2)
+    assert p.n == 4 and 0.0 <= p.lo < p.mean < p.hi <= 40.0
 
 
 def test_cross_validate_scores_each_photo_with_a_head_that_never_saw_it():
@@ -201,7 +202,7 @@ def test_cross_validate_scores_each_photo_with_a_head_that_never_saw_it():
     def spying_fold(parts, fold):
         fitted = {p.name: set(p.images.tolist()) for p in parts}
         assert set(fitted) == {"fix", "food"}
-        maps_of = inner(parts, fold)
+        maps_of = inner(parts, fold).maps  # type: ignore[union-attr]
 
         def maps(name, images):
             assert not fitted.get(name, set()) & set(images)
