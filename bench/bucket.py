@@ -152,11 +152,13 @@ def _dct_pixels(
     # The target in the file's stored orientation; rotated upright after the resize (small).
     th, tw = (width, height) if orientation in _TRANSPOSING else (height, width)
     floor = 1.0 if v.decode == "dct" else UNDERSHOOT
-    shrink = next(
+    # An original smaller than the bucket (after the floor) is loaded whole and upsampled.
+    fits = [
         s
         for s in JPEG_SHRINKS
         if math.ceil(header.width / s) >= floor * tw and math.ceil(header.height / s) >= floor * th
-    )
+    ]
+    shrink = fits[0] if fits else 1
     image = pyvips.Image.jpegload_buffer(data, shrink=shrink, fail_on="error", access="sequential")
     image = image.resize(tw / image.width, vscale=th / image.height, kernel=v.kernel)
     if orientation != 1:
@@ -543,7 +545,7 @@ def timing_table(variants: Sequence[Variant], times: dict[str, Times]) -> str:
     lines = [
         "Medians per photo; ratio: the median of the per-photo ratios against "
         f"{variants[0].name} (paired), 95 % bootstrap interval of that median. Decode: header "
-        "and pixels on one libvips thread (wall; CPU of the thread). CNN: the FP32 graph alone "
+        "and pixels at libvips concurrency 1 (wall; CPU of the process). CNN: the FP32 graph alone "
         "(wall; CPU of the process, both ORT threads). Faces: the detector alone on the same "
         "pixels (wall). DCT shrinks: photos decoded at 1/1, 1/2, 1/4, 1/8 (0: today's decode).",
         "",

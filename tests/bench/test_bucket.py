@@ -98,3 +98,11 @@ def test_resized_map_keeps_a_linear_ramp() -> None:
     out = resized(ramp, (8, 16))
     assert out.shape == (8, 16)
     assert np.all(np.diff(out[:, 1:-1], axis=1) > 0)
+
+
+@pytest.mark.parametrize("name", ["224-dct", "224-under-linear"])
+def test_a_jpeg_smaller_than_its_bucket_is_loaded_whole_and_upsampled(name: str) -> None:
+    data = images.encode(images.photo_like(200, 150), ".jpg")
+    got = decode(data, Variant.parse(name))
+    assert got.shrink == 1
+    assert got.pixels.shape == (224, 288, 3)
