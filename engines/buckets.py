@@ -10,18 +10,33 @@ from __future__ import annotations
 
 import math
 
-SHORT_SIDE = 224
-LONG_SIDES: tuple[int, ...] = (224, 256, 288, 320, 352, 384, 416, 448)
 STRIDE = 32
+# Lite0's native input size, and the short side every shipped model was built for.
+NATIVE_SHORT_SIDE = 224
+# The build-time knob: the CNN's cost scales with the pixels (192: 0.80x, 160: 0.62x the
+# CNN's time at 224), but the read-out was fitted on 224-bucket features: what a smaller one
+# costs in crop quality is in bench/results/bucket.md. Another value needs `make setup`: the export
+# writes the buckets into the manifest and, for any but the native side, into the model's bytes
+# (its hash, so heatmaps, INT8 graphs and TensorRT plans of other buckets never share a key);
+# engines/model.find_model refuses a model built for other buckets than these.
+SHORT_SIDE = 224
 # The heatmap's grid: the read-out's (engines/readout.grid_of of the shipped weights; the
 # export refuses weights of another grid), every channel upsampled to it inside the graph.
 HEATMAP_STRIDE = 16
 
 
+def long_sides(short: int) -> tuple[int, ...]:
+    """The long sides for a short side: multiples of 32 up to twice it (aspects 1 to 2)."""
+    if short <= 0 or short % STRIDE:
+        raise ValueError(f"short side must be a positive multiple of {STRIDE}, got {short}")
+    return tuple(range(short, 2 * short + 1, STRIDE))
+
+
 def all_buckets() -> tuple[tuple[int, int], ...]:
     """Every (height, width) bucket: landscape, square, portrait."""
-    landscape = [(SHORT_SIDE, long) for long in LONG_SIDES]
-    portrait = [(long, SHORT_SIDE) for long in LONG_SIDES if long != SHORT_SIDE]
+    longs = long_sides(SHORT_SIDE)
+    landscape = [(SHORT_SIDE, long) for long in longs]
+    portrait = [(long, SHORT_SIDE) for long in longs if long != SHORT_SIDE]
     return tuple(landscape + portrait)
 
 

@@ -41,6 +41,10 @@ def model_bytes(
         f"and a learned read-out head (engines/readout_weights.npz sha256 {readout_digest}, "
         "fitted by training/fit_head.py); written by engines/export.py"
     )
+    if buckets.SHORT_SIDE != buckets.NATIVE_SHORT_SIDE:
+        # Part of the bytes, hence of the hash that names the model in every cache key; the
+        # native side adds nothing, so the models built before this knob keep their hash.
+        doc += f"; input buckets of short side {buckets.SHORT_SIDE}"
     readout = load_weights(readout_path)
     if grid_of(readout) != buckets.HEATMAP_STRIDE:
         raise ValueError(

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from engines import buckets
 from engines.artifacts import (
     HASH_CHARS,
     INT8_MANIFEST_NAME,
@@ -81,7 +82,27 @@ def find_model(model_dir: str | Path) -> Path:
     """The model file named by the manifest, after checking its sha256."""
     model_dir = Path(model_dir)
     info = read_manifest(model_dir)
-    return _checked(model_dir, MANIFEST_NAME, info, model_file_name, not_built)
+    path = _checked(model_dir, MANIFEST_NAME, info, model_file_name, not_built)
+    built_for = info.get("buckets")
+    # Manifests written before the buckets were recorded carry none: those were all native.
+    if built_for is not None and built_for != [list(b) for b in buckets.all_buckets()]:
+        raise not_built(
+            model_dir,
+            f"{MANIFEST_NAME} was built for other input buckets ({_short(built_for)}) than "
+            f"engines/buckets.py's (short side {buckets.SHORT_SIDE})",
+        )
+    return path
+
+
+def _short(built_for: object) -> str:
+    sides = (
+        [v for b in built_for if isinstance(b, list) for v in b]
+        if isinstance(built_for, list)
+        else []
+    )
+    if sides and all(isinstance(v, int) for v in sides):
+        return f"short side {min(sides)}"
+    return "unreadable"
 
 
 def find_int8_model(model_dir: str | Path, fp32_sha256: str) -> Path:

@@ -297,3 +297,33 @@ def test_class_sets_and_labels():
     assert {classes.label(c) for c in (809, 659, 504)} == {"soup bowl", "mixing bowl", "coffee mug"}
     with pytest.raises(ValueError):
         classes.label(1000)
+
+
+def test_buckets_follow_the_short_side(monkeypatch):
+    monkeypatch.setattr(buckets, "SHORT_SIDE", 192)
+    got = buckets.all_buckets()
+    assert (192, 192) in got and max(max(b) for b in got) == 384
+    assert all(min(b) == 192 and max(b) % buckets.STRIDE == 0 for b in got)
+    assert buckets.bucket_for(2000, 1000) == (192, 384)
+
+
+def test_another_short_side_is_another_model(tmp_path, monkeypatch, model_path):
+    monkeypatch.setattr(buckets, "SHORT_SIDE", 192)
+    other = export(tmp_path / "192")
+    # Another hash, so no cache key, INT8 graph or TensorRT plan of the native model serves it.
+    assert other.name != model_path.name
+    info = json.loads((other.parent / MANIFEST_NAME).read_text())
+    assert [tuple(b) for b in info["buckets"]] == list(buckets.all_buckets())
+    assert find_model(other.parent) == other
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(other), options, providers=["CPUExecutionProvider"])
+    out = _run(session, np.zeros((1, 192, 384, 3), np.uint8))
+    assert out["heatmaps"].shape == (1, len(PROFILES), 12, 24)
+
+
+def test_a_model_built_for_other_buckets_is_refused(tmp_path, monkeypatch, model_path):
+    shutil.copytree(model_path.parent, tmp_path / "native")
+    monkeypatch.setattr(buckets, "SHORT_SIDE", 192)
+    with pytest.raises(ModelNotBuilt, match="short side 224"):
+        find_model(tmp_path / "native")
