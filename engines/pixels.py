@@ -5,9 +5,11 @@ The service's decode (limits, format allow-list, typed errors) opens the header 
 calibrator calls the same two, so calibration sees exactly the pixels the service feeds the
 model.
 
-``model_pixels`` is ``thumbnail_buffer`` to the bucket size (JPEG shrink-on-load by libjpeg DCT
-scaling, WebP and HEIF scale-on-load, EXIF orientation applied), then conversion to 3-band 8-bit
-sRGB. Facts about pyvips 3.2 / libvips 8.18 this relies on (checked in tests/test_decode.py):
+``model_pixels`` is, for a plain JPEG, libjpeg's DCT scaling to no less than the bucket and a
+Lanczos-3 resize to it; for anything else ``thumbnail_buffer`` to the bucket size (JPEG
+shrink-on-load, WebP and HEIF scale-on-load); EXIF orientation applied either way, then
+conversion to 3-band 8-bit sRGB. Facts about pyvips 3.2 / libvips 8.18 this relies on (checked
+in tests/sidecar/test_decode.py):
   - ``thumbnail_buffer(..., fail_on=...)`` does not reach the loader; only
     ``option_string="fail_on=error"`` does. Without it a truncated JPEG or PNG decodes "fine",
     the missing part grey or black. With it, truncation surfaces as a ``pyvips.Error`` when the
@@ -25,12 +27,17 @@ sRGB. Facts about pyvips 3.2 / libvips 8.18 this relies on (checked in tests/tes
     embedded profile, else libvips' built-in CMYK profile); 16-bit, grey and float images come
     out of the thumbnail as 8-bit and the rest is done by ``_to_rgb8``.
   - For a JPEG, the thumbnail's shrink-on-load keeps a factor of 2 for its final resize: a
-    1024x576 photo for a 384x224 bucket is decoded at full size. Loading it at the largest
-    DCT shrink that keeps the bucket's size (1/2 there) and resizing that measured 5.3
-    against 6.9 ms a photo (``python -m bench.cold_path``, 13:15 run), pixels 1.5 levels apart on
-    average; FP32's headroom shares moved by 0.5 points at most, but INT8's gaps to FP32 grew
-    from 0.9 to 1.1-1.6 points (``python -m bench.int8``, over the one point the INT8 default
-    is held to), so the thumbnail's own choice stays.
+    1024x576 photo for a 384x224 bucket is decoded at full size. So a plain JPEG (3-band or
+    grey, no profile that needs a colour transform) is loaded here at the largest libjpeg DCT
+    shrink that keeps the bucket's size, and the rest resized with the thumbnail's Lanczos-3
+    (``_jpeg_pixels``): decode 7.05 against 9.15 ms a photo (0.77x paired, 300 fcdb_dev photos
+    x 2, ``python -m bench.bucket timing``), the model's prepared map r 0.9986-0.9997 against
+    the thumbnail's, the headroom shares of ``python -m bench.bucket quality`` within -0.5 to
+    +0.6 points (food's all-dishes count +4.8: one photo of 60 is ~5), every paired interval
+    covering 0, on all five sets (bench/results/bucket.md, FP32).
+    A linear last resize (0.73x) lost 1.2-1.7 points on fcdb_dev IoU and osie_train, and a
+    shrink undershooting the bucket gained no time: neither is used. Everything else (other
+    formats, CMYK, colour-managed JPEGs, Ultra HDR) goes through the thumbnail.
   - The thumbnail premultiplies alpha before resampling, so a fully transparent pixel is black
     before flattening; we flatten on white, like a browser showing the image on a white page.
 
@@ -47,6 +54,9 @@ import numpy.typing as npt
 import pyvips
 
 _WHITE = 255.0
+# libjpeg's DCT scalings, largest first; EXIF orientations that swap width and height.
+_JPEG_SHRINKS = (8, 4, 2, 1)
+_TRANSPOSING = frozenset((5, 6, 7, 8))
 
 # sRGB's primaries as RGB ICC profiles store them (rXYZ, gXYZ, bXYZ: D50-adapted XYZ); the
 # sRGB profiles in the wild (IEC 61966-2.1, sRGB2014, libvips' own) agree to ~0.0005.
@@ -71,20 +81,55 @@ def model_pixels(
     ``header`` is ``open_header(data)``: its ICC profile decides whether colour is converted.
     """
     height, width = bucket
-    colour = {"export_profile": "srgb"} if needs_colour_transform(header) else {}
-    image = pyvips.Image.thumbnail_buffer(
-        data,
-        width,
-        height=height,
-        size="force",
-        option_string="fail_on=error",
-        **colour,
-    )
+    if _plain_jpeg(header):
+        image = _jpeg_pixels(data, header, bucket)
+    else:
+        colour = {"export_profile": "srgb"} if needs_colour_transform(header) else {}
+        image = pyvips.Image.thumbnail_buffer(
+            data,
+            width,
+            height=height,
+            size="force",
+            option_string="fail_on=error",
+            **colour,
+        )
     image = _to_rgb8(image)
     if (image.height, image.width) != bucket:
         raise WrongSize(f"decoded to {image.width}x{image.height}, wanted {bucket}")
     # numpy() evaluates the whole pipeline: truncation and decode errors are raised here.
     return np.ascontiguousarray(image.numpy(), dtype=np.uint8).reshape(height, width, 3)
+
+
+def _plain_jpeg(header: pyvips.Image) -> bool:
+    """A JPEG whose pixels need no colour management: RGB or grey, sRGB or untagged."""
+    return (
+        header.get("vips-loader") == "jpegload_buffer"
+        and header.bands in (1, 3)
+        and not needs_colour_transform(header)
+    )
+
+
+def _jpeg_pixels(data: bytes, header: pyvips.Image, bucket: tuple[int, int]) -> pyvips.Image:
+    """A plain JPEG at the largest DCT shrink that keeps ``bucket``, resized to it, upright."""
+    height, width = bucket
+    orientation = header.get("orientation") if header.get_typeof("orientation") else 1
+    # The target in the file's stored orientation; turned upright after the resize (small).
+    stored_h, stored_w = (width, height) if orientation in _TRANSPOSING else (height, width)
+    shrink = next(
+        (
+            s
+            for s in _JPEG_SHRINKS
+            if -(-header.width // s) >= stored_w and -(-header.height // s) >= stored_h
+        ),
+        1,
+    )
+    # fail_on reaches the loader when it is called by name (the thumbnail needs option_string).
+    image = pyvips.Image.jpegload_buffer(data, shrink=shrink, fail_on="error", access="sequential")
+    image = image.resize(stored_w / image.width, vscale=stored_h / image.height)
+    if orientation != 1:
+        # A rotation reads its input out of order: from memory, not the sequential load.
+        image = image.copy_memory().autorot()
+    return image
 
 
 def needs_colour_transform(header: pyvips.Image) -> bool:

@@ -8,8 +8,9 @@ Order of checks, cheapest first, so hostile input costs next to nothing:
      ``CorruptImage``, width × height over the limit is ``TooManyPixels`` — a 30000×30000
      "bomb" is refused here without a pixel being decoded;
   4. the pixels, from engines/pixels.py (the pipeline the TensorRT builder's calibrator shares):
-     ``thumbnail_buffer`` to the bucket size, JPEG shrink-on-load (libjpeg DCT scaling), WebP and
-     HEIF scale-on-load, EXIF orientation applied, colour converted to sRGB. Its libvips facts
+     a plain JPEG at libjpeg's DCT scaling and resized, anything else ``thumbnail_buffer`` to
+     the bucket size (WebP and HEIF scale-on-load), EXIF orientation applied, colour converted
+     to sRGB. Its libvips facts
      (``fail_on``, colour profiles, alpha) are listed there; every libvips failure on the way
      is mapped onto a typed error here.
 

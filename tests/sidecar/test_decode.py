@@ -116,6 +116,55 @@ def test_decode_to_an_explicit_bucket() -> None:
     assert decode_to(data, None, **LIMITS).pixels.shape == (*bucket_for(400, 300), 3)
 
 
+# --- JPEG: DCT shrink to the bucket ----------------------------------------------------------
+
+
+@pytest.fixture
+def jpeg_shrinks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The DCT shrink of every JPEG load by name (the real loader runs)."""
+    load = pyvips.Image.jpegload_buffer
+    seen: list[int] = []
+
+    def spied(data: bytes, **kwargs: object) -> pyvips.Image:
+        seen.append(int(kwargs.get("shrink", 1)))  # type: ignore[call-overload]
+        return load(data, **kwargs)
+
+    monkeypatch.setattr(pyvips.Image, "jpegload_buffer", staticmethod(spied))
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("size", "shrink"),
+    # 800x600 -> 288x224: 1/2 (400x300) keeps the bucket, where the thumbnail kept its factor
+    # of 2 and decoded every pixel; 1/4 of 1600x1200, 1/8 of 2400x1800 (300x225); a photo
+    # under its bucket, 1 (and upsampled).
+    [((800, 600), 2), ((1600, 1200), 4), ((2400, 1800), 8), ((250, 200), 1)],
+)
+def test_jpeg_loads_at_the_largest_dct_shrink_that_keeps_the_bucket(
+    jpeg_shrinks: list[int], size: tuple[int, int], shrink: int
+) -> None:
+    width, height = size
+    d = decode(images.encode(images.photo_like(width, height), ".jpg"), **LIMITS)
+    decoded_ok(d)
+    assert jpeg_shrinks == [shrink]
+    assert d.pixels.shape == (*bucket_for(width, height), 3)
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_a_dct_shrunk_jpeg_is_turned_upright(jpeg_shrinks: list[int], orientation: int) -> None:
+    stored = images.with_orientation(images.halves(1200, 800), orientation)
+    d = decode(images.encode(stored, ".jpg"), **LIMITS)
+    assert jpeg_shrinks == [2]
+    reference = decode(
+        images.encode(
+            images.halves(1200, 800).rot({3: "d180", 6: "d90", 8: "d270"}[orientation]), ".jpg"
+        ),
+        **LIMITS,
+    )
+    assert (d.width, d.height) == (reference.width, reference.height)
+    assert np.abs(d.pixels.astype(int) - reference.pixels.astype(int)).mean() < 2
+
+
 # --- orientation ---------------------------------------------------------------------------
 
 
@@ -345,8 +394,9 @@ def test_a_side_longer_than_the_search_takes_is_refused_from_the_header(
 
 @pytest.fixture
 def no_full_decode(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Fail on any pixel decode: through the thumbnail path (an error at once), or of an image
-    opened from a buffer, however it is evaluated (libvips' preeval signal, checked after)."""
+    """Fail on any pixel decode: through the thumbnail or the JPEG path (an error at once), or
+    of an image opened from a buffer, however it is evaluated (libvips' preeval signal, checked
+    after)."""
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("a full decode was attempted")
@@ -361,6 +411,7 @@ def no_full_decode(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         return image
 
     monkeypatch.setattr(pyvips.Image, "thumbnail_buffer", refuse)
+    monkeypatch.setattr(pyvips.Image, "jpegload_buffer", refuse)
     monkeypatch.setattr(pyvips.Image, "new_from_buffer", staticmethod(watched))
     yield
     assert not evaluated, "the pixels of an image opened for its header were decoded"
