@@ -5,14 +5,16 @@
     python -m bench.bucket quality [--sets fcdb_dev,food_dev,...] [--limit N]
         [--variants a,b,...] [--out bench/results/bucket_quality.md] [--json PATH]
 
-A variant is a short side (224 today; long sides scaled alike, multiples of 32 from the short
-side to twice it) and a decode: ``thumb`` is today's (engines/pixels.model_pixels: the
-thumbnail's shrink-on-load keeps a factor of 2 for its last resize); ``dct`` loads a JPEG at
-the largest libjpeg DCT shrink (1/2, 1/4, 1/8) that keeps the bucket's size and resizes the
-rest; ``under`` lets the DCT shrink undershoot the bucket down to half its sides and upsamples
-the remainder. ``-linear`` swaps the last resize's Lanczos-3 kernel for a linear one. Names
-read ``<short>-<decode>[-linear]``, e.g. ``192-thumb``, ``224-dct-linear``. Non-JPEGs, JPEGs
-whose profile needs a colour transform and CMYK JPEGs take today's decode in every variant.
+A variant is a short side (224 the native; long sides scaled alike, multiples of 32 from the
+short side to twice it, engines.buckets.long_sides) and a decode: ``thumb`` is libvips'
+thumbnail (the service's decode before issue 25: its shrink-on-load keeps a factor of 2 for the
+last resize); ``dct`` loads a JPEG at the largest libjpeg DCT shrink (1/2, 1/4, 1/8) that keeps
+the bucket's size and resizes the rest (engines/pixels.model_pixels since issue 25, pixel for
+pixel); ``under`` lets the DCT shrink undershoot the bucket down to half its sides and
+upsamples the remainder. ``-linear`` swaps the last resize's Lanczos-3 kernel for a linear one.
+Names read ``<short>-<decode>[-linear]``, e.g. ``192-thumb``, ``224-dct-linear``. Non-JPEGs,
+JPEGs whose profile needs a colour transform and CMYK JPEGs take the thumbnail in every
+variant.
 
 ``timing``: per photo, the variants in a rotating order, each decoded (header and pixels, one
 libvips thread, as the service), the FP32 CNN run alone on the result (ONNX Runtime, the
@@ -62,8 +64,8 @@ from bench.quality import (
     headroom_share,
     to_json,
 )
-from engines.buckets import STRIDE
-from engines.pixels import _to_rgb8, model_pixels, needs_colour_transform, open_header
+from engines.buckets import STRIDE, long_sides
+from engines.pixels import _to_rgb8, needs_colour_transform, open_header
 from training.data import Box, EvalSet, iou, load_set, publish
 
 DECODES = ("thumb", "dct", "under")
@@ -104,7 +106,7 @@ class Variant:
         return f"{self.short}-{self.decode}" + ("-linear" if self.kernel == "linear" else "")
 
     def buckets(self) -> tuple[tuple[int, int], ...]:
-        longs = range(self.short, 2 * self.short + 1, STRIDE)
+        longs = long_sides(self.short)
         landscape = [(self.short, long) for long in longs]
         portrait = [(long, self.short) for long in longs if long != self.short]
         return tuple(landscape + portrait)
@@ -132,9 +134,20 @@ def decode(data: bytes, variant: Variant) -> Decoded:
         width, height = height, width
     bucket = variant.bucket_for(width, height)
     if variant.decode == "thumb" or not _plain_jpeg(header):
-        return Decoded(model_pixels(data, header, bucket), width, height, "thumb", 0)
+        return Decoded(_thumbnail(data, header, bucket), width, height, "thumb", 0)
     pixels, shrink = _dct_pixels(data, header, bucket, orientation, variant)
     return Decoded(pixels, width, height, "jpeg", shrink)
+
+
+def _thumbnail(data: bytes, header: pyvips.Image, bucket: tuple[int, int]) -> npt.NDArray[np.uint8]:
+    """The service's pixels before issue 25: libvips' thumbnail for every format."""
+    height, width = bucket
+    colour = {"export_profile": "srgb"} if needs_colour_transform(header) else {}
+    image = pyvips.Image.thumbnail_buffer(
+        data, width, height=height, size="force", option_string="fail_on=error", **colour
+    )
+    image = _to_rgb8(image)
+    return np.ascontiguousarray(image.numpy(), dtype=np.uint8).reshape(height, width, 3)
 
 
 def _plain_jpeg(header: pyvips.Image) -> bool:
