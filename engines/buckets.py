@@ -14,8 +14,10 @@ STRIDE = 32
 # Lite0's native input size, and the short side every shipped model was built for.
 NATIVE_SHORT_SIDE = 224
 # The build-time knob: the CNN's cost scales with the pixels (192: 0.80x, 160: 0.62x the
-# CNN's time at 224), but the read-out was fitted on 224-bucket features: what a smaller one
-# costs in crop quality is in bench/results/bucket.md. Another value needs `make setup`: the export
+# CNN's time at 224), but with the read-out fitted on 224-bucket features 192 loses 3.4-4.0
+# points of headroom share on saliency_dev and osie_train, outside the noise (160: 5.9-10.1;
+# bench/results/bucket.md), so 224 stays until a read-out fitted at another side is measured
+# (training/ decodes with these buckets too). Another value needs `make setup`: the export
 # writes the buckets into the manifest and, for any but the native side, into the model's bytes
 # (its hash, so heatmaps, INT8 graphs and TensorRT plans of other buckets never share a key);
 # engines/model.find_model refuses a model built for other buckets than these.
