@@ -36,8 +36,11 @@ in tests/sidecar/test_decode.py):
     +0.6 points (food's all-dishes count +4.8: one photo of 60 is ~5), every paired interval
     covering 0, on all five sets (bench/results/bucket.md, FP32).
     A linear last resize (0.73x) lost 1.2-1.7 points on fcdb_dev IoU and osie_train, and a
-    shrink undershooting the bucket gained no time: neither is used. Everything else (other
-    formats, CMYK, colour-managed JPEGs, Ultra HDR) goes through the thumbnail.
+    shrink undershooting the bucket gained no time: neither is used. INT8's gaps to FP32 did
+    not grow on this decode (``python -m bench.int8`` 12:22 against 09:30, bucket.md), which
+    an earlier run with 8-bit weights had feared; the committed INT8 ranges are measured on it.
+    Everything else (other formats, CMYK, colour-managed JPEGs, Ultra HDR) goes through the
+    thumbnail.
   - The thumbnail premultiplies alpha before resampling, so a fully transparent pixel is black
     before flattening; we flatten on white, like a browser showing the image on a white page.
 
