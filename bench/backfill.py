@@ -9,9 +9,11 @@ backfills the whole folder with each worker count in turn, the order alternating
 (1 2, 2 1, 1 2 ...) so that a drift of the shared machine's load weighs on both. Per run: the
 originals computed per second from the first result to the last (``steady``: what a long run
 does, the actors' start-up left out), the same over the whole run (``wall``), and the 1-minute
-load average before the run (``os.getloadavg``, as ``uptime`` prints it). The report gives every
-run and the medians per worker count, and the ratio of the medians against the goal (2 workers
-≥ 1.7 × one).
+load average before the run (``os.getloadavg``, as ``uptime`` prints it), and where the
+machine's CPU went during the run (bench/proc_cpu.py: the workers, the driver, Ray's other
+processes, redis-server, the machine's other jobs, idle). The report gives every run and the
+medians per worker count, and the ratio of the medians against the goal (2 workers ≥ 1.7 ×
+one); the previous report's table and medians are kept below it as "before".
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import ray
 
+from bench import proc_cpu
 from bench.service import cpu_model
 from sidecar.backfill_ray import Listing, Plan, run_backfill
 from sidecar.settings import CacheSettings, EngineSettings, Settings, SourceSettings
@@ -40,6 +44,7 @@ DEFAULT_PHOTOS = Path("../shared/eval/fcdb_dev/images")
 GOAL = 1.7  # two single-thread workers against one, on two cores
 BATCH = 16
 WORKER_NICENESS = 0
+GROUPS = ("workers", "driver", "ray", "redis", "other jobs", "idle")
 
 
 @dataclass(frozen=True)
@@ -51,8 +56,9 @@ class Run:
     done: int
     failed: int
     load: float
-    cpu_ms: float  # the actors' CPU per original (Prepare fused in; not Ray's own processes)
+    cpu_ms: float  # the actors' CPU per original (Prepare and Analyse; not Ray's own processes)
     cores: float  # the actors' CPU seconds over the run's seconds: the cores they got
+    spent: dict[str, float]  # CPU seconds per group of GROUPS over the whole run (proc_cpu)
 
 
 def main() -> None:
@@ -63,13 +69,28 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model-dir", default="build/model")
     args = parser.parse_args()
+    before = previous(args.out)
     photos = sorted(p for p in args.photos.iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))
     with tempfile.TemporaryDirectory(prefix="heatcrop-backfill-") as tmp:
         root = Path(tmp) / "originals"
         copy_originals(photos, root, args.originals)
         runs, per_record = measure(root, Path(tmp), args.model_dir, args.rounds)
         decodes, faces = decode_and_faces(root, args.model_dir)
-    publish(report(runs, per_record, (decodes, faces), args, len(photos)), args.out)
+    publish(report(runs, per_record, (decodes, faces), args, len(photos)) + before, args.out)
+
+
+def previous(out: Path) -> str:
+    """The last report's header, table and medians, with its commit: the "before" of this one."""
+    if not out.exists():
+        return ""
+    text = out.read_text().split("\n## Before", 1)[0]
+    lines = text.splitlines()
+    keep = [ln for ln in lines if ln.startswith(("`python -m", "|", "Medians"))]
+    commit = subprocess.run(
+        ["git", "log", "-1", "--format=%h %cd", "--date=format:%H:%M UTC", "--", str(out)],
+        capture_output=True, text=True, check=False,
+    ).stdout.strip()  # fmt: skip
+    return "\n".join(["", f"## Before (the report of commit {commit or '?'})", "", *keep, ""])
 
 
 def copy_originals(photos: list[Path], root: Path, count: int) -> None:
@@ -104,7 +125,7 @@ def measure(root: Path, work: Path, model_dir: str, rounds: int) -> tuple[list[R
         for r in range(rounds):
             for workers in (1, 2) if r % 2 == 0 else (2, 1):
                 flush(port)
-                runs.append(one_run(settings, root, workers))
+                runs.append(one_run(settings, root, workers, redis_proc.pid))
                 print(runs[-1], flush=True)
         per_record = record_bytes(port)
     finally:
@@ -114,10 +135,12 @@ def measure(root: Path, work: Path, model_dir: str, rounds: int) -> tuple[list[R
     return runs, per_record
 
 
-def one_run(settings: Settings, root: Path, workers: int) -> Run:
+def one_run(settings: Settings, root: Path, workers: int, redis_pid: int) -> Run:
     load = os.getloadavg()[0]
     plan = Plan(workers, batch_size=BATCH)
+    start = proc_cpu.snapshot()
     summary = run_backfill(settings, Listing(walk=root), plan, progress=None)
+    spent = proc_cpu.where_it_went(start, proc_cpu.snapshot(), _grouper(redis_pid))
     cpu, wall = summary.cpu_s, summary.seconds
     return Run(
         workers,
@@ -129,7 +152,23 @@ def one_run(settings: Settings, root: Path, workers: int) -> Run:
         round(load, 2),
         round(cpu / max(summary.done, 1) * 1e3, 1),
         round(cpu / wall, 2),
+        spent,
     )
+
+
+def _grouper(redis_pid: int) -> Callable[[int, str], str]:
+    driver = os.getpid()
+
+    def group(pid: int, cmd: str) -> str:
+        if cmd.startswith("ray::MapWorker"):
+            return "workers"
+        if pid == driver:
+            return "driver"
+        if cmd.startswith("ray::") or "/site-packages/ray/" in cmd:
+            return "ray"
+        return "redis" if pid == redis_pid else "other jobs"
+
+    return group
 
 
 def decode_and_faces(root: Path, model_dir: str, count: int = 200) -> tuple[float, float]:
@@ -185,6 +224,22 @@ def report(
             f"| {i} | {r.workers} | {r.load} | {r.done} | {r.failed} | {r.seconds} | "
             f"{r.steady_per_s} | {r.wall_per_s} | {r.cpu_ms} | {r.cores} |"
         )
+    lines += [
+        "",
+        "Where the 2 cores went during each run (CPU s from /proc over the whole run, start-up "
+        "included, as cores: CPU s over the run's s; `ray` is Ray's other processes: raylet, "
+        "GCS, the dashboard agent, the stats and autoscaling actors, idle workers):",
+        "",
+        "| run | workers | " + " | ".join(GROUPS) + " | workers' CPU ms per original | "
+        "Ray's + driver's CPU ms per original |",
+        "|---|---|" + "---|" * (len(GROUPS) + 2),
+    ]
+    for i, r in enumerate(runs, 1):
+        cores = " | ".join(f"{r.spent.get(g, 0.0) / r.seconds:.2f}" for g in GROUPS)
+        per = 1e3 / max(r.done, 1)
+        ours = r.spent.get("workers", 0.0) * per
+        ray_s = (r.spent.get("ray", 0.0) + r.spent.get("driver", 0.0)) * per
+        lines.append(f"| {i} | {r.workers} | {cores} | {ours:.1f} | {ray_s:.1f} |")
     cpu_ms = {w: statistics.median(r.cpu_ms for r in rs) for w, rs in by.items()}
     cores = {w: statistics.median(r.cores for r in rs) for w, rs in by.items()}
     verdict = "met" if ratio >= GOAL else "not met"

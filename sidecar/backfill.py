@@ -4,14 +4,16 @@ sidecar/backfill_ray.py runs these on Ray Data; here they are plain functions on
 batches (``dict[str, numpy array]``, Ray Data's numpy batch format), so the sidecar's own code
 does the work and the tests can call them directly:
 
-- ``Prepare`` (CPU tasks): each path fetched through the sidecar's source (identity and header
+- ``Prepare``: each path fetched through the sidecar's source (identity and header
   size as the sidecar sees them), its heatmap key (``heatmap_key`` with the version the engine
   of the actors keys with), the keys of a batch looked up in the shared cache in one round trip
   (``Caches.get_analyses``: a record there is used only if it is what a sidecar would use,
   sidecar/records.py), and what is not cached decoded (``decode``) to its model bucket.
-- ``Analyse`` (the actor pool): the engine loaded once per actor as the sidecar loads it
-  (``service_engine``), a batch of pixels per shape bucket through it, ``make_analysis`` and
-  ``put_analysis`` under the key a sidecar reads.
+- ``Analyse``: the engine loaded once per actor as the sidecar loads it (``service_engine``),
+  a batch of pixels per shape bucket through it, ``make_analysis`` and ``put_analysis`` under
+  the key a sidecar reads.
+- ``Backfill`` (the actor pool's callable): both in one process, on one row of Ray Data's
+  listing (one batch of paths); it returns the batch's outcome counts, not its rows.
 
 Each row carries its ``outcome``: ``done``, ``skipped`` (already cached), or the type of what
 went wrong (``SourceNotFound``, ``NotAnImage``, ``InputTooLarge``, ``TooManyPixels``,
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
 from collections import Counter
@@ -83,20 +86,20 @@ class BackfillSummary:
     # many were computed by then: the rate after it is what a long run keeps up.
     first_s: float = 0.0
     first_done: int = 0
-    # CPU seconds the actors spent (with Prepare when Ray fused it into them; not Ray's own).
+    # CPU seconds the actors spent, Prepare's included (not Ray's own processes).
     cpu_s: float = 0.0
 
     @property
     def failures(self) -> int:
         return sum(self.failed.values())
 
-    def count(self, outcome: str) -> None:
+    def count(self, outcome: str, n: int = 1) -> None:
         if outcome == DONE:
-            self.done += 1
+            self.done += n
         elif outcome == SKIPPED:
-            self.skipped += 1
+            self.skipped += n
         else:
-            self.failed[outcome] += 1
+            self.failed[outcome] += n
 
     def as_dict(self) -> dict[str, object]:
         handled = self.done + self.skipped + self.failures
@@ -307,8 +310,8 @@ class Analyse:
                     outcomes[i] = outcome
         out = np.empty(len(outcomes), dtype=object)
         out[:] = outcomes
-        # This worker's CPU since its last batch (Prepare runs in this process when Ray fuses
-        # it in), spread over the rows: their sum is what the workers spent.
+        # This worker's CPU since its last batch (Backfill runs Prepare in this process), spread
+        # over the rows: their sum is what the workers spent.
         now = time.process_time()
         cpu = np.full(len(outcomes), (now - self.cpu_s) / max(len(outcomes), 1))
         self.cpu_s = now
@@ -347,6 +350,30 @@ class Analyse:
         self.loop.run_until_complete(self.caches.close())
         self.loop.close()
         self.engine.close()
+
+
+class Backfill:
+    """Prepare and Analyse in one actor, one batch of paths per call (Ray Data's actor pool
+    calls it with one listing row: a list of paths). Both stages in the process that loads
+    the engine: the decoded pixels never leave it, and a batch costs Ray one task, one input
+    block and one output row, whatever its size."""
+
+    def __init__(self, settings: Settings, version: str) -> None:
+        self.analyse = Analyse(settings, version)
+        self.prepare = Prepare(settings, version)
+
+    def __call__(self, batch: Batch) -> Batch:
+        paths = np.asarray([str(p) for row in batch["paths"] for p in row], dtype=object)
+        analysed = self.analyse(self.prepare({"path": paths}))
+        # Counts, not rows: the driver only sums them, and rows would cost the object store
+        # and the driver a string per original.
+        counts = Counter(str(o) for o in analysed["outcome"])
+        out_counts = np.empty(1, dtype=object)
+        out_counts[0] = json.dumps(counts, sort_keys=True)
+        return {"counts": out_counts, "cpu_s": np.asarray([analysed["cpu_s"].sum()])}
+
+    def close(self) -> None:
+        self.analyse.close()
 
 
 def _decoded_row(batch: Batch, i: int) -> Decoded:

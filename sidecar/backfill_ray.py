@@ -3,16 +3,24 @@
 Ray Data's batch-inference pattern, with the sidecar's own code in each stage
 (sidecar/backfill.py):
 
-    listing (streamed: a file of paths split into byte ranges, or the source root walked)
-      -> Prepare: fetch, key, batched cache lookup, decode      CPU tasks
-      -> Analyse: engine, make_analysis, put_analysis           actor pool, model loaded once
-      -> the driver counts outcomes: progress, then a summary
+    listing (streamed: a file of paths split into byte ranges, or the source root walked),
+    one row per batch of paths
+      -> Backfill, an actor pool (model loaded once per actor), one row per call:
+         fetch, key, batched cache lookup, decode (Prepare), then engine, make_analysis,
+         put_analysis (Analyse)
+      -> the driver sums each batch's outcome counts: progress, then a summary
 
 Ray does the scheduling, the streaming and the backpressure (a bounded number of blocks in
 flight per stage, and of batches queued per actor); nothing here is cluster code of our own.
-On CPUs Ray fuses Prepare into the actors (each worker decodes and runs its own CNN, one per
-core); with ``gpus`` the actors take ``num_gpus=1`` each and load the TensorRT plan where one
-is built (``engine.kind`` auto), while Prepare runs as CPU tasks beside them.
+Each worker, CPU or GPU, decodes and runs its own engine on its core: the decoded pixels
+never cross processes. With ``gpus`` the actors take ``num_gpus=1`` (or a share of one) each
+and load the TensorRT plan where one is built (``engine.kind`` auto).
+
+A listing row holds a whole batch, and the read makes each row its own block
+(``_shape_blocks``): Ray Data's read otherwise merges the rows of a read task into blocks of
+up to ``target_max_block_size`` (128 MiB: a walk would yield nothing before the end of its
+first million paths), then splits them into 200 small blocks, which the actors then wait for
+a few rows at a time (measured: two workers idle a third of the time; bench/results/backfill.md).
 
 Only ``heatcrop backfill`` imports this module: the sidecar never imports Ray
 (tests/cluster/test_no_ray_in_sidecar.py).
@@ -21,6 +29,7 @@ Only ``heatcrop backfill`` imports this module: the sidecar never imports Ray
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import os
@@ -38,10 +47,8 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from sidecar.backfill import (
-    Analyse,
+    Backfill,
     BackfillSummary,
-    Batch,
-    Prepare,
     require_shared_cache,
     service_version,
 )
@@ -52,6 +59,9 @@ log = logging.getLogger("heatcrop.backfill")
 
 # A listing file is read in ranges of this many bytes (~20,000 paths), one read task each.
 CHUNK_BYTES = 1 << 20
+# The read's target block size: any row (a batch of paths) is over it, so Ray Data emits each
+# row as a block of its own, as soon as it is read (see the module docstring).
+ROW_BLOCK_BYTES = 1
 # Reading a listing is next to no CPU: it must never wait for a core the workers hold.
 READ_CPUS = 0.0
 # Batches queued at each actor beyond the one it runs: bounds a worker's memory.
@@ -72,8 +82,8 @@ class Listing:
 
 
 class ListingDatasource(Datasource):
-    """The listing as blocks of ``rows`` paths, read on the driver's node (where the file is,
-    or the folder walked)."""
+    """The listing as rows of ``rows`` paths each (column ``paths``), read on the driver's node
+    (where the file is, or the folder walked)."""
 
     def __init__(self, listing: Listing, rows: int) -> None:
         super().__init__()
@@ -87,6 +97,13 @@ class ListingDatasource(Datasource):
     def supports_distributed_reads(self) -> bool:
         return False  # Ray Data then runs the reads on the driver's node
 
+    def read_tasks(self) -> int:
+        """How many read tasks the listing makes at most: one per CHUNK_BYTES of the file, one
+        walk. Asked for no more blocks than this, Ray Data splits none of them."""
+        if self.listing.file is None:
+            return 1
+        return max(1, math.ceil(self.listing.file.stat().st_size / CHUNK_BYTES))
+
     def get_read_tasks(
         self, parallelism: int, per_task_row_limit: int | None = None, **kwargs: Any
     ) -> list[ReadTask]:
@@ -98,7 +115,7 @@ class ListingDatasource(Datasource):
         path = self.listing.file
         assert path is not None
         size = path.stat().st_size
-        parts = max(1, min(max(parallelism, 1), math.ceil(size / CHUNK_BYTES)))
+        parts = max(1, min(max(parallelism, 1), self.read_tasks()))
         edges = [size * k // parts for k in range(parts + 1)]
         return [
             ReadTask(lambda a=a, b=b: _blocks(_lines(path, a, b), rows), meta)
@@ -130,9 +147,10 @@ def _walked(root: Path) -> Iterator[str]:
 
 
 def _blocks(lines: Iterator[str], rows: int) -> Iterator[pa.Table]:
+    """One table of one row per ``rows`` paths (the last may hold fewer)."""
     chunk: list[str] = []
     for line in lines:
-        chunk.append(line)
+        chunk += read_paths([line])
         if len(chunk) >= rows:
             yield _table(chunk)
             chunk = []
@@ -140,12 +158,23 @@ def _blocks(lines: Iterator[str], rows: int) -> Iterator[pa.Table]:
         yield _table(chunk)
 
 
-def _table(lines: list[str]) -> pa.Table:
-    return pa.table({"path": pa.array(read_paths(lines), type=pa.string())})
+def _table(paths: list[str]) -> pa.Table:
+    return pa.table({"paths": pa.array([paths], type=pa.list_(pa.string()))})
 
 
-def _prepare(batch: Batch, settings: Settings, version: str) -> Batch:
-    return Prepare(settings, version)(batch)
+def listing_dataset(listing: Listing, batch_size: int) -> ray.data.Dataset:
+    """The listing as a dataset of one block per batch of paths, streamed (module docstring)."""
+    source = ListingDatasource(listing, batch_size)
+    ds = ray.data.read_datasource(
+        source, num_cpus=READ_CPUS, override_num_blocks=source.read_tasks()
+    )
+    _shape_blocks(ds.context)
+    return ds
+
+
+def _shape_blocks(context: ray.data.DataContext) -> None:
+    # The dataset's own copy of the context: the driver's other datasets keep Ray's default.
+    context.target_max_block_size = ROW_BLOCK_BYTES
 
 
 @dataclass(frozen=True)
@@ -189,15 +218,10 @@ def run_backfill(
     actor = plan.actor_resources()
     version = ray.get(ray.remote(**actor)(service_version).remote(settings))
     log.info("backfill: heatmaps keyed by %s", version)
-    ds = ray.data.read_datasource(ListingDatasource(listing, plan.batch_size), num_cpus=READ_CPUS)
-    args = {"settings": settings, "version": version}
-    ds = ds.map_batches(
-        _prepare, batch_size=plan.batch_size, fn_kwargs=args, num_cpus=1, batch_format="numpy"
-    )
-    ds = ds.map_batches(
-        Analyse,
-        batch_size=plan.batch_size,
-        fn_constructor_kwargs=args,
+    ds = listing_dataset(listing, plan.batch_size).map_batches(
+        Backfill,
+        batch_size=1,  # one row: one batch of paths
+        fn_constructor_kwargs={"settings": settings, "version": version},
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(
             size=plan.actors, max_tasks_in_flight_per_actor=QUEUED_PER_ACTOR
@@ -211,8 +235,9 @@ def _counted(ds: ray.data.Dataset, progress: TextIO | None, every_s: float) -> B
     summary = BackfillSummary()
     start = last = time.perf_counter()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for outcome in batch["outcome"]:
-            summary.count(str(outcome))
+        for counts in batch["counts"]:
+            for outcome, n in json.loads(str(counts)).items():
+                summary.count(outcome, int(n))
         summary.cpu_s += float(batch["cpu_s"].sum())
         now = time.perf_counter()
         summary.seconds = now - start

@@ -168,6 +168,29 @@ def test_a_master_killed_mid_run_is_counted_and_the_next_run_finishes_the_rest(
     assert (second.skipped, second.done) == (stored, total - stored)
 
 
+@pytest.mark.parametrize("kind", ["walk", "file"])
+def test_the_listing_reaches_the_workers_one_whole_batch_per_block(
+    ray_session, tmp_path, kind: str
+) -> None:
+    """Ray Data would merge a read task's rows into one block and split it into 200 blocks of
+    a few paths each: the workers then waited for their batches a few paths at a time."""
+    from sidecar.backfill_ray import Listing, _walked, listing_dataset
+
+    root = tmp_path / "root"
+    for i in range(50):
+        (root / f"d{i % 3}").mkdir(parents=True, exist_ok=True)
+        (root / f"d{i % 3}" / f"{i}.jpg").write_bytes(b"x")
+    paths = list(_walked(root))
+    listing = tmp_path / "paths.txt"
+    listing.write_text("\n".join(paths) + "\n")
+    chosen = Listing(walk=root) if kind == "walk" else Listing(file=listing)
+    ds = listing_dataset(chosen, 16).materialize()
+    rows = [list(r["paths"]) for r in ds.take_all()]
+    assert [len(r) for r in rows] == [16, 16, 16, 2]
+    assert [p for r in rows for p in r] == paths
+    assert ds.num_blocks() == len(rows)
+
+
 def test_a_backfill_into_process_memory_is_refused(model_dir, originals) -> None:
     from sidecar.backfill_ray import Listing, run_backfill
     from sidecar.settings import SettingsError

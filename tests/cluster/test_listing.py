@@ -31,16 +31,16 @@ def test_ranges_read_every_line_once(listing: Path, parts: int) -> None:
     assert [ln.rstrip("\n") for ln in got] == LINES
 
 
-def test_a_datasource_splits_a_file_and_yields_blocks_of_paths(
+def test_a_datasource_splits_a_file_and_yields_rows_of_paths(
     listing: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(backfill_ray, "CHUNK_BYTES", 500)
-    tasks = ListingDatasource(Listing(file=listing), rows=16).get_read_tasks(parallelism=8)
-    assert len(tasks) == 8
-    blocks = [block for task in tasks for block in task()]
-    assert all(block.num_rows <= 16 for block in blocks)
-    paths = [p for block in blocks for p in block.column("path").to_pylist()]
-    assert paths == read_paths(LINES)
+    source = ListingDatasource(Listing(file=listing), rows=16)
+    tasks = source.get_read_tasks(parallelism=8)
+    assert len(tasks) == 8 < source.read_tasks()
+    rows = [row for task in tasks for block in task() for row in block.column("paths").to_pylist()]
+    assert all(1 <= len(row) <= 16 for row in rows)
+    assert [p for row in rows for p in row] == read_paths(LINES)
 
 
 def test_a_walk_lists_files_relative_to_the_root(tmp_path: Path) -> None:
@@ -49,9 +49,11 @@ def test_a_walk_lists_files_relative_to_the_root(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "empty").mkdir()
     assert list(_walked(tmp_path)) == ["top.jpg", "a/1.jpg", "a/z/3.png", "b/2.jpg"]
-    tasks = ListingDatasource(Listing(walk=tmp_path), rows=3).get_read_tasks(parallelism=4)
-    assert len(tasks) == 1  # one walk, streamed in blocks
-    assert [b.num_rows for b in tasks[0]()] == [3, 1]
+    source = ListingDatasource(Listing(walk=tmp_path), rows=3)
+    tasks = source.get_read_tasks(parallelism=4)
+    assert len(tasks) == source.read_tasks() == 1  # one walk, streamed a batch at a time
+    rows = [b.column("paths").to_pylist() for b in tasks[0]()]
+    assert rows == [[["top.jpg", "a/1.jpg", "a/z/3.png"]], [["b/2.jpg"]]]
 
 
 def test_a_listing_is_a_file_or_a_walk() -> None:
