@@ -85,7 +85,11 @@ def previous(out: Path) -> str:
         return ""
     text = out.read_text().split("\n## Before", 1)[0]
     lines = text.splitlines()
-    keep = [ln for ln in lines if ln.startswith(("`python -m", "|", "Medians"))]
+    head = [ln for ln in lines if ln.startswith("`python -m")][:1]
+    table = [ln for ln in lines if ln.startswith("|")]
+    table = table[: next((i for i, ln in enumerate(table[2:], 2) if ln.startswith("| run")), None)]
+    medians = [ln for ln in lines if ln.startswith("Medians")]
+    keep = [*head, "", *table, "", *medians]
     commit = subprocess.run(
         ["git", "log", "-1", "--format=%h %cd", "--date=format:%H:%M UTC", "--", str(out)],
         capture_output=True, text=True, check=False,
@@ -173,8 +177,8 @@ def _grouper(redis_pid: int) -> Callable[[int, str], str]:
 
 def decode_and_faces(root: Path, model_dir: str, count: int = 200) -> tuple[float, float]:
     """(originals decoded to their model bucket per second, face detections per second), each
-    on one thread, as a backfill runs them (sidecar/decode.py in the CPU tasks; the detector
-    on the actor's core inside the engine call): what a GPU's actors need from the CPUs."""
+    on one thread, as a backfill's actor runs them on its core (sidecar/decode.py before the
+    engine call, the detector inside it): what a GPU's actors need from the CPUs."""
     from engines.faces import FaceDetector
     from sidecar.decode import configure_vips, decode
     from sidecar.faces import face_params

@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     backfill = sub.add_parser(
         "backfill",
         help="precompute the heatmaps of millions of originals on Ray (the cluster extra)",
-        description="Ray Data: fetch and decode in CPU tasks, the engine in an actor pool, "
+        description="Ray Data: each actor of a pool fetches, decodes and runs the engine, "
         f"the heatmaps into the shared cache ({_setting('cache', 'redis_url')}: a Redis or a "
         "Redis Cluster); what is cached already is skipped, so a run killed and started again "
         "resumes. Progress on stderr, a JSON summary on stdout. Needs "
@@ -132,7 +132,8 @@ def _parser() -> argparse.ArgumentParser:
         "--actors-per-gpu",
         type=int,
         default=1,
-        help="actors sharing each GPU, a core each (with faces: the detector runs on the CPU)",
+        help="actors sharing each GPU, a core each: each decodes (and, with faces, runs the "
+        "detector) on its core",
     )
     backfill.add_argument("--batch", type=int, default=32, help="originals per batch")
     backfill.add_argument("--progress-every", type=float, default=10.0, help="seconds")
