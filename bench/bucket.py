@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -64,13 +63,12 @@ from bench.quality import (
     headroom_share,
     to_json,
 )
-from engines.buckets import STRIDE, long_sides
-from engines.pixels import _to_rgb8, needs_colour_transform, open_header
+from engines.buckets import STRIDE, all_buckets, bucket_for
+from engines.pixels import _to_rgb8, jpeg_pixels, needs_colour_transform, open_header, plain_jpeg
 from training.data import Box, EvalSet, iou, load_set, publish
 
 DECODES = ("thumb", "dct", "under")
 KERNELS = ("lanczos3", "linear")
-JPEG_SHRINKS = (8, 4, 2, 1)
 # ``under``: the DCT shrink may leave each side down to this share of the bucket's.
 UNDERSHOOT = 0.5
 _TRANSPOSING = frozenset((5, 6, 7, 8))
@@ -106,14 +104,10 @@ class Variant:
         return f"{self.short}-{self.decode}" + ("-linear" if self.kernel == "linear" else "")
 
     def buckets(self) -> tuple[tuple[int, int], ...]:
-        longs = long_sides(self.short)
-        landscape = [(self.short, long) for long in longs]
-        portrait = [(long, self.short) for long in longs if long != self.short]
-        return tuple(landscape + portrait)
+        return all_buckets(self.short)
 
     def bucket_for(self, width: int, height: int) -> tuple[int, int]:
-        target = math.log(width / height)
-        return min(self.buckets(), key=lambda hw: (abs(math.log(hw[1] / hw[0]) - target), hw))
+        return bucket_for(width, height, self.short)
 
 
 @dataclass(frozen=True)
@@ -133,9 +127,9 @@ def decode(data: bytes, variant: Variant) -> Decoded:
     if orientation in _TRANSPOSING:
         width, height = height, width
     bucket = variant.bucket_for(width, height)
-    if variant.decode == "thumb" or not _plain_jpeg(header):
+    if variant.decode == "thumb" or not plain_jpeg(header, needs_colour_transform(header)):
         return Decoded(_thumbnail(data, header, bucket), width, height, "thumb", 0)
-    pixels, shrink = _dct_pixels(data, header, bucket, orientation, variant)
+    pixels, shrink = _dct_pixels(data, header, bucket, variant)
     return Decoded(pixels, width, height, "jpeg", shrink)
 
 
@@ -150,32 +144,12 @@ def _thumbnail(data: bytes, header: pyvips.Image, bucket: tuple[int, int]) -> np
     return np.ascontiguousarray(image.numpy(), dtype=np.uint8).reshape(height, width, 3)
 
 
-def _plain_jpeg(header: pyvips.Image) -> bool:
-    return (
-        header.get("vips-loader") == "jpegload_buffer"
-        and header.bands in (1, 3)
-        and not needs_colour_transform(header)
-    )
-
-
 def _dct_pixels(
-    data: bytes, header: pyvips.Image, bucket: tuple[int, int], orientation: int, v: Variant
+    data: bytes, header: pyvips.Image, bucket: tuple[int, int], v: Variant
 ) -> tuple[npt.NDArray[np.uint8], int]:
     height, width = bucket
-    # The target in the file's stored orientation; rotated upright after the resize (small).
-    th, tw = (width, height) if orientation in _TRANSPOSING else (height, width)
     floor = 1.0 if v.decode == "dct" else UNDERSHOOT
-    # An original smaller than the bucket (after the floor) is loaded whole and upsampled.
-    fits = [
-        s
-        for s in JPEG_SHRINKS
-        if math.ceil(header.width / s) >= floor * tw and math.ceil(header.height / s) >= floor * th
-    ]
-    shrink = fits[0] if fits else 1
-    image = pyvips.Image.jpegload_buffer(data, shrink=shrink, fail_on="error", access="sequential")
-    image = image.resize(tw / image.width, vscale=th / image.height, kernel=v.kernel)
-    if orientation != 1:
-        image = image.copy_memory().autorot()
+    image, shrink = jpeg_pixels(data, header, bucket, floor=floor, kernel=v.kernel)
     image = _to_rgb8(image)
     if (image.height, image.width) != bucket:
         raise ValueError(f"decoded to {image.width}x{image.height}, wanted {bucket}")

@@ -34,20 +34,22 @@ def long_sides(short: int) -> tuple[int, ...]:
     return tuple(range(short, 2 * short + 1, STRIDE))
 
 
-def all_buckets() -> tuple[tuple[int, int], ...]:
-    """Every (height, width) bucket: landscape, square, portrait."""
-    longs = long_sides(SHORT_SIDE)
-    landscape = [(SHORT_SIDE, long) for long in longs]
-    portrait = [(long, SHORT_SIDE) for long in longs if long != SHORT_SIDE]
+def all_buckets(short: int | None = None) -> tuple[tuple[int, int], ...]:
+    """Every (height, width) bucket of a short side (None: SHORT_SIDE, read at call time):
+    landscape, square, portrait."""
+    short = SHORT_SIDE if short is None else short
+    longs = long_sides(short)
+    landscape = [(short, long) for long in longs]
+    portrait = [(long, short) for long in longs if long != short]
     return tuple(landscape + portrait)
 
 
-def bucket_for(width: int, height: int) -> tuple[int, int]:
+def bucket_for(width: int, height: int, short: int | None = None) -> tuple[int, int]:
     """The (height, width) bucket closest in aspect ratio to a width x height image."""
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
     target = math.log(width / height)
-    return min(all_buckets(), key=lambda hw: (abs(math.log(hw[1] / hw[0]) - target), hw))
+    return min(all_buckets(short), key=lambda hw: (abs(math.log(hw[1] / hw[0]) - target), hw))
 
 
 def heatmap_shape(bucket: tuple[int, int]) -> tuple[int, int]:

@@ -84,10 +84,11 @@ def model_pixels(
     ``header`` is ``open_header(data)``: its ICC profile decides whether colour is converted.
     """
     height, width = bucket
-    if _plain_jpeg(header):
-        image = _jpeg_pixels(data, header, bucket)
+    managed = needs_colour_transform(header)  # parses the ICC profile: once
+    if plain_jpeg(header, managed):
+        image, _ = jpeg_pixels(data, header, bucket)
     else:
-        colour = {"export_profile": "srgb"} if needs_colour_transform(header) else {}
+        colour = {"export_profile": "srgb"} if managed else {}
         image = pyvips.Image.thumbnail_buffer(
             data,
             width,
@@ -103,17 +104,23 @@ def model_pixels(
     return np.ascontiguousarray(image.numpy(), dtype=np.uint8).reshape(height, width, 3)
 
 
-def _plain_jpeg(header: pyvips.Image) -> bool:
-    """A JPEG whose pixels need no colour management: RGB or grey, sRGB or untagged."""
-    return (
-        header.get("vips-loader") == "jpegload_buffer"
-        and header.bands in (1, 3)
-        and not needs_colour_transform(header)
-    )
+def plain_jpeg(header: pyvips.Image, managed: bool) -> bool:
+    """A JPEG whose pixels need no colour management (``managed``: needs_colour_transform of
+    the header): RGB or grey, sRGB or untagged."""
+    return header.get("vips-loader") == "jpegload_buffer" and header.bands in (1, 3) and not managed
 
 
-def _jpeg_pixels(data: bytes, header: pyvips.Image, bucket: tuple[int, int]) -> pyvips.Image:
-    """A plain JPEG at the largest DCT shrink that keeps ``bucket``, resized to it, upright."""
+def jpeg_pixels(
+    data: bytes,
+    header: pyvips.Image,
+    bucket: tuple[int, int],
+    *,
+    floor: float = 1.0,
+    kernel: str = "lanczos3",
+) -> tuple[pyvips.Image, int]:
+    """A plain JPEG at the largest DCT shrink that keeps ``floor`` x ``bucket``, resized to it
+    with ``kernel``, upright; and the shrink. The service runs the defaults; bench.bucket
+    measures the others."""
     height, width = bucket
     orientation = header.get("orientation") if header.get_typeof("orientation") else 1
     # The target in the file's stored orientation; turned upright after the resize (small).
@@ -122,17 +129,18 @@ def _jpeg_pixels(data: bytes, header: pyvips.Image, bucket: tuple[int, int]) -> 
         (
             s
             for s in _JPEG_SHRINKS
-            if -(-header.width // s) >= stored_w and -(-header.height // s) >= stored_h
+            if -(-header.width // s) >= floor * stored_w
+            and -(-header.height // s) >= floor * stored_h
         ),
         1,
     )
     # fail_on reaches the loader when it is called by name (the thumbnail needs option_string).
     image = pyvips.Image.jpegload_buffer(data, shrink=shrink, fail_on="error", access="sequential")
-    image = image.resize(stored_w / image.width, vscale=stored_h / image.height)
+    image = image.resize(stored_w / image.width, vscale=stored_h / image.height, kernel=kernel)
     if orientation != 1:
         # A rotation reads its input out of order: from memory, not the sequential load.
         image = image.copy_memory().autorot()
-    return image
+    return image, shrink
 
 
 def needs_colour_transform(header: pyvips.Image) -> bool:
