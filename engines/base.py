@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -51,8 +51,9 @@ class HeatmapBatch:
 class Engine(Protocol):
     """A loaded heatmap model. ``infer`` may be called from a worker thread.
 
-    Implementations document whether concurrent ``infer`` calls are safe; the batcher
-    serialises calls per engine, so none needs to be.
+    Implementations document whether concurrent ``infer`` calls are safe; the batcher never
+    runs two ``infer`` calls at once, so none needs to be (``LaneEngine`` is how an engine
+    offers calls side by side).
     """
 
     name: str  # "ort" or "trt"
@@ -76,6 +77,24 @@ class Engine(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class LaneEngine(Engine, Protocol):
+    """An engine that can run ``lanes`` calls side by side, each on its own lane.
+
+    ``infer_lane(batch, i)`` runs the whole batch on lane ``i`` alone (0 <= i < ``lanes``) and
+    returns what ``infer`` would, bit for bit. Calls on different lanes may run at the same
+    time; a lane takes one call at a time, and ``infer`` (which may use every lane) runs alone.
+    The batcher keeps to that (sidecar/batcher.py); ONNX Runtime's lanes are its single-thread
+    sessions, one per core (engines/ort.py). An engine with one lane (TensorRT: one GPU
+    stream, one call at a time) is used through ``infer`` only.
+    """
+
+    @property
+    def lanes(self) -> int: ...
+
+    def infer_lane(self, batch: npt.NDArray[np.uint8], lane: int) -> HeatmapBatch: ...
 
 
 def prepare_batch(batch: object, shapes: Sequence[tuple[int, int]]) -> npt.NDArray[np.uint8]:

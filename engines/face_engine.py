@@ -11,8 +11,11 @@ detector's. Its ``version`` names both, so heatmap cache keys never mix analyses
 without faces, or with another detector.
 
 The detector runs after the model, in the same thread: on the CPU the model's ONNX Runtime
-threads already hold the cores. On a GPU (TensorRT) the detector runs on the CPU the same
-way, through ONNX Runtime, after the plan's call (docs/faces.md, "GPU").
+threads already hold the cores. A ``FaceEngine`` has the lanes of its engine (``LaneEngine``,
+engines/base.py): a lane's call runs the model on that lane and then the detector, whose
+single-thread session runs concurrent calls side by side on their callers' threads. On a GPU
+(TensorRT) the detector runs on the CPU the same way, through ONNX Runtime, after the plan's
+call (docs/faces.md, "GPU").
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
-from engines.base import Engine, HeatmapBatch
+from engines.base import Engine, HeatmapBatch, LaneEngine
 from engines.faces import FaceDetector
 
 F32 = npt.NDArray[np.float32]
@@ -56,8 +59,19 @@ class FaceEngine:
         for h, w in self.input_shapes:
             self.detector.detect_batch(np.zeros((1, h, w, 3), dtype=np.uint8))
 
+    @property
+    def lanes(self) -> int:
+        return self.engine.lanes if isinstance(self.engine, LaneEngine) else 1
+
     def infer(self, batch: npt.NDArray[np.uint8]) -> HeatmapBatch:
-        out = self.engine.infer(batch)  # validates the batch first
+        return self._with_faces(batch, self.engine.infer(batch))  # validates the batch first
+
+    def infer_lane(self, batch: npt.NDArray[np.uint8], lane: int) -> HeatmapBatch:
+        if not isinstance(self.engine, LaneEngine):
+            raise ValueError(f"{self.engine.name} has no lanes")
+        return self._with_faces(batch, self.engine.infer_lane(batch, lane))
+
+    def _with_faces(self, batch: npt.NDArray[np.uint8], out: HeatmapBatch) -> HeatmapBatch:
         start = time.perf_counter()
         found = self.detector.detect_batch(batch)
         seconds = time.perf_counter() - start

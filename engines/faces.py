@@ -181,8 +181,9 @@ def _nms(boxes: npt.NDArray[np.float64], threshold: float, limit: int) -> npt.ND
 
 
 class FaceDetector:
-    """YuNet-n on ONNX Runtime (CPU), one session of ``threads`` threads. ``detect_batch`` is
-    called from one thread at a time (the batcher's engine worker)."""
+    """YuNet-n on ONNX Runtime (CPU), one session of ``threads`` threads. ``detect_batch``
+    keeps no state but the session, which is thread-safe: with one thread (the service's)
+    concurrent calls run side by side on their callers' threads (the engine's lanes)."""
 
     def __init__(
         self, model_dir: str | Path, params: FaceParams | None = None, threads: int = 1

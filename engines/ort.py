@@ -1,7 +1,11 @@
 """ONNX Runtime (CPU) implementation of the Engine protocol.
 
-``infer`` is safe to call from several threads at once (ONNX Runtime sessions are), although
-the batcher serialises calls anyway.
+Which calls may run at once: ONNX Runtime sessions are thread-safe, so nothing here breaks
+under concurrent calls, but calls on one session share its threads. The engine is a
+``LaneEngine`` (engines/base.py): ``infer_lane(batch, i)`` runs on the i-th single-thread
+session (one per core of ``threads``) and calls on different lanes run side by side on their
+callers' threads; ``infer`` may use every session, so the batcher (sidecar/batcher.py) runs it
+alone.
 
 Worker spinning is off by default. Measured on the 2-core target at 224², batch 1, 2 threads:
 on an idle machine spinning gains little (5.3 vs 6.0 ms/image), but with one core busy
@@ -13,8 +17,11 @@ A single image runs on one session of ``threads`` intra-op threads (the lowest l
 batch of several is split over ``threads`` sessions of one thread each, run side by side.
 ONNX Runtime spreads one small image poorly over threads: two 1-thread sessions in parallel
 answer 254 INT8 (126 FP32) photos/s on the 2-core box against 153 (88) for one 2-thread
-session (bench/results/cold_path.md). The outputs are the same bits whatever the thread
-count (checked in tests/engines/test_ort_engine.py).
+session (bench/results/cold_path.md). So at saturation, where requests reach the engine
+staggered (one decodes while the other infers) and a call of one image would otherwise run on
+the ``threads``-thread session, the batcher sends it to a free lane instead. The outputs are
+the same bits whatever the session and thread count (checked in tests/engines/test_ort_engine.py
+and tests/engines/test_ort_lanes.py).
 """
 
 from __future__ import annotations
@@ -126,6 +133,12 @@ class OrtEngine:
             for n in sizes:
                 self.infer(np.zeros((n, h, w, 3), dtype=np.uint8))
 
+    @property
+    def lanes(self) -> int:
+        """Calls that may run side by side, one per single-thread session (1: no such
+        sessions, ``threads`` is 1 and the one session is the lane)."""
+        return len(self._parts) or 1
+
     def infer(self, batch: npt.NDArray[np.uint8]) -> HeatmapBatch:
         image = prepare_batch(batch, self._shapes)
         session, pool = self._session, self._pool
@@ -142,6 +155,25 @@ class OrtEngine:
             first = _run(self._parts[0], parts[0])
             outs = [first, *(f.result() for f in rest)]
             heatmaps, food_mass, logits = (np.concatenate(o) for o in zip(*outs, strict=True))
+        return self._checked(image, heatmaps, food_mass, logits)
+
+    def infer_lane(self, batch: npt.NDArray[np.uint8], lane: int) -> HeatmapBatch:
+        """The whole batch on lane ``lane``'s single-thread session, on the calling thread."""
+        image = prepare_batch(batch, self._shapes)
+        session, parts = self._session, self._parts
+        if session is None:
+            raise EngineError("ONNX Runtime engine used after close()")
+        if not 0 <= lane < (len(parts) or 1):
+            raise ValueError(f"lane {lane} is not in [0, {len(parts) or 1})")
+        return self._checked(image, *_run(parts[lane] if parts else session, image))
+
+    @staticmethod
+    def _checked(
+        image: npt.NDArray[np.uint8],
+        heatmaps: npt.NDArray[np.float32],
+        food_mass: npt.NDArray[np.float32],
+        logits: npt.NDArray[np.float32],
+    ) -> HeatmapBatch:
         n, (h, w) = image.shape[0], buckets.heatmap_shape(image.shape[1:3])
         if heatmaps.shape != (n, len(PROFILES), h, w) or logits.shape[0] != n:
             raise EngineError(f"unexpected output shapes {heatmaps.shape}, {logits.shape}")

@@ -152,6 +152,7 @@ async def _batcher_ctx(app: web.Application) -> AsyncIterator[None]:
         metrics=app[METRICS],
         worker_nice=server.worker_nice,
         budget=service_budget(server.background_cpu_share, app[METRICS]),
+        lanes=app[SETTINGS].engine.session_per_core,
     )
     await batcher.start()
     app[BATCHER] = batcher

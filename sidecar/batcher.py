@@ -5,18 +5,27 @@ to the engine when it holds ``max_batch`` images or its oldest image has waited 
 whichever comes first; while the engine is busy, waiting requests simply pile up and leave as
 soon as it is free, so under load batches fill by themselves and nobody waits twice.
 
-One engine call at a time, in ONE dedicated worker thread: ONNX Runtime already spreads a call
-over its intra-op threads (and TensorRT over the GPU), so a second concurrent call would only
-fight the first for the same cores and make both late. This also means the engine need not be
-thread-safe: it is only ever called from that one thread (``close`` included, which the owner
-calls after the batcher is closed). The event loop neither stacks nor copies pixels:
-stacking the batch and splitting the results run in the worker thread too.
+Engine calls and lanes. An engine with one lane (TensorRT, any plain ``Engine``) gets one call
+at a time, in one worker thread: a second concurrent call would only fight the first for the
+GPU or the same cores, and the engine need not be thread-safe. An engine with several lanes
+(``LaneEngine``, engines/base.py: ONNX Runtime's single-thread sessions, one per core) gets up
+to that many calls at once, one per lane, each in its own worker thread, whenever more than one
+request is ready, a call is already running, or either happened in the last ``LANE_HOLD_S``
+(the engine is busy): at saturation requests reach the engine staggered (one decodes while the
+other infers), and one single-thread session per core answers more photos per second than the
+shared multi-thread session (bench/results/cost.md). A lone request on an idle engine gets the
+whole engine (``infer``: the multi-thread session, the lowest latency), and nothing starts
+beside a whole-engine call. ``close`` is the owner's, after the batcher is closed. The event
+loop neither stacks nor copies pixels: stacking the batch and splitting the results run in the
+worker threads too.
 
 Admission: a request the batcher expects to finish after its deadline is refused at once with
 ``Overloaded`` (serve the legacy crop now rather than a timeout later). The expectation is the
 time left of the running batch plus the queued work plus its own, from measured service times
 (an EWMA of seconds per image for each batch size, per 224x224-equivalent of pixels since a
-224x448 image costs twice a 224x224 one), times ``1 + headroom``: estimates are noisy, and a
+224x448 image costs twice a 224x224 one; whole-engine calls and lane calls have an EWMA each,
+and lane calls are timed as they run, beside each other; queued work is laid on the lanes as
+they come free, earliest first), times ``1 + headroom``: estimates are noisy, and a
 request admitted with no margin is about as likely to miss as to make it, only later. (Measured
 on the 2-core box, ORT 2 threads, 4 buckets, 120 ms budget, Poisson load at 300 and 600 req/s:
 headroom 0.3 instead of 0 cut the admitted-then-dropped requests from ~200 to ~50-70 per 4 s
@@ -31,15 +40,18 @@ whose batch has started gets its result even if late (the caller may still cache
 
 Background work (``submit_background``): when the foreground queue is idle, a give-up's image
 can be queued to finish its heatmap for the next request. Background batches run only when no
-foreground request is queued and hold at most ``background_batch`` images, so a foreground
-request waits at most one small background batch. With a ``budget`` (sidecar/cpu_budget.py)
-they also wait while the background's CPU budget is overdrawn, and each is charged with the CPU
-it used: a lowered priority does not keep them off the cores of other processes (autogroups).
+foreground request is queued and no call is running, and hold at most ``background_batch``
+images, so a foreground request waits at most one small background batch (on an engine with
+lanes, only one that holds the whole engine; one on a lane leaves the others free). With a
+``budget`` (sidecar/cpu_budget.py) they also wait while the background's CPU budget is
+overdrawn, and each is charged with the CPU it used: a lowered priority does not keep them off
+the cores of other processes (autogroups).
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import logging
 import math
@@ -52,7 +64,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from engines.base import Engine, HeatmapBatch
+from engines.base import Engine, HeatmapBatch, LaneEngine
 from sidecar.cpu_budget import CpuBudget, metered
 from sidecar.errors import DeadlineExceeded, EngineError, Overloaded
 from sidecar.metrics import Metrics
@@ -63,6 +75,10 @@ log = logging.getLogger(__name__)
 Shape = tuple[int, int]
 # Cost unit: a 224x224 image. Service time grows about linearly with pixels.
 UNIT_PIXELS = 224 * 224
+# How long the engine counts as busy (calls go to lanes) after a request last found it busy.
+# Clients at saturation find it busy several times a second (2 in flight on the 2-core box: a
+# call running at most arrivals); a lone client never does, and keeps the whole engine.
+LANE_HOLD_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -112,6 +128,13 @@ class _Request:
         return self.on_result is not None
 
 
+@dataclass(eq=False)
+class _Call:
+    batch: list[_Request]
+    lane: int | None  # None: the whole engine (``infer``), which runs alone
+    until: float  # predicted end, loop time
+
+
 class ServiceModel:
     """Seconds an engine call takes, learnt per batch size as an EWMA of seconds per unit.
 
@@ -157,6 +180,10 @@ class ServiceModel:
         full, rest = divmod(count, max_batch)
         return full * self.batch_seconds(max_batch, unit) + self.batch_seconds(rest, unit)
 
+    @property
+    def calls(self) -> int:
+        return sum(self._calls)
+
     def typical_per_unit(self) -> float:
         """Per-unit seconds at the most frequent batch size so far."""
         most = max(range(len(self._calls)), key=lambda s: (self._calls[s], s))
@@ -168,11 +195,18 @@ def _units(shape: Shape) -> float:
 
 
 def _run_engine(
-    engine: Engine, images: list[npt.NDArray[np.uint8]]
+    engine: Engine, images: list[npt.NDArray[np.uint8]], lane: int | None
 ) -> tuple[list[ImageHeat], float]:
-    """Worker-thread side of one call: stack, infer, split; returns results and seconds."""
+    """Worker-thread side of one call: stack, infer (on ``lane``, or the whole engine), split;
+    returns results and seconds."""
     start = time.perf_counter()
-    out: HeatmapBatch = engine.infer(np.stack(images))
+    batch = np.stack(images)
+    out: HeatmapBatch
+    if lane is None:
+        out = engine.infer(batch)
+    else:
+        assert isinstance(engine, LaneEngine)
+        out = engine.infer_lane(batch, lane)
     if len(out) != len(images) or out.food_mass.shape[0] != len(images):
         raise EngineError(f"engine returned {len(out)} results for {len(images)} images")
     # Own copies: a per-image view would keep the whole batch array alive in the caches.
@@ -185,6 +219,12 @@ def _run_engine(
         for i, fm in enumerate(out.food_mass)
     ]
     return heats, time.perf_counter() - start
+
+
+def _even(total: int, parts: int) -> list[int]:
+    """``total`` split into ``parts`` sizes that differ by at most one, larger first."""
+    size, extra = divmod(total, parts)
+    return [size + (i < extra) for i in range(parts)]
 
 
 def _engine_error(exc: Exception) -> EngineError:
@@ -221,6 +261,7 @@ class Batcher:
         headroom: float = 0.3,
         worker_nice: int = 0,
         budget: CpuBudget | None = None,
+        lanes: bool = True,
     ) -> None:
         if max_batch < 1 or max_queue < 1 or background_batch < 1:
             raise ValueError("max_batch, max_queue and background_batch must be >= 1")
@@ -237,7 +278,10 @@ class Batcher:
         self.metrics = metrics
         self.budget = budget  # None: background work runs whenever the foreground is idle
         self._held = False  # background waiting for the budget (counted once per hold)
-        self.model = ServiceModel(max_batch, service_prior_s)
+        # False: one call at a time whatever the engine offers (the behaviour before lanes).
+        self.lanes = engine.lanes if lanes and isinstance(engine, LaneEngine) else 1
+        self.model = ServiceModel(max_batch, service_prior_s)  # whole-engine calls
+        self.lane_model = ServiceModel(max_batch, service_prior_s)  # calls on one lane
         self._shapes = frozenset(engine.input_shapes)
         self._cheapest = min(self._shapes, key=_units)
         self._queues: dict[Shape, deque[_Request]] = {}
@@ -247,8 +291,10 @@ class Batcher:
         self._executor: ThreadPoolExecutor | None = None
         self._worker: asyncio.Task[None] | None = None
         self._waiter: asyncio.Future[None] | None = None
-        self._running: list[_Request] = []
-        self._running_until = 0.0  # predicted end of the running call, loop time
+        self._calls: list[_Call] = []  # running
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._busy_at = -math.inf  # when a request last found the engine busy, loop time
+        self._active = self.model  # the model of the next call's kind (``_take``)
         self._closed = False
         self._batch_sizes: dict[int, int] = {}
         self._counts = dict.fromkeys(
@@ -264,7 +310,7 @@ class Batcher:
         if self._worker is not None or self._closed:
             raise RuntimeError("Batcher.start() called twice")
         self._loop = asyncio.get_running_loop()
-        self._executor = lowered_pool(1, self.worker_nice, "heatcrop-engine")
+        self._executor = lowered_pool(self.lanes, self.worker_nice, "heatcrop-engine")
         self._worker = asyncio.create_task(self._work(), name="heatcrop-batcher")
         if self.metrics is not None:
             self.metrics.queue_depth.set_function(lambda: self._depth)
@@ -295,6 +341,8 @@ class Batcher:
                     if not request.future.done():
                         request.future.set_exception(EngineError("engine call outlived close()"))
                 self._worker.cancel()
+                for task in self._tasks:
+                    task.cancel()
         if self._executor is not None:
             self._executor.shutdown(wait=False)
         if self.metrics is not None:
@@ -324,14 +372,25 @@ class Batcher:
             refused_admission=c["admission"],
             refused_queue_full=c["full"],
             expired=c["expired"],
-            seconds_per_image=self.model.typical_per_unit(),
-            seconds_per_batch=self.model.batch_s,
+            seconds_per_image=self._used_model().typical_per_unit(),
+            seconds_per_batch=self._used_model().batch_s,
         )
 
+    @property
+    def _running(self) -> list[_Request]:
+        return [r for call in self._calls for r in call.batch]
+
+    def _used_model(self) -> ServiceModel:
+        return self.lane_model if self.lane_model.calls > self.model.calls else self.model
+
     def estimated_wait(self) -> float:
-        """Seconds until the engine is through the running call and all queued foreground work."""
+        """Seconds until the engine is through the running calls and all queued foreground
+        work."""
         now = self._require_loop().time()
-        wait = max(0.0, self._running_until - now) if self._running else 0.0
+        if self.lanes > 1:
+            work = [(len(q), _units(s)) for s, q in self._queues.items() if q]
+            return max(self._lane_schedule(now, work), default=now) - now
+        wait = max((max(0.0, c.until - now) for c in self._calls), default=0.0)
         for shape, queue in self._queues.items():
             wait += self.model.queue_seconds(len(queue), _units(shape), self.max_batch)
         return wait
@@ -340,11 +399,46 @@ class Batcher:
         """Seconds from now until a new image of ``shape`` would have its result."""
         queued = len(self._queues.get(shape, ()))
         unit = _units(shape)
+        # An idle engine still holds a partial batch for max_wait to gather company.
+        hold = self.max_wait if not self._calls and (queued + 1) % self.max_batch else 0.0
+        now = self._require_loop().time()
+        if self._lane_mode(now, self._depth + 1):
+            work = [(len(q), _units(s)) for s, q in self._queues.items() if q and s != shape]
+            ends = self._lane_schedule(now, [*work, (queued + 1, unit)])
+            return max(ends[-1] - now, 0.0) + hold
         mine = self.model.queue_seconds(queued + 1, unit, self.max_batch)
         mine -= self.model.queue_seconds(queued, unit, self.max_batch)
-        # An idle engine still holds a partial batch for max_wait to gather company.
-        hold = self.max_wait if not self._running and (queued + 1) % self.max_batch else 0.0
         return self.estimated_wait() + mine + hold
+
+    def _lane_mode(self, now: float, ready: int) -> bool:
+        """Whether calls go to lanes now, with ``ready`` foreground images queued: the engine
+        has lanes and is busy (see the module docstring)."""
+        if self.lanes == 1:
+            return False
+        return bool(self._calls) or ready > 1 or now - self._busy_at < LANE_HOLD_S
+
+    def _lane_schedule(self, now: float, work: Sequence[tuple[int, float]]) -> list[float]:
+        """When each (images, unit) group of ``work``, in this order, is done if laid on the
+        lanes as they come free (a whole-engine call holds every lane), as the worker splits
+        a batch over the free lanes: the end of each group's last call, loop time."""
+        free = [now] * self.lanes
+        for call in self._calls:
+            end = max(now, call.until)
+            if call.lane is None:
+                free = [max(f, end) for f in free]
+            else:
+                free[call.lane] = max(free[call.lane], end)
+        heapq.heapify(free)
+        ends = []
+        for count, unit in work:
+            calls = max(-(-count // self.max_batch), min(count, self.lanes))
+            last = now
+            for size in _even(count, calls):
+                end = heapq.heappop(free) + self.lane_model.batch_seconds(size, unit)
+                heapq.heappush(free, end)
+                last = max(last, end)
+            ends.append(last)
+        return ends
 
     def worth_preparing(self, deadline: float, before_s: float = 0.0) -> bool:
         """Whether an image ready in ``before_s`` would be used: admitted if of the cheapest
@@ -355,7 +449,7 @@ class Batcher:
         """
         if self._closed or self._depth >= self.max_queue:
             return False
-        if not self._depth and not self._running and len(self._background) < self.max_background:
+        if not self._depth and not self._calls and len(self._background) < self.max_background:
             return True
         # The headroom covers the preparation's estimate too: it is as noisy as the engine's.
         finish = (before_s + self.estimated_finish(self._cheapest)) * (1.0 + self.headroom)
@@ -474,6 +568,8 @@ class Batcher:
         queue = self._queues.setdefault(request.shape, deque())
         queue.append(request)
         self._depth += 1
+        if self._calls:
+            self._busy_at = request.enqueued
         # Whatever ends the request while queued (result, error, caller cancelled) unqueues it.
         request.future.add_done_callback(lambda _: self._unqueue(request))
         self._wake()
@@ -539,22 +635,65 @@ class Batcher:
 
     async def _work(self) -> None:
         while not self._closed:
-            batch, wake_at = self._take(self._require_loop().time())
+            now = self._require_loop().time()
+            free = self._free_lanes()
+            batch, wake_at = self._take(now) if free else ([], None)
             if not batch:
-                await self._sleep_until(wake_at)
+                await self._sleep_until(wake_at)  # a call's end wakes it too
                 continue
-            try:
-                await self._run(batch)
-            except Exception:  # a bug here must not leave every later request hanging
-                log.exception("batcher worker failed on a batch of %d", len(batch))
-                self._settle(batch, [EngineError("batcher failure") for _ in batch])
+            calls = self._calls_for(batch, free, now)
+            for request in batch:  # now, before the next look at the queues
+                self._unqueue(request)
+            for call in calls:
+                self._calls.append(call)
+                task = asyncio.create_task(self._guarded_run(call), name="heatcrop-engine-call")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        if self._tasks:  # closing: the running calls finish (close() bounds the wait)
+            await asyncio.wait(list(self._tasks))
+
+    def _free_lanes(self) -> list[int]:
+        """Lanes no call holds (a whole-engine call holds them all)."""
+        if any(call.lane is None for call in self._calls):
+            return []
+        busy = {call.lane for call in self._calls}
+        return [lane for lane in range(self.lanes) if lane not in busy]
+
+    def _calls_for(self, batch: list[_Request], free: list[int], now: float) -> list[_Call]:
+        """``batch`` as the calls to start now: the whole engine for a lone request on an idle
+        engine, else split evenly over the free lanes."""
+        unit = _units(batch[0].shape)
+        # The batch is still queued (foreground) or apart from the count (background).
+        ready = self._depth + (len(batch) if batch[0].background else 0)
+        if self._calls or ready > 1:
+            self._busy_at = now
+        if not self._lane_mode(now, ready):
+            return [_Call(batch, None, now + self.model.batch_seconds(len(batch), unit))]
+        calls, rest = [], iter(batch)
+        for lane, size in zip(free, _even(len(batch), min(len(free), len(batch))), strict=False):
+            part = list(itertools.islice(rest, size))
+            calls.append(_Call(part, lane, now + self.lane_model.batch_seconds(size, unit)))
+        return calls
+
+    async def _guarded_run(self, call: _Call) -> None:
+        try:
+            await self._run(call)
+        except Exception:  # a bug here must not leave every later request hanging
+            log.exception("batcher worker failed on a batch of %d", len(call.batch))
+            self._settle(call.batch, [EngineError("batcher failure") for _ in call.batch])
+        finally:
+            if call in self._calls:
+                self._calls.remove(call)
+            self._wake()
 
     def _take(self, now: float) -> tuple[list[_Request], float | None]:
         """The next batch to run, or none and when to look again (None: on the next wake)."""
+        # What a request run now would cost: on a lane when the engine is busy.
+        self._active = self.lane_model if self._lane_mode(now, self._depth) else self.model
         shape, wake_at = self._pick(now)
         if shape is not None:
             return self._form(shape, now), None
-        if wake_at is None and self._background:
+        if wake_at is None and self._background and not self._calls:
             hold = self._budget_hold(now)
             if hold is not None:
                 return [], hold
@@ -637,7 +776,7 @@ class Batcher:
         return candidates[:1]  # _purge made sure the oldest alone is in time
 
     def _cost(self, shape: Shape, n: int) -> float:
-        return self.model.batch_seconds(n, _units(shape))
+        return self._active.batch_seconds(n, _units(shape))
 
     def _in_time(self, others: list[tuple[float, Shape, int]], start: float) -> list[bool]:
         """Whether each (deadline, shape, size) batch, run in this order from start, is in time.
@@ -652,19 +791,17 @@ class Batcher:
                 start = finish
         return flags
 
-    async def _run(self, batch: list[_Request]) -> None:
+    async def _run(self, call: _Call) -> None:
         loop = self._require_loop()
-        for request in batch:
-            self._unqueue(request)
+        batch = call.batch
         start = loop.time()
         unit = _units(batch[0].shape)
-        self._running = batch
-        self._running_until = start + self.model.batch_seconds(len(batch), unit)
+        images = [r.pixels for r in batch]
         try:
             # Foreground work is never charged; a batch is all background or none.
             with metered(self.budget if batch[0].background else None):
                 heats, seconds = await loop.run_in_executor(
-                    self._executor, _run_engine, self.engine, [r.pixels for r in batch]
+                    self._executor, _run_engine, self.engine, images, call.lane
                 )
         except Exception as exc:
             self._counts["errors"] += 1
@@ -672,10 +809,9 @@ class Batcher:
             log.warning("engine call of %d images failed: %s", len(batch), exc)
             self._settle(batch, [_engine_error(exc) for _ in batch])
             return
-        finally:
-            self._running = []
         self.failing_calls = 0
-        self.model.observe(len(batch), len(batch) * unit, seconds)
+        model = self.model if call.lane is None else self.lane_model
+        model.observe(len(batch), len(batch) * unit, seconds)
         self._record(batch, start, loop.time(), seconds)
         self._settle(batch, heats)
 

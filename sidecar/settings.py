@@ -124,6 +124,11 @@ class EngineSettings:
     ort_precision: str = "auto"
     # ONNX Runtime's threads per engine call.
     threads: int = 2
+    # While the engine is busy (a call running, or several requests ready), run up to `threads`
+    # calls side by side, each on its own single-thread ONNX Runtime session (one per core); a
+    # lone request on an idle engine still gets all `threads` (sidecar/batcher.py). false: one
+    # call at a time (the behaviour before, for a baseline). Measured in bench/results/cost.md.
+    session_per_core: bool = True
     # food | generic | auto (blend of both by the image's food probability) | readout (the
     # learned head) | learned (read-out + 15 % auto); the kernel defaults below were chosen
     # with it by 5-fold cross-validation (training/tune.py, training/results/tune.md).
@@ -394,6 +399,7 @@ _RULES: tuple[tuple[str, str, typing.Callable[[Any], bool], str], ...] = (
         "must be auto, int8 or fp32",
     ),
     ("engine", "threads", *_POS),
+    ("engine", "session_per_core", lambda v: isinstance(v, bool), "must be true or false"),
     (
         "engine",
         "profile",

@@ -178,7 +178,11 @@ async def _warm_all(
 ) -> None:
     server = settings.server
     batcher = Batcher(
-        engine, max_batch=server.max_batch, max_wait_ms=server.max_wait_ms, max_queue=concurrency
+        engine,
+        max_batch=server.max_batch,
+        max_wait_ms=server.max_wait_ms,
+        max_queue=concurrency,
+        lanes=settings.engine.session_per_core,
     )
     caches = make_caches(settings.cache, l2_timeout_s=WARM_L2_TIMEOUT_S)
     source = make_source(settings.source)
