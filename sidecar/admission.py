@@ -15,7 +15,7 @@ from concurrent.futures import Executor
 from functools import partial
 
 from sidecar.batcher import Batcher
-from sidecar.decode import Decoded, decode
+from sidecar.decode import Decoded, Header, decode
 from sidecar.errors import Overloaded
 from sidecar.metrics import Metrics
 from sidecar.settings import SourceSettings
@@ -81,8 +81,11 @@ class DecodeAdmission:
             self.metrics.giveups.inc(reason="admission")
             raise Overloaded("the engine cannot finish in time even after the decode")
 
-    async def decode(self, data: bytes, deadline: float, batcher: Batcher) -> Decoded:
-        """``data`` decoded in the pool, unless ``refuse_if_hopeless`` refuses it first."""
+    async def decode(
+        self, data: bytes, deadline: float, batcher: Batcher, header: Header | None = None
+    ) -> Decoded:
+        """``data`` decoded in the pool, unless ``refuse_if_hopeless`` refuses it first;
+        ``header``: the fetch's (``sidecar.decode.decode``)."""
         self.refuse_if_hopeless(deadline, batcher)
         loop = asyncio.get_running_loop()
         limits = self.limits
@@ -90,7 +93,8 @@ class DecodeAdmission:
         self.queued += 1
         try:
             decoded, seconds = await loop.run_in_executor(
-                self.pool, partial(_timed_decode, data, limits.max_bytes, limits.max_pixels)
+                self.pool,
+                partial(_timed_decode, data, limits.max_bytes, limits.max_pixels, header),
             )
         finally:
             self.queued -= 1
@@ -99,7 +103,9 @@ class DecodeAdmission:
         return decoded
 
 
-def _timed_decode(data: bytes, max_bytes: int, max_pixels: int) -> tuple[Decoded, float]:
+def _timed_decode(
+    data: bytes, max_bytes: int, max_pixels: int, header: Header | None
+) -> tuple[Decoded, float]:
     start = time.perf_counter()
-    decoded = decode(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    decoded = decode(data, max_bytes=max_bytes, max_pixels=max_pixels, header=header)
     return decoded, time.perf_counter() - start

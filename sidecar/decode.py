@@ -14,6 +14,11 @@ Order of checks, cheapest first, so hostile input costs next to nothing:
      (``fail_on``, colour profiles, alpha) are listed there; every libvips failure on the way
      is mapped onto a typed error here.
 
+Steps 1-3 run once per original: the fetch runs them (``read_header``, for the size limits
+and the size cached records must match, sidecar/sources.py) and hands the checked ``Header`` to
+the decode, which takes it instead of parsing again when it was read from the very bytes it
+is given and checked against limits at least as strict as its own; otherwise it reads it.
+
 Facts about pyvips 3.2 / libvips 8.18 this relies on (each is checked in tests/test_decode.py):
   - Ultra HDR JPEGs are claimed by the ``uhdrload`` loader, which gives the SDR base image; they
     are JPEGs to everyone else, so they report format "jpeg".
@@ -24,7 +29,7 @@ Facts about pyvips 3.2 / libvips 8.18 this relies on (each is checked in tests/t
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
@@ -84,6 +89,24 @@ class Decoded:
     format: str
 
 
+@dataclass(frozen=True, eq=False)
+class Header:
+    """An original's header, opened lazily (``open_header``) and checked (steps 1-3 above)
+    against ``max_bytes`` and ``max_pixels``; width and height in display orientation."""
+
+    data: bytes = field(repr=False)  # the bytes it was read from: the same object, not a copy
+    image: pyvips.Image = field(repr=False)
+    width: int
+    height: int
+    format: str
+    max_bytes: int
+    max_pixels: int
+
+    def holds_for(self, data: bytes, max_bytes: int, max_pixels: int) -> bool:
+        """Whether it is the header of ``data`` and passed limits no looser than these."""
+        return self.data is data and self.max_bytes <= max_bytes and self.max_pixels <= max_pixels
+
+
 def configure_vips(concurrency: int = 1, cache_max: int = 0) -> None:
     """Process-wide libvips policy for the service; call once at start-up.
 
@@ -112,25 +135,42 @@ def configure_vips(concurrency: int = 1, cache_max: int = 0) -> None:
 
 def probe(data: bytes, *, max_bytes: int, max_pixels: int) -> tuple[int, int, str]:
     """(width, height, format) of an original from its header alone, display orientation."""
-    _, width, height, fmt = _checked_header(data, max_bytes=max_bytes, max_pixels=max_pixels)
-    return width, height, fmt
+    header = read_header(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    return header.width, header.height, header.format
 
 
-def decode(data: bytes, *, max_bytes: int, max_pixels: int) -> Decoded:
-    """Decode an original to its model bucket (see ``bucket_for``); typed errors only."""
-    return decode_to(data, None, max_bytes=max_bytes, max_pixels=max_pixels)
+def read_header(data: bytes, *, max_bytes: int, max_pixels: int) -> Header:
+    """``data``'s header, checked against the limits (steps 1-3 above); typed errors only."""
+    image, width, height, fmt = _checked_header(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    return Header(data, image, width, height, fmt, max_bytes, max_pixels)
+
+
+def decode(
+    data: bytes, *, max_bytes: int, max_pixels: int, header: Header | None = None
+) -> Decoded:
+    """Decode an original to its model bucket (see ``bucket_for``); typed errors only.
+    ``header``: ``read_header(data)`` when the caller has it (read again if it does not hold
+    for these bytes and limits)."""
+    return decode_to(data, None, max_bytes=max_bytes, max_pixels=max_pixels, header=header)
 
 
 def decode_to(
-    data: bytes, bucket: tuple[int, int] | None = None, *, max_bytes: int, max_pixels: int
+    data: bytes,
+    bucket: tuple[int, int] | None = None,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    header: Header | None = None,
 ) -> Decoded:
     """Decode an original to ``bucket`` = (height, width), or to its own bucket when None."""
-    header, width, height, fmt = _checked_header(data, max_bytes=max_bytes, max_pixels=max_pixels)
-    target = bucket_for(width, height) if bucket is None else bucket
+    if header is None or not header.holds_for(data, max_bytes, max_pixels):
+        header = read_header(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    target = bucket_for(header.width, header.height) if bucket is None else bucket
     if target[0] <= 0 or target[1] <= 0:
         raise ValueError(f"bucket must be positive, got {target}")
-    pixels = _guarded(lambda: model_pixels(data, header, target), fmt)
-    return Decoded(pixels=pixels, width=width, height=height, format=fmt)
+    image = header.image
+    pixels = _guarded(lambda: model_pixels(data, image, target), header.format)
+    return Decoded(pixels=pixels, width=header.width, height=header.height, format=header.format)
 
 
 def display_pixels(data: bytes, width: int, height: int) -> npt.NDArray[np.uint8]:

@@ -21,7 +21,7 @@ from sidecar.admission import DecodeAdmission
 from sidecar.batcher import Batcher
 from sidecar.caches import Caches, box_key, heatmap_key
 from sidecar.core import Analysis, CropCore
-from sidecar.decode import Decoded
+from sidecar.decode import Decoded, Header
 from sidecar.errors import DeadlineExceeded
 from sidecar.metrics import Metrics
 from sidecar.settings import Settings
@@ -225,6 +225,7 @@ class AnalyseJob:
     identity: str = ""
     heat_key: str = ""
     data: bytes = b""  # the original as fetched
+    header: Header | None = None  # its header as the fetch checked it (``Original.header``)
     original_size: tuple[int, int] | None = None  # from its header (``Original.size``)
     decoded: Decoded | None = None
     analysis: Analysis | None = None

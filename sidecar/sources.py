@@ -16,14 +16,14 @@ import stat
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import quote, unquote
 
 import aiohttp
 
-from sidecar.decode import probe
+from sidecar.decode import Header, read_header
 from sidecar.errors import (
     BadPath,
     DeadlineExceeded,
@@ -45,10 +45,16 @@ DECODINGS = 3
 class Original:
     data: bytes
     identity: str  # path + validators: a changed original gets a new heatmap key
-    # (width, height) in display orientation, from the header (``header_size``); None when the
-    # header does not pass the decoder's checks. What a cached analysis or box of this original
-    # is held against (sidecar/records.py): the cache is shared, its records are not trusted.
-    size: tuple[int, int] | None = None
+    # Its header checked against the limits (``checked_header``), which the decode takes
+    # instead of parsing it again; None when it does not pass the decoder's checks.
+    header: Header | None = field(default=None, repr=False)
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """(width, height) in display orientation, from the header; None when the header does
+        not pass the decoder's checks. What a cached analysis or box of this original is held
+        against (sidecar/records.py): the cache is shared, its records are not trusted."""
+        return None if self.header is None else (self.header.width, self.header.height)
 
 
 class Source(Protocol):
@@ -60,14 +66,14 @@ class Source(Protocol):
     async def close(self) -> None: ...
 
 
-def header_size(data: bytes, settings: SourceSettings) -> tuple[int, int] | None:
-    """The original's (width, height) from its header alone (~0.3 ms for a photo), None when it
-    does not pass the decoder's checks: then the decode fails too, and no heatmap of it exists."""
+def checked_header(data: bytes, settings: SourceSettings) -> Header | None:
+    """The original's header checked against the limits (~0.3 ms for a photo), None when it
+    does not pass the decoder's checks: then the decode fails too (saying why), and no heatmap
+    of it exists."""
     try:
-        width, height, _ = probe(data, max_bytes=settings.max_bytes, max_pixels=settings.max_pixels)
+        return read_header(data, max_bytes=settings.max_bytes, max_pixels=settings.max_pixels)
     except HeatcropError:
         return None
-    return width, height
 
 
 def clean_path(raw: str) -> str:
@@ -167,7 +173,7 @@ class FolderSource:
             raise InputTooLarge(f"{rel} grew past the limit while reading")
         identity = f"file:{rel}:{info.st_size}:{info.st_mtime_ns}"
         # Read here, in the read thread: no extra hop, and off the event loop.
-        return Original(data, identity, header_size(data, self.settings))
+        return Original(data, identity, checked_header(data, self.settings))
 
     def _open(self, rel: str) -> int:
         try:
@@ -254,8 +260,8 @@ class HttpSource:
         except aiohttp.ClientError as exc:
             raise SourceUnavailable(f"origin error for {rel}: {exc}") from exc
         # Off the event loop: a header read is a third of a millisecond of libvips.
-        size = await asyncio.to_thread(header_size, data, self.settings)
-        return Original(data, identity, size)
+        header = await asyncio.to_thread(checked_header, data, self.settings)
+        return Original(data, identity, header)
 
     def _capped(self, budget_s: float) -> aiohttp.ClientTimeout:
         return aiohttp.ClientTimeout(

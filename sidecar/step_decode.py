@@ -8,4 +8,4 @@ from sidecar.job import AnalyseJob, Services
 
 async def step_decode(svc: Services, job: AnalyseJob) -> None:
     if job.decoded is None:  # else taken back from the background queue
-        job.decoded = await svc.decodes.decode(job.data, job.deadline, svc.batcher)
+        job.decoded = await svc.decodes.decode(job.data, job.deadline, svc.batcher, job.header)

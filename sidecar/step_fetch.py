@@ -1,6 +1,7 @@
 """Step ``fetch`` (of ``analyse``): the original from the source, bounded by the deadline; its
 identity gives the heatmap key and is remembered for the next requests (``IdentityMemo``), with
-its size from the header, which cached records of it must match (sidecar/records.py)."""
+its size from the header, which cached records of it must match (sidecar/records.py). The
+header, checked against the limits, goes on to the decode, which need not parse it again."""
 
 from __future__ import annotations
 
@@ -27,3 +28,4 @@ async def step_fetch(svc: Services, job: AnalyseJob) -> None:
     job.original_size = original.size
     job.heat_key = heatmap_key(original.identity, svc.heat_version)
     job.data = original.data
+    job.header = original.header
