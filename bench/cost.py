@@ -20,6 +20,11 @@ part of a round, so no photo was seen before by the process that answers it):
 3. ratios against attention measured in the same round, summed up over the rounds as the
    median and the lowest and highest, beside the machine's load in each round.
 
+``--baseline HEATCROP_X=v[,HEATCROP_Y=w]`` adds the sidecar with those settings as more methods
+(over HTTP one at a time and at saturation, faces on and off, named "..., baseline"), run in
+the same rounds on the same photos: the before of a change whose after is the defaults, e.g.
+``--baseline HEATCROP_ENGINE_SESSION_PER_CORE=false``.
+
 HEATCROP_* variables of this process reach the sidecars and CropCore (e.g.
 HEATCROP_ENGINE_ORT_PRECISION=int8); faces and the deadline are set here.
 """
@@ -79,6 +84,36 @@ SAT_OFF = "heatcrop sidecar, faces off"
 SAT_METHODS = (ATT, SAT_ON, SAT_OFF)
 FACES = {CORE_ON: True, CORE_OFF: False, HTTP_ON: True, HTTP_OFF: False}
 FACES |= {SAT_ON: True, SAT_OFF: False}
+BASELINE = ", baseline"
+
+
+@dataclass(frozen=True)
+class Methods:
+    """What a run measures: the methods of each phase, and the sidecar settings of each."""
+
+    latency: tuple[str, ...] = LATENCY_METHODS
+    http: tuple[str, ...] = (HTTP_ON, HTTP_OFF)
+    sat: tuple[str, ...] = SAT_METHODS
+    env: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    baseline: str = ""
+
+    def faces(self, method: str) -> bool:
+        return FACES[method.removesuffix(BASELINE)]
+
+
+def plan(baseline: str) -> Methods:
+    """The default methods, and with ``baseline`` (HEATCROP_* assignments) the sidecar's with
+    those settings beside them."""
+    if not baseline:
+        return Methods()
+    extra = dict(kv.split("=", 1) for kv in baseline.split(",") if kv)
+    if not extra or not all(k.startswith("HEATCROP_") for k in extra):
+        raise SystemExit(f"--baseline takes HEATCROP_*=value assignments, not {baseline!r}")
+    http = (HTTP_ON, HTTP_OFF, HTTP_ON + BASELINE, HTTP_OFF + BASELINE)
+    sat = (*SAT_METHODS, SAT_ON + BASELINE, SAT_OFF + BASELINE)
+    env = {m: extra for m in (*http, *sat) if m.endswith(BASELINE)}
+    return Methods((*LATENCY_METHODS, *http[2:]), http, sat, env, baseline)
+
 
 Reply = dict[str, Any]
 
@@ -223,19 +258,25 @@ def stage_means(before: Mapping[str, float], after: Mapping[str, float]) -> dict
 
 
 def latency_round(
-    r: int, names: Sequence[str], warm: Sequence[str], root: Path, cores: Mapping[str, Worker]
+    r: int,
+    names: Sequence[str],
+    warm: Sequence[str],
+    root: Path,
+    cores: Mapping[str, Worker],
+    methods: Methods,
 ) -> LatencyRound:
     load = os.getloadavg()[0]
     with contextlib.ExitStack() as stack:
         att = stack.enter_context(worker("attention"))
         clients, services = {}, {}
-        for method in (HTTP_ON, HTTP_OFF):
-            svc = stack.enter_context(sidecar(sidecar_env(root, FACES[method]), cores=None))
+        for method in methods.http:
+            env = sidecar_env(root, methods.faces(method)) | dict(methods.env.get(method, {}))
+            svc = stack.enter_context(sidecar(env, cores=None))
             services[method] = svc
             clients[method] = Client(svc.base)
             stack.callback(clients[method].close)
-        samples: dict[str, list[float]] = {m: [] for m in LATENCY_METHODS}
-        kinds: dict[str, list[str]] = {m: [] for m in LATENCY_METHODS}
+        samples: dict[str, list[float]] = {m: [] for m in methods.latency}
+        kinds: dict[str, list[str]] = {m: [] for m in methods.latency}
         stages = {m: {k: list[float]() for k in keys} for m, keys in STAGES.items()}
 
         def run(method: str, name: str) -> tuple[str, float]:
@@ -247,14 +288,14 @@ def latency_round(
             return "cold", float(reply["ms"])
 
         for name in warm:
-            for method in LATENCY_METHODS:
+            for method in methods.latency:
                 run(method, name)
         for values in stages.values():
             for v in values.values():
                 v.clear()
         before = {m: (scrape(svc), process_cpu_s(svc.pid)) for m, svc in services.items()}
         for i, name in enumerate(names):
-            for method in rotated(LATENCY_METHODS, r + i):
+            for method in rotated(methods.latency, r + i):
                 kind, ms = run(method, name)
                 samples[method].append(ms)
                 kinds[method].append(kind)
@@ -266,7 +307,7 @@ def latency_round(
             medians[m]["client"] = statistics.mean(samples[m])
     return LatencyRound(
         load=load,
-        by_method={m: Latency(tuple(samples[m]), count_kinds(kinds[m])) for m in LATENCY_METHODS},
+        by_method={m: Latency(tuple(samples[m]), count_kinds(kinds[m])) for m in methods.latency},
         stages=medians,
     )
 
@@ -329,7 +370,7 @@ def http_saturation(svc: Sidecar, names: Sequence[str], n: int) -> Saturation:
 
 
 def saturation_run(
-    method: str, n: int, names: Sequence[str], warm: Sequence[str], root: Path
+    method: str, n: int, names: Sequence[str], warm: Sequence[str], root: Path, methods: Methods
 ) -> Saturation:
     """A fresh process for ``method``, warmed on ``warm``, then ``names`` at ``n`` in flight."""
     if method == ATT:
@@ -343,7 +384,8 @@ def saturation_run(
             wall_s=float(reply["wall_s"]),
             server_cpu_s=float(reply["cpu_s"]),
         )
-    with sidecar(sidecar_env(root, FACES[method]), cores=None) as svc:
+    env = sidecar_env(root, methods.faces(method)) | dict(methods.env.get(method, {}))
+    with sidecar(env, cores=None) as svc:
         client = Client(svc.base)
         for name in warm:
             client.crop(name)
@@ -358,12 +400,17 @@ class SaturationRound:
 
 
 def saturation_round(
-    r: int, names: Sequence[str], warm: Sequence[str], root: Path, in_flight: Sequence[int]
+    r: int,
+    names: Sequence[str],
+    warm: Sequence[str],
+    root: Path,
+    in_flight: Sequence[int],
+    methods: Methods,
 ) -> SaturationRound:
     out = SaturationRound(load=os.getloadavg()[0])
     for k, n in enumerate(in_flight):
-        for method in rotated(SAT_METHODS, r + k):
-            out.runs[(n, method)] = saturation_run(method, n, names, warm, root)
+        for method in rotated(methods.sat, r + k):
+            out.runs[(n, method)] = saturation_run(method, n, names, warm, root, methods)
     return out
 
 
@@ -376,6 +423,7 @@ class Results:
     saturation: list[SaturationRound] = field(default_factory=list)
     info: dict[str, Reply] = field(default_factory=dict)
     uptime: list[str] = field(default_factory=list)
+    methods: Methods = field(default_factory=Methods)
 
 
 def uptime() -> str:
@@ -391,7 +439,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--in-flight", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--phases", choices=("all", "latency", "saturation"), default="all")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--baseline",
+        default="",
+        help="HEATCROP_*=value assignments, comma-separated: the sidecar with them as more "
+        "methods (the before of a change)",
+    )
     args = parser.parse_args(argv)
+    methods = plan(args.baseline)
     names = sorted(p.name for p in args.dir.glob("*.jpg"))
     if args.photos:
         names = names[: args.photos + args.warmup]
@@ -399,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not names:
         sys.exit(f"no photos in {args.dir} beyond the {args.warmup} warm-up ones")
     started = datetime.now(UTC)
-    res = Results(uptime=[uptime()])
+    res = Results(uptime=[uptime()], methods=methods)
     with contextlib.ExitStack() as stack:
         latency = args.phases in ("all", "latency")
         cores = {
@@ -411,10 +466,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             res.info[ATT] = att.ask(op="info")
         for r in range(args.rounds):
             if latency:
-                res.latency.append(latency_round(r, names, warm, args.dir, cores))
+                res.latency.append(latency_round(r, names, warm, args.dir, cores, methods))
                 print(f"round {r + 1}: latency done ({uptime()})", file=sys.stderr)
             if args.phases in ("all", "saturation"):
-                res.saturation.append(saturation_round(r, names, warm, args.dir, args.in_flight))
+                res.saturation.append(
+                    saturation_round(r, names, warm, args.dir, args.in_flight, methods)
+                )
                 print(f"round {r + 1}: saturation done ({uptime()})", file=sys.stderr)
     res.uptime.append(uptime())
     lines = report(started, args, len(names), res)
@@ -443,10 +500,16 @@ def report(started: datetime, args: argparse.Namespace, n: int, res: Results) ->
         f"{att.get('vips_concurrency')}, operation cache {att.get('vips_cache_max')}).",
         "",
     ]
+    if res.methods.baseline:
+        lines += [
+            f'Methods named "{BASELINE.removeprefix(", ")}" are the sidecar with '
+            f"`{res.methods.baseline}`, in the same rounds on the same photos.",
+            "",
+        ]
     if res.latency:
-        lines += latency_table(res.latency)
+        lines += latency_table(res.latency, res.methods)
     if res.saturation:
-        lines += saturation_table(res.saturation)
+        lines += saturation_table(res.saturation, res.methods)
     lines += [
         "Medians over the rounds, lowest–highest in brackets; a ratio is taken within each round",
         "(both figures measured minutes apart on the same photos) and then summed up the same way.",
@@ -456,9 +519,9 @@ def report(started: datetime, args: argparse.Namespace, n: int, res: Results) ->
     return lines
 
 
-def latency_table(rounds: Sequence[LatencyRound]) -> list[str]:
+def latency_table(rounds: Sequence[LatencyRound], methods: Methods) -> list[str]:
     rows = []
-    for m in LATENCY_METHODS:
+    for m in methods.latency:
         med = spread(r.by_method[m].median for r in rounds)
         p90 = spread(r.by_method[m].p90 for r in rounds)
         rel = spread(ratio(r.by_method[m].median, r.by_method[ATT].median) for r in rounds)
@@ -470,7 +533,7 @@ def latency_table(rounds: Sequence[LatencyRound]) -> list[str]:
                  for k in ("decode", "infer", "cpu_ms")]  # fmt: skip
         stage_rows.append(f"| {m} | {' | '.join(cells)} |")
     sidecar_rows = []
-    for m in (HTTP_ON, HTTP_OFF):
+    for m in methods.http:
         keys = (*SIDECAR_STAGES, "client", "cpu_ms")
         cells = [spread(r.stages[m][k] for r in rounds).fmt() for k in keys]
         sidecar_rows.append(f"| {m} | {' | '.join(cells)} |")
@@ -501,11 +564,11 @@ def latency_table(rounds: Sequence[LatencyRound]) -> list[str]:
     ]
 
 
-def saturation_table(rounds: Sequence[SaturationRound]) -> list[str]:
+def saturation_table(rounds: Sequence[SaturationRound], methods: Methods) -> list[str]:
     in_flight = sorted({n for r in rounds for n, _ in r.runs})
     rows = []
     for n in in_flight:
-        for m in SAT_METHODS:
+        for m in methods.sat:
             runs = [r.runs[(n, m)] for r in rounds if (n, m) in r.runs]
             atts = [r.runs[(n, ATT)] for r in rounds if (n, m) in r.runs]
             rate = spread(s.rate for s in runs)
@@ -541,6 +604,31 @@ def saturation_table(rounds: Sequence[SaturationRound]) -> list[str]:
         "without HTTP and without encoding its output: its figures are a lower bound of what",
         "an image server spends on it.",
         "",
+        *against_baseline(rounds, methods),
+    ]
+
+
+def against_baseline(rounds: Sequence[SaturationRound], methods: Methods) -> list[str]:
+    """The defaults' images per second and CPU per photo over the baseline's, round by round."""
+    if not methods.baseline:
+        return []
+    rows = []
+    for n in sorted({n for r in rounds for n, _ in r.runs}):
+        for m in (SAT_ON, SAT_OFF):
+            pairs = [(r.runs[(n, m)], r.runs[(n, m + BASELINE)]) for r in rounds
+                     if (n, m) in r.runs and (n, m + BASELINE) in r.runs]  # fmt: skip
+            rate = spread(ratio(a.rate, b.rate) if a.clean and b.clean else math.nan
+                          for a, b in pairs)  # fmt: skip
+            cpu = spread(ratio(a.cpu_ms, b.cpu_ms) if a.clean and b.clean else math.nan
+                         for a, b in pairs)  # fmt: skip
+            rows.append(f"| {n} | {m} | {rate.fmt(2, '×')} | {cpu.fmt(2, '×')} |")
+    return [
+        f"Against the baseline (`{methods.baseline}`), in the same round:",
+        "",
+        "| in flight | method | images/s against baseline | CPU ms/photo against baseline |",
+        "|---:|---|---:|---:|",
+        *rows,
+        "",
     ]
 
 
@@ -556,12 +644,12 @@ def per_round(res: Results) -> list[str]:
     if res.latency:
         lines += [
             "| round | load (1 min) | "
-            + " | ".join(f"{m} median ms" for m in LATENCY_METHODS)
+            + " | ".join(f"{m} median ms" for m in res.methods.latency)
             + " |",
-            "|---:|---:|" + "---:|" * len(LATENCY_METHODS),
+            "|---:|---:|" + "---:|" * len(res.methods.latency),
         ]
         for i, r in enumerate(res.latency):
-            cells = " | ".join(f"{r.by_method[m].median:.1f}" for m in LATENCY_METHODS)
+            cells = " | ".join(f"{r.by_method[m].median:.1f}" for m in res.methods.latency)
             lines.append(f"| {i + 1} | {r.load:.2f} | {cells} |")
         lines.append("")
     if res.saturation:
