@@ -13,7 +13,10 @@ does the work and the tests can call them directly:
   a batch of pixels per shape bucket through it, ``make_analysis`` and ``put_analysis`` under
   the key a sidecar reads.
 - ``Backfill`` (the actor pool's callable): both in one process, on one row of Ray Data's
-  listing (one batch of paths); it returns the batch's outcome counts, not its rows.
+  listing (one batch of paths); it returns the batch's outcome counts, not its rows. Both
+  stages share one ``Session`` for the actor's life: one event loop, one source, one
+  ``Caches``, so one breaker: once the shared tier fails, the next batches' lookups wait out
+  its retry time (``CacheUnavailable``, nothing computed) instead of each trying it again.
 
 Each row carries its ``outcome``: ``done``, ``skipped`` (already cached), or the type of what
 went wrong (``SourceNotFound``, ``NotAnImage``, ``InputTooLarge``, ``TooManyPixels``,
@@ -28,9 +31,9 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -49,6 +52,7 @@ from sidecar.sources import Original, Source, make_source
 log = logging.getLogger("heatcrop.backfill")
 
 Batch = dict[str, npt.NDArray[Any]]
+T = TypeVar("T")
 
 TODO = "todo"  # decoded, waiting for the engine
 DONE = "done"
@@ -190,42 +194,65 @@ def _batch(rows: Iterable[_Row]) -> Batch:
     return out
 
 
-class Prepare:
-    """Fetch, key, look up and decode one batch of paths (Ray Data calls it per batch)."""
+class Session:
+    """One event loop, one source (its read threads, or its HTTP keep-alive pool) and one
+    ``Caches`` (its Redis connections and breaker) for every batch a worker runs: made per
+    batch, they were set up and torn down every few dozen originals."""
 
-    def __init__(self, settings: Settings, version: str) -> None:
+    def __init__(self, settings: Settings) -> None:
+        self.source = make_source(settings.source)
+        self.caches = backfill_caches(settings)
+        self.loop = asyncio.new_event_loop()
+
+    def run(self, work: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run_until_complete(work)
+
+    def close(self) -> None:
+        try:
+            self.run(self.source.close())
+            self.run(self.caches.close())
+            self.run(self.loop.shutdown_default_executor())
+        finally:
+            self.loop.close()
+
+
+class Prepare:
+    """Fetch, key, look up and decode one batch of paths. On a worker's ``Session`` when given
+    one (Backfill's); on its own, each call opens and closes one."""
+
+    def __init__(self, settings: Settings, version: str, session: Session | None = None) -> None:
         self.settings = settings
         self.version = version
+        self.session = session
+        configure_vips()  # once in the worker's process: one libvips thread, no operation cache
 
     def __call__(self, batch: Batch) -> Batch:
-        configure_vips()  # per worker process: one libvips thread, no operation cache
         paths = [str(p) for p in batch["path"]]
+        own: Session | None = None
         try:
-            return _batch(asyncio.run(self._prepare(paths)))
+            session = self.session or (own := Session(self.settings))
+            return _batch(session.run(self._prepare(session, paths)))
         except Exception as exc:  # a batch lost is counted, not the run's end
             log.warning("backfill: a batch of %d failed: %r", len(paths), exc)
             return _batch(_Row(path, type(exc).__name__) for path in paths)
-
-    async def _prepare(self, paths: list[str]) -> list[_Row]:
-        source = make_source(self.settings.source)
-        caches = backfill_caches(self.settings)
-        rows: list[_Row] = []
-        try:
-            pending: list[tuple[str, Original]] = []
-            held = 0
-            async for path, got in _fetched(source, paths):
-                if isinstance(got, str):
-                    rows.append(_Row(path, got))
-                    continue
-                pending.append((path, got))
-                held += len(got.data)
-                if held >= PENDING_BYTES:
-                    rows += await self._looked_up(caches, pending)
-                    pending, held = [], 0
-            rows += await self._looked_up(caches, pending)
         finally:
-            await source.close()
-            await caches.close()
+            if own is not None:
+                own.close()
+
+    async def _prepare(self, session: Session, paths: list[str]) -> list[_Row]:
+        rows: list[_Row] = []
+        pending: list[tuple[str, Original]] = []
+        held = 0
+        async for path, got in _fetched(session.source, paths):
+            if isinstance(got, str):
+                rows.append(_Row(path, got))
+                continue
+            pending.append((path, got))
+            held += len(got.data)
+            if held >= PENDING_BYTES:
+                rows += await self._looked_up(session.caches, pending)
+                pending, held = [], 0
+        rows += await self._looked_up(session.caches, pending)
         return rows
 
     async def _looked_up(self, caches: Caches, fetched: list[tuple[str, Original]]) -> list[_Row]:
@@ -282,7 +309,7 @@ class Analyse:
     """The engine over a batch of decoded originals, the analyses into the shared cache (one
     per actor of Ray Data's pool: the engine is loaded once, in ``__init__``)."""
 
-    def __init__(self, settings: Settings, version: str) -> None:
+    def __init__(self, settings: Settings, version: str, session: Session | None = None) -> None:
         self.settings = settings
         self.engine = service_engine(settings)
         if self.engine.version != version:
@@ -292,8 +319,8 @@ class Analyse:
                 f"this worker's engine is {self.engine.version}, the run keys with {version}: "
                 "every worker needs the same model files, engine kind and face settings"
             )
-        self.loop = asyncio.new_event_loop()
-        self.caches = backfill_caches(settings)
+        self.own_session = session is None
+        self.session = session or Session(settings)
         self.cpu_s = time.process_time()
 
     def __call__(self, batch: Batch) -> Batch:
@@ -336,20 +363,29 @@ class Analyse:
         ]
         keys = [str(batch["key"][i]) for i in rows]
         try:
-            stored = self.loop.run_until_complete(self._store(keys, analyses))
+            stored = self.session.run(self._store(keys, analyses))
         except Exception as exc:  # whatever the cache client raised: not stored, counted
             log.warning("backfill: %d heatmaps not stored: %r", len(rows), exc)
             stored = [False] * len(rows)
         return [DONE if ok else CACHE_WRITE_FAILED for ok in stored]
 
     async def _store(self, keys: list[str], analyses: list[Any]) -> list[bool]:
-        puts = (self.caches.put_analysis(k, a) for k, a in zip(keys, analyses, strict=True))
-        return list(await asyncio.gather(*puts))
+        caches = self.session.caches
+        puts = (caches.put_analysis(k, a) for k, a in zip(keys, analyses, strict=True))
+        stored = list(await asyncio.gather(*puts))
+        for key, ok in zip(keys, stored, strict=True):
+            if not ok:
+                # The memory tier took it, the shared one did not: Prepare's lookups go through
+                # the same caches, and must not find it there and call it skipped.
+                caches.heatmaps.restore_local(key, None)
+        return stored
 
     def close(self) -> None:
-        self.loop.run_until_complete(self.caches.close())
-        self.loop.close()
-        self.engine.close()
+        try:
+            if self.own_session:
+                self.session.close()
+        finally:
+            self.engine.close()
 
 
 class Backfill:
@@ -359,8 +395,14 @@ class Backfill:
     block and one output row, whatever its size."""
 
     def __init__(self, settings: Settings, version: str) -> None:
-        self.analyse = Analyse(settings, version)
-        self.prepare = Prepare(settings, version)
+        self.session = Session(settings)
+        try:
+            self.analyse = Analyse(settings, version, self.session)
+        except BaseException:
+            self.session.close()
+            raise
+        self.prepare = Prepare(settings, version, self.session)
+        self.closed = False
 
     def __call__(self, batch: Batch) -> Batch:
         paths = np.asarray([str(p) for row in batch["paths"] for p in row], dtype=object)
@@ -373,7 +415,19 @@ class Backfill:
         return {"counts": out_counts, "cpu_s": np.asarray([analysed["cpu_s"].sum()])}
 
     def close(self) -> None:
-        self.analyse.close()
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.analyse.close()
+        finally:
+            self.session.close()
+
+    def __del__(self) -> None:
+        # Ray Data deletes the callable when it shuts an actor down gracefully; it never calls
+        # close(). The Redis connections are then closed, not dropped with the process.
+        if not getattr(self, "closed", True):
+            self.close()
 
 
 def _decoded_row(batch: Batch, i: int) -> Decoded:

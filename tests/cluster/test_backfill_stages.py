@@ -4,16 +4,20 @@ listing's paths fetched from it) and a real redis-server; then a sidecar on the 
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import pytest
+import redis
 from aiohttp import web
 from skimage import data as skdata
 
 import sidecar.app
 from sidecar.app import make_app
-from sidecar.backfill import Analyse, Prepare, service_version
+from sidecar.backfill import Analyse, Backfill, Prepare, service_version
 from sidecar.caches import make_caches
 from sidecar.settings import (
     CacheSettings,
@@ -98,3 +102,62 @@ async def test_with_the_shared_cache_down_nothing_is_computed(
     batch = {"path": np.array(["a.jpg", "gone.jpg"], dtype=object)}
     prepared = await asyncio.to_thread(Prepare(settings, "some-version"), batch)
     assert _outcomes(prepared) == ["CacheUnavailable", "SourceNotFound"]
+
+
+def _folder_settings(model_dir: Path, root: Path, count: int, url: str) -> Settings:
+    """``count`` originals of one size (one shape bucket) under ``root``: 0.jpg, 1.jpg ..."""
+    root.mkdir()
+    for i in range(count):
+        (root / f"{i}.jpg").write_bytes(jpeg(skdata.coffee()))
+    return Settings(
+        source=SourceSettings(root=str(root)),
+        engine=EngineSettings(model_dir=str(model_dir), threads=1),
+        cache=CacheSettings(backend="redis", redis_url=url),
+    ).validate()
+
+
+def _counts(backfill: Backfill, *paths: str) -> dict[str, int]:
+    """One listing row through the actor's callable, as Ray Data calls it."""
+    row = np.empty(1, dtype=object)
+    row[0] = list(paths)
+    return dict(json.loads(str(backfill({"paths": row})["counts"][0])))
+
+
+def test_a_worker_keeps_its_redis_connections_and_read_threads_from_batch_to_batch(
+    model_dir, redis_server, tmp_path
+) -> None:
+    settings = _folder_settings(model_dir, tmp_path / "originals", 6, redis_server.url)
+    backfill = Backfill(settings, service_version(settings))
+    server = redis.Redis(port=redis_server.port)
+    opened, readers = [], []
+    try:
+        for batch in (("0.jpg", "1.jpg"), ("2.jpg", "3.jpg"), ("4.jpg", "5.jpg")):
+            assert _counts(backfill, *batch) == {"done": 2}
+            opened.append(server.info("stats")["total_connections_received"])
+            names = threading.enumerate()
+            readers.append({t.ident for t in names if t.name.startswith("heatcrop-read")})
+    finally:
+        backfill.close()
+        server.close()
+    # Made per batch, the source's read threads ended with each batch and each batch's
+    # lookup opened a new connection to Redis.
+    assert opened[1:] == [opened[0]] * 2, opened
+    assert readers[0] and readers[1:] == [readers[0]] * 2
+
+
+def test_a_heatmap_the_shared_tier_refused_is_not_skipped_when_listed_again(
+    model_dir, redis_server, tmp_path
+) -> None:
+    settings = _folder_settings(model_dir, tmp_path / "originals", 1, redis_server.url)
+    server = redis.Redis(port=redis_server.port)
+    server.config_set("maxmemory-policy", "noeviction")
+    server.config_set("maxmemory", 1)  # every write refused (OOM), reads answered
+    backfill = Backfill(settings, service_version(settings))
+    try:
+        assert _counts(backfill, "0.jpg") == {"CacheWriteFailed": 1}
+        # The worker's memory tier took it; its lookups must not count that as stored.
+        again = _counts(backfill, "0.jpg")
+    finally:
+        backfill.close()
+        server.close()
+    assert set(again) <= {"CacheWriteFailed", "CacheUnavailable"}, again
