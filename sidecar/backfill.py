@@ -30,6 +30,7 @@ import dataclasses
 import json
 import logging
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import dataclass, field
@@ -92,6 +93,11 @@ class BackfillSummary:
     first_done: int = 0
     # CPU seconds the actors spent, Prepare's included (not Ray's own processes).
     cpu_s: float = 0.0
+    # Per worker: its first batch's start, its last batch's end (its own wall clock) and what
+    # it computed. The driver sees results late and in bursts (Ray Data's output queue), and
+    # with several workers a run's first and last seconds have some of them idle; each
+    # worker's rate over its own busy span, summed, is what a long run keeps up.
+    spans: dict[str, tuple[float, float, int]] = field(default_factory=dict)
 
     @property
     def failures(self) -> int:
@@ -117,12 +123,23 @@ class BackfillSummary:
             "rate_per_s": per_s(handled),
             "computed_per_s": per_s(self.done),
             "steady_computed_per_s": self.steady_per_s(),
+            "busy_computed_per_s": self.busy_per_s(),
             "actor_cpu_ms_per_original": round(self.cpu_s / handled * 1e3, 1) if handled else 0.0,
         }
 
     def steady_per_s(self) -> float:
         after = self.seconds - self.first_s
         return round((self.done - self.first_done) / after, 2) if after > 0 else 0.0
+
+    def add_span(self, worker: str, start: float, end: float, done: int) -> None:
+        first, last, n = self.spans.get(worker, (start, end, 0))
+        self.spans[worker] = (min(first, start), max(last, end), n + done)
+
+    def busy_per_s(self) -> float:
+        """Originals computed per second with every worker busy (see ``spans``)."""
+        return round(
+            sum(n / (end - start) for start, end, n in self.spans.values() if end > start), 2
+        )
 
     def line(self) -> str:
         d = self.as_dict()
@@ -403,16 +420,24 @@ class Backfill:
             raise
         self.prepare = Prepare(settings, version, self.session)
         self.closed = False
+        self.worker = uuid.uuid4().hex[:12]
 
     def __call__(self, batch: Batch) -> Batch:
+        start = time.time()
         paths = np.asarray([str(p) for row in batch["paths"] for p in row], dtype=object)
         analysed = self.analyse(self.prepare({"path": paths}))
         # Counts, not rows: the driver only sums them, and rows would cost the object store
         # and the driver a string per original.
         counts = Counter(str(o) for o in analysed["outcome"])
-        out_counts = np.empty(1, dtype=object)
-        out_counts[0] = json.dumps(counts, sort_keys=True)
-        return {"counts": out_counts, "cpu_s": np.asarray([analysed["cpu_s"].sum()])}
+        out = np.empty(2, dtype=object)
+        out[:] = json.dumps(counts, sort_keys=True), self.worker
+        return {
+            "counts": out[:1],
+            "worker": out[1:],
+            "cpu_s": np.asarray([analysed["cpu_s"].sum()]),
+            "start_s": np.asarray([start]),
+            "end_s": np.asarray([time.time()]),
+        }
 
     def close(self) -> None:
         if self.closed:
@@ -427,7 +452,10 @@ class Backfill:
         # Ray Data deletes the callable when it shuts an actor down gracefully; it never calls
         # close(). The Redis connections are then closed, not dropped with the process.
         if not getattr(self, "closed", True):
-            self.close()
+            try:
+                self.close()
+            except Exception as exc:  # the process is ending: say so, nothing more
+                log.warning("backfill: closing a worker: %r", exc)
 
 
 def _decoded_row(batch: Batch, i: int) -> Decoded:

@@ -47,6 +47,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from sidecar.backfill import (
+    DONE,
     Backfill,
     BackfillSummary,
     require_shared_cache,
@@ -235,9 +236,12 @@ def _counted(ds: ray.data.Dataset, progress: TextIO | None, every_s: float) -> B
     summary = BackfillSummary()
     start = last = time.perf_counter()
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for counts in batch["counts"]:
-            for outcome, n in json.loads(str(counts)).items():
-                summary.count(outcome, int(n))
+        rows = zip(batch["counts"], batch["worker"], batch["start_s"], batch["end_s"], strict=True)
+        for counts, worker, start_s, end_s in rows:
+            got = {outcome: int(n) for outcome, n in json.loads(str(counts)).items()}
+            for outcome, n in got.items():
+                summary.count(outcome, n)
+            summary.add_span(str(worker), float(start_s), float(end_s), got.get(DONE, 0))
         summary.cpu_s += float(batch["cpu_s"].sum())
         now = time.perf_counter()
         summary.seconds = now - start

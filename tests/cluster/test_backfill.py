@@ -102,6 +102,9 @@ async def test_after_a_backfill_a_cold_sidecar_serves_every_original_without_the
     assert (summary.done, summary.skipped) == (len(GOOD), 0)
     assert dict(summary.failed) == {type_: 1 for type_ in BAD.values()}
     assert _heatmap_keys(ports) == len(GOOD)
+    # Each worker timed its batches: the rate with every worker busy.
+    assert 1 <= len(summary.spans) <= 2
+    assert summary.busy_per_s() > 0
 
     client = await aiohttp_client(make_app(settings))  # a new sidecar: nothing in memory
     for path in GOOD:
