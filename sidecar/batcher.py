@@ -79,6 +79,17 @@ UNIT_PIXELS = 224 * 224
 # Clients at saturation find it busy several times a second (2 in flight on the 2-core box: a
 # call running at most arrivals); a lone client never does, and keeps the whole engine.
 LANE_HOLD_S = 1.0
+# What ``stats`` counts since start (``lane_calls``: engine calls run on a single-thread lane).
+_COUNTS = (
+    "batches",
+    "images",
+    "background",
+    "lane_calls",
+    "errors",
+    "admission",
+    "full",
+    "expired",
+)
 
 
 @dataclass(frozen=True)
@@ -103,6 +114,7 @@ class BatcherStats:
     images: int
     background_images: int
     batch_sizes: dict[int, int]  # size -> number of engine calls of that size
+    lane_calls: int  # of ``batches``, those run on one single-thread lane (the rest: whole engine)
     engine_errors: int
     refused_admission: int
     refused_queue_full: int
@@ -297,9 +309,7 @@ class Batcher:
         self._active = self.model  # the model of the next call's kind (``_take``)
         self._closed = False
         self._batch_sizes: dict[int, int] = {}
-        self._counts = dict.fromkeys(
-            ("batches", "images", "background", "errors", "admission", "full", "expired"), 0
-        )
+        self._counts = dict.fromkeys(_COUNTS, 0)
         # Engine calls failed since the last one that worked: a GPU in a sticky error state
         # fails every call, and /healthz must say so (each request alone only falls back).
         self.failing_calls = 0
@@ -368,6 +378,7 @@ class Batcher:
             images=c["images"],
             background_images=c["background"],
             batch_sizes=dict(sorted(self._batch_sizes.items())),
+            lane_calls=c["lane_calls"],
             engine_errors=c["errors"],
             refused_admission=c["admission"],
             refused_queue_full=c["full"],
@@ -812,7 +823,7 @@ class Batcher:
         self.failing_calls = 0
         model = self.model if call.lane is None else self.lane_model
         model.observe(len(batch), len(batch) * unit, seconds)
-        self._record(batch, start, loop.time(), seconds)
+        self._record(batch, start, loop.time(), seconds, lane=call.lane is not None)
         self._settle(batch, heats)
 
     def _settle(self, batch: Sequence[_Request], outcomes: Sequence[ImageHeat | Exception]) -> None:
@@ -825,9 +836,12 @@ class Batcher:
             else:
                 request.future.set_result(outcome)
 
-    def _record(self, batch: Sequence[_Request], start: float, end: float, seconds: float) -> None:
+    def _record(
+        self, batch: Sequence[_Request], start: float, end: float, seconds: float, *, lane: bool
+    ) -> None:
         n = len(batch)
         self._counts["batches"] += 1
+        self._counts["lane_calls"] += lane
         self._counts["images"] += n
         self._counts["background"] += sum(r.background for r in batch)
         self._batch_sizes[n] = self._batch_sizes.get(n, 0) + 1
@@ -837,6 +851,7 @@ class Batcher:
         m.batch_size.observe(n)
         m.batch_seconds.observe(seconds)
         m.nn_runs.inc(n)
+        m.engine_calls.inc(on="lane" if lane else "engine")
         for request in batch:
             if not request.background:
                 m.stage_seconds.observe(start - request.enqueued, stage="queue")

@@ -359,6 +359,9 @@ STAGE_BUCKETS = (
     2.0,
 )
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+# Whole engine: a lone request on an idle engine (all of ONNX Runtime's threads, or a GPU);
+# lane: one of the single-thread sessions the batcher runs side by side while busy.
+ENGINE_CALL_KINDS = ("engine", "lane")
 # Faces per photo: the detector keeps at most kernel.max_faces (64 by default).
 FACES_BUCKETS = (0, 1, 2, 3, 5, 8, 13, 21, 34, 63, 64)
 
@@ -367,7 +370,8 @@ class Metrics:
     """The sidecar's metrics, named ``<namespace>_<metric>``.
 
     Who records what: the batcher records ``queue`` and ``infer`` stages (per request),
-    ``batch_size``, ``batch_seconds``, ``nn_runs_total``, ``queue_depth`` and its own give-up
+    ``batch_size``, ``batch_seconds``, ``nn_runs_total``, ``engine_calls_total``, ``queue_depth``
+    and its own give-up
     reasons (admission, queue-full, expired, shutdown); the request pipeline records every other
     stage, ``requests_total``, cache lookups and ``giveups_total{reason="deadline"}``; the
     background CPU budget (sidecar/cpu_budget.py) ``background_cpu_seconds_total`` and
@@ -413,6 +417,13 @@ class Metrics:
             )
         )
         self.nn_runs = self._add(Counter(p + "nn_runs_total", "Images run through the CNN."))
+        self.engine_calls = self._add(
+            Counter(
+                p + "engine_calls_total",
+                "Engine calls by what ran them: the whole engine, or one single-thread lane.",
+                {"on": ENGINE_CALL_KINDS},
+            )
+        )
         self.cold = self._add(
             Counter(
                 p + "cold_total",

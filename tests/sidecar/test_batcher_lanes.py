@@ -20,6 +20,7 @@ from engines.base import HeatmapBatch, LaneEngine
 from engines.model import find_model
 from engines.ort import OrtEngine
 from sidecar.batcher import LANE_HOLD_S
+from sidecar.metrics import Metrics
 from tests.sidecar.test_batcher import assert_marker, deadline, image, noise, running, until
 from tests.support.scripted_engine import GUARD, SQUARE, ScriptedEngine
 
@@ -149,6 +150,21 @@ async def test_a_lone_request_on_an_idle_engine_gets_the_whole_engine(ort2: OrtE
             await asyncio.wait_for(b.infer(noise(seed, SQUARE), deadline()), GUARD)
     assert engine.calls == ["whole", "whole"]
     assert b.lane_model.calls == 0 and b.model.calls == 2
+
+
+async def test_metrics_count_lane_and_whole_engine_calls(ort2: OrtEngine) -> None:
+    """An operator reads from /metrics how often the lanes ran: a lone request is one
+    whole-engine call, two ready at once are two lane calls."""
+    engine, metrics = Overlap(ort2, meet=2), Metrics()
+    async with running(engine, max_batch=8, max_wait_ms=0, metrics=metrics) as b:
+        await asyncio.wait_for(b.infer(noise(11, SQUARE), deadline()), GUARD)
+        await asyncio.wait_for(
+            asyncio.gather(*(b.infer(noise(s, SQUARE), deadline()) for s in (12, 13))), GUARD
+        )
+    assert engine.calls[0] == "whole" and sorted(engine.calls[1:]) == [0, 1]
+    assert metrics.engine_calls.value(on="engine") == 1
+    assert metrics.engine_calls.value(on="lane") == 2
+    assert b.stats.batches == 3 and b.stats.lane_calls == 2
 
 
 async def test_lanes_off_is_one_call_at_a_time(ort2: OrtEngine) -> None:

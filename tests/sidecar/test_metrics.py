@@ -100,6 +100,7 @@ def test_service_metrics_render_and_parse_back():
         "heatcrop_cache_requests_total": "counter",
         "heatcrop_giveups_total": "counter",
         "heatcrop_nn_runs_total": "counter",
+        "heatcrop_engine_calls_total": "counter",
         "heatcrop_cold_total": "counter",
         "heatcrop_cold_heatmaps_total": "counter",
         "heatcrop_background_cpu_seconds_total": "counter",
