@@ -288,13 +288,19 @@ class Prepare:
             elif i in cached:
                 rows.append(_Row(path, SKIPPED, keys[i]))
             else:
-                rows.append(self._decoded(path, keys[i], original.data))
+                rows.append(self._decoded(path, keys[i], original))
         return rows
 
-    def _decoded(self, path: str, key: str, data: bytes) -> _Row:
+    def _decoded(self, path: str, key: str, original: Original) -> _Row:
         src = self.settings.source
         try:
-            decoded = decode(data, max_bytes=src.max_bytes, max_pixels=src.max_pixels)
+            # The fetch's checked header: the decode does not parse it again.
+            decoded = decode(
+                original.data,
+                max_bytes=src.max_bytes,
+                max_pixels=src.max_pixels,
+                header=original.header,
+            )
         except HeatcropError as exc:
             return _Row(path, type(exc).__name__, key)
         except Exception as exc:  # counted and logged: the run goes on

@@ -150,10 +150,11 @@ async def _prepare(
         now = asyncio.get_running_loop().time()
         svc.identities.put(path, original.identity, now, original.size)
         key, data = heatmap_key(original.identity, svc.heat_version), original.data
+        header = original.header  # checked by the fetch: the decode does not parse it again
         if key in svc.background or await _cached(svc, key, original.size):
             return "found"
     else:
-        key, data = read
+        (key, data), header = read, None
     if not svc.batcher.takes_background():
         return "dropped"
-    return await svc.decodes.decode(data, math.inf, svc.batcher), key
+    return await svc.decodes.decode(data, math.inf, svc.batcher, header), key

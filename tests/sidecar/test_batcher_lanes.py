@@ -21,7 +21,15 @@ from engines.model import find_model
 from engines.ort import OrtEngine
 from sidecar.batcher import LANE_HOLD_S
 from sidecar.metrics import Metrics
-from tests.sidecar.test_batcher import assert_marker, deadline, image, noise, running, until
+from tests.sidecar.test_batcher import (
+    RecordingEngine,
+    assert_marker,
+    deadline,
+    image,
+    noise,
+    running,
+    until,
+)
 from tests.support.scripted_engine import GUARD, SQUARE, ScriptedEngine
 
 
@@ -32,13 +40,13 @@ def ort2(model_dir: Path) -> Iterator[OrtEngine]:
     engine.close()
 
 
-class Overlap:
+class Overlap(RecordingEngine):
     """``inner`` with every call recorded as ("whole" | lane); ``meet`` lane calls wait (up to
     GUARD) until that many are inside at once, so a test can tell side by side from in turn."""
 
     def __init__(self, inner: OrtEngine, meet: int = 1) -> None:
-        self.inner = inner
-        self.name = inner.name
+        super().__init__(inner)
+        self.lane_inner = inner
         self.calls: list[str | int] = []
         self.meet = meet
         self.inside = 0
@@ -46,27 +54,13 @@ class Overlap:
         self._cond = threading.Condition()
 
     @property
-    def version(self) -> str:
-        return self.inner.version
-
-    @property
-    def input_shapes(self) -> tuple[tuple[int, int], ...]:
-        return self.inner.input_shapes
-
-    @property
     def lanes(self) -> int:
-        return self.inner.lanes
-
-    def warm_up(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+        return self.lane_inner.lanes
 
     def infer(self, batch: np.ndarray) -> HeatmapBatch:
         with self._cond:
             self.calls.append("whole")
-        return self.inner.infer(batch)
+        return super().infer(batch)
 
     def infer_lane(self, batch: np.ndarray, lane: int) -> HeatmapBatch:
         with self._cond:
@@ -76,7 +70,7 @@ class Overlap:
             self._cond.notify_all()
             self._cond.wait_for(lambda: self.most_inside >= self.meet, GUARD)
         try:
-            return self.inner.infer_lane(batch, lane)
+            return self.lane_inner.infer_lane(batch, lane)
         finally:
             with self._cond:
                 self.inside -= 1
