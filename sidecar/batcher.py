@@ -60,6 +60,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import numpy.typing as npt
@@ -207,18 +208,12 @@ def _units(shape: Shape) -> float:
 
 
 def _run_engine(
-    engine: Engine, images: list[npt.NDArray[np.uint8]], lane: int | None
+    infer: Callable[[npt.NDArray[np.uint8]], HeatmapBatch], images: list[npt.NDArray[np.uint8]]
 ) -> tuple[list[ImageHeat], float]:
-    """Worker-thread side of one call: stack, infer (on ``lane``, or the whole engine), split;
+    """Worker-thread side of one call: stack, ``infer`` (a lane's or the whole engine's), split;
     returns results and seconds."""
     start = time.perf_counter()
-    batch = np.stack(images)
-    out: HeatmapBatch
-    if lane is None:
-        out = engine.infer(batch)
-    else:
-        assert isinstance(engine, LaneEngine)
-        out = engine.infer_lane(batch, lane)
+    out = infer(np.stack(images))
     if len(out) != len(images) or out.food_mass.shape[0] != len(images):
         raise EngineError(f"engine returned {len(out)} results for {len(images)} images")
     # Own copies: a per-image view would keep the whole batch array alive in the caches.
@@ -291,7 +286,14 @@ class Batcher:
         self.budget = budget  # None: background work runs whenever the foreground is idle
         self._held = False  # background waiting for the budget (counted once per hold)
         # False: one call at a time whatever the engine offers (the behaviour before lanes).
-        self.lanes = engine.lanes if lanes and isinstance(engine, LaneEngine) else 1
+        lane_engine = engine if lanes and isinstance(engine, LaneEngine) else None
+        self.lanes = lane_engine.lanes if lane_engine is not None else 1
+        # Each lane's call, bound once: the engine's kind is not asked again per call.
+        self._lane_infer = (
+            [partial(lane_engine.infer_lane, lane=i) for i in range(self.lanes)]
+            if lane_engine is not None
+            else []
+        )
         self.model = ServiceModel(max_batch, service_prior_s)  # whole-engine calls
         self.lane_model = ServiceModel(max_batch, service_prior_s)  # calls on one lane
         self._shapes = frozenset(engine.input_shapes)
@@ -686,6 +688,9 @@ class Batcher:
             calls.append(_Call(part, lane, now + self.lane_model.batch_seconds(size, unit)))
         return calls
 
+    def _infer_for(self, call: _Call) -> Callable[[npt.NDArray[np.uint8]], HeatmapBatch]:
+        return self.engine.infer if call.lane is None else self._lane_infer[call.lane]
+
     async def _guarded_run(self, call: _Call) -> None:
         try:
             await self._run(call)
@@ -812,7 +817,7 @@ class Batcher:
             # Foreground work is never charged; a batch is all background or none.
             with metered(self.budget if batch[0].background else None):
                 heats, seconds = await loop.run_in_executor(
-                    self._executor, _run_engine, self.engine, images, call.lane
+                    self._executor, _run_engine, self._infer_for(call), images
                 )
         except Exception as exc:
             self._counts["errors"] += 1
